@@ -1,0 +1,206 @@
+"""Runs inside a disposable child process that imports the real chromadb.
+
+Everything that needs chromadb happens here, so the parent (check, reconcile, the test
+process) never imports it and a SIGKILL hits only this process. Reads one JSON spec from
+argv[1], prints one JSON result line on stdout.
+
+Modes:
+  build    create/open a palace and apply ``ops`` (add/upsert/update/delete), optionally
+           with a kill point armed (0.6.x persist path)
+  observe  reopen a palace and record what chromadb does: counts, embeddings, queries,
+           a filtered query, and optionally a probe write that must land
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+from chaosfix.drawers import drawer
+from chaosfix.embedder import embed_text
+
+KILL_POINTS = ("start", "after-hnsw", "after-pickle", "before-commit")
+
+
+def _client(path: str):
+    import chromadb
+    from chromadb.config import Settings
+
+    return chromadb.PersistentClient(
+        path=path, settings=Settings(anonymized_telemetry=False, allow_reset=False)
+    )
+
+
+def _arm_kill_point(point: str, hit: int) -> None:
+    """SIGKILL this process the ``hit``-th time the 0.6.x persist reaches ``point``.
+
+    Wraps PersistentLocalHnswSegment._persist (start / before-commit) and the module's
+    ``pickle`` (after-hnsw = entering pickle.dump, after-pickle = leaving it).
+    """
+    if point not in KILL_POINTS:
+        raise SystemExit(f"unknown kill point {point!r}")
+    import pickle as real_pickle
+
+    from chromadb.segment.impl.vector import local_persistent_hnsw as lph
+
+    counter = {"n": 0}
+
+    def reach(name: str) -> None:
+        if name != point:
+            return
+        counter["n"] += 1
+        if counter["n"] >= hit:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class PickleShim:
+        HIGHEST_PROTOCOL = real_pickle.HIGHEST_PROTOCOL
+        load = staticmethod(real_pickle.load)
+
+        @staticmethod
+        def dump(obj, f, protocol=None):
+            reach("after-hnsw")
+            real_pickle.dump(obj, f, protocol)
+            f.flush()
+            reach("after-pickle")
+
+    lph.pickle = PickleShim  # type: ignore[assignment]
+    original = lph.PersistentLocalHnswSegment._persist
+
+    def persist(self):  # type: ignore[no-untyped-def]
+        reach("start")
+        original(self)
+        reach("before-commit")
+
+    lph.PersistentLocalHnswSegment._persist = persist
+
+
+def _records(op: dict, seed: int, dim: int):
+    rows = [drawer(i, seed, op.get("version", 0)) for i in range(op["start"], op["start"] + op["count"])]
+    ids = [r[0] for r in rows]
+    docs = [r[1] for r in rows]
+    metas = [r[2] for r in rows]
+    embs = [embed_text(d, dim).tolist() for d in docs]
+    return ids, docs, metas, embs
+
+
+def build(spec: dict) -> dict:
+    import chromadb
+
+    if spec.get("kill"):
+        _arm_kill_point(spec["kill"]["point"], int(spec["kill"].get("hit", 1)))
+    client = _client(spec["path"])
+    meta = {
+        "hnsw:space": spec.get("space", "cosine"),
+        "hnsw:sync_threshold": int(spec.get("sync_threshold", 1000)),
+        "hnsw:batch_size": int(spec.get("batch_size", 100)),
+    }
+    col = client.get_or_create_collection(spec["collection"], metadata=meta, embedding_function=None)
+    seed, dim = int(spec.get("seed", 0)), int(spec.get("dim", 384))
+    chunk_max = int(spec.get("chunk", 5000))
+    done = []
+    for op in spec.get("ops", []):
+        kind = op["op"]
+        if kind == "delete":
+            ids = [drawer(i, seed)[0] for i in range(op["start"], op["start"] + op["count"])]
+            col.delete(ids=ids)
+        else:
+            ids, docs, metas, embs = _records(op, seed, dim)
+            fn = {"add": col.add, "upsert": col.upsert, "update": col.update}[kind]
+            step = int(op.get("chunk", chunk_max))
+            for s in range(0, len(ids), step):
+                fn(ids=ids[s : s + step], documents=docs[s : s + step],
+                   metadatas=metas[s : s + step], embeddings=embs[s : s + step])
+        done.append(kind)
+    return {"version": chromadb.__version__, "ops": done, "count": col.count()}
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def observe(spec: dict) -> dict:
+    """Reopen with chromadb and record every outcome as data, never raising."""
+    import chromadb
+
+    out: dict = {"version": chromadb.__version__, "errors": []}
+    seed, dim = int(spec.get("seed", 0)), int(spec.get("dim", 384))
+    try:
+        client = _client(spec["path"])
+        col = client.get_collection(spec["collection"], embedding_function=None)
+        out["count"] = col.count()
+    except Exception as exc:  # noqa: BLE001 - the point is to record it
+        out["errors"].append(("open", _err(exc)))
+        return out
+    # every row with its embedding, page by page
+    ids: list[str] = []
+    bad_embeddings: list[str] = []
+    try:
+        got = col.get(include=["embeddings", "documents", "metadatas"])
+        ids = list(got["ids"])
+        embs = got["embeddings"]
+        if embs is None or len(embs) != len(ids):
+            out["errors"].append(("get_embeddings", f"{0 if embs is None else len(embs)} embeddings for {len(ids)} ids"))
+        else:
+            for rid, doc, emb in zip(ids, got["documents"], embs):
+                want = embed_text(doc, dim)
+                if doc is None or sum((float(a) - float(b)) ** 2 for a, b in zip(emb, want)) > 1e-6:
+                    bad_embeddings.append(rid)
+    except Exception as exc:  # noqa: BLE001
+        out["errors"].append(("get_embeddings", _err(exc)))
+        try:
+            ids = list(col.get()["ids"])
+        except Exception as exc2:  # noqa: BLE001
+            out["errors"].append(("get_ids", _err(exc2)))
+    out["ids"] = len(ids)
+    out["bad_embeddings"] = bad_embeddings[:20]
+    out["bad_embedding_count"] = len(bad_embeddings)
+    # self-query a sample, unfiltered and filtered
+    sample = ids[:: max(1, len(ids) // int(spec.get("sample", 50)))] if ids else []
+    misses, fmisses = [], []
+    for rid in sample:
+        try:
+            got = col.get(ids=[rid], include=["documents", "metadatas"])
+            doc, meta = got["documents"][0], got["metadatas"][0]
+            q = embed_text(doc, dim).tolist()
+            res = col.query(query_embeddings=[q], n_results=10)
+            if rid not in res["ids"][0]:
+                misses.append(rid)
+            res = col.query(query_embeddings=[q], n_results=10, where={"wing": meta["wing"]})
+            if rid not in res["ids"][0]:
+                fmisses.append(rid)
+        except Exception as exc:  # noqa: BLE001
+            out["errors"].append(("query", _err(exc)))
+            break
+    out["sampled"] = len(sample)
+    out["query_misses"] = misses
+    out["filtered_misses"] = fmisses
+    if spec.get("write_probe"):
+        pid, pdoc, pmeta = drawer(10**9 + 7, seed)
+        try:
+            col.add(ids=[pid], documents=[pdoc], metadatas=[pmeta], embeddings=[embed_text(pdoc, dim).tolist()])
+            res = col.query(query_embeddings=[embed_text(pdoc, dim).tolist()], n_results=3)
+            out["probe_found"] = pid in res["ids"][0] and len(col.get(ids=[pid])["ids"]) == 1
+        except Exception as exc:  # noqa: BLE001
+            out["errors"].append(("probe", _err(exc)))
+            out["probe_found"] = False
+    return out
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        result = {"build": build, "observe": observe}[spec["mode"]](spec)
+        result["ok"] = True
+    except Exception as exc:  # noqa: BLE001
+        result = {"ok": False, "error": _err(exc), "trace": traceback.format_exc()[-2000:]}
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # skip chromadb's atexit work: the parent decides what is durable
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""palace -> findings. Read-only: never opens chromadb, never writes, never unpickles
+outside the allow-list (see ``chaosfix.palace.idmap``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chaosfix.errors import OperationalError
+from chaosfix.palace import UUID_RE, PalaceSql, SqlReadError, palace_db
+from chaosfix.palace.state import (
+    PICKLE_MISSING,
+    PICKLE_UNREADABLE,
+    PICKLE_UNSAFE,
+    CollectionState,
+    load_state,
+)
+
+SCHEMA = "chaosfix.check/1"
+ERROR, WARNING, INFO = "error", "warning", "info"
+SAMPLE = 5
+BLOAT_FLOOR = 1 << 20
+
+# code -> what it means, for `--help`-style listings and the README
+CODES = {
+    "SQL_ONLY": "rows with no vector in the index (orphans search never finds)",
+    "HNSW_ONLY": "id map entries with no SQL row (phantoms)",
+    "GHOST_LABEL": "live index labels the id map does not know",
+    "DUPLICATE_LABEL": "one label held by several slots or ids",
+    "OFF_BY_ONE": "total_elements_added below the max label, or maps not inverse",
+    "TORN": "index files inconsistent with their header (torn or damaged write)",
+    "PICKLE_MISSING": "index_metadata.pickle missing for a persisted segment",
+    "PICKLE_UNREADABLE": "index_metadata.pickle truncated, zeroed or malformed",
+    "PICKLE_UNSAFE": "index_metadata.pickle references code outside the allow-list",
+    "POISONED_SEQ": "max_seq_id above 2**53: new writes never appear",
+    "SEQ_MISSING": "persisted vector segment without a max_seq_id row",
+    "QUEUE_RESET": "WAL seq_ids restarted below consumed max_seq_id: writes vanish",
+    "LINK_BLOAT": "link_lists.bin far larger than its elements use",
+    "SEGMENT_DIR_MISSING": "vector segment folder missing for persisted rows",
+    "SEGMENT_DIR_ORPHAN": "segment-like folder no segment owns",
+    "HOT_JOURNAL": "leftover chroma.sqlite3-journal: interrupted transaction",
+    "SQLITE_CORRUPT": "chroma.sqlite3 fails to open or PRAGMA quick_check",
+    "PENDING": "WAL rows chromadb will replay on open (healthy)",
+}
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str
+    collection: str | None
+    segment: str | None
+    count: int
+    sample: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+@dataclass
+class CheckReport:
+    palace: str
+    findings: list[Finding] = field(default_factory=list)
+    collections: list[dict] = field(default_factory=list)
+    states: list[CollectionState] = field(default_factory=list, repr=False)
+
+    @property
+    def consistent(self) -> bool:
+        return all(f.severity == INFO for f in self.findings)
+
+    def codes(self, collection: str | None = None) -> dict[str, int]:
+        """code -> count, for tests and scenario expectations."""
+        out: dict[str, int] = {}
+        for f in self.findings:
+            if collection is None or f.collection in (collection, None):
+                out[f.code] = out.get(f.code, 0) + f.count
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "palace": self.palace,
+            "consistent": self.consistent,
+            "findings": [asdict(f) for f in self.findings],
+            "collections": self.collections,
+        }
+
+
+def check_palace(path: str | Path, collection: str | None = None) -> CheckReport:
+    """Inspect a palace and return its findings. Raises OperationalError (exit 8) only
+    when the path is not a palace or the named collection does not exist."""
+    db = palace_db(path)
+    root = db.parent
+    report = CheckReport(palace=str(root))
+    try:
+        sql = PalaceSql(db)
+    except SqlReadError as exc:
+        report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], f"cannot open: {exc}"))
+        return report
+    try:
+        _check(sql, root, collection, report)
+    except SqlReadError as exc:
+        report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
+    except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
+        import sqlite3
+
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise OperationalError(f"{root}: database is locked") from None
+        if isinstance(exc, sqlite3.Error):
+            report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
+        else:
+            raise
+    finally:
+        sql.close()
+    return report
+
+
+def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport) -> None:
+    add = report.findings.append
+    if sql.hot_journal:
+        add(Finding("HOT_JOURNAL", ERROR, None, None, 1, [], "chroma.sqlite3-journal present"))
+    problems = sql.quick_check()
+    if problems:
+        add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems), problems[:SAMPLE], "PRAGMA quick_check"))
+    cols = sql.collections()
+    if collection is not None:
+        cols = [c for c in cols if c.name == collection]
+        if not cols:
+            raise OperationalError(f"{root}: no collection named {collection!r}")
+    seqs = sql.max_seq_ids()
+    vector_ids = set()
+    for info in cols:
+        st = load_state(sql, root, info, seqs)
+        report.states.append(st)
+        if info.vector_segment:
+            vector_ids.add(info.vector_segment)
+        _collection_findings(st, report)
+    if collection is None:
+        known = sql.all_segment_ids()
+        orphans = sorted(
+            d.name for d in root.iterdir() if d.is_dir() and UUID_RE.match(d.name) and d.name not in known
+        )
+        if orphans:
+            add(Finding("SEGMENT_DIR_ORPHAN", WARNING, None, None, len(orphans), orphans[:SAMPLE],
+                        "folder owned by no segment (e.g. a deleted collection)"))
+    _queue_findings(sql, seqs, report)
+
+
+def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
+    consumed = [s.value for s in seqs.values() if not s.poisoned]
+    top = max(consumed, default=0)
+    wal_max = sql.wal_max_seq() or 0
+    if top > wal_max:
+        ahead = sum(1 for v in consumed if v > wal_max)
+        report.findings.append(Finding(
+            "QUEUE_RESET", ERROR, None, None, ahead, [],
+            f"next WAL seq_id {wal_max + 1} <= consumed max_seq_id {top}: new writes would be skipped",
+        ))
+
+
+def _collection_findings(st: CollectionState, report: CheckReport) -> None:
+    info = st.info
+    seg = info.vector_segment
+
+    def add(code: str, count: int, sample: list, detail: str, severity: str = ERROR) -> None:
+        if count:
+            report.findings.append(
+                Finding(code, severity, info.name, seg, count, [str(s) for s in sample[:SAMPLE]], detail)
+            )
+
+    for s in (st.vector_seq, st.metadata_seq):
+        if s is not None and s.poisoned:
+            add("POISONED_SEQ", 1, [str(s.value)], f"max_seq_id {s.value} > 2**53")
+    dir_ok = st.seg_dir is not None and st.seg_dir.is_dir()
+    unpending = st.rows_not_pending()
+    if not dir_ok:
+        add("SEGMENT_DIR_MISSING", unpending, [], "vector segment folder missing; rows not in the WAL")
+    elif st.pickle_status == PICKLE_MISSING:
+        add("PICKLE_MISSING", unpending, [], "index_metadata.pickle missing; rows not in the WAL")
+    elif st.pickle_status == PICKLE_UNREADABLE:
+        add("PICKLE_UNREADABLE", max(unpending, 1), [], st.pickle_error or "")
+    elif st.pickle_status == PICKLE_UNSAFE:
+        add("PICKLE_UNSAFE", max(unpending, 1), [], st.pickle_error or "")
+    if st.idmap is not None and st.vector_seq is None:
+        add("SEQ_MISSING", 1, [], "index persisted but max_seq_id row missing", WARNING)
+    if st.torn:
+        add("TORN", 1, [], "; ".join(st.torn))
+    if st.files is not None and st.files.header is not None and not st.torn:
+        size = st.files.present.get("link_lists.bin", 0)
+        extra = size - st.link_bytes_used
+        if extra > max(BLOAT_FLOOR, st.link_bytes_used):
+            add("LINK_BLOAT", 1, [], f"link_lists.bin is {size} bytes, elements use {st.link_bytes_used}", WARNING)
+    m = st.idmap
+    if m is not None:
+        orphans = st.sql_only()
+        add("SQL_ONLY", len(orphans), orphans, "rows with no live vector in the index")
+        phantoms = st.hnsw_only()
+        add("HNSW_ONLY", len(phantoms), phantoms, "id map entries with no SQL row")
+        ghosts = st.ghost_labels()
+        add("GHOST_LABEL", len(ghosts), ghosts, "index labels unknown to the id map")
+        dups = st.duplicate_labels()
+        add("DUPLICATE_LABEL", len(dups), dups, "labels held twice")
+        top_label = max(m.max_label, max(st.live_label_slots, default=0))
+        inv = m.inverse_problems()
+        if m.total_elements_added < top_label or inv:
+            add("OFF_BY_ONE", max(inv, 1), [], f"total_elements_added={m.total_elements_added}, "
+                f"max label={top_label}, {inv} non-inverse map entries")
+    pend = len(st.pending)
+    add("PENDING", pend, sorted(st.pending_ids)[:SAMPLE], "WAL rows chromadb replays on open", INFO)
+    report.collections.append(summary(st))
+
+
+def summary(st: CollectionState) -> dict:
+    return {
+        "name": st.info.name,
+        "id": st.info.id,
+        "vector_segment": st.info.vector_segment,
+        "space": st.info.space,
+        "dimension": st.info.dimension,
+        "rows": len(st.sql_rows),
+        "mapped": len(st.idmap.id_to_label) if st.idmap else None,
+        "live_labels": len(st.live_label_slots) if st.slots is not None else None,
+        "pending": len(st.pending),
+        "pickle": st.idmap.fmt if st.idmap else st.pickle_status,
+        "max_seq_id": st.vector_seq.value if st.vector_seq else None,
+    }

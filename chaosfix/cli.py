@@ -1,0 +1,68 @@
+"""The chaosfix command line: parses, calls the library, prints. No logic of its own.
+
+Exit codes (DESIGN.md section 4): check 0 consistent / 4 findings / 8 operational error;
+reconcile 0 nothing to do / 1 repaired / 4 left unrepaired / 8 operational error;
+simulate 0 every expectation held / 4 an expectation failed / 8 operational error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from chaosfix.errors import EXIT_FINDINGS, EXIT_OK, EXIT_OPERATIONAL, ChaosfixError
+
+
+def _one_line_errors(fn: Callable[..., int]) -> Callable[..., None]:
+    """Turn every failure into one line on stderr and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = fn(*args, **kwargs)
+        except ChaosfixError as exc:
+            click.echo(f"chaosfix: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("chaosfix: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - never a traceback
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"chaosfix: internal error: {type(exc).__name__}: {msg}", err=True)
+            sys.exit(EXIT_OPERATIONAL)
+        sys.exit(code)
+
+    return wrapper
+
+
+def _emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chaosfix")
+def main() -> None:
+    """Find, reproduce and repair ChromaDB palaces whose SQLite and HNSW index disagree."""
+
+
+@main.command()
+@click.argument("palace", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--collection", help="Only this collection.")
+@click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.check/1 JSON object.")
+@_one_line_errors
+def check(palace: str, collection: str | None, as_json: bool) -> int:
+    """Read-only consistency check. Exit 0 consistent, 4 findings, 8 error."""
+    from chaosfix.check import check_palace
+    from chaosfix.report import render_check
+
+    rep = check_palace(palace, collection)
+    if as_json:
+        _emit_json(rep.to_json())
+    else:
+        click.echo(render_check(rep))
+    return EXIT_OK if rep.consistent else EXIT_FINDINGS

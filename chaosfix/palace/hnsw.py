@@ -1,0 +1,194 @@
+"""chroma-hnswlib's persisted index files (format version 1), read without hnswlib.
+
+``data_level0.bin`` is read through a numpy memmap with strided views, so checking a
+500k-element index touches each slot once and holds only labels, flags and neighbour
+counts in memory; vectors are read only when asked for.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HEADER_FMT = "<iQQQQQQiIQQQdQ"
+HEADER_SIZE = struct.calcsize(HEADER_FMT)  # 100
+HEADER_FIELDS = (
+    "version offset_level0 max_elements cur_element_count size_data_per_element label_offset "
+    "offset_data maxlevel enterpoint_node max_m max_m0 m mult ef_construction"
+).split()
+FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin")
+DELETE_MARK = 0x01
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    offset_level0: int
+    max_elements: int
+    cur_element_count: int
+    size_data_per_element: int
+    label_offset: int
+    offset_data: int
+    maxlevel: int
+    enterpoint_node: int
+    max_m: int
+    max_m0: int
+    m: int
+    mult: float
+    ef_construction: int
+
+    @property
+    def dim(self) -> int:
+        return (self.label_offset - self.offset_data) // 4
+
+    def pack(self) -> bytes:
+        return struct.pack(HEADER_FMT, *(getattr(self, f) for f in HEADER_FIELDS))
+
+    def problems(self) -> list[str]:
+        """Internal inconsistencies that no healthy writer produces."""
+        out = []
+        if self.version != 1:
+            out.append(f"header version {self.version}")
+        if self.offset_data != 4 + 4 * self.max_m0:
+            out.append("offset_data does not match maxM0")
+        if self.label_offset <= self.offset_data or (self.label_offset - self.offset_data) % 4:
+            out.append("label_offset/offset_data inconsistent")
+        if self.size_data_per_element != self.label_offset + 8:
+            out.append("size_data_per_element inconsistent")
+        if self.cur_element_count > self.max_elements:
+            out.append("cur_element_count above max_elements")
+        if not (0 <= self.maxlevel < 64) or self.max_m0 != 2 * self.max_m or self.m != self.max_m:
+            out.append("graph parameters out of range")
+        return out
+
+
+def parse_header(raw: bytes) -> Header:
+    if len(raw) != HEADER_SIZE:
+        raise ValueError(f"header.bin is {len(raw)} bytes, expected {HEADER_SIZE}")
+    return Header(*struct.unpack(HEADER_FMT, raw))
+
+
+@dataclass
+class SlotTable:
+    """Per-slot facts for slots [0, n): label, deleted mark, structural validity."""
+
+    labels: np.ndarray  # uint64
+    deleted: np.ndarray  # bool
+    bad: np.ndarray  # bool: neighbour count or neighbour ids out of range
+
+    @property
+    def live(self) -> np.ndarray:
+        return ~self.deleted
+
+
+@dataclass
+class HnswFiles:
+    """One VECTOR segment folder, parsed as far as its bytes allow."""
+
+    dir: Path
+    present: dict[str, int] = field(default_factory=dict)  # name -> size
+    header: Header | None = None
+    header_error: str | None = None
+
+    @classmethod
+    def open(cls, seg_dir: Path) -> HnswFiles:
+        self = cls(seg_dir)
+        for name in FILES:
+            p = seg_dir / name
+            if p.is_file():
+                self.present[name] = p.stat().st_size
+        if "header.bin" in self.present:
+            try:
+                self.header = parse_header((seg_dir / "header.bin").read_bytes())
+            except (ValueError, struct.error) as exc:
+                self.header_error = str(exc)
+        return self
+
+    @property
+    def slots_in_file(self) -> int:
+        if self.header is None or self.header.size_data_per_element <= 0:
+            return 0
+        return self.present.get("data_level0.bin", 0) // self.header.size_data_per_element
+
+    @property
+    def readable_slots(self) -> int:
+        return 0 if self.header is None else min(self.header.cur_element_count, self.slots_in_file)
+
+    def _memmap(self) -> np.ndarray | None:
+        n = self.readable_slots
+        if n == 0:
+            return None
+        h = self.header
+        assert h is not None
+        return np.memmap(self.dir / "data_level0.bin", dtype=np.uint8, mode="r", shape=(n * h.size_data_per_element,))
+
+    def slots(self) -> SlotTable:
+        h, mm = self.header, self._memmap()
+        if mm is None or h is None:
+            empty = np.zeros(0, dtype=bool)
+            return SlotTable(np.zeros(0, dtype=np.uint64), empty, empty)
+        n, size = self.readable_slots, h.size_data_per_element
+        rows = mm.reshape(n, size)
+        labels = rows[:, h.label_offset : h.label_offset + 8].copy().view("<u8").ravel()
+        flags = rows[:, 2].copy()
+        counts = rows[:, 0:2].copy().view("<u2").ravel()
+        bad = (counts > h.max_m0) | ((flags & ~np.uint8(DELETE_MARK)) != 0)
+        # neighbour ids in range, in chunks to bound memory
+        for s in range(0, n, 65536):
+            blk = rows[s : s + 65536, 4 : 4 + 4 * h.max_m0].copy().view("<u4")
+            used = np.arange(h.max_m0)[None, :] < counts[s : s + 65536, None]
+            bad[s : s + 65536] |= ((blk >= h.cur_element_count) & used).any(axis=1)
+        del mm
+        return SlotTable(labels.astype(np.uint64), (flags & DELETE_MARK).astype(bool), bad)
+
+    def vectors(self, slot_idx: np.ndarray) -> np.ndarray:
+        """float32 vectors of the given slots (as stored: normalized for cosine)."""
+        h, mm = self.header, self._memmap()
+        if mm is None or h is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        rows = mm.reshape(self.readable_slots, h.size_data_per_element)
+        out = np.empty((len(slot_idx), h.dim), dtype=np.float32)
+        for s in range(0, len(slot_idx), 65536):
+            sel = slot_idx[s : s + 65536]
+            out[s : s + len(sel)] = rows[sel, h.offset_data : h.label_offset].copy().view("<f4")
+        return out
+
+    def link_walk(self) -> tuple[int, str | None]:
+        """Walk link_lists.bin: (bytes consumed, problem or None).
+
+        Each element has a u32 byte count then that many bytes of upper-level links, a
+        multiple of (maxM + 1) * 4 and at most maxlevel levels. The walk reads only what
+        the elements use, so a sparse 10^6x bloated file costs nothing.
+        """
+        h = self.header
+        size = self.present.get("link_lists.bin")
+        if h is None or size is None:
+            return 0, None
+        unit = h.max_m * 4 + 4
+        off, n = 0, h.cur_element_count
+        if n == 0:
+            return 0, None
+        if size == 0:
+            return 0, f"link_lists.bin is empty for {n} elements"
+        with open(self.dir / "link_lists.bin", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for i in range(n):
+                if off + 4 > size:
+                    return off, f"link_lists.bin ends at element {i} of {n}"
+                (ln,) = struct.unpack_from("<I", m, off)
+                if ln % unit or ln // unit > h.maxlevel:
+                    return off, f"link list of element {i} has invalid size {ln}"
+                off += 4 + ln
+                if off > size:
+                    return off, f"link_lists.bin ends inside element {i} of {n}"
+        return off, None
+
+
+def apparent_and_allocated(path: Path) -> tuple[int, int]:
+    """(apparent size, bytes actually allocated): sparse files differ."""
+    st = os.stat(path)
+    return st.st_size, getattr(st, "st_blocks", 0) * 512

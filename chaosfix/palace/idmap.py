@@ -1,0 +1,141 @@
+"""``index_metadata.pickle``: the id <-> label map, read safely and written in kind.
+
+Reading: a restricted unpickler. The only global it resolves is chromadb 0.6's
+``PersistentData`` class path, and it resolves it to a local stand-in, never to chromadb,
+so a hostile pickle cannot reach code (``pickle.load`` in chromadb 0.6.3 would run it).
+
+Writing: the 1.x format is a plain dict at protocol 3; the 0.6 format is an object of
+``PersistentData`` at protocol 5. The object form is written by the pure-Python pickler
+with the class reference emitted by name, so chromadb never has to be imported.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+
+PERSISTENT_DATA = ("chromadb.segment.impl.vector.local_persistent_hnsw", "PersistentData")
+FILENAME = "index_metadata.pickle"
+
+
+class UnsafePickle(Exception):
+    """The pickle references a global outside the allow-list."""
+
+
+class UnreadablePickle(Exception):
+    """The pickle is truncated, zero-filled or not the expected structure."""
+
+
+class _PersistentDataStandIn:
+    """Receives the attributes of a 0.6 ``PersistentData`` without being it."""
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) == PERSISTENT_DATA:
+            return _PersistentDataStandIn
+        raise UnsafePickle(f"global {module}.{name} is not allowed")
+
+
+@dataclass
+class IdMap:
+    """The id map in one typed structure, whichever format it came from."""
+
+    fmt: str  # "object" (0.6) or "dict" (1.x)
+    dimensionality: int | None
+    total_elements_added: int
+    id_to_label: dict[str, int] = field(default_factory=dict)
+    label_to_id: dict[int, str] = field(default_factory=dict)
+    id_to_seq_id: dict[str, int] = field(default_factory=dict)
+    max_seq_id: int | None = None
+    extra: dict = field(default_factory=dict)  # attributes we do not interpret, kept on write
+
+    @property
+    def max_label(self) -> int:
+        return max(self.label_to_id, default=0)
+
+    def inverse_problems(self) -> int:
+        """How many entries break id_to_label <-> label_to_id being inverse maps."""
+        bad = sum(1 for i, lab in self.id_to_label.items() if self.label_to_id.get(lab) != i)
+        bad += sum(1 for lab, i in self.label_to_id.items() if self.id_to_label.get(i) != lab)
+        return bad
+
+
+def loads(raw: bytes) -> IdMap:
+    """Parse pickle bytes; raises UnsafePickle or UnreadablePickle, nothing else."""
+    try:
+        obj = _Unpickler(io.BytesIO(raw)).load()
+    except UnsafePickle:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is "unreadable"
+        raise UnreadablePickle(f"{type(exc).__name__}: {exc}") from None
+    if isinstance(obj, _PersistentDataStandIn):
+        fmt, attrs = "object", dict(vars(obj))
+    elif isinstance(obj, dict):
+        fmt, attrs = "dict", dict(obj)
+    else:
+        raise UnreadablePickle(f"top-level object is {type(obj).__name__}")
+    try:
+        id_to_label = attrs.pop("id_to_label")
+        label_to_id = attrs.pop("label_to_id")
+        total = attrs.pop("total_elements_added")
+        dim = attrs.pop("dimensionality", None)
+        id_to_seq = attrs.pop("id_to_seq_id", None) or {}
+        max_seq = attrs.pop("max_seq_id", None)
+    except KeyError as exc:
+        raise UnreadablePickle(f"missing field {exc}") from None
+    ok = (
+        isinstance(id_to_label, dict)
+        and isinstance(label_to_id, dict)
+        and isinstance(total, int)
+        and all(isinstance(k, str) and isinstance(v, int) for k, v in id_to_label.items())
+        and all(isinstance(k, int) and isinstance(v, str) for k, v in label_to_id.items())
+        and (dim is None or isinstance(dim, int))
+    )
+    if not ok:
+        raise UnreadablePickle("fields have unexpected types")
+    return IdMap(fmt, dim, total, id_to_label, label_to_id, dict(id_to_seq), max_seq, attrs)
+
+
+class _ObjectPickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Pure-Python pickler that writes the PersistentData class by name."""
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        if obj is _PersistentDataStandIn:
+            self.save(PERSISTENT_DATA[0])
+            self.save(PERSISTENT_DATA[1])
+            self.write(pickle.STACK_GLOBAL)
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def dumps(m: IdMap) -> bytes:
+    """Serialize in the map's own format, the way the chromadb that wrote it does."""
+    if m.fmt == "dict":
+        d = {
+            "dimensionality": m.dimensionality,
+            "total_elements_added": m.total_elements_added,
+            "max_seq_id": m.max_seq_id,
+            "id_to_label": m.id_to_label,
+            "label_to_id": m.label_to_id,
+            "id_to_seq_id": m.id_to_seq_id,
+            **m.extra,
+        }
+        return pickle.dumps(d, protocol=3)
+    obj = _PersistentDataStandIn()
+    obj.__dict__.update(
+        {
+            "dimensionality": m.dimensionality,
+            "total_elements_added": m.total_elements_added,
+            "id_to_label": m.id_to_label,
+            "label_to_id": m.label_to_id,
+            "id_to_seq_id": m.id_to_seq_id,
+            **({"max_seq_id": m.max_seq_id} if m.max_seq_id is not None else {}),
+            **m.extra,
+        }
+    )
+    buf = io.BytesIO()
+    _ObjectPickler(buf, protocol=5).dump(obj)
+    return buf.getvalue()

@@ -1,0 +1,227 @@
+"""Read-only access to a palace's ``chroma.sqlite3``; no chromadb import.
+
+The connection is opened with ``mode=ro`` (or ``immutable=1`` when a hot journal sits
+beside the file, because a read-only connection would otherwise need to roll it back),
+so nothing here can change a byte or an mtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+POISON_LIMIT = 2**53
+OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
+VECTOR_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
+METADATA_TYPE = "urn:chroma:segment/metadata/sqlite"
+DOCUMENT_KEY = "chroma:document"
+
+
+def decode_seq(value: object) -> int | None:
+    """Decode a seq_id in either encoding: 0.6's 8-byte big-endian blob or 1.x's integer."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return int.from_bytes(bytes(value), "big")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"unreadable seq_id {value!r}")
+
+
+@dataclass(frozen=True)
+class SeqValue:
+    """One ``max_seq_id`` row: the decoded value and how it was stored."""
+
+    value: int
+    stored_as: str  # "blob" (0.6) or "int" (1.x)
+
+    @property
+    def poisoned(self) -> bool:
+        return self.value > POISON_LIMIT
+
+
+@dataclass
+class WalRow:
+    seq_id: int
+    op: int
+    id: str
+    vector: np.ndarray | None
+    document: str | None
+    metadata: dict | None
+
+    @property
+    def op_name(self) -> str:
+        return OP_NAMES.get(self.op, str(self.op))
+
+
+@dataclass
+class CollectionInfo:
+    id: str
+    name: str
+    dimension: int | None
+    metadata: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    vector_segment: str | None = None
+    metadata_segment: str | None = None
+
+    @property
+    def space(self) -> str:
+        """Distance space: collection metadata first (both versions honour it), then 1.x config."""
+        if "hnsw:space" in self.metadata:
+            return str(self.metadata["hnsw:space"])
+        hnsw = self.config.get("hnsw") or self.config.get("hnsw_configuration") or {}
+        return str(hnsw.get("space", "l2"))
+
+    def param(self, key: str, default: int) -> int:
+        hnsw = self.config.get("hnsw") or {}
+        val = self.metadata.get(f"hnsw:{key}", hnsw.get(key, default))
+        return int(val) if val is not None else default
+
+
+class SqlReadError(Exception):
+    """The SQLite file cannot be read at all."""
+
+
+class PalaceSql:
+    """Read-only view of chroma.sqlite3."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path
+        self.hot_journal = _hot_journal(db_path)
+        mode = "immutable=1" if self.hot_journal else "mode=ro"
+        uri = f"file:{db_path.as_posix()}?{mode}"
+        try:
+            self.conn = sqlite3.connect(uri, uri=True, timeout=2.0)
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise SqlReadError(str(exc)) from exc
+        self.columns = {
+            t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
+            for t in ("collections", "embeddings_queue", "segments")
+        }
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def quick_check(self) -> list[str]:
+        rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+        return [] if rows == ["ok"] else rows
+
+    @property
+    def schema(self) -> str:
+        """'1.x' when the palace has 1.x-only tables/columns, else '0.6'."""
+        if "schema_str" in self.columns["collections"]:
+            return "1.x"
+        return "0.6"
+
+    def collections(self) -> list[CollectionInfo]:
+        cols = []
+        has_cfg = "config_json_str" in self.columns["collections"]
+        q = "SELECT id, name, dimension" + (", config_json_str" if has_cfg else "") + " FROM collections"
+        for row in self.conn.execute(q):
+            cfg = {}
+            if has_cfg and row[3]:
+                try:
+                    cfg = json.loads(row[3]) or {}
+                except ValueError:
+                    cfg = {}
+            cols.append(CollectionInfo(id=row[0], name=row[1], dimension=row[2], config=cfg))
+        for c in cols:
+            for key, s, i, f, b in self.conn.execute(
+                "SELECT key, str_value, int_value, float_value, bool_value FROM collection_metadata WHERE collection_id=?",
+                (c.id,),
+            ):
+                c.metadata[key] = next((v for v in (s, i, f, b) if v is not None), None)
+            for sid, stype, scope in self.conn.execute(
+                "SELECT id, type, scope FROM segments WHERE collection=?", (c.id,)
+            ):
+                if scope == "VECTOR":
+                    c.vector_segment = sid
+                elif scope == "METADATA":
+                    c.metadata_segment = sid
+        return cols
+
+    def all_segment_ids(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT id FROM segments")}
+
+    def max_seq_ids(self) -> dict[str, SeqValue]:
+        out = {}
+        for sid, raw in self.conn.execute("SELECT segment_id, seq_id FROM max_seq_id"):
+            kind = "blob" if isinstance(raw, bytes) else "int"
+            out[sid] = SeqValue(decode_seq(raw) or 0, kind)
+        return out
+
+    def rows(self, metadata_segment: str) -> dict[str, int]:
+        """user id -> seq_id of every record row of a METADATA segment."""
+        return {
+            eid: decode_seq(seq) or 0
+            for eid, seq in self.conn.execute(
+                "SELECT embedding_id, seq_id FROM embeddings WHERE segment_id=?", (metadata_segment,)
+            )
+        }
+
+    def documents(self, metadata_segment: str, ids: list[str] | None = None) -> dict[str, str | None]:
+        """user id -> document text (None when the row has no document)."""
+        q = (
+            "SELECT e.embedding_id, m.string_value FROM embeddings e LEFT JOIN embedding_metadata m "
+            "ON m.id = e.id AND m.key = ? WHERE e.segment_id = ?"
+        )
+        want = set(ids) if ids is not None else None
+        out = {}
+        for eid, doc in self.conn.execute(q, (DOCUMENT_KEY, metadata_segment)):
+            if want is None or eid in want:
+                out[eid] = doc
+        return out
+
+    def wal(self, collection_id: str, above: int = 0, with_vectors: bool = True) -> list[WalRow]:
+        """The collection's WAL rows with seq_id > ``above``, in seq order."""
+        cols = "seq_id, operation, id, " + ("vector, encoding, metadata" if with_vectors else "NULL, NULL, NULL")
+        out = []
+        for seq, op, rid, vec, enc, meta in self.conn.execute(
+            f"SELECT {cols} FROM embeddings_queue WHERE topic LIKE ? ORDER BY seq_id",
+            (f"%/{collection_id}",),
+        ):
+            seq = decode_seq(seq) or 0
+            if seq <= above:
+                continue
+            vector = None
+            if vec is not None and (enc or "FLOAT32").upper() == "FLOAT32" and len(vec) % 4 == 0:
+                vector = np.frombuffer(vec, dtype="<f4").copy()
+            md = None
+            if meta:
+                try:
+                    md = json.loads(meta)
+                except ValueError:
+                    md = None
+            doc = md.get(DOCUMENT_KEY) if isinstance(md, dict) else None
+            out.append(WalRow(seq, int(op), rid, vector, doc, md))
+        return out
+
+    def wal_max_seq(self) -> int | None:
+        row = self.conn.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone()
+        return decode_seq(row[0]) if row else None
+
+    def queue_config(self) -> dict:
+        try:
+            row = self.conn.execute("SELECT config_json_str FROM embeddings_queue_config").fetchone()
+        except sqlite3.Error:
+            return {}
+        try:
+            return json.loads(row[0]) if row and row[0] else {}
+        except ValueError:
+            return {}
+
+
+def _hot_journal(db_path: Path) -> bool:
+    j = Path(str(db_path) + "-journal")
+    try:
+        return j.exists() and os.path.getsize(j) > 0
+    except OSError:
+        return False

@@ -1,0 +1,168 @@
+"""One collection's on-disk state, read from SQLite, the HNSW files and the id map.
+
+``check`` reports from it and ``reconcile`` plans from it, so both see exactly the same
+facts. Nothing here raises for damaged data: every problem is recorded as a fact.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chaosfix.palace import idmap as idmap_mod
+from chaosfix.palace.hnsw import HnswFiles, SlotTable
+from chaosfix.palace.sql import CollectionInfo, PalaceSql, SeqValue, WalRow
+
+PICKLE_OK, PICKLE_NONE, PICKLE_MISSING, PICKLE_UNREADABLE, PICKLE_UNSAFE = (
+    "ok", "none", "missing", "unreadable", "unsafe"
+)
+
+
+@dataclass
+class CollectionState:
+    info: CollectionInfo
+    seg_dir: Path | None
+    sql_rows: dict[str, int]
+    vector_seq: SeqValue | None
+    metadata_seq: SeqValue | None
+    pending: list[WalRow]
+    files: HnswFiles | None = None
+    idmap: idmap_mod.IdMap | None = None
+    pickle_status: str = PICKLE_NONE
+    pickle_error: str | None = None
+    slots: SlotTable | None = None
+    torn: list[str] = field(default_factory=list)
+    link_bytes_used: int = 0
+
+    # ---- derived facts -------------------------------------------------------------
+    @property
+    def pending_ids(self) -> set[str]:
+        return {w.id for w in self.pending}
+
+    @property
+    def live_label_slots(self) -> dict[int, int]:
+        """live label -> its first slot."""
+        if self.slots is None:
+            return {}
+        idx = np.flatnonzero(self.slots.live)
+        labels = self.slots.labels[idx]
+        out: dict[int, int] = {}
+        for lab, s in zip(labels.tolist(), idx.tolist()):
+            out.setdefault(lab, s)
+        return out
+
+    def duplicate_labels(self) -> list[int]:
+        dups: set[int] = set()
+        if self.slots is not None:
+            c = Counter(self.slots.labels[self.slots.live].tolist())
+            dups |= {lab for lab, n in c.items() if n > 1}
+        if self.idmap is not None:
+            c = Counter(self.idmap.id_to_label.values())
+            dups |= {lab for lab, n in c.items() if n > 1}
+        return sorted(dups)
+
+    @property
+    def map_known(self) -> bool:
+        return self.idmap is not None
+
+    def sql_only(self) -> list[str]:
+        """Rows that search can never find: no live vector, nothing pending to bring one."""
+        if self.idmap is None:
+            return []
+        live = self.live_label_slots
+        skip = self.pending_ids
+        return sorted(
+            rid for rid in self.sql_rows
+            if rid not in skip and self.idmap.id_to_label.get(rid) not in live
+        )
+
+    def hnsw_only(self) -> list[str]:
+        """Mapped ids with no row (phantoms)."""
+        if self.idmap is None:
+            return []
+        skip = self.pending_ids
+        return sorted(i for i in self.idmap.id_to_label if i not in self.sql_rows and i not in skip)
+
+    def ghost_labels(self) -> list[int]:
+        """Live index labels the map does not know (KeyError on query)."""
+        if self.idmap is None:
+            return []
+        return sorted(lab for lab in self.live_label_slots if lab not in self.idmap.label_to_id)
+
+    def rows_not_pending(self) -> int:
+        skip = self.pending_ids
+        return sum(1 for r in self.sql_rows if r not in skip)
+
+
+def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue]) -> CollectionState:
+    vseq = seqs.get(info.vector_segment) if info.vector_segment else None
+    mseq = seqs.get(info.metadata_segment) if info.metadata_segment else None
+    above = vseq.value if vseq is not None else 0
+    rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
+    st = CollectionState(
+        info=info,
+        seg_dir=palace / info.vector_segment if info.vector_segment else None,
+        sql_rows=rows,
+        vector_seq=vseq,
+        metadata_seq=mseq,
+        pending=sql.wal(info.id, above=above, with_vectors=False),
+    )
+    if st.seg_dir is None or not st.seg_dir.is_dir():
+        return st
+    _read_pickle(st)
+    _read_files(st)
+    return st
+
+
+def _read_pickle(st: CollectionState) -> None:
+    assert st.seg_dir is not None
+    p = st.seg_dir / idmap_mod.FILENAME
+    if not p.is_file():
+        st.pickle_status = PICKLE_MISSING
+        return
+    try:
+        st.idmap = idmap_mod.loads(p.read_bytes())
+        st.pickle_status = PICKLE_OK
+    except idmap_mod.UnsafePickle as exc:
+        st.pickle_status, st.pickle_error = PICKLE_UNSAFE, str(exc)
+    except idmap_mod.UnreadablePickle as exc:
+        st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
+    except OSError as exc:
+        st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
+
+
+def _read_files(st: CollectionState) -> None:
+    assert st.seg_dir is not None
+    files = HnswFiles.open(st.seg_dir)
+    st.files = files
+    if not files.present:
+        return
+    if files.header is None:
+        st.torn.append(files.header_error or "header.bin missing")
+        return
+    h = files.header
+    st.torn.extend(h.problems())
+    if st.torn:
+        return
+    for name in ("data_level0.bin", "length.bin", "link_lists.bin"):
+        if name not in files.present and h.cur_element_count:
+            st.torn.append(f"{name} missing")
+    if files.slots_in_file < h.cur_element_count:
+        st.torn.append(
+            f"header counts {h.cur_element_count} elements, data_level0.bin holds {files.slots_in_file}"
+        )
+    if files.present.get("length.bin", 0) < 4 * h.cur_element_count and "length.bin" in files.present:
+        st.torn.append("length.bin shorter than the element count")
+    if st.info.dimension and h.dim != st.info.dimension and h.cur_element_count:
+        st.torn.append(f"index dimension {h.dim} != collection dimension {st.info.dimension}")
+    st.slots = files.slots()
+    nbad = int(st.slots.bad.sum())
+    if nbad:
+        st.torn.append(f"{nbad} slots with invalid neighbour lists or flags")
+    used, problem = files.link_walk()
+    st.link_bytes_used = used
+    if problem:
+        st.torn.append(problem)

@@ -1,0 +1,175 @@
+"""Throwaway palaces built by the real chromadb, in child processes that may be killed.
+
+The parent never imports chromadb: every chromadb call runs in ``chaosfix._child`` in a
+subprocess, so a SIGKILL (a kill point, strace fault injection or a timer) hits only
+the writer, exactly like a crash in the field. Templates are built once per
+(chromadb version, spec) and copied per use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+
+from chaosfix.drawers import COLLECTION
+
+
+@dataclass(frozen=True)
+class PalaceSpec:
+    """What a throwaway palace looks like. Defaults are small so tests stay fast."""
+
+    drawers: int = 300
+    dim: int = 384
+    space: str = "cosine"
+    sync_threshold: int = 100
+    batch_size: int = 50
+    seed: int = 0
+    collection: str = COLLECTION
+
+    def with_(self, **kw: object) -> PalaceSpec:
+        return replace(self, **kw)  # type: ignore[arg-type]
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + chromadb_version()
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    result: dict = field(default_factory=dict)
+    stderr: str = ""
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode == -signal.SIGKILL
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and bool(self.result.get("ok"))
+
+
+def chromadb_version() -> str:
+    try:
+        return metadata.version("chromadb")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def chroma_major() -> str:
+    """'0.6' or '1.x' for the installed chromadb."""
+    v = chromadb_version()
+    return "0.6" if v.startswith("0.") else "1.x"
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a chromadb child: offline, no telemetry, chaosfix importable."""
+    env = dict(os.environ)
+    env.update(ANONYMIZED_TELEMETRY="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               CHROMA_TELEMETRY="False")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def child_command(spec: dict, python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "chaosfix._child", json.dumps(spec)]
+
+
+def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
+              kill_after: float | None = None) -> ChildResult:
+    """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer."""
+    cmd = (prefix or []) + child_command(spec)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
+    except subprocess.TimeoutExpired:
+        if kill_after is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise RuntimeError(f"chromadb child timed out after {timeout}s") from None
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    rc = proc.returncode
+    if prefix and rc != 0 and "+++ killed by SIGKILL" in (err or ""):
+        rc = -signal.SIGKILL  # strace reports the tracee's death, itself exits 137
+    result: dict = {}
+    for line in (out or "").splitlines()[::-1]:
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+                break
+            except ValueError:
+                pass
+    return ChildResult(rc, result, err or "")
+
+
+def _base(spec: PalaceSpec, path: Path) -> dict:
+    d = asdict(spec)
+    d["path"] = str(path)
+    return d
+
+
+def apply_ops(path: str | Path, spec: PalaceSpec, ops: list[dict], kill: dict | None = None,
+              prefix: list[str] | None = None, kill_after: float | None = None) -> ChildResult:
+    """Run chromadb writes (``{"op": "add"|"upsert"|"update"|"delete", "start", "count"}``)."""
+    req = _base(spec, Path(path)) | {"mode": "build", "ops": ops, "kill": kill}
+    return run_child(req, prefix=prefix, kill_after=kill_after)
+
+
+def build_palace(path: str | Path, spec: PalaceSpec) -> dict:
+    """Build a fresh palace with ``spec.drawers`` drawers; raises if chromadb fails."""
+    res = apply_ops(path, spec, [{"op": "add", "start": 0, "count": spec.drawers}] if spec.drawers else [])
+    if not res.ok:
+        raise RuntimeError(f"palace build failed: {res.result.get('error') or res.stderr[-500:]}")
+    return res.result
+
+
+def observe(path: str | Path, spec: PalaceSpec, write_probe: bool = False, sample: int = 50) -> dict:
+    """Reopen with chromadb in a child and record what it does (never raises)."""
+    req = _base(spec, Path(path)) | {"mode": "observe", "write_probe": write_probe, "sample": sample}
+    res = run_child(req)
+    if not res.result:
+        return {"errors": [("child", f"exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")]}
+    return res.result
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHAOSFIX_CACHE", Path.home() / ".cache" / "chaosfix")) / "palaces"
+
+
+def template(spec: PalaceSpec) -> Path:
+    """The cached palace for ``spec`` (built once per chromadb version, atomically)."""
+    dest = cache_dir() / spec.key()
+    if (dest / "chroma.sqlite3").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
+    build_palace(tmp / "p", spec)
+    try:
+        os.rename(tmp / "p", dest)  # another worker may have won the race: fine
+    except OSError:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def copy_palace(src: str | Path, dst: str | Path) -> Path:
+    """Copy a palace folder (content and mtimes)."""
+    shutil.copytree(src, dst, copy_function=shutil.copy2)
+    return Path(dst)
+
+
+def fresh_palace(dst: str | Path, spec: PalaceSpec) -> Path:
+    """A private copy of the template palace for ``spec``."""
+    return copy_palace(template(spec), dst)
