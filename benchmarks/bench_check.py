@@ -1,0 +1,221 @@
+"""Benchmark ``chaosfix check`` on a large palace built by the installed chromadb.
+
+    python benchmarks/bench_check.py [--drawers 100000] [--dim 384] [--runs 5]
+
+Builds once (cached by ``chaosfix.workload.template``, per chromadb version and spec, in
+``$CHAOSFIX_CACHE`` or ``~/.cache/chaosfix/palaces``) a MemPalace-shaped palace: cosine
+space, chromadb's default ``hnsw:sync_threshold`` 1000 and ``hnsw:batch_size`` 100, drawers
+added 5000 per call, so the index is persisted every 1000 records as in the field. Then it
+runs ``chaosfix check --json PALACE`` in a fresh subprocess several times, first with the
+palace's files evicted from the page cache (``posix_fadvise(DONTNEED)``, best effort:
+"cold-ish"), then warm, and prints wall time and peak RSS per run (``os.wait4`` rusage of
+that one child) and a summary table.
+
+Targets (issue 2, section 5): wall time under 3 s, peak RSS under 1.5x the size of
+``data_level0.bin``. The figures are printed, never asserted.
+
+``--profile`` adds a cProfile of one in-process ``check_palace`` call (top functions by
+cumulative time), to find a hotspot when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chaosfix.workload import PalaceSpec, cache_dir, chromadb_version, template
+
+TIME_TARGET_S = 3.0
+RSS_TARGET_RATIO = 1.5
+MB = 1 << 20
+
+
+def spec_for(drawers: int, dim: int) -> PalaceSpec:
+    """The benchmark palace: chromadb's defaults, not the small test defaults."""
+    return PalaceSpec(drawers=drawers, dim=dim, space="cosine", sync_threshold=1000, batch_size=100)
+
+
+def check_command(palace: Path) -> list[str]:
+    """``chaosfix check --json PALACE`` with this interpreter's console script."""
+    script = Path(sys.executable).parent / "chaosfix"
+    if script.is_file():
+        return [str(script), "check", "--json", str(palace)]
+    return [sys.executable, "-c", "from chaosfix.cli import main; main()", "check", "--json", str(palace)]
+
+
+def evict(palace: Path) -> int:
+    """Drop the palace's clean pages from the page cache (read-only: no byte or mtime
+    changes). Returns how many files were advised; 0 when the platform lacks fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    n = 0
+    for p in palace.rglob("*"):
+        if not p.is_file():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            n += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return n
+
+
+def run_timed(cmd: list[str]) -> tuple[float, int, int, str]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of that child, exit code, stdout)."""
+    with tempfile.TemporaryFile(mode="w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        out.seek(0)
+        text = out.read()
+    if proc.returncode not in (0, 4):
+        sys.stderr.write(err)
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return wall, rss, proc.returncode, text
+
+
+def baseline() -> tuple[float, int]:
+    """(wall, peak RSS) of the interpreter with chaosfix check imported, nothing checked."""
+    code = "import chaosfix.cli, chaosfix.check, chaosfix.report, numpy"
+    runs = [run_timed([sys.executable, "-c", code]) for _ in range(3)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def index_files(palace: Path) -> list[Path]:
+    return sorted(palace.glob("*/data_level0.bin"))
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def profile(palace: Path, top: int) -> None:
+    import cProfile
+    import pstats
+
+    from chaosfix.check import check_palace
+
+    prof = cProfile.Profile()
+    prof.enable()
+    check_palace(palace)
+    prof.disable()
+    print(f"\ncProfile of one in-process check_palace (top {top} by cumulative time):")
+    pstats.Stats(prof, stream=sys.stdout).strip_dirs().sort_stats("cumulative").print_stats(top)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--drawers", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--runs", type=int, default=5, help="warm runs (after --cold cold-ish runs)")
+    ap.add_argument("--cold", type=int, default=2, help="runs with the palace evicted from the page cache first")
+    ap.add_argument("--profile", action="store_true", help="also cProfile one in-process check")
+    ap.add_argument("--top", type=int, default=25, help="rows of the --profile listing")
+    ap.add_argument("--keep-copy", action="store_true",
+                    help="check the cached template itself instead of a private copy")
+    args = ap.parse_args(argv)
+
+    spec = spec_for(args.drawers, args.dim)
+    version = chromadb_version()
+    print(f"chromadb {version}, python {sys.version.split()[0]}, spec {spec}", file=sys.stderr)
+    print(f"palace cache: {cache_dir() / spec.key()}", file=sys.stderr)
+    cached = (cache_dir() / spec.key() / "chroma.sqlite3").is_file()
+    if not cached:
+        print("building the palace with chromadb (once; minutes for 100k drawers)...", file=sys.stderr)
+    t0 = time.perf_counter()
+    palace = template(spec)
+    took = time.perf_counter() - t0
+    print(f"palace ready in {took:.1f} s ({'cached' if cached else 'built'}): {palace}", file=sys.stderr)
+
+    work = None
+    target = palace
+    if not args.keep_copy:
+        # a private copy on the same filesystem, so the cached template is never touched
+        work = Path(tempfile.mkdtemp(prefix=".bench-", dir=palace.parent))
+        target = work / "p"
+        shutil.copytree(palace, target, copy_function=shutil.copy2)
+    try:
+        return _bench(args, version, target)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
+    level0 = index_files(palace)
+    level0_size = sum(p.stat().st_size for p in level0)
+    cmd = check_command(palace)
+    print(f"command: {' '.join(cmd)}", file=sys.stderr)
+    base_wall, base = baseline()
+
+    runs: list[tuple[str, float, int, int]] = []
+    consistent = None
+    for i in range(args.cold + args.runs):
+        kind = "cold" if i < args.cold else "warm"
+        if kind == "cold" and not evict(palace):
+            kind = "cold?"  # no fadvise: the page cache was not dropped
+        wall, rss, rc, out = run_timed(cmd)
+        try:
+            consistent = json.loads(out).get("consistent")
+        except ValueError:
+            consistent = None
+        runs.append((kind, wall, rss, rc))
+        print(f"  run {i + 1:2d} {kind:5s} wall {wall:6.2f} s  peak RSS {rss / MB:7.1f} MB  exit {rc}",
+              file=sys.stderr)
+
+    cold = [w for k, w, _, _ in runs if k.startswith("cold")]
+    warm = [w for k, w, _, _ in runs if k == "warm"]
+    peak = max(r for _, _, r, _ in runs)
+    ratio = peak / level0_size if level0_size else float("nan")
+    best = min(w for _, w, _, _ in runs)
+    med_warm = statistics.median(warm) if warm else float("nan")
+
+    def fmt_times(ws: list[float]) -> str:
+        return f"{min(ws):.2f} / {statistics.median(ws):.2f}" if ws else "-"
+
+    rows = [
+        ("chromadb", version),
+        ("drawers", f"{args.drawers:,}"),
+        ("dim / space", f"{args.dim} / cosine"),
+        ("data_level0.bin", f"{level0_size / MB:.1f} MB ({len(level0)} file(s))"),
+        ("palace on disk", f"{dir_size(palace) / MB:.1f} MB"),
+        ("check exit / consistent", f"{runs[-1][3]} / {consistent}"),
+        ("wall cold min/median", fmt_times(cold) + " s"),
+        ("wall warm min/median", fmt_times(warm) + " s"),
+        ("peak RSS (max of runs)", f"{peak / MB:.1f} MB"),
+        ("RSS / data_level0.bin", f"{ratio:.2f}x"),
+        ("interpreter alone", f"{base_wall:.2f} s, {base / MB:.1f} MB (python + chaosfix + numpy imported)"),
+        ("(RSS - interp) / level0", f"{(peak - base) / level0_size:.2f}x" if level0_size else "-"),
+        ("target wall < 3 s", f"{'met' if med_warm < TIME_TARGET_S else 'MISSED'} (warm median)"),
+        ("target RSS < 1.5x", "met" if ratio < RSS_TARGET_RATIO else "MISSED"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if best >= TIME_TARGET_S or ratio >= RSS_TARGET_RATIO:
+        print("(a target is missed: run with --profile to see where the time goes)")
+    if args.profile:
+        profile(palace, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
