@@ -3,11 +3,13 @@ outside the allow-list (see ``chaosfix.palace.idmap``)."""
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
 from chaosfix.palace import UUID_RE, PalaceSql, SqlReadError, palace_db
+from chaosfix.palace.sql import journal_synced
 from chaosfix.palace.state import (
     PICKLE_MISSING,
     PICKLE_UNREADABLE,
@@ -84,14 +86,16 @@ class CheckReport:
         }
 
 
-def check_palace(path: str | Path, collection: str | None = None) -> CheckReport:
+def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.Connection | None = None,
+                 ) -> CheckReport:
     """Inspect a palace and return its findings. Raises OperationalError (exit 8) only
-    when the path is not a palace or the named collection does not exist."""
+    when the path is not a palace, is locked, or the named collection does not exist.
+    ``conn`` lets the reconciler check through its own exclusive connection."""
     db = palace_db(path)
     root = db.parent
     report = CheckReport(palace=str(root))
     try:
-        sql = PalaceSql(db)
+        sql = PalaceSql(db, conn)
     except SqlReadError as exc:
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], f"cannot open: {exc}"))
         return report
@@ -100,8 +104,6 @@ def check_palace(path: str | Path, collection: str | None = None) -> CheckReport
     except SqlReadError as exc:
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
     except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
-        import sqlite3
-
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise OperationalError(f"{root}: database is locked") from None
         if isinstance(exc, sqlite3.Error):
@@ -116,7 +118,9 @@ def check_palace(path: str | Path, collection: str | None = None) -> CheckReport
 def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport) -> None:
     add = report.findings.append
     if sql.hot_journal:
-        add(Finding("HOT_JOURNAL", ERROR, None, None, 1, [], "chroma.sqlite3-journal present"))
+        state = ("rollback pending: synced header, the db file may hold uncommitted pages (read rolled back)"
+                 if journal_synced(sql.path) else "header never synced: nothing reached chroma.sqlite3")
+        add(Finding("HOT_JOURNAL", ERROR, None, None, 1, [], f"chroma.sqlite3-journal present; {state}"))
     problems = sql.quick_check()
     if problems:
         add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems), problems[:SAMPLE], "PRAGMA quick_check"))
@@ -198,7 +202,9 @@ def _collection_findings(st: CollectionState, report: CheckReport) -> None:
         add("GHOST_LABEL", len(ghosts), ghosts, "index labels unknown to the id map")
         dups = st.duplicate_labels()
         add("DUPLICATE_LABEL", len(dups), dups, "labels held twice")
-        top_label = max(m.max_label, max(st.live_label_slots, default=0))
+        # the map's own labels only: index labels the map lacks are GHOST_LABEL, and the
+        # next add reusing a ghost's label overwrites no drawer's vector
+        top_label = m.max_label
         inv = m.inverse_problems()
         if m.total_elements_added < top_label or inv:
             add("OFF_BY_ONE", max(inv, 1), [], f"total_elements_added={m.total_elements_added}, "

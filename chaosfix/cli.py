@@ -66,3 +66,37 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
     else:
         click.echo(render_check(rep))
     return EXIT_OK if rep.consistent else EXIT_FINDINGS
+
+
+@main.command()
+@click.argument("palace", type=click.Path())
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--embedder", metavar="MODULE:ATTR", help="Embedding function to re-embed rows with no vector anywhere.")
+@click.option("--collection", help="Only this collection.")
+@click.option("--no-backup", is_flag=True, help="Do not keep the replaced files.")
+@click.option("--strategy", type=click.Choice(["auto", "incremental", "rebuild"]), default="auto", show_default=True)
+@click.option("--verify", "verify_mode", type=click.Choice(["sample", "full"]), default="sample", show_default=True,
+              help="Self-query repaired rows plus a sample, or every row.")
+@click.option("--no-chromadb-check", is_flag=True, help="Skip the final reopen with chromadb.")
+@click.option("--apply-pending", is_flag=True, help="Also fold pending WAL rows into a healthy index.")
+@click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.reconcile/1 JSON object.")
+@_one_line_errors
+def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str | None, no_backup: bool,
+              strategy: str, verify_mode: str, no_chromadb_check: bool, apply_pending: bool, as_json: bool) -> int:
+    """Repair every fixable finding. Exit 0 nothing to do, 1 repaired, 4 left unrepaired, 8 error.
+
+    With --dry-run the exit code says what a real run would return."""
+    from chaosfix.reconcile import ReconcileOptions, reconcile_palace
+    from chaosfix.report import Progress, render_reconcile
+
+    opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=embedder,
+                            strategy=strategy, verify_full=verify_mode == "full",
+                            chromadb_check=not no_chromadb_check, apply_pending=apply_pending)
+    prog = Progress()
+    rep = reconcile_palace(palace, opts, progress=prog.update, log=prog.say)
+    prog.done()
+    if as_json:
+        _emit_json(rep.to_json())
+    else:
+        click.echo(render_reconcile(rep))
+    return rep.exit_code

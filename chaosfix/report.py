@@ -33,3 +33,69 @@ def render_check(rep: CheckReport) -> str:
     else:
         out.append(f"verdict: {len(bad)} finding(s): " + ", ".join(sorted({f.code for f in bad})))
     return "\n".join(out)
+
+
+class Progress:
+    """Progress on stderr: a bar with counts and ETA on a terminal, quiet otherwise."""
+
+    def __init__(self) -> None:
+        import sys
+        import time
+
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self._time = time.monotonic
+        self._stage = ""
+
+    def say(self, msg: str) -> None:
+        import click
+
+        click.echo(f"chaosfix: {msg}", err=True)
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if not self.tty or total <= 0:
+            return
+        import click
+
+        if stage != self._stage:
+            self._stage, self.start = stage, self._time()
+        el = self._time() - self.start
+        eta = el / done * (total - done) if done else 0.0
+        bar = "#" * int(30 * done / total)
+        click.echo(f"\r{stage:<8} [{bar:<30}] {done}/{total} eta {eta:5.1f}s", err=True, nl=done >= total)
+
+    def done(self) -> None:
+        pass
+
+
+def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported lazily
+    out = [f"palace {rep.palace}" + ("  (dry run: nothing changed)" if rep.dry_run else "")]
+    rows = []
+    for p in rep.plans:
+        found = ", ".join(f"{k} {v}" for k, v in sorted(p.codes.items()) if k != "PENDING") or "-"
+        done = f"+{len(p.add)} ~{len(p.replace)} -{len(p.remove_labels)} labels" if p.index_changes else "-"
+        v = rep.verifications.get(p.collection)
+        ver = "-" if v is None else ("zero-diff, self-query ok" if v.ok else "FAILED")
+        if v is not None and v.ok:
+            ver += f" ({v.queried} queried, {v.unreachable} unreachable)"
+        rows.append([p.collection, found, p.strategy, done, len(p.unrepaired), ver])
+    out.append(table(["collection", "found", "strategy", "done", "unrepaired", "verified"], rows))
+    for p in rep.plans:
+        if p.seq_writes:
+            out.append(f"{p.collection}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
+        if p.unrepaired:
+            out.append(f"{p.collection}: {len(p.unrepaired)} rows have no vector source "
+                       f"(no index slot, no WAL row; pass --embedder): {', '.join(p.unrepaired[:5])}")
+    if rep.queue_floor is not None:
+        out.append(f"WAL floor row at seq_id {rep.queue_floor}: new writes get seq_ids above every max_seq_id")
+    for n in rep.notes:
+        out.append(f"note: {n}")
+    if rep.backup:
+        out.append(f"backup: {rep.backup}")
+    if rep.chromadb is not None:
+        out.append("chromadb reopen: " + ("ok" if rep.chromadb.get("ok") else f"FAILED {rep.chromadb}"))
+    code = rep.exit_code
+    verdict = {0: "nothing to do", 1: "repaired" if not rep.dry_run else "would repair",
+               4: "left rows unrepaired" if not rep.dry_run else "would leave rows unrepaired"}[code]
+    out.append(f"verdict: {verdict}")
+    return "\n".join(out)

@@ -1,15 +1,18 @@
 """Read-only access to a palace's ``chroma.sqlite3``; no chromadb import.
 
-The connection is opened with ``mode=ro`` (or ``immutable=1`` when a hot journal sits
-beside the file, because a read-only connection would otherwise need to roll it back),
-so nothing here can change a byte or an mtime.
+The connection is opened with ``mode=ro``, so nothing here can change a byte or an
+mtime. When a hot journal sits beside the file (an interrupted transaction), the file
+and its journal are copied to a private scratch folder and rolled back there, so the
+model shows the committed state chromadb will see, not uncommitted spilled pages.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,23 +95,58 @@ class SqlReadError(Exception):
 class PalaceSql:
     """Read-only view of chroma.sqlite3."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, conn: sqlite3.Connection | None = None) -> None:
+        """Open read-only, or wrap ``conn`` (the reconciler's own locked connection)."""
         self.path = db_path
         self.hot_journal = _hot_journal(db_path)
-        mode = "immutable=1" if self.hot_journal else "mode=ro"
-        uri = f"file:{db_path.as_posix()}?{mode}"
+        self.owned = conn is None
         try:
-            self.conn = sqlite3.connect(uri, uri=True, timeout=2.0)
+            if conn is None:
+                conn = self._open_readonly(db_path)
+            self.conn = conn
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as exc:
+            self._drop_scratch()
             raise SqlReadError(str(exc)) from exc
         self.columns = {
             t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
             for t in ("collections", "embeddings_queue", "segments")
         }
 
+    def _open_readonly(self, db_path: Path) -> sqlite3.Connection:
+        """``mode=ro``; with a hot journal, the committed state: a private copy of the file
+        and its journal, rolled back there (chromadb's next open rolls it back the same
+        way). Reading the file as it is would show a large transaction's uncommitted,
+        spilled pages. Falls back to ``immutable=1`` when the copy cannot be made."""
+        self._scratch: Path | None = None
+        if self.hot_journal:
+            scratch = Path(tempfile.mkdtemp(prefix="chaosfix-journal-"))
+            try:
+                copy = scratch / db_path.name
+                shutil.copyfile(db_path, copy)
+                shutil.copyfile(str(db_path) + "-journal", str(copy) + "-journal")
+                roll = sqlite3.connect(copy, timeout=2.0)
+                try:
+                    roll.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                finally:
+                    roll.close()
+                self._scratch = scratch
+                return sqlite3.connect(f"file:{copy.as_posix()}?mode=ro", uri=True, timeout=2.0)
+            except (OSError, sqlite3.Error):
+                shutil.rmtree(scratch, ignore_errors=True)
+        mode = "immutable=1" if self.hot_journal else "mode=ro"
+        return sqlite3.connect(f"file:{db_path.as_posix()}?{mode}", uri=True, timeout=2.0)
+
+    def _drop_scratch(self) -> None:
+        scratch = getattr(self, "_scratch", None)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            self._scratch = None
+
     def close(self) -> None:
-        self.conn.close()
+        if self.owned:
+            self.conn.close()
+        self._drop_scratch()
 
     def quick_check(self) -> list[str]:
         rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
@@ -139,7 +177,7 @@ class PalaceSql:
                 (c.id,),
             ):
                 c.metadata[key] = next((v for v in (s, i, f, b) if v is not None), None)
-            for sid, stype, scope in self.conn.execute(
+            for sid, _stype, scope in self.conn.execute(
                 "SELECT id, type, scope FROM segments WHERE collection=?", (c.id,)
             ):
                 if scope == "VECTOR":
@@ -217,6 +255,20 @@ class PalaceSql:
             return json.loads(row[0]) if row and row[0] else {}
         except ValueError:
             return {}
+
+
+JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def journal_synced(db_path: Path) -> bool:
+    """True when the leftover journal carries its magic header: SQLite wrote it before
+    touching the db file, so the file may hold uncommitted pages (a rollback is pending).
+    A zeroed header means the transaction never reached the file; SQLite ignores it."""
+    try:
+        with open(str(db_path) + "-journal", "rb") as f:
+            return f.read(8) == JOURNAL_MAGIC
+    except OSError:
+        return False
 
 
 def _hot_journal(db_path: Path) -> bool:

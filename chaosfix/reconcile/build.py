@@ -1,0 +1,114 @@
+"""Plan -> a new segment folder built aside, in the palace's own format.
+
+incremental: copy the sound segment (sparse-aware), load it with chroma-hnswlib, mark
+removed labels deleted, add or replace the planned vectors, persist. Cost grows with
+the changes, not the palace (plus one file copy).
+rebuild: a fresh persistent index from every readable kept vector plus the planned
+vectors, with the palace's M, ef_construction and space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from chaosfix.palace import idmap as idmap_mod
+from chaosfix.reconcile.plan import CollectionPlan
+from chaosfix.reconcile.safety import copy_tree_sparse, fsync_tree
+
+BATCH = 20000
+Progress = Callable[[str, int, int], None]
+
+
+def _hnswlib():
+    import hnswlib  # chroma-hnswlib; imported late so `check` never needs it
+
+    return hnswlib
+
+
+def _space(plan: CollectionPlan) -> str:
+    assert plan.state is not None
+    return plan.state.info.space
+
+
+def _kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
+    """Original vectors of kept ids: for cosine, stored (normalized) x length.bin norm."""
+    st = plan.state
+    assert st is not None and st.files is not None
+    slots_of = st.live_label_slots
+    slots = np.array([slots_of[plan.keep[i]] for i in ids], dtype=np.int64)
+    vecs = st.files.vectors(slots)
+    if _space(plan) == "cosine" and "length.bin" in st.files.present:
+        norms = np.memmap(st.files.dir / "length.bin", dtype="<f4", mode="r")
+        n = norms[slots].astype(np.float32) if len(norms) >= st.files.readable_slots else None
+        if n is not None and np.isfinite(n).all() and (n > 0).all():
+            vecs = vecs * n[:, None]
+    return vecs
+
+
+def build(plan: CollectionPlan, out_dir: Path, progress: Progress | None = None) -> None:
+    st = plan.state
+    assert st is not None
+    hnswlib = _hnswlib()
+    h = st.files.header if st.files is not None else None
+    dim = h.dim if h is not None and not st.torn else int(st.info.dimension or 0)
+    if not dim and plan.vectors:
+        dim = len(next(iter(plan.vectors.values())))
+    index = hnswlib.Index(space=_space(plan), dim=dim)
+    if plan.strategy == "incremental":
+        assert st.seg_dir is not None
+        copy_tree_sparse(st.seg_dir, out_dir)
+        (out_dir / idmap_mod.FILENAME).unlink(missing_ok=True)
+        index.load_index(str(out_dir), is_persistent_index=True, max_elements=plan.max_elements)
+        for lab in plan.remove_labels:
+            index.mark_deleted(lab)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=False)
+        m = h.m if h is not None and not st.torn else 16
+        efc = h.ef_construction if h is not None and not st.torn else 100
+        index.init_index(max_elements=plan.max_elements, M=m, ef_construction=efc,
+                         is_persistent_index=True, persistence_location=str(out_dir))
+        keep_ids = sorted(plan.keep, key=plan.keep.__getitem__)
+        for s in range(0, len(keep_ids), BATCH):
+            chunk = keep_ids[s : s + BATCH]
+            index.add_items(_kept_vectors(plan, chunk), np.array([plan.keep[i] for i in chunk], dtype=np.uint64))
+            if progress:
+                progress("rebuild", s + len(chunk), len(keep_ids))
+    new = {**plan.replace, **plan.add}
+    new_ids = sorted(new, key=new.__getitem__)
+    for s in range(0, len(new_ids), BATCH):
+        chunk = new_ids[s : s + BATCH]
+        vecs = np.stack([plan.vectors[i] for i in chunk]).astype(np.float32)
+        index.add_items(vecs, np.array([new[i] for i in chunk], dtype=np.uint64))
+        if progress:
+            progress("add", s + len(chunk), len(new_ids))
+    index.persist_dirty()
+    index.close_file_handles()
+    del index
+    (out_dir / idmap_mod.FILENAME).write_bytes(idmap_mod.dumps(new_map(plan)))
+    fsync_tree(out_dir)
+
+
+def new_map(plan: CollectionPlan) -> idmap_mod.IdMap:
+    """The id map after the plan, in the palace's own pickle format."""
+    st = plan.state
+    assert st is not None
+    old = st.idmap
+    id_to_label = {**plan.keep, **plan.replace, **plan.add}
+    id_to_seq: dict[str, int] = {}
+    if plan.fmt == "object":
+        prev = old.id_to_seq_id if old is not None else {}
+        id_to_seq = {i: (prev.get(i) if i in plan.keep and i in prev else st.sql_rows[i]) for i in id_to_label}
+    return idmap_mod.IdMap(
+        fmt=plan.fmt,
+        dimensionality=plan.dimensionality,
+        total_elements_added=plan.total_elements_added,
+        id_to_label=id_to_label,
+        label_to_id={lab: i for i, lab in id_to_label.items()},
+        id_to_seq_id=id_to_seq,
+        max_seq_id=old.max_seq_id if old is not None else None,
+        extra=dict(old.extra) if old is not None else {},
+    )
+

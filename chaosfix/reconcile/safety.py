@@ -1,0 +1,141 @@
+"""File-system safety for repairs: exclusive access, sparse-aware copies, fsync, and an
+atomic directory swap."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import signal
+from pathlib import Path
+
+from chaosfix.errors import OperationalError
+
+LOCK_NAME = ".chaosfix.lock"
+CHUNK = 1 << 20
+
+
+def killpoint(name: str) -> None:
+    """SIGKILL this process at step ``name`` when CHAOSFIX_KILL_AT names it (crash tests)."""
+    if os.environ.get("CHAOSFIX_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PalaceLock:
+    """Advisory lock (flock) on ``<palace>/.chaosfix.lock``; refuses at once when held."""
+
+    def __init__(self, palace: Path) -> None:
+        self.path = palace / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> PalaceLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise OperationalError(f"{self.path.parent}: another chaosfix holds the palace lock") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def other_holders(palace: Path) -> list[int]:
+    """PIDs of other processes with a file under ``palace`` open (Linux /proc scan)."""
+    me, root = os.getpid(), str(palace.resolve())
+    holders = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for p in proc.iterdir():
+        if not p.name.isdigit() or int(p.name) == me:
+            continue
+        try:
+            for fd in (p / "fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target == root or target.startswith(root + os.sep):
+                    if not target.endswith(LOCK_NAME):
+                        holders.append(int(p.name))
+                        break
+        except OSError:
+            continue
+    return holders
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file in ``folder`` and the folder itself."""
+    for f in folder.iterdir():
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(folder)
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy a file leaving holes for all-zero chunks, so a 10^6x sparse-bloated
+    link_lists.bin costs no disk in the copy either."""
+    size = src.stat().st_size
+    zero = bytes(CHUNK)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            buf = fi.read(CHUNK)
+            if not buf:
+                break
+            if buf == zero[: len(buf)]:
+                fo.seek(len(buf), os.SEEK_CUR)
+            else:
+                fo.write(buf)
+        fo.truncate(size)
+    os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
+
+
+def copy_tree_sparse(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=False)
+    for f in src.iterdir():
+        if f.is_file():
+            sparse_copy(f, dst / f.name)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE).
+
+    Returns False where the kernel or libc cannot, so the caller falls back to two renames.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))

@@ -1,0 +1,83 @@
+"""Where a row's vector can come from, in the order the reconciler trusts them:
+live mapped index slots, WAL rows still present, then re-embedding its document."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+
+from chaosfix.errors import OperationalError
+from chaosfix.palace.sql import WalRow
+
+Embedder = Callable[[list[str]], list]
+SLOT, WAL, EMBED = "index", "wal", "embedder"
+
+
+def load_embedder(ref: str) -> Embedder:
+    """``MODULE:ATTR`` -> a callable taking a list of documents (a class is instantiated).
+
+    Only the named module is imported: a palace's own data never chooses code to run.
+    """
+    if ":" not in ref:
+        raise OperationalError(f"--embedder {ref!r}: expected MODULE:ATTR")
+    mod_name, attr = ref.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise OperationalError(f"--embedder {ref!r}: {exc}") from None
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise OperationalError(f"--embedder {ref!r} is not callable")
+    return obj
+
+
+def latest_wal_vectors(rows: list[WalRow]) -> dict[str, np.ndarray]:
+    """id -> vector of its latest vector-carrying WAL row that no later delete cancelled."""
+    out: dict[str, np.ndarray] = {}
+    for w in rows:
+        if w.op == 3:
+            out.pop(w.id, None)
+        elif w.vector is not None:
+            out[w.id] = w.vector
+    return out
+
+
+def pending_effects(pending: list[WalRow], existing: set[str]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Replay pending WAL rows the way chromadb's vector segment would.
+
+    Returns (id -> vector the index must end up holding, ids whose current index vector
+    is void because a pending delete removed it). An add of an id that already exists
+    is ignored, as chromadb ignores it; update and upsert replace the vector.
+    """
+    present = set(existing)
+    vectors: dict[str, np.ndarray] = {}
+    reset: set[str] = set()
+    for w in pending:
+        if w.op == 3:
+            vectors.pop(w.id, None)
+            if w.id in present:
+                reset.add(w.id)
+            present.discard(w.id)
+        elif w.vector is None:
+            continue
+        elif w.op == 0 and w.id in present:
+            continue
+        elif w.op == 1 and w.id not in present:
+            continue
+        else:
+            vectors[w.id] = w.vector
+            present.add(w.id)
+    return vectors, reset
+
+
+def embed(embedder: Embedder, docs: list[str], dim: int, batch: int = 256) -> np.ndarray:
+    out = np.empty((len(docs), dim), dtype=np.float32)
+    for s in range(0, len(docs), batch):
+        vecs = np.asarray(embedder(docs[s : s + batch]), dtype=np.float32)
+        if vecs.shape != (len(docs[s : s + batch]), dim):
+            raise OperationalError(f"embedder returned shape {vecs.shape}, expected (*, {dim})")
+        out[s : s + len(vecs)] = vecs
+    return out

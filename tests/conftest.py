@@ -1,0 +1,37 @@
+"""Shared fixtures: small palaces built by the installed chromadb (in a child process),
+built once per spec and copied per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from chaosfix.workload import PalaceSpec, chroma_major, chromadb_version, fresh_palace
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"chaosfix: chromadb {chromadb_version()} ({chroma_major()})"
+
+
+@pytest.fixture(scope="session")
+def major() -> str:
+    """'0.6' or '1.x': the installed chromadb's family."""
+    return chroma_major()
+
+
+@pytest.fixture
+def small_spec() -> PalaceSpec:
+    """300 drawers, sync_threshold 100: three persists, WAL purged to its last row."""
+    return PalaceSpec()
+
+
+@pytest.fixture
+def small_palace(tmp_path, small_spec):
+    return fresh_palace(tmp_path / "palace", small_spec)
+
+
+
+
+def expected_chromadb() -> str | None:
+    return os.environ.get("CHAOSFIX_EXPECT_CHROMADB")
