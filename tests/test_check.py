@@ -1,0 +1,413 @@
+"""``chaosfix check`` names every damage exactly and calls every healthy state clean.
+
+Every palace is built by the installed chromadb in a child process (PalaceSpec(): 300
+drawers, sync_threshold 100, batch 50, so three persists and a WAL purged to its last
+row), and every damage is made the way it happens for real: a snapshot restored after a
+committed persist (power loss), an older SQLite file restored, a SIGKILL at a 0.6 kill
+point or by strace on a named file, direct file damage for what disks and tools do.
+Each test asserts the exact ``report.codes()`` (code -> count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chaosfix import faults
+from chaosfix.check import SCHEMA, check_palace
+from chaosfix.cli import main as cli_main
+from chaosfix.drawers import drawer
+from chaosfix.palace import PalaceSql
+from chaosfix.palace.hnsw import HEADER_SIZE, parse_header
+from chaosfix.workload import PalaceSpec, apply_ops, copy_palace, fresh_palace, template
+
+ADD100 = [{"op": "add", "start": 300, "count": 100}]
+NEW_IDS = {drawer(i)[0] for i in range(300, 400)}
+
+needs_strace = pytest.mark.skipif(not faults.strace_available(), reason="strace not installed or ptrace not permitted")
+only_06 = "0.6.x-only kill point: 1.x commits SQL before it persists the index"
+
+
+def codes(palace: Path) -> dict[str, int]:
+    return check_palace(palace).codes()
+
+
+def state(palace: Path):
+    (st_,) = check_palace(palace).states
+    return st_
+
+
+def wal_rows(palace: Path) -> int:
+    sql = PalaceSql(palace / "chroma.sqlite3")
+    try:
+        return sql.conn.execute("SELECT count(*) FROM embeddings_queue").fetchone()[0]
+    finally:
+        sql.close()
+
+
+def fingerprint(root: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under ``root``."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(root))] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+    return out
+
+
+# ---- healthy states ---------------------------------------------------------------
+
+
+def test_template_palace_is_consistent(small_palace):
+    rep = check_palace(small_palace)
+    assert rep.codes() == {}
+    assert rep.consistent
+    (c,) = rep.collections
+    assert (c["rows"], c["mapped"], c["live_labels"], c["pending"]) == (300, 300, 300, 0)
+    assert wal_rows(small_palace) == 1  # purged down to its last row
+
+
+def test_never_persisted_segment_is_healthy(tmp_path):
+    spec = PalaceSpec(drawers=50)  # below sync_threshold: no pickle, every row still in the WAL
+    p = fresh_palace(tmp_path / "p", spec)
+    assert not faults.pickle_path(p).exists()
+    rep = check_palace(p)
+    assert rep.codes() == {"PENDING": 50}
+    assert rep.consistent
+
+
+def test_pending_wal_rows_are_healthy(small_palace, small_spec):
+    assert apply_ops(small_palace, small_spec, [{"op": "add", "start": 300, "count": 30}]).ok
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"PENDING": 30}
+    assert rep.consistent
+    assert state(small_palace).pending_ids == {drawer(i)[0] for i in range(300, 330)}
+
+
+def test_after_deletes_is_healthy(small_palace, small_spec):
+    # 100 deletes reach sync_threshold: persisted, total_elements_added (300) > live labels (200)
+    assert apply_ops(small_palace, small_spec, [{"op": "delete", "start": 0, "count": 100}]).ok
+    rep = check_palace(small_palace)
+    assert rep.codes() == {}
+    st_ = rep.states[0]
+    assert st_.idmap.total_elements_added == 300 and len(st_.idmap.id_to_label) == 200
+    assert len(st_.sql_rows) == 200
+
+
+# ---- power loss and stale files ---------------------------------------------------
+
+
+def test_lost_hnsw_writes_after_committed_persist(small_palace, small_spec, tmp_path):
+    """Power loss after the SQL commit: the persist's unsynced HNSW/pickle writes are gone,
+    the WAL is already purged, so 100 rows exist only in SQLite."""
+    snap = faults.snapshot_segment(small_palace, dst=tmp_path / "snap")
+    assert apply_ops(small_palace, small_spec, ADD100).ok
+    faults.restore_segment(small_palace, snap)
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"SQL_ONLY": 100}
+    st_ = rep.states[0]
+    assert set(st_.sql_only()) == NEW_IDS
+    assert st_.pending == [] and wal_rows(small_palace) == 1  # WAL purged: no copy of the vectors
+
+
+def test_older_sqlite_beside_newer_index(small_palace, small_spec, tmp_path):
+    old = faults.copy_sqlite(small_palace, tmp_path / "backup.sqlite3")
+    assert apply_ops(small_palace, small_spec, ADD100).ok
+    faults.restore_older_sqlite(small_palace, old)
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"HNSW_ONLY": 100}
+    assert set(rep.states[0].hnsw_only()) == NEW_IDS
+
+
+# ---- SIGKILL inside the persist ---------------------------------------------------
+
+
+def test_sigkill_after_hnsw_files(small_palace, small_spec, major):
+    """Killed after the HNSW files, at the pickle write. 0.6: the kill point fires inside
+    ``open(pickle, "wb")``, so the pickle is already empty and the transaction rolls back.
+    1.x (strace, first write to the pickle): the SQL rows committed first and wait in the WAL."""
+    if major == "0.6":
+        res = apply_ops(small_palace, small_spec, ADD100, kill=faults.kill_point("after-hnsw"))
+        want = {"HOT_JOURNAL": 1, "PICKLE_UNREADABLE": 300}
+    else:
+        if not faults.strace_available():
+            pytest.skip("strace not installed")
+        prefix = faults.strace_kill_prefix(faults.pickle_path(small_palace), 1, "write")
+        res = apply_ops(small_palace, small_spec, ADD100, prefix=prefix)
+        want = {"PICKLE_UNREADABLE": 300, "PENDING": 100}
+    assert res.killed
+    assert faults.pickle_path(small_palace).stat().st_size == 0
+    assert codes(small_palace) == want
+
+
+def test_sigkill_after_pickle_gives_phantoms(small_palace, small_spec, major):
+    """0.6: index and pickle hold the 100 new ids, the add's transaction never commits."""
+    if major != "0.6":
+        pytest.skip(only_06)
+    res = apply_ops(small_palace, small_spec, ADD100, kill=faults.kill_point("after-pickle"))
+    assert res.killed
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"HOT_JOURNAL": 1, "HNSW_ONLY": 100}
+    assert set(rep.states[0].hnsw_only()) == NEW_IDS
+
+
+@needs_strace
+def test_sigkill_before_pickle_open_gives_ghost_labels(small_palace, small_spec, major):
+    """0.6: killed on the pickle's 2nd openat (the write, after the HNSW files): the index
+    has 100 labels the old pickle does not know, and the transaction rolls back."""
+    if major != "0.6":
+        pytest.skip("1.x opens the pickle from several threads and strace counts per thread; "
+                    "1.x ghost labels are covered by the torn-persist test")
+    prefix = faults.strace_kill_prefix(faults.pickle_path(small_palace), 2, "openat")
+    res = apply_ops(small_palace, small_spec, ADD100, prefix=prefix)
+    assert res.killed
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"HOT_JOURNAL": 1, "GHOST_LABEL": 100}
+    assert rep.states[0].ghost_labels() == list(range(301, 401))
+
+
+@needs_strace
+def test_sigkill_mid_persist_is_torn(small_palace, small_spec, major):
+    """Killed on the first write to link_lists.bin: header and data say 400 elements, the
+    link lists still hold 300 (1.x then fails with 'Failed to apply logs')."""
+    prefix = faults.strace_kill_prefix(faults.segment_file(small_palace, "link_lists.bin"), 1, "write,writev")
+    res = apply_ops(small_palace, small_spec, ADD100, prefix=prefix)
+    assert res.killed
+    want = {"TORN": 1, "GHOST_LABEL": 100}
+    want |= {"HOT_JOURNAL": 1} if major == "0.6" else {"PENDING": 100}
+    rep = check_palace(small_palace)
+    assert rep.codes() == want
+    (torn,) = [f for f in rep.findings if f.code == "TORN"]
+    assert "link_lists.bin ends at element 300 of 400" in torn.detail
+
+
+# ---- file damage ------------------------------------------------------------------
+
+
+def test_truncated_data_level0(small_palace):
+    f = faults.segment_file(small_palace, "data_level0.bin")
+    h = parse_header(faults.segment_file(small_palace, "header.bin").read_bytes())
+    faults.truncate(f, size=250 * h.size_data_per_element + 100)  # mid-slot 250
+    rep = check_palace(small_palace)
+    # the 50 rows whose slots are gone have no vector anywhere
+    assert rep.codes() == {"TORN": 1, "SQL_ONLY": 50}
+
+
+def test_pickle_off_by_one(small_palace):
+    assert faults.off_by_one(small_palace) == 299
+    assert codes(small_palace) == {"OFF_BY_ONE": 1}
+
+
+@pytest.mark.parametrize("which, want", [
+    ("both", {"SQL_ONLY": 1, "GHOST_LABEL": 1}),
+    ("id_to_label", {"SQL_ONLY": 1, "OFF_BY_ONE": 1}),
+    ("label_to_id", {"GHOST_LABEL": 1, "OFF_BY_ONE": 1}),
+])
+def test_one_map_entry_dropped(small_palace, which, want):
+    rid, label = faults.drop_map_entry(small_palace, which)
+    rep = check_palace(small_palace)
+    assert rep.codes() == want
+    st_ = rep.states[0]
+    if "SQL_ONLY" in want:
+        assert st_.sql_only() == [rid]
+    if "GHOST_LABEL" in want:
+        assert st_.ghost_labels() == [label]
+
+
+def test_pickle_deleted(small_palace):
+    faults.pickle_path(small_palace).unlink()
+    assert codes(small_palace) == {"PICKLE_MISSING": 300}
+
+
+def test_pickle_truncated(small_palace):
+    faults.truncate(faults.pickle_path(small_palace), fraction=0.5)
+    assert codes(small_palace) == {"PICKLE_UNREADABLE": 300}
+
+
+def test_pickle_zero_filled(small_palace):
+    p = faults.pickle_path(small_palace)
+    faults.zero_fill(p, 0, p.stat().st_size)
+    assert codes(small_palace) == {"PICKLE_UNREADABLE": 300}
+
+
+def test_hostile_pickle_is_never_run(small_palace, tmp_path):
+    marker = tmp_path / "PWNED"
+    faults.hostile_payload(small_palace, marker)
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"PICKLE_UNSAFE": 300}
+    assert "open" in rep.findings[0].detail  # the refused global
+    res = CliRunner().invoke(cli_main, ["check", str(small_palace), "--json"])
+    assert res.exit_code == 4
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("factor, want", [(10, {}), (10**4, {"LINK_BLOAT": 1}), (10**6, {"LINK_BLOAT": 1})])
+def test_sparse_link_lists_bloat(small_palace, factor, want):
+    """Bloat is reported once the waste exceeds both 1 MiB and what the elements use:
+    a 10x file of a 300-element index (28 KB) wastes no disk worth a finding."""
+    f = faults.segment_file(small_palace, "link_lists.bin")
+    faults.sparse_extend(f, factor)
+    assert codes(small_palace) == want
+
+
+def test_emptied_embeddings_queue(small_palace):
+    assert faults.empty_queue(small_palace) == 1
+    # count = segments whose max_seq_id is ahead of the restarted WAL (vector + metadata)
+    assert codes(small_palace) == {"QUEUE_RESET": 2}
+
+
+def test_emptied_queue_then_writes_vanish(small_palace, small_spec):
+    faults.empty_queue(small_palace)
+    assert apply_ops(small_palace, small_spec, [{"op": "add", "start": 300, "count": 10}]).ok
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"QUEUE_RESET": 2}  # seq_ids 1..10 sit below max_seq_id 300: skipped
+    assert wal_rows(small_palace) == 0  # ...and purged at once: the WAL keeps restarting at 1
+    assert len(rep.states[0].sql_rows) == 300  # the add "succeeded" and never appeared
+
+
+@pytest.mark.parametrize("segment", ["vector", "metadata"])
+def test_poisoned_max_seq_id(small_palace, segment):
+    assert faults.poison_seq(small_palace, segment) > 2**53
+    assert codes(small_palace) == {"POISONED_SEQ": 1}
+
+
+def test_deleted_max_seq_id(small_palace):
+    assert faults.delete_seq(small_palace, "vector") == 1
+    # chromadb replays the WAL from 0 on open: the one row left is pending again
+    assert codes(small_palace) == {"SEQ_MISSING": 1, "PENDING": 1}
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_leftover_journal(small_palace, spill):
+    """A writer killed mid-transaction. With ``spill`` its uncommitted deletions are in the
+    db file itself; check must report the committed state (as chromadb will roll back)."""
+    before = fingerprint(small_palace)
+    journal = faults.leave_hot_journal(small_palace, spill=spill)
+    after_kill = fingerprint(small_palace)
+    assert (after_kill["chroma.sqlite3"][0] != before["chroma.sqlite3"][0]) == spill
+    rep = check_palace(small_palace)
+    assert rep.codes() == {"HOT_JOURNAL": 1}
+    assert len(rep.states[0].sql_rows) == 300
+    assert journal.is_file() and fingerprint(small_palace) == after_kill  # still hot, untouched
+
+
+# ---- the CLI contract -------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from chaosfix.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_contract_exit_codes_json_and_read_only(small_palace, tmp_path):
+    healthy = small_palace
+    damaged = copy_palace(small_palace, tmp_path / "damaged")
+    faults.sparse_extend(faults.segment_file(damaged, "link_lists.bin"), 10**4)
+    faults.leave_hot_journal(damaged, spill=True)
+    faults.hostile_payload(damaged, tmp_path / "PWNED")
+    prints = {p: fingerprint(p) for p in (healthy, damaged)}
+
+    r = run_cli("check", str(healthy))
+    assert r.returncode == 0, r.stderr
+    assert "verdict: consistent" in r.stdout
+
+    r = run_cli("check", str(damaged), "--json")
+    assert r.returncode == 4, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == SCHEMA == "chaosfix.check/1"
+    assert doc["consistent"] is False
+    assert {f["code"] for f in doc["findings"]} == {"HOT_JOURNAL", "LINK_BLOAT", "PICKLE_UNSAFE"}
+    for f in doc["findings"]:
+        assert set(f) == {"code", "severity", "collection", "segment", "count", "sample", "detail"}
+    assert isinstance(doc["collections"], list) and doc["palace"] == str(damaged)
+
+    r = run_cli("check", str(healthy), "--json", "--collection", "mempalace_drawers")
+    assert r.returncode == 0 and json.loads(r.stdout)["consistent"] is True
+
+    for p in (healthy, damaged):
+        assert fingerprint(p) == prints[p], "check changed a byte or an mtime"
+    assert not (tmp_path / "PWNED").exists()
+
+    for bad in (tmp_path / "nope", tmp_path, faults.segment_file(healthy, "header.bin")):
+        r = run_cli("check", str(bad))
+        assert r.returncode == 8
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert r.stdout == ""
+    r = run_cli("check", str(healthy), "--collection", "no_such_collection")
+    assert r.returncode == 8 and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- random damage: findings or one line, never a traceback, never a write ---------
+
+TARGETS = ["chroma.sqlite3", "header.bin", "data_level0.bin", "length.bin", "link_lists.bin",
+           "index_metadata.pickle"]
+
+
+def _used_bytes(palace: Path, name: str) -> int:
+    """How much of ``name`` a healthy reader depends on (truncation below it must be found)."""
+    seg = faults.segment_dir(palace)
+    h = parse_header((seg / "header.bin").read_bytes())
+    return {
+        "header.bin": HEADER_SIZE,
+        "data_level0.bin": h.cur_element_count * h.size_data_per_element,
+        "length.bin": 4 * h.cur_element_count,
+        "link_lists.bin": (seg / "link_lists.bin").stat().st_size,
+        "index_metadata.pickle": (seg / "index_metadata.pickle").stat().st_size,
+    }.get(name, 0)
+
+
+damage = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("flips"), st.integers(0, 2**16), st.integers(1, 64)),
+    st.tuples(st.just("garbage"), st.integers(0, 2**16), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.sampled_from(TARGETS), how=damage)
+def test_random_damage_never_crashes_or_writes(small_spec, target, how):
+    src = template(small_spec)
+    work = Path(tempfile.mkdtemp(prefix="chaosfix-hyp-"))
+    try:
+        p = copy_palace(src, work / "p")
+        f = p / target if target == "chroma.sqlite3" else faults.segment_file(p, target)
+        used = _used_bytes(p, target)
+        kind = how[0]
+        if kind == "truncate":
+            new_size = faults.truncate(f, fraction=how[1])
+            must_find = new_size < used
+        elif kind == "flips":
+            faults.bit_flips(f, how[1], how[2])
+            must_find = False  # a flipped bit inside a vector or free space is undetectable
+        else:
+            faults.garbage_sectors(f, how[1], how[2])
+            must_find = target in ("header.bin", "index_metadata.pickle")
+        before = fingerprint(p)
+        res = CliRunner().invoke(cli_main, ["check", str(p), "--json"])
+        out, err = res.stdout, res.stderr
+        assert res.exit_code in (0, 4, 8), (res.exit_code, err)
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+        assert "Traceback" not in out + err
+        assert "internal error" not in err, err  # unparseable data is a finding, not an exception
+        if res.exit_code == 8:
+            assert len(err.strip().splitlines()) == 1
+        else:
+            doc = json.loads(out)
+            assert doc["schema"] == SCHEMA
+            assert doc["consistent"] == (res.exit_code == 0)
+        if must_find:
+            assert res.exit_code != 0, f"{kind} of {target} went unnoticed"
+        assert fingerprint(p) == before
+        assert sorted(os.listdir(p)) == sorted(os.listdir(work / "p"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
