@@ -38,7 +38,8 @@ def _arm_kill_point(point: str, hit: int) -> None:
     """SIGKILL this process the ``hit``-th time the 0.6.x persist reaches ``point``.
 
     Wraps PersistentLocalHnswSegment._persist (start / before-commit) and the module's
-    ``pickle`` (after-hnsw = entering pickle.dump, after-pickle = leaving it).
+    ``open``/``pickle`` (after-hnsw = about to open the pickle for writing, after-pickle =
+    pickle.dump returned).
     """
     if point not in KILL_POINTS:
         raise SystemExit(f"unknown kill point {point!r}")
@@ -62,12 +63,20 @@ def _arm_kill_point(point: str, hit: int) -> None:
 
         @staticmethod
         def dump(obj, f, protocol=None):
-            reach("after-hnsw")
             real_pickle.dump(obj, f, protocol)
             f.flush()
             reach("after-pickle")
 
     lph.pickle = PickleShim  # type: ignore[assignment]
+
+    def open_shim(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        # _persist opens the pickle with "wb" (truncating it) before pickle.dump: the
+        # HNSW files are written and the old pickle is still intact right here.
+        if str(file).endswith("index_metadata.pickle") and "w" in mode:
+            reach("after-hnsw")
+        return open(file, mode, *args, **kwargs)
+
+    lph.open = open_shim  # module global shadows the builtin inside _persist
     original = lph.PersistentLocalHnswSegment._persist
 
     def persist(self):  # type: ignore[no-untyped-def]

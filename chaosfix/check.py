@@ -21,7 +21,7 @@ from chaosfix.palace.state import (
 SCHEMA = "chaosfix.check/1"
 ERROR, WARNING, INFO = "error", "warning", "info"
 SAMPLE = 5
-BLOAT_FLOOR = 1 << 20
+BLOAT_FLOOR = 64 << 10  # a healthy link_lists.bin has no tail at all
 
 # code -> what it means, for `--help`-style listings and the README
 CODES = {
@@ -118,9 +118,13 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
 def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport) -> None:
     add = report.findings.append
     if sql.hot_journal:
+        # A synced header means SQLite must roll back before anyone may write (error);
+        # a zeroed header never reached the db file and SQLite ignores it (warning).
+        hot = journal_synced(sql.path)
         state = ("rollback pending: synced header, the db file may hold uncommitted pages (read rolled back)"
-                 if journal_synced(sql.path) else "header never synced: nothing reached chroma.sqlite3")
-        add(Finding("HOT_JOURNAL", ERROR, None, None, 1, [], f"chroma.sqlite3-journal present; {state}"))
+                 if hot else "header never synced: nothing reached chroma.sqlite3")
+        add(Finding("HOT_JOURNAL", ERROR if hot else WARNING, None, None, 1, [],
+                    f"chroma.sqlite3-journal present; {state}"))
     problems = sql.quick_check()
     if problems:
         add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems), problems[:SAMPLE], "PRAGMA quick_check"))

@@ -100,3 +100,55 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
     else:
         click.echo(render_reconcile(rep))
     return rep.exit_code
+
+
+@main.command()
+@click.option("--scenarios", "extra", multiple=True, type=click.Path(), help="Also load scenarios from DIR.")
+@_one_line_errors
+def scenarios(extra: tuple[str, ...]) -> int:
+    """List the scenario catalogue: name, chromadb versions, what it reproduces."""
+    from chaosfix.scenario import catalogue
+
+    for s in catalogue(list(extra)).values():
+        click.echo(f"{s.name:<26} [{','.join(s.versions)}]  {s.summary}")
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--all", "run_all", is_flag=True, help="Run every scenario that applies to the installed chromadb.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--drawers", type=int, help="Override the scenario's palace size.")
+@click.option("--keep", type=click.Path(), help="Keep the palace and scratch files in DIR.")
+@click.option("--scenarios", "extra", multiple=True, type=click.Path(), help="Also load scenarios from DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print chaosfix.simulate/1 JSON.")
+@_one_line_errors
+def simulate(name: str | None, run_all: bool, seed: int, drawers: int | None, keep: str | None,
+             extra: tuple[str, ...], as_json: bool) -> int:
+    """Build a throwaway palace with the installed chromadb, break it as SCENARIO says,
+    check, reconcile, verify. Exit 0 when every expectation held, 4 otherwise."""
+    from chaosfix.errors import ChaosfixError
+    from chaosfix.report import render_matrix, render_simulation
+    from chaosfix.scenario import catalogue, get, run_scenario
+    from chaosfix.workload import chroma_major
+
+    if run_all == bool(name):
+        raise ChaosfixError("give one SCENARIO or --all (`chaosfix scenarios` lists them)")
+
+    def log(msg: str) -> None:
+        click.echo(f"chaosfix: {msg}", err=True)
+
+    if name:
+        results = [run_scenario(get(name, list(extra)), seed=seed, drawers=drawers, keep=keep, log=log)]
+    else:
+        todo = [s for s in catalogue(list(extra)).values() if s.applies(chroma_major())]
+        results = []
+        for s in todo:
+            k = f"{keep}/{s.name}" if keep else None
+            results.append(run_scenario(s, seed=seed, drawers=drawers, keep=k, log=log))
+    if as_json:
+        _emit_json(results[0].to_json() if name else {"schema": "chaosfix.simulate-all/1",
+                                                       "results": [r.to_json() for r in results]})
+    else:
+        click.echo(render_simulation(results[0]) if name else render_matrix(results))
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FINDINGS

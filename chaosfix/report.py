@@ -99,3 +99,32 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
                4: "left rows unrepaired" if not rep.dry_run else "would leave rows unrepaired"}[code]
     out.append(f"verdict: {verdict}")
     return "\n".join(out)
+
+
+def render_simulation(res) -> str:  # noqa: ANN001 - SimulationResult
+    out = [f"scenario {res.scenario}  (chromadb {res.chromadb}, seed {res.seed})"]
+    out.append(table(["stage", "ok", "seconds", "detail"],
+                     [[s.name, "yes" if s.ok else "NO", f"{s.seconds:.1f}", s.detail[:110]] for s in res.stages]))
+    if res.kept:
+        out.append(f"kept: {res.kept}")
+    out.append("verdict: " + ("every expectation held" if res.ok else
+                              "FAILED at " + ", ".join(s.name for s in res.stages if not s.ok)))
+    return "\n".join(out)
+
+
+def render_matrix(results: list) -> str:
+    stages = ["build", "break", "observe", "check", "reconcile", "verify"]
+    rows = []
+    for r in results:
+        by = {s.name: s for s in r.stages}
+        rows.append([r.scenario] + [("ok" if by[n].ok else "FAIL") if n in by else "-" for n in stages]
+                    + [f"{sum(s.seconds for s in r.stages):.1f}"])
+    chroma = results[0].chromadb if results else "?"
+    out = [f"chromadb {chroma}: {len(results)} scenarios", table(["scenario", *stages, "seconds"], rows)]
+    failed = [r.scenario for r in results if not r.ok]
+    out.append("verdict: " + ("every expectation held" if not failed else f"{len(failed)} failed: {', '.join(failed)}"))
+    for r in results:
+        for s in r.stages:
+            if not s.ok:
+                out.append(f"  {r.scenario}/{s.name}: {s.detail[:150]}")
+    return "\n".join(out)

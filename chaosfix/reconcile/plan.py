@@ -209,7 +209,7 @@ def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, boo
     """label -> its stored vector is finite (and unit-norm for cosine, which stores normalized)."""
     if st.files is None or not live:
         return {}
-    labels = np.fromiter(live.keys(), dtype=np.int64, count=len(live))
+    labels = np.fromiter(live.keys(), dtype=np.uint64, count=len(live))
     slots = np.fromiter(live.values(), dtype=np.int64, count=len(live))
     ok = np.ones(len(slots), dtype=bool)
     for s in range(0, len(slots), 65536):

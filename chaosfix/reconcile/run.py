@@ -27,7 +27,7 @@ from pathlib import Path
 from chaosfix.check import CheckReport, check_palace
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import palace_db
-from chaosfix.palace.sql import PalaceSql
+from chaosfix.palace.sql import PalaceSql, journal_synced
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
@@ -102,7 +102,7 @@ class ReconcileReport:
 
 def _refuse_sql_damage(rep: CheckReport, root: Path) -> None:
     codes = rep.codes()
-    if "HOT_JOURNAL" in codes:
+    if any(f.code == "HOT_JOURNAL" and f.severity == "error" for f in rep.findings):
         raise OperationalError(f"{root}: chroma.sqlite3-journal present (interrupted transaction); "
                                "open the palace with chromadb once to roll it back, then rerun")
     if "SQLITE_CORRUPT" in codes:
@@ -234,6 +234,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             say(f"backing up chroma.sqlite3 to {backup_dir}")
             sparse_copy(root / "chroma.sqlite3", backup_dir / "chroma.sqlite3")
             fsync_path(backup_dir / "chroma.sqlite3")
+    _clear_stale_journal(root, backup_dir)
     killpoint("backed-up")
     work = [p for p in rep.plans if p.index_changes]
     built: dict[str, Path] = {}
@@ -292,6 +293,19 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         _write_queue_floor(conn, rep)
     killpoint("sql-written")
     conn.execute("COMMIT")
+
+
+def _clear_stale_journal(root: Path, backup_dir: Path | None) -> None:
+    """A leftover journal with a zeroed header never reached the db and SQLite ignores it
+    (hot ones were refused earlier); under our EXCLUSIVE lock it is moved aside so the
+    repaired palace carries no HOT_JOURNAL warning."""
+    journal = root / "chroma.sqlite3-journal"
+    if not journal.exists() or journal_synced(root / "chroma.sqlite3"):
+        return
+    if backup_dir is not None:
+        os.rename(journal, backup_dir / journal.name)
+    else:
+        journal.unlink()
 
 
 def _write_queue_floor(conn: sqlite3.Connection, rep: ReconcileReport) -> None:

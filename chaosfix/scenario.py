@@ -1,0 +1,391 @@
+"""Declarative crash scenarios: load ``scenarios/*.toml`` and run the whole loop.
+
+A scenario file (TOML) says what it reproduces and how to judge the outcome:
+
+    name = "partial-flush"
+    summary = "one line: what it reproduces"
+    field_report = "where it was seen (optional)"
+    versions = ["0.6", "1.x"]            # chromadb families it applies to
+    [palace]                             # PalaceSpec fields (drawers, dim, space, ...)
+    [[steps]]                            # in order; `do` names a step, other keys are its arguments
+    do = "write"                         # chromadb writes in a child: ops, kill_point, strace, kill_after
+    do = "<fault primitive>"             # any chaosfix.faults.REGISTRY name; `file = "data_level0.bin"`
+    [expect]                             # judged after the break; `[expect."0.6"]` overrides per family
+    codes = { SQL_ONLY = 150 }           # exact non-info check codes and counts ("*" = any count)
+    reopen = "ok" | "<substring of chromadb's error>"
+    repair = 1                           # reconcile exit code
+    embedder = "chaosfix.embedder:HashEmbedder"   # for rows with no vector anywhere
+
+The loop (``run_scenario``): build (template copy) -> break -> observe chromadb on a copy
+-> check -> reconcile -> verify (check consistent, chromadb reads every row with its
+embedding, self/filtered queries, a probe write lands, no row lost).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaosfix import faults, workload
+from chaosfix.check import check_palace
+from chaosfix.errors import OperationalError
+from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
+from chaosfix.workload import PalaceSpec, chroma_major
+
+HERE = Path(__file__).resolve().parent
+BUILTIN_DIRS = (HERE.parent / "scenarios", HERE / "scenarios")
+FIXTURES = HERE.parent / "scenarios" / "fixtures"
+SEGMENT_FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin", PICKLE_NAME)
+
+
+@dataclass
+class Scenario:
+    name: str
+    summary: str
+    versions: list[str]
+    palace: dict
+    steps: list[dict]
+    expect: dict
+    field_report: str = ""
+    path: Path | None = None
+
+    def applies(self, major: str | None = None) -> bool:
+        return (major or chroma_major()) in self.versions
+
+    def expectations(self, major: str | None = None) -> dict:
+        major = major or chroma_major()
+        base = {k: v for k, v in self.expect.items() if not isinstance(v, dict) or k == "codes"}
+        base.update(self.expect.get(major, {}))
+        return base
+
+    def spec(self, seed: int | None = None, drawers: int | None = None) -> PalaceSpec:
+        kw = dict(self.palace)
+        if seed is not None:
+            kw["seed"] = seed
+        if drawers is not None:
+            kw["drawers"] = drawers
+        return PalaceSpec(**kw)
+
+
+def scenario_dirs(extra: list[str | Path] | None = None) -> list[Path]:
+    dirs = [Path(d) for d in (extra or [])]
+    env = os.environ.get("CHAOSFIX_SCENARIOS")
+    if env:
+        dirs += [Path(d) for d in env.split(os.pathsep) if d]
+    return dirs + [d for d in BUILTIN_DIRS if d.is_dir()]
+
+
+def load_file(path: Path) -> Scenario:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise OperationalError(f"{path}: cannot read scenario: {exc}") from None
+    try:
+        return Scenario(
+            name=data["name"], summary=data["summary"], versions=list(data.get("versions", ["0.6", "1.x"])),
+            palace=dict(data.get("palace", {})), steps=list(data.get("steps", [])),
+            expect=dict(data.get("expect", {})), field_report=data.get("field_report", ""), path=path,
+        )
+    except KeyError as exc:
+        raise OperationalError(f"{path}: scenario lacks {exc}") from None
+
+
+def catalogue(extra: list[str | Path] | None = None) -> dict[str, Scenario]:
+    """name -> scenario; earlier folders (user's own) win over the built-in ones."""
+    out: dict[str, Scenario] = {}
+    for d in scenario_dirs(extra):
+        if not d.is_dir():
+            raise OperationalError(f"{d}: no such scenario folder")
+        for f in sorted(d.glob("*.toml")):
+            s = load_file(f)
+            out.setdefault(s.name, s)
+    return out
+
+
+def get(name: str, extra: list[str | Path] | None = None) -> Scenario:
+    cat = catalogue(extra)
+    if name in cat:
+        return cat[name]
+    p = Path(name)
+    if p.suffix == ".toml" and p.is_file():
+        return load_file(p)
+    raise OperationalError(f"unknown scenario {name!r}; `chaosfix scenarios` lists them")
+
+
+# ---------------------------------------------------------------------------------------
+# breaking
+
+
+@dataclass
+class Ctx:
+    palace: Path
+    spec: PalaceSpec
+    scratch: Path
+    seed: int
+    notes: dict = field(default_factory=dict)
+    snapshot: Path | None = None
+    sqlite_copy: Path | None = None
+
+
+def _resolve_file(ctx: Ctx, name: str) -> Path:
+    if name in SEGMENT_FILES:
+        return faults.segment_dir(ctx.palace, ctx.spec.collection) / name
+    return ctx.palace / name
+
+
+def _step_write(ctx: Ctx, step: dict) -> dict:
+    kill = faults.kill_point(step["kill_point"], int(step.get("hit", 1))) if "kill_point" in step else None
+    prefix = None
+    if "strace" in step:
+        st = step["strace"]
+        prefix = faults.strace_kill_prefix(_resolve_file(ctx, st["file"]), int(st.get("nth", 1)),
+                                           st.get("syscall", "openat"))
+    kill_after = None
+    if "kill_after" in step:
+        lo, hi = step["kill_after"]
+        kill_after = faults.seeded_delay(ctx.seed, float(lo), float(hi))
+    res = workload.apply_ops(ctx.palace, ctx.spec, step["ops"], kill=kill, prefix=prefix, kill_after=kill_after)
+    out = {"killed": res.killed, "returncode": res.returncode}
+    if not res.killed and not res.ok:
+        raise RuntimeError(f"write step failed: {res.result.get('error') or res.stderr.strip()[-300:]}")
+    want = step.get("expect_killed")
+    if want is not None and bool(want) != res.killed:
+        raise RuntimeError(f"write step: expected killed={want}, got returncode {res.returncode}")
+    return out
+
+
+def _step_unpack(ctx: Ctx, step: dict) -> dict:
+    """Replace the palace by a fixture archive (e.g. a palace written by chromadb 0.6.3)."""
+    src = FIXTURES / step["fixture"]
+    shutil.rmtree(ctx.palace)
+    with tarfile.open(src) as tf:
+        tf.extractall(ctx.palace, filter="data")
+    return {"fixture": step["fixture"]}
+
+
+def apply_step(ctx: Ctx, step: dict) -> dict:
+    step = dict(step)
+    do = step.pop("do")
+    if do == "write":
+        return _step_write(ctx, step)
+    if do == "unpack":
+        return _step_unpack(ctx, step)
+    if do == "snapshot_segment":
+        ctx.snapshot = faults.snapshot_segment(ctx.palace, dst=ctx.scratch / "snapshot")
+        return {}
+    if do == "restore_segment":
+        assert ctx.snapshot is not None, "restore_segment needs a snapshot_segment step first"
+        faults.restore_segment(ctx.palace, ctx.snapshot)
+        return {}
+    if do == "torn_mix":
+        assert ctx.snapshot is not None, "torn_mix needs a snapshot_segment step first"
+        pages = faults.torn_mix(ctx.snapshot, faults.segment_dir(ctx.palace), int(step.get("seed", ctx.seed)),
+                                fraction=float(step.get("fraction", 0.5)))
+        return {"new_pages": {k: len(v) for k, v in pages.items()}}
+    if do == "copy_sqlite":
+        ctx.sqlite_copy = faults.copy_sqlite(ctx.palace, ctx.scratch / "older.sqlite3")
+        return {}
+    if do == "restore_older_sqlite":
+        assert ctx.sqlite_copy is not None, "restore_older_sqlite needs a copy_sqlite step first"
+        faults.restore_older_sqlite(ctx.palace, ctx.sqlite_copy)
+        return {}
+    if do == "delete_file":
+        _resolve_file(ctx, step["file"]).unlink()
+        return {}
+    fn = faults.REGISTRY.get(do)
+    if fn is None:
+        raise OperationalError(f"unknown step {do!r}")
+    params = inspect.signature(fn).parameters
+    if "file" in step:
+        step["path"] = _resolve_file(ctx, step.pop("file"))
+    elif "path" in params and "path" not in step:
+        step["path"] = _resolve_file(ctx, PICKLE_NAME)
+    if "palace" in params:
+        step["palace"] = ctx.palace
+    if "seed" in params and "seed" not in step:
+        step["seed"] = ctx.seed
+    if "marker_file" in params:
+        step["marker_file"] = ctx.scratch / "PWNED"
+    res = fn(**step)
+    return {"result": res if isinstance(res, (int, str, float, bool)) else None}
+
+
+# ---------------------------------------------------------------------------------------
+# the whole loop
+
+
+@dataclass
+class Stage:
+    name: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class SimulationResult:
+    scenario: str
+    chromadb: str
+    seed: int
+    stages: list[Stage] = field(default_factory=list)
+    kept: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.stages)
+
+    def to_json(self) -> dict:
+        return {
+            "schema": "chaosfix.simulate/1",
+            "scenario": self.scenario,
+            "chromadb": self.chromadb,
+            "seed": self.seed,
+            "ok": self.ok,
+            "kept": self.kept,
+            "stages": [vars(s) for s in self.stages],
+        }
+
+
+def _codes_match(want: dict, got: dict) -> tuple[bool, str]:
+    got = {k: v for k, v in got.items() if k != "PENDING"}
+    problems = []
+    for code, count in want.items():
+        if code not in got:
+            problems.append(f"{code} missing")
+        elif count != "*" and int(count) != got[code]:
+            problems.append(f"{code} {got[code]} != {count}")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        problems.append("unexpected " + ", ".join(f"{c} {got[c]}" for c in extra))
+    return not problems, "; ".join(problems)
+
+
+def _reopen_matches(want: str | None, obs: dict) -> tuple[bool, str]:
+    errs = [f"{where}: {msg}" for where, msg in obs.get("errors", [])]
+    summary = "; ".join(errs)[:300] or "ok"
+    if want is None:
+        return True, summary
+    if want == "ok":
+        return not errs, summary
+    return any(want in e for e in errs), summary
+
+
+def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: str | Path | None = None,
+                 log=None) -> SimulationResult:  # noqa: ANN001
+    """Build, break, observe, check, reconcile, verify. Never raises for an unmet
+    expectation: each stage records ok/detail; the result is ok only if all held."""
+    from chaosfix.reconcile import ReconcileOptions, reconcile_palace
+
+    say = log or (lambda _m: None)
+    major = chroma_major()
+    exp = sc.expectations(major)
+    result = SimulationResult(sc.name, workload.chromadb_version(), seed)
+    if not sc.applies(major):
+        raise OperationalError(f"scenario {sc.name} does not apply to chromadb {workload.chromadb_version()} "
+                               f"(versions: {', '.join(sc.versions)})")
+    scratch = Path(tempfile.mkdtemp(prefix=f"chaosfix-{sc.name}-"))
+    palace = scratch / "palace"
+    spec = sc.spec(seed=seed, drawers=drawers)
+
+    def stage(name: str, fn):  # noqa: ANN001, ANN202
+        say(f"{sc.name}: {name}")
+        t = time.perf_counter()
+        try:
+            ok, detail, data = fn()
+        except Exception as exc:  # noqa: BLE001 - a stage failure is a result, not a crash
+            ok, detail, data = False, f"{type(exc).__name__}: {exc}"[:300], {}
+        result.stages.append(Stage(name, ok, round(time.perf_counter() - t, 2), detail, data))
+        return ok
+
+    try:
+        ctx = Ctx(palace, spec, scratch, seed)
+
+        def build():  # noqa: ANN202
+            workload.fresh_palace(palace, spec)
+            return True, f"{spec.drawers} drawers", {"drawers": spec.drawers}
+
+        def brk():  # noqa: ANN202
+            out = [apply_step(ctx, s) for s in sc.steps]
+            killed = sum(1 for o in out if o.get("killed"))
+            return True, f"{len(out)} steps" + (f", {killed} killed" if killed else ""), {"steps": out}
+
+        if not (stage("build", build) and stage("break", brk)):
+            return result
+        marker = scratch / "PWNED"
+
+        def observe():  # noqa: ANN202
+            copy = workload.copy_palace(palace, scratch / "observe")
+            obs = workload.observe(copy, spec)
+            shutil.rmtree(copy, ignore_errors=True)
+            if marker.exists():  # chromadb itself unpickled the hostile payload (0.6.3 does)
+                obs.setdefault("errors", []).append(("pickle", "hostile payload executed by chromadb"))
+                marker.unlink()
+            ok, summary = _reopen_matches(exp.get("reopen"), obs)
+            return ok, summary, {"count": obs.get("count"), "errors": obs.get("errors")}
+
+        stage("observe", observe)
+        rows_before: dict[str, int] = {}
+
+        def check():  # noqa: ANN202
+            rep = check_palace(palace)
+            rows_before.update({c["name"]: c["rows"] for c in rep.collections})
+            ok, why = _codes_match(exp.get("codes", {}), rep.codes())
+            if marker.exists():
+                return False, "hostile pickle payload ran during check", {}
+            return ok, why or ", ".join(f"{k} {v}" for k, v in rep.codes().items()) or "consistent", \
+                {"codes": rep.codes()}
+
+        stage("check", check)
+
+        def reconcile():  # noqa: ANN202
+            opts = ReconcileOptions(embedder=exp.get("embedder"), backup=True, chromadb_check=False, seed=seed)
+            rep = reconcile_palace(palace, opts)
+            want = int(exp.get("repair", 1))
+            v = next(iter(rep.verifications.values()), None)
+            detail = f"exit {rep.exit_code}" + (f", {len(rep.unrepaired)} unrepaired" if rep.unrepaired else "")
+            if v is not None:
+                detail += f", zero-diff {v.zero_diff}, {v.queried} self-queried, {v.unreachable} unreachable"
+            return rep.exit_code == want, detail, rep.to_json()
+
+        stage("reconcile", reconcile)
+
+        def verify():  # noqa: ANN202
+            rep = check_palace(palace)
+            problems = []
+            if not rep.consistent:
+                problems.append("check: " + ", ".join(f"{k} {v}" for k, v in rep.codes().items()))
+            obs = workload.observe(palace, spec, write_probe=True)
+            if obs.get("errors"):
+                problems.append(f"chromadb: {obs['errors'][:2]}")
+            if obs.get("bad_embedding_count"):
+                problems.append(f"{obs['bad_embedding_count']} rows with a wrong embedding")
+            if obs.get("query_misses") or obs.get("filtered_misses"):
+                problems.append(f"self-query misses {len(obs.get('query_misses', []))}, "
+                                f"filtered {len(obs.get('filtered_misses', []))}")
+            if not obs.get("probe_found"):
+                problems.append("probe write not found")
+            lost = sum(rows_before.values()) - (obs.get("count") or 0)  # count is read before the probe
+            if lost > 0:
+                problems.append(f"{lost} rows lost")
+            return not problems, "; ".join(problems) or (
+                f"consistent; chromadb reads {obs.get('ids')} rows with embeddings; probe write found"), \
+                {"count": obs.get("count"), "sampled": obs.get("sampled")}
+
+        stage("verify", verify)
+        return result
+    finally:
+        if keep is not None:
+            dest = Path(keep)
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(scratch, dest, symlinks=True)
+            result.kept = str(dest)
+        shutil.rmtree(scratch, ignore_errors=True)
