@@ -30,6 +30,7 @@ CODES = {
     "GHOST_LABEL": "live index labels the id map does not know",
     "DUPLICATE_LABEL": "one label held by several slots or ids",
     "OFF_BY_ONE": "total_elements_added below the max label, or maps not inverse",
+    "DIMENSION_LOST": "0.6 id map without dimensionality (0.6 raises TypeError on every read)",
     "TORN": "index files inconsistent with their header (torn or damaged write)",
     "PICKLE_MISSING": "index_metadata.pickle missing for a persisted segment",
     "PICKLE_UNREADABLE": "index_metadata.pickle truncated, zeroed or malformed",
@@ -106,7 +107,7 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
     except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise OperationalError(f"{root}: database is locked") from None
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
             report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
         else:
             raise
@@ -213,6 +214,8 @@ def _collection_findings(st: CollectionState, report: CheckReport) -> None:
         if m.total_elements_added < top_label or inv:
             add("OFF_BY_ONE", max(inv, 1), [], f"total_elements_added={m.total_elements_added}, "
                 f"max label={top_label}, {inv} non-inverse map entries")
+        if m.fmt == "object" and m.dimensionality is None and m.id_to_label:
+            add("DIMENSION_LOST", 1, [], "0.6 id map has dimensionality None: chromadb 0.6 fails every read")
     pend = len(st.pending)
     add("PENDING", pend, sorted(st.pending_ids)[:SAMPLE], "WAL rows chromadb replays on open", INFO)
     report.collections.append(summary(st))

@@ -198,12 +198,9 @@ class PalaceSql:
 
     def rows(self, metadata_segment: str) -> dict[str, int]:
         """user id -> seq_id of every record row of a METADATA segment."""
-        return {
-            eid: decode_seq(seq) or 0
-            for eid, seq in self.conn.execute(
-                "SELECT embedding_id, seq_id FROM embeddings WHERE segment_id=?", (metadata_segment,)
-            )
-        }
+        # "+segment_id": a table scan beats the index lookup plus a table hop per row (3x)
+        q = "SELECT embedding_id, seq_id FROM embeddings WHERE +segment_id=?"
+        return {eid: decode_seq(seq) or 0 for eid, seq in self.conn.execute(q, (metadata_segment,))}
 
     def documents(self, metadata_segment: str, ids: list[str] | None = None) -> dict[str, str | None]:
         """user id -> document text (None when the row has no document)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,9 @@ class CollectionState:
     def pending_ids(self) -> set[str]:
         return {w.id for w in self.pending}
 
-    @property
+    @cached_property
     def live_label_slots(self) -> dict[int, int]:
-        """live label -> its first slot."""
+        """live label -> its first slot (computed once: slots never change after load)."""
         if self.slots is None:
             return {}
         idx = np.flatnonzero(self.slots.live)

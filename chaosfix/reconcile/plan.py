@@ -126,7 +126,10 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     plan.fmt = m.fmt if m is not None else ("object" if sql.schema == "0.6" else "dict")
     h = st.files.header if st.files is not None else None
     dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
-    plan.dimensionality = m.dimensionality if m is not None else (dim if plan.fmt == "object" else None)
+    # the 0.6 object format needs the dimension (0.6 fails every read without it)
+    plan.dimensionality = m.dimensionality if m is not None else None
+    if plan.fmt == "object" and plan.dimensionality is None:
+        plan.dimensionality = dim
 
     wal = sql.wal(st.info.id, above=0, with_vectors=True)
     above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
@@ -201,6 +204,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.max_elements = chroma_capacity(n_final)
     if plan.strategy == "incremental" and not (plan.add or plan.replace or plan.remove_labels or plan.remove_ids
                                                or m.total_elements_added != plan.total_elements_added
+                                               or m.dimensionality != plan.dimensionality
                                                or m.inverse_problems()):
         plan.strategy = "none"
 
