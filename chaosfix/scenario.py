@@ -12,6 +12,7 @@ A scenario file (TOML) says what it reproduces and how to judge the outcome:
     do = "<fault primitive>"             # any chaosfix.faults.REGISTRY name; `file = "data_level0.bin"`
     [expect]                             # judged after the break; `[expect."0.6"]` overrides per family
     codes = { SQL_ONLY = 150 }           # exact non-info check codes and counts ("*" = any count)
+    codes_among = ["TORN", ...]          # instead of codes: some findings, all from this list
     reopen = "ok" | "<substring of chromadb's error>"
     repair = 1                           # reconcile exit code
     embedder = "chaosfix.embedder:HashEmbedder"   # for rows with no vector anywhere
@@ -254,8 +255,15 @@ class SimulationResult:
         }
 
 
-def _codes_match(want: dict, got: dict) -> tuple[bool, str]:
+def _codes_match(want: dict, got: dict, among: list[str] | None = None) -> tuple[bool, str]:
+    """Exact codes and counts; or, with ``among`` (seeded damage whose shape varies), at
+    least one finding and none outside that list."""
     got = {k: v for k, v in got.items() if k != "PENDING"}
+    if among is not None:
+        if not got:
+            return False, "no findings"
+        extra = sorted(set(got) - set(among))
+        return not extra, ("unexpected " + ", ".join(extra)) if extra else ""
     problems = []
     for code, count in want.items():
         if code not in got:
@@ -337,7 +345,7 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
         def check():  # noqa: ANN202
             rep = check_palace(palace)
             rows_before.update({c["name"]: c["rows"] for c in rep.collections})
-            ok, why = _codes_match(exp.get("codes", {}), rep.codes())
+            ok, why = _codes_match(exp.get("codes", {}), rep.codes(), exp.get("codes_among"))
             if marker.exists():
                 return False, "hostile pickle payload ran during check", {}
             return ok, why or ", ".join(f"{k} {v}" for k, v in rep.codes().items()) or "consistent", \

@@ -16,7 +16,7 @@ APPLICABLE = sorted(n for n, s in CATALOGUE.items() if s.applies(chroma_major())
 def test_catalogue_covers_the_issue_list():
     need = {"partial-flush", "off-by-one-pickle", "phantom-rows", "ghost-labels", "stale-sqlite", "torn-hnsw",
             "truncated-pickle", "lost-pickle-wal-purged", "link-bloat", "poisoned-seq", "queue-reset",
-            "sector-garbage", "healthy-deletes", "healthy-pending", "healthy-never-persisted", "migrated-06"}
+            "sector-garbage", "torn-pages", "dimension-lost", "healthy-deletes", "healthy-pending", "healthy-never-persisted", "migrated-06"}
     assert need <= set(CATALOGUE)
     assert len(APPLICABLE) >= 13  # a leg that silently runs nothing must fail
 
