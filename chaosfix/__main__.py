@@ -1,0 +1,5 @@
+"""``python -m chaosfix``: the same CLI as the ``chaosfix`` script."""
+
+from chaosfix.cli import main
+
+main()
