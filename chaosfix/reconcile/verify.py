@@ -73,8 +73,10 @@ def zero_diff(seg_dir: Path, sql_ids: set[str], v: Verification) -> tuple[HnswFi
 
 
 def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[str, np.ndarray],
-                   sample: int = 1000, seed: int = 0, full: bool = False) -> Verification:
-    """Zero-diff, planned vectors in place, and self-query of planned + sampled rows."""
+                   sample: int = 1000, seed: int = 0, full: bool = False, k: int = K, ef: int = EF,
+                   ) -> Verification:
+    """Zero-diff, planned vectors in place, and self-query (top-``k`` at ``ef``) of planned +
+    sampled rows."""
     v = Verification()
     got = zero_diff(seg_dir, sql_ids, v)
     if got is None or not v.ok:
@@ -108,8 +110,8 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     assert h is not None
     index = hnswlib.Index(space=space, dim=h.dim)
     index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
-    index.set_ef(max(EF, K * 4))
-    k = min(K, len(slot_of))
+    index.set_ef(max(ef, k))  # hnswlib needs ef >= k
+    k = min(k, len(slot_of))
     found, _ = index.knn_query(stored, k=k)
     index.close_file_handles()
     v.queried = len(check_ids)
