@@ -193,6 +193,13 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
                 next_label += 1
         missing = [r for r in missing if r not in plan.add]
     plan.unrepaired = missing
+    if m is None and missing and live:
+        # the map is gone and some rows have no other source: their vectors may still sit
+        # in unattributable slots, so the index stays as it is until an embedder is given
+        plan.strategy = "none"
+        plan.reasons.append(f"{len(missing)} rows have no vector source; pass --embedder to rebuild")
+        plan.add, plan.replace, plan.vectors, plan.source = {}, {}, {}, {}
+        return
     for rid in plan.keep:
         plan.source.setdefault(rid, SLOT)
     plan.total_elements_added = next_label - 1
