@@ -4,6 +4,7 @@ built once per spec and copied per test."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,13 @@ def small_palace(tmp_path, small_spec):
 
 def expected_chromadb() -> str | None:
     return os.environ.get("CHAOSFIX_EXPECT_CHROMADB")
+
+
+@pytest.fixture(scope="session")
+def damage_cache(tmp_path_factory) -> Path:
+    """A folder shared by every xdist worker of this run, for damaged palaces that take a
+    chromadb write to make (tests/helpers.py damaged_palace builds each once, locked)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "damage-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return root

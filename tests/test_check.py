@@ -10,17 +10,15 @@ Each test asserts the exact ``report.codes()`` (code -> count).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import ADD100, NEW_IDS, fingerprint, run_cli, wal_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,12 +26,8 @@ from chaosfix import faults
 from chaosfix.check import SCHEMA, check_palace
 from chaosfix.cli import main as cli_main
 from chaosfix.drawers import drawer
-from chaosfix.palace import PalaceSql
 from chaosfix.palace.hnsw import HEADER_SIZE, parse_header
 from chaosfix.workload import PalaceSpec, apply_ops, copy_palace, fresh_palace, template
-
-ADD100 = [{"op": "add", "start": 300, "count": 100}]
-NEW_IDS = {drawer(i)[0] for i in range(300, 400)}
 
 needs_strace = pytest.mark.skipif(not faults.strace_available(), reason="strace not installed or ptrace not permitted")
 only_06 = "0.6.x-only kill point: 1.x commits SQL before it persists the index"
@@ -46,23 +40,6 @@ def codes(palace: Path) -> dict[str, int]:
 def state(palace: Path):
     (st_,) = check_palace(palace).states
     return st_
-
-
-def wal_rows(palace: Path) -> int:
-    sql = PalaceSql(palace / "chroma.sqlite3")
-    try:
-        return sql.conn.execute("SELECT count(*) FROM embeddings_queue").fetchone()[0]
-    finally:
-        sql.close()
-
-
-def fingerprint(root: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) of every file under ``root``."""
-    out = {}
-    for f in sorted(root.rglob("*")):
-        if f.is_file():
-            out[str(f.relative_to(root))] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
-    return out
 
 
 # ---- healthy states ---------------------------------------------------------------
@@ -305,11 +282,6 @@ def test_leftover_journal(small_palace, spill):
 
 
 # ---- the CLI contract -------------------------------------------------------------
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from chaosfix.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_contract_exit_codes_json_and_read_only(small_palace, tmp_path):

@@ -1,0 +1,167 @@
+"""Helpers shared by the test modules: file fingerprints, SQL counts, the CLI in a child,
+and every damage of the foundation issue's list made the way test_check makes it, with a
+per-session cache of damaged palaces (shared by xdist workers) for the ones that need a
+chromadb write to make."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chaosfix import faults
+from chaosfix.drawers import drawer
+from chaosfix.palace import PalaceSql
+from chaosfix.palace.hnsw import parse_header
+from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace
+
+ADD100 = [{"op": "add", "start": 300, "count": 100}]
+NEW_IDS = {drawer(i)[0] for i in range(300, 400)}
+HASH_EMBEDDER = "chaosfix.embedder:HashEmbedder"
+
+
+def fingerprint(root: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under ``root``."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(root))] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+    return out
+
+
+def wal_rows(palace: Path) -> int:
+    sql = PalaceSql(palace / "chroma.sqlite3")
+    try:
+        return sql.conn.execute("SELECT count(*) FROM embeddings_queue").fetchone()[0]
+    finally:
+        sql.close()
+
+
+def sql_rows(palace: Path) -> int:
+    """Committed record rows (``embeddings``), read from a private copy so a hot journal
+    left by a kill is rolled back there and never in the palace itself."""
+    with tempfile.TemporaryDirectory(prefix="chaosfix-count-") as tmp:
+        db = Path(tmp) / "chroma.sqlite3"
+        shutil.copyfile(palace / "chroma.sqlite3", db)
+        journal = palace / "chroma.sqlite3-journal"
+        if journal.exists():
+            shutil.copyfile(journal, str(db) + "-journal")
+        con = sqlite3.connect(db)
+        try:
+            return con.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+        finally:
+            con.close()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from chaosfix.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def header(palace: Path):
+    return parse_header(faults.segment_file(palace, "header.bin").read_bytes())
+
+
+# ---- damages (issue 2 section 4), made as tests/test_check.py makes them ---------------
+
+
+@dataclass(frozen=True)
+class Damage:
+    make: Callable[[Path, PalaceSpec, Path], object]
+    versions: tuple[str, ...] = ("0.6", "1.x")
+    cached: bool = False  # needs a chromadb write: build once per session, copy per use
+
+
+def _lost_hnsw_writes(p: Path, spec: PalaceSpec, scratch: Path) -> None:
+    """Power loss after the SQL commit: the persist's unsynced index writes are gone and
+    the WAL is purged (0.6 keeps the last 50 rows pending: its persist ran at 400)."""
+    snap = faults.snapshot_segment(p, dst=scratch / "snap")
+    assert apply_ops(p, spec, [{"op": "add", "start": 300, "count": 150}]).ok
+    faults.restore_segment(p, snap)
+
+
+def _stale_sqlite(p: Path, spec: PalaceSpec, scratch: Path) -> None:
+    old = faults.copy_sqlite(p, scratch / "older.sqlite3")
+    assert apply_ops(p, spec, ADD100).ok
+    faults.restore_older_sqlite(p, old)
+
+
+def _kill06(point: str) -> Callable[[Path, PalaceSpec, Path], None]:
+    def make(p: Path, spec: PalaceSpec, scratch: Path) -> None:
+        assert apply_ops(p, spec, ADD100, kill=faults.kill_point(point)).killed
+    return make
+
+
+def _truncate_level0(p: Path, spec: PalaceSpec, scratch: Path) -> None:
+    f = faults.segment_file(p, "data_level0.bin")
+    faults.truncate(f, size=250 * header(p).size_data_per_element + 100)  # mid-slot 250
+
+
+def _zero_pickle(p: Path, spec: PalaceSpec, scratch: Path) -> None:
+    f = faults.pickle_path(p)
+    faults.zero_fill(f, 0, f.stat().st_size)
+
+
+DAMAGES: dict[str, Damage] = {
+    "lost-hnsw-writes": Damage(_lost_hnsw_writes, cached=True),
+    "stale-sqlite": Damage(_stale_sqlite, cached=True),
+    "kill-after-hnsw": Damage(_kill06("after-hnsw"), ("0.6",), cached=True),
+    "kill-after-pickle": Damage(_kill06("after-pickle"), ("0.6",), cached=True),
+    "truncated-level0": Damage(_truncate_level0),
+    "off-by-one": Damage(lambda p, s, t: faults.off_by_one(p)),
+    "map-drop-both": Damage(lambda p, s, t: faults.drop_map_entry(p, "both")),
+    "map-drop-id_to_label": Damage(lambda p, s, t: faults.drop_map_entry(p, "id_to_label")),
+    "map-drop-label_to_id": Damage(lambda p, s, t: faults.drop_map_entry(p, "label_to_id")),
+    "pickle-deleted": Damage(lambda p, s, t: faults.pickle_path(p).unlink()),
+    "pickle-truncated": Damage(lambda p, s, t: faults.truncate(faults.pickle_path(p), fraction=0.5)),
+    "pickle-zeroed": Damage(_zero_pickle),
+    "hostile-pickle": Damage(lambda p, s, t: faults.hostile_payload(p, t / "PWNED")),
+    "link-bloat-300x": Damage(lambda p, s, t: faults.sparse_extend(faults.segment_file(p, "link_lists.bin"), 300)),
+    "emptied-queue": Damage(lambda p, s, t: faults.empty_queue(p)),
+    "poisoned-seq-vector": Damage(lambda p, s, t: faults.poison_seq(p, "vector")),
+    "poisoned-seq-metadata": Damage(lambda p, s, t: faults.poison_seq(p, "metadata")),
+    "deleted-seq": Damage(lambda p, s, t: faults.delete_seq(p, "vector")),
+}
+
+
+def applicable(names: list[str] | None = None) -> list[str]:
+    major = chroma_major()
+    return [n for n in (names or DAMAGES) if major in DAMAGES[n].versions]
+
+
+def scratch_of(dst: Path) -> Path:
+    """Where a damage's by-products live (e.g. the hostile pickle's PWNED marker)."""
+    return dst.parent / f"{dst.name}-scratch"
+
+
+def damaged_palace(name: str, dst: Path, cache: Path, spec: PalaceSpec | None = None) -> Path:
+    """A private copy of the small template palace with damage ``name`` made in it.
+    Damages that need a chromadb write are made once per session in ``cache`` (the
+    ``damage_cache`` fixture: shared by xdist workers) and copied."""
+    spec = spec or PalaceSpec()
+    d = DAMAGES[name]
+    scratch = scratch_of(dst)
+    scratch.mkdir(parents=True, exist_ok=True)
+    if not d.cached:
+        p = fresh_palace(dst, spec)
+        d.make(p, spec, scratch)
+        return p
+    root = cache / f"{name}-{spec.key()}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "chroma.sqlite3").exists():
+            work = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
+            p = fresh_palace(work / "p", spec)
+            d.make(p, spec, work)
+            os.rename(p, root)
+            shutil.rmtree(work, ignore_errors=True)
+    return copy_palace(root, dst)
