@@ -32,7 +32,7 @@ from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
 from chaosfix.reconcile.sources import Embedder, load_embedder
-from chaosfix.reconcile.verify import Verification, verify_segment
+from chaosfix.reconcile.verify import EF_MAX, Verification, verify_segment
 
 MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
@@ -254,7 +254,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         say(f"verifying {p.collection}")
         planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
         v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
-                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full)
+                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef_max=EF_MAX)
         rep.verifications[p.collection] = v
         if not v.ok:
             raise OperationalError(f"verification of the rebuilt {p.collection} failed: {v.problems[0]}; "
