@@ -180,6 +180,7 @@ class ScenarioCase:
     drawers: int | None = None
     steps: list[dict] = field(default_factory=list)
     _register: Callable[[Path], None] | None = None
+    keep_runs: bool = False  # keep run()'s scratch for --chaos-keep
 
     @property
     def name(self) -> str:
@@ -216,12 +217,12 @@ class ScenarioCase:
 
     def run(self) -> SimulationResult:
         """The whole ``chaosfix simulate`` loop on a palace of its own (build, break,
-        observe, check, reconcile, verify); kept under the test's folder."""
+        observe, check, reconcile, verify); with --chaos-keep its files are kept on failure."""
         from chaosfix.scenario import run_scenario
 
-        keep = self.workdir / "simulate"
+        keep = self.workdir / "simulate" if self.keep_runs else None
         res = run_scenario(self.scenario, seed=self.seed, drawers=self.drawers, keep=keep)
-        if self._register and keep.exists():
+        if self._register and keep is not None and keep.exists():
             self._register(keep)
         return res
 
@@ -255,7 +256,8 @@ def scenario(request: pytest.FixtureRequest, _chaos_scenario: str | None, chaos_
     kw = _marker_kwargs(request)
     sc = _state(request.config).catalogue[_chaos_scenario]
     return ScenarioCase(sc, int(kw.get("seed", chaos_seed)), tmp_path / f"scenario-{sc.name}",
-                        drawers=kw.get("drawers"), _register=lambda p: _register(request.node, p))
+                        drawers=kw.get("drawers"), _register=lambda p: _register(request.node, p),
+                        keep_runs=_state(request.config).keep_dir is not None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Shared fixtures: small palaces built by the installed chromadb (in a child process),
-built once per spec and copied per test."""
+built once per spec and copied per test. Built on the chaosfix pytest plugin's own
+fixtures (``palace_factory``; its report header names chromadb, pickle format and seed)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chaosfix.workload import PalaceSpec, chroma_major, chromadb_version, fresh_palace
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"chaosfix: chromadb {chromadb_version()} ({chroma_major()})"
+from chaosfix.workload import PalaceSpec, chroma_major
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +25,8 @@ def small_spec() -> PalaceSpec:
 
 
 @pytest.fixture
-def small_palace(tmp_path, small_spec):
-    return fresh_palace(tmp_path / "palace", small_spec)
-
-
+def small_palace(palace_factory, small_spec):
+    return palace_factory(small_spec)
 
 
 def expected_chromadb() -> str | None:
