@@ -80,6 +80,7 @@ class CollectionPlan:
             "sources": src,
             "unrepaired": len(self.unrepaired),
             "unrepaired_sample": self.unrepaired[:10],
+            "unrepaired_ids": self.unrepaired,
             "total_elements_added": self.total_elements_added,
             "pickle_format": self.fmt,
             "seq_writes": [vars(s) for s in self.seq_writes],
@@ -122,6 +123,10 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     if plan.strategy == "incremental" and (m is None or st.slots is None or st.torn):
         plan.strategy = "rebuild"
         plan.reasons.append("index files or id map not sound: incremental impossible")
+    elif plan.strategy == "incremental" and problems & REBUILD_CODES:
+        # e.g. LINK_BLOAT: an incremental persist keeps the bloated file and would end "nothing to do"
+        plan.strategy = "rebuild"
+        plan.reasons.append("incremental cannot fix " + ", ".join(sorted(problems & REBUILD_CODES)))
     plan.reasons.extend(sorted(problems & REBUILD_CODES))
     plan.fmt = m.fmt if m is not None else ("object" if sql.schema == "0.6" else "dict")
     h = st.files.header if st.files is not None else None
