@@ -1,0 +1,517 @@
+"""``chaosfix reconcile`` repairs every damage of the foundation issue's list, loses nothing,
+and proves it; leaves healthy palaces byte-identical; refuses when it must.
+
+test_scenarios.py already runs the catalogue end to end (break -> reconcile -> reopen).
+Here every damage goes through the CLI (in-process, CliRunner) and the test pins what the
+catalogue does not: the exact dry-run plan (strategy, counts, vector sources), that the
+dry run changes nothing, the pickle format written, max_elements, that labels are never
+reused, the backup beside the palace, the SQL values written, idempotency; then the
+palace is judged in a fresh process by chromadb's own API (workload.observe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickletools
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import (
+    HASH_EMBEDDER,
+    applicable,
+    damaged_palace,
+    fingerprint,
+    header,
+    run_cli,
+    scratch_of,
+    sql_rows,
+)
+
+from chaosfix import faults
+from chaosfix.check import check_palace
+from chaosfix.cli import main as cli_main
+from chaosfix.drawers import COLLECTION
+from chaosfix.palace import idmap
+from chaosfix.reconcile.plan import chroma_capacity
+from chaosfix.reconcile.safety import PalaceLock
+from chaosfix.workload import PalaceSpec, apply_ops, child_env, chroma_major, fresh_palace, observe, template
+
+SPEC = PalaceSpec()
+FIXTURE_06 = Path(__file__).resolve().parent.parent / "scenarios" / "fixtures" / "palace-0.6.3-300.tar.gz"
+
+# What the dry run must plan for each damage (300-drawer palace, sync_threshold 100).
+# sources: where the vectors of kept (index) and added rows come from.
+SQL_WIPE = dict(strategy="rebuild", keep=0, add=300, remove_labels=300, remove_ids=0,
+                sources={"wal": 1, "embedder": 299}, total=600)
+PLANS: dict[str, dict] = {
+    "lost-hnsw-writes": dict(codes={"SQL_ONLY": 150}, strategy="incremental", keep=300, add=150, remove_labels=0,
+                             remove_ids=0, sources={"index": 300, "wal": 1, "embedder": 149}, total=450,
+                             **{"0.6": dict(codes={"SQL_ONLY": 100, "PENDING": 50}, pending=50, seq={"vector": 450},
+                                            sources={"index": 300, "wal": 51, "embedder": 99})}),
+    "stale-sqlite": dict(codes={"HNSW_ONLY": 100}, strategy="incremental", keep=300, add=0, remove_labels=100,
+                         remove_ids=100, sources={"index": 300}, total=400),
+    "kill-after-hnsw": dict(codes={"HOT_JOURNAL": 1, "GHOST_LABEL": 100}, strategy="incremental", keep=300, add=0,
+                            remove_labels=100, remove_ids=0, sources={"index": 300}, total=400),
+    "kill-after-pickle": dict(codes={"HOT_JOURNAL": 1, "HNSW_ONLY": 100}, strategy="incremental", keep=300, add=0,
+                              remove_labels=100, remove_ids=100, sources={"index": 300}, total=400),
+    # which 50 rows lost their slots depends on slot order; the WAL's last row may be one
+    "truncated-level0": dict(codes={"TORN": 1, "SQL_ONLY": 50}, strategy="rebuild", keep=250, add=50, remove_labels=0,
+                             remove_ids=0, sources={"index": 250, "wal+embedder": 50}, total=350),
+    "off-by-one": dict(codes={"OFF_BY_ONE": 1}, strategy="incremental", keep=300, add=0, remove_labels=0, remove_ids=0,
+                       sources={"index": 300}, total=300),
+    "map-drop-both": dict(codes={"SQL_ONLY": 1, "GHOST_LABEL": 1}, strategy="incremental", keep=299, add=1,
+                          remove_labels=1, remove_ids=0, sources={"index": 299, "embedder": 1}, total=301),
+    "map-drop-id_to_label": dict(codes={"SQL_ONLY": 1, "OFF_BY_ONE": 1}, strategy="incremental", keep=300, add=0,
+                                 remove_labels=0, remove_ids=0, sources={"index": 300}, total=300),
+    "map-drop-label_to_id": dict(codes={"GHOST_LABEL": 1, "OFF_BY_ONE": 1}, strategy="incremental", keep=300, add=0,
+                                 remove_labels=0, remove_ids=0, sources={"index": 300}, total=300),
+    "pickle-deleted": dict(codes={"PICKLE_MISSING": 300}, **SQL_WIPE),
+    "pickle-truncated": dict(codes={"PICKLE_UNREADABLE": 300}, **SQL_WIPE),
+    "pickle-zeroed": dict(codes={"PICKLE_UNREADABLE": 300}, **SQL_WIPE),
+    "hostile-pickle": dict(codes={"PICKLE_UNSAFE": 300}, **SQL_WIPE),
+    "link-bloat-300x": dict(codes={"LINK_BLOAT": 1}, strategy="rebuild", keep=300, add=0, remove_labels=0, remove_ids=0,
+                            sources={"index": 300}, total=300),
+    "emptied-queue": dict(codes={"QUEUE_RESET": 2}, strategy="none", floor=300),
+    "poisoned-seq-vector": dict(codes={"POISONED_SEQ": 1}, strategy="none", seq={"vector": 300}),
+    "poisoned-seq-metadata": dict(codes={"POISONED_SEQ": 1}, strategy="none", seq={"metadata": 300}),
+    "deleted-seq": dict(codes={"SEQ_MISSING": 1, "PENDING": 1}, strategy="none", seq={"vector": 300}),
+}
+
+
+def expected(name: str) -> dict:
+    exp = {k: v for k, v in PLANS[name].items() if k not in ("0.6", "1.x")}
+    exp.update(PLANS[name].get(chroma_major(), {}))
+    return exp
+
+
+# ---- helpers -----------------------------------------------------------------------
+
+
+def reconcile(palace: Path, *args: str) -> tuple[int, dict | None, str]:
+    """``chaosfix reconcile PALACE --json ARGS`` in-process: (exit code, JSON, stderr)."""
+    res = CliRunner().invoke(cli_main, ["reconcile", str(palace), "--json", *args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.stdout + res.stderr
+    doc = json.loads(res.stdout) if res.stdout.strip() else None
+    return res.exit_code, doc, res.stderr
+
+
+def repair(palace: Path, *args: str) -> dict:
+    code, doc, err = reconcile(palace, "--no-chromadb-check", *args)
+    assert code == 1, err
+    assert doc is not None
+    return doc
+
+
+def pickle_head(raw: bytes, n: int = 5) -> list[tuple[str, object]]:
+    """The first ``n`` opcodes (name, arg) of a pickle, memo and frame bookkeeping skipped:
+    PROTO 3 + EMPTY_DICT is the 1.x dict, PROTO 5 + the PersistentData global the 0.6 object."""
+    skip = {"FRAME", "MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
+    out = []
+    for op, arg, _pos in pickletools.genops(raw):
+        if op.name not in skip:
+            out.append((op.name, arg))
+        if len(out) == n:
+            break
+    return out
+
+
+def seq_rows(palace: Path) -> dict[str, object]:
+    """segment id -> the raw stored max_seq_id (bytes in 0.6, int in 1.x)."""
+    con = sqlite3.connect(f"file:{palace / 'chroma.sqlite3'}?mode=ro", uri=True)
+    try:
+        return dict(con.execute("SELECT segment_id, seq_id FROM max_seq_id"))
+    finally:
+        con.close()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {k: v[0] for k, v in fingerprint(folder).items()}
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def assert_judged_by_chromadb(palace: Path, rows: int, spec: PalaceSpec = SPEC) -> None:
+    """A fresh process opens the palace with chromadb: every row, each with its document's
+    embedding, self-query and filtered query hits, and a new add lands and is found."""
+    obs = observe(palace, spec, write_probe=True)
+    assert obs.get("errors") == [], obs.get("errors")
+    assert obs["count"] == rows and obs["ids"] == rows
+    assert obs["bad_embedding_count"] == 0, obs["bad_embeddings"]
+    assert obs["sampled"] > 0
+    assert obs["query_misses"] == [] and obs["filtered_misses"] == []
+    assert obs["probe_found"] is True
+
+
+def assert_consistent(palace: Path) -> None:
+    rep = check_palace(palace)
+    assert rep.consistent, rep.codes()
+    assert set(rep.codes()) <= {"PENDING"}, rep.codes()
+
+
+# ---- every damage ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", applicable())
+def test_damage_is_repaired(name, tmp_path, damage_cache):
+    exp = expected(name)
+    p = damaged_palace(name, tmp_path / "palace", damage_cache)
+    marker = scratch_of(tmp_path / "palace") / "PWNED"
+    before = check_palace(p)
+    assert before.codes() == exp["codes"]
+    rows = sql_rows(p)
+    seg = faults.segment_dir(p)
+    old_seg, old_db, old_seqs = hashes(seg), sha(p / "chroma.sqlite3"), seq_rows(p)
+    old_map = before.states[0].idmap
+    old_labels = {i: lab for lab, i in old_map.label_to_id.items()} | old_map.id_to_label if old_map else {}
+    old_max_elements = header(p).max_elements
+    healthy_map = idmap.loads(faults.pickle_path(template(SPEC)).read_bytes())
+    old_total = max(old_map.total_elements_added if old_map else 0, healthy_map.total_elements_added)
+    old_pickle = faults.pickle_path(p).read_bytes() if faults.pickle_path(p).exists() else None
+    prints, beside = fingerprint(p), listing(tmp_path)
+
+    # the dry run: the plan, the exit code a real run will return, and not one byte changed
+    code, doc, err = reconcile(p, "--dry-run", "--embedder", HASH_EMBEDDER)
+    assert code == 1, err
+    assert doc["schema"] == "chaosfix.reconcile/1" and doc["dry_run"] is True and doc["exit_code"] == 1
+    (plan,) = doc["plans"]
+    assert plan["collection"] == COLLECTION and plan["segment"] == seg.name
+    assert plan["strategy"] == exp["strategy"]
+    assert plan["unrepaired"] == 0 and plan["unrepaired_sample"] == []
+    assert doc["queue_floor"] == exp.get("floor")
+    if exp["strategy"] != "none":
+        assert (plan["keep"], plan["add"], plan["replace"]) == (exp["keep"], exp["add"], 0)
+        assert (plan["remove_labels"], plan["remove_ids"]) == (exp["remove_labels"], exp["remove_ids"])
+        assert plan["pending_applied"] == exp.get("pending", 0)
+        assert plan["total_elements_added"] == exp["total"]
+        assert plan["pickle_format"] == ("object" if chroma_major() == "0.6" else "dict")
+        src = dict(plan["sources"])
+        if "wal+embedder" in exp["sources"]:
+            src["wal+embedder"] = src.pop("wal", 0) + src.pop("embedder", 0)
+        assert src == exp["sources"]
+    else:
+        assert (plan["keep"], plan["add"], plan["remove_labels"], plan["sources"]) == (0, 0, 0, {})
+    kinds = {faults.segment_id(p, "vector"): "vector", faults.segment_id(p, "metadata"): "metadata"}
+    want_seq = exp.get("seq", {})
+    assert {kinds[w["segment"]]: w["value"] for w in plan["seq_writes"]} == want_seq
+    assert fingerprint(p) == prints and listing(tmp_path) == beside, "the dry run changed something"
+
+    # the repair
+    doc = repair(p, "--embedder", HASH_EMBEDDER)
+    assert doc["dry_run"] is False and doc["exit_code"] == 1 and doc["after_consistent"] is True
+    assert not marker.exists(), "the hostile pickle's payload ran"
+    (plan,) = doc["plans"]
+    assert plan["strategy"] == exp["strategy"]
+    backup = Path(doc["backup"])
+    assert backup.parent == tmp_path and backup.name.startswith("palace.chaosfix-backup-")
+    assert set(listing(tmp_path)) == {*beside, backup.name}
+    assert not [n for n in listing(p) if n.startswith(".chaosfix")], listing(p)
+    if exp["strategy"] != "none":
+        v = doc["verification"][COLLECTION]
+        assert v["ok"] and v["zero_diff"] and v["ids"] == rows and v["queried"] >= exp["add"]
+        assert hashes(backup / seg.name) == old_seg, "the backup must hold the old segment as it was"
+        new_raw = faults.pickle_path(p).read_bytes()
+        assert pickle_head(new_raw) == pickle_head(faults.pickle_path(template(SPEC)).read_bytes())
+        new = idmap.loads(new_raw)
+        assert set(new.id_to_label) == set(before.states[0].sql_rows)
+        fresh = {i: lab for i, lab in new.id_to_label.items() if old_labels.get(i) != lab}
+        assert len(fresh) == exp["add"]
+        assert all(lab > old_total for lab in fresh.values()), "a label was reused"
+        assert new.total_elements_added == exp["total"] >= max(new.label_to_id) and new.total_elements_added >= old_total
+        h = header(p)
+        assert h.cur_element_count >= rows
+        if exp["strategy"] == "rebuild":
+            assert h.max_elements == chroma_capacity(rows)
+        else:
+            # the loaded index keeps its capacity unless the adds need more (as chromadb grows it)
+            assert old_max_elements <= h.max_elements <= max(old_max_elements, chroma_capacity(h.cur_element_count))
+    else:
+        assert hashes(seg) == old_seg and faults.pickle_path(p).read_bytes() == old_pickle
+    seqs = seq_rows(p)
+    for kind, value in want_seq.items():
+        sid = faults.segment_id(p, kind)
+        raw = seqs[sid]
+        assert type(raw) is type(old_seqs.get(sid, raw)), "max_seq_id must keep the palace's encoding"
+        assert (int.from_bytes(raw, "big") if isinstance(raw, bytes) else raw) == value
+    if want_seq or "floor" in exp:
+        assert sha(backup / "chroma.sqlite3") == old_db, "SQL changed: the backup must hold the old chroma.sqlite3"
+    if "floor" in exp:
+        con = sqlite3.connect(f"file:{p / 'chroma.sqlite3'}?mode=ro", uri=True)
+        assert con.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone() == (exp["floor"],)
+        con.close()
+    if "HOT_JOURNAL" in exp["codes"]:
+        assert not (p / "chroma.sqlite3-journal").exists() and (backup / "chroma.sqlite3-journal").exists()
+    assert sql_rows(p) == rows
+    assert_consistent(p)
+    code, again, err = reconcile(p, "--embedder", HASH_EMBEDDER)
+    assert code == 0, (err, again and again["plans"])
+
+    # judged by chromadb in a fresh process; then chromadb's own writes are no finding
+    assert_judged_by_chromadb(p, rows)
+    assert not marker.exists()
+    assert_consistent(p)
+    assert reconcile(p)[0] == 0
+
+
+# ---- strategy, format, sizing --------------------------------------------------------
+
+
+def test_forced_rebuild_and_impossible_incremental(tmp_path, damage_cache):
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "a", damage_cache)
+    rows = sql_rows(p)
+    doc = repair(p, "--strategy", "rebuild", "--embedder", HASH_EMBEDDER)
+    (plan,) = doc["plans"]
+    assert plan["strategy"] == "rebuild" and (plan["keep"], plan["add"]) == (300, 150)
+    assert header(p).max_elements == chroma_capacity(rows)
+    assert_consistent(p)
+    assert_judged_by_chromadb(p, rows)
+
+    # incremental cannot work from torn files or a lost map: the plan says rebuild, and why
+    for name in ("truncated-level0", "pickle-deleted", "link-bloat-300x"):
+        q = damaged_palace(name, tmp_path / name, damage_cache)
+        code, doc, err = reconcile(q, "--dry-run", "--strategy", "incremental", "--embedder", HASH_EMBEDDER)
+        (plan,) = doc["plans"]
+        assert code == 1 and plan["strategy"] == "rebuild", (name, plan)
+        assert plan["reasons"], plan
+
+
+def test_link_bloat_with_forced_incremental_is_fixed(tmp_path, damage_cache):
+    """--strategy incremental must not report 'nothing to do' while LINK_BLOAT remains."""
+    p = damaged_palace("link-bloat-300x", tmp_path / "palace", damage_cache)
+    repair(p, "--strategy", "incremental")
+    assert_consistent(p)
+
+
+def test_06_palace_keeps_object_pickle_and_blob_seq(tmp_path):
+    """A palace written by chromadb 0.6.3 (object pickle, 8-byte blob max_seq_id), repaired
+    under either chromadb: the pickle stays a PersistentData object, seq_ids stay blobs, and
+    the installed chromadb reads it."""
+    import tarfile
+
+    p = tmp_path / "palace"
+    with tarfile.open(FIXTURE_06) as tf:
+        tf.extractall(p, filter="data")
+    template_head = pickle_head(faults.pickle_path(p).read_bytes())
+    assert template_head[0] == ("PROTO", 5) and template_head[3][0] == "STACK_GLOBAL"
+    faults.off_by_one(p)
+    faults.poison_seq(p, "vector")
+    rows = sql_rows(p)
+    doc = repair(p)
+    (plan,) = doc["plans"]
+    assert plan["pickle_format"] == "object" and plan["strategy"] == "incremental"
+    assert pickle_head(faults.pickle_path(p).read_bytes()) == template_head
+    raw = seq_rows(p)[faults.segment_id(p, "vector")]
+    assert isinstance(raw, bytes) and int.from_bytes(raw, "big") == 300
+    assert_consistent(p)
+    assert_judged_by_chromadb(p, rows)
+
+
+# ---- backups -----------------------------------------------------------------------
+
+
+def test_backup_of_bloated_segment_allocates_no_extra_blocks(tmp_path, damage_cache):
+    p = damaged_palace("link-bloat-300x", tmp_path / "palace", damage_cache)
+    faults.poison_seq(p, "metadata")  # an SQL change too: chroma.sqlite3 is backed up
+    links = faults.segment_file(p, "link_lists.bin")
+    size, blocks = links.stat().st_size, faults.allocated_bytes(links)
+    assert size > 100 * blocks  # sparse: the apparent size is 300x
+    seg = links.parent.name
+
+    def used(folder: Path) -> int:
+        return sum(faults.allocated_bytes(f) for f in folder.rglob("*") if f.is_file())
+
+    total_before = used(tmp_path)
+    doc = repair(p)
+    backup = Path(doc["backup"])
+    kept = backup / seg / "link_lists.bin"
+    assert kept.stat().st_size == size and faults.allocated_bytes(kept) <= blocks
+    assert (backup / "chroma.sqlite3").stat().st_size == (p / "chroma.sqlite3").stat().st_size
+    new_seg = sum(faults.allocated_bytes(f) for f in faults.segment_dir(p).iterdir())
+    db = faults.allocated_bytes(p / "chroma.sqlite3")
+    assert used(tmp_path) <= total_before + new_seg + db, "the backup filled the disk"
+    assert_consistent(p)
+
+
+def test_no_backup_leaves_none(tmp_path, damage_cache):
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.poison_seq(p, "vector")
+    beside = listing(tmp_path)
+    doc = repair(p, "--no-backup", "--embedder", HASH_EMBEDDER)
+    assert doc["backup"] is None
+    assert listing(tmp_path) == beside
+    assert not [n for n in listing(p) if n.startswith(".chaosfix")]
+    assert_consistent(p)
+
+
+# ---- palaces with nothing to do are left byte-identical ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["healthy", "after-deletes", "pending", "never-persisted"])
+def test_nothing_to_do_is_byte_identical(kind, tmp_path):
+    spec = PalaceSpec(drawers=50) if kind == "never-persisted" else SPEC
+    p = fresh_palace(tmp_path / "palace", spec)
+    if kind == "after-deletes":
+        assert apply_ops(p, spec, [{"op": "delete", "start": 0, "count": 120}]).ok
+    elif kind == "pending":
+        assert apply_ops(p, spec, [{"op": "add", "start": 300, "count": 30}]).ok
+    prints, beside = fingerprint(p), listing(tmp_path)
+    for args in ([], ["--embedder", HASH_EMBEDDER], ["--strategy", "incremental"]):
+        code, doc, err = reconcile(p, *args)
+        assert code == 0, (err, doc)
+        assert doc["backup"] is None and all(pl["strategy"] == "none" for pl in doc["plans"])
+    assert fingerprint(p) == prints, "a palace with nothing to do was changed"
+    assert listing(tmp_path) == beside
+
+
+# ---- no source, no embedder: exit 4, the rest fixed, the rows listed -----------------
+
+
+def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_cache):
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.off_by_one(p)
+    faults.poison_seq(p, "metadata")
+    rows = sql_rows(p)
+    st = check_palace(p).states[0]
+    with_wal = {w.id for w in st.pending}
+    from chaosfix.palace import PalaceSql
+
+    sql = PalaceSql(p / "chroma.sqlite3")
+    try:
+        with_wal |= {w.id for w in sql.wal(st.info.id, above=0, with_vectors=True) if w.vector is not None}
+    finally:
+        sql.close()
+    orphans = sorted(set(st.sql_only()) - with_wal)
+    assert len(orphans) == (99 if chroma_major() == "0.6" else 149)
+
+    code, doc, err = reconcile(p, "--dry-run")
+    assert code == 4 and doc["exit_code"] == 4
+    code, doc, err = reconcile(p, "--no-chromadb-check")
+    assert code == 4, err
+    (plan,) = doc["plans"]
+    assert plan["unrepaired"] == len(orphans)
+    assert sorted(plan["unrepaired_ids"]) == orphans, "every unrepaired row must be listed in the JSON"
+    assert plan["seq_writes"] and doc["after_consistent"] is False
+    # everything else is fixed: only the orphans remain, no row was dropped to hide them
+    after = check_palace(p)
+    assert {k: v for k, v in after.codes().items() if k != "PENDING"} == {"SQL_ONLY": len(orphans)}
+    assert sorted(after.states[0].sql_only()) == orphans
+    assert sql_rows(p) == rows
+    text = run_cli("reconcile", str(p), "--no-chromadb-check")
+    assert text.returncode == 4 and "pass --embedder" in text.stdout
+
+    # with an embedder the rest is repaired too
+    doc = repair(p, "--embedder", HASH_EMBEDDER)
+    assert doc["plans"][0]["add"] == len(orphans)
+    assert_consistent(p)
+    assert_judged_by_chromadb(p, rows)
+
+
+# ---- safety: refuse, in one line, and touch nothing -----------------------------------
+
+
+def assert_refused(palace: Path, *args: str, want: str, env: dict | None = None) -> None:
+    prints = fingerprint(palace)
+    beside = listing(palace.parent)
+    r = run_cli("reconcile", str(palace), *args, env=env)
+    assert r.returncode == 8, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert want in lines[0], lines[0]
+    assert r.stdout == ""
+    assert fingerprint(palace) == prints and listing(palace.parent) == beside
+
+
+HOLD_FILE = textwrap.dedent("""
+    import sys, time
+    f = open(sys.argv[1], "rb")
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+HOLD_CHROMADB = textwrap.dedent("""
+    import sys, time
+    import chromadb
+    from chromadb.config import Settings
+    client = chromadb.PersistentClient(path=sys.argv[1], settings=Settings(anonymized_telemetry=False))
+    col = client.get_collection(sys.argv[2])
+    col.count()
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("holder", ["file", "chromadb"])
+def test_refuses_while_another_process_has_the_palace_open(holder, tmp_path):
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.off_by_one(p)
+    code = HOLD_FILE if holder == "file" else HOLD_CHROMADB
+    args = [str(p / "chroma.sqlite3")] if holder == "file" else [str(p), COLLECTION]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=child_env())
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.poll() is not None else ""
+        assert_refused(p, "--no-chromadb-check", want=str(proc.pid))
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert reconcile(p, "--no-chromadb-check")[0] == 1  # once it is closed
+
+
+def test_refuses_while_another_chaosfix_holds_the_lock(tmp_path):
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.off_by_one(p)
+    with PalaceLock(p):
+        assert_refused(p, "--no-chromadb-check", want="another chaosfix holds the palace lock")
+    assert reconcile(p, "--no-chromadb-check")[0] == 1
+
+
+def test_refuses_a_hot_journal(tmp_path):
+    """A journal with a synced header means chroma.sqlite3 may hold uncommitted pages: only
+    a rollback by SQLite (chromadb's next open) makes it right, so reconcile refuses."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.off_by_one(p)
+    faults.leave_hot_journal(p, spill=True)
+    assert_refused(p, "--no-chromadb-check", want="chroma.sqlite3-journal")
+    assert_refused(p, "--dry-run", want="chroma.sqlite3-journal")
+
+
+@pytest.mark.parametrize("ref, want", [
+    ("chaosfix.embedder", "expected MODULE:ATTR"),
+    ("no_such_module_xyz:Embed", "no_such_module_xyz"),
+    ("chaosfix.embedder:NoSuchEmbedder", "NoSuchEmbedder"),
+    ("chaosfix.embedder:DEFAULT_DIM", "not callable"),
+])
+def test_bad_embedder_is_one_line(ref, want, tmp_path):
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.pickle_path(p).unlink()
+    assert_refused(p, "--embedder", ref, want=want)
+
+
+def test_embedder_of_the_wrong_dimension_is_one_line(tmp_path):
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.pickle_path(p).unlink()
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "tiny_embedder.py").write_text("def embed(docs):\n    return [[0.5] * 8 for _ in docs]\n")
+    env = child_env()
+    env["PYTHONPATH"] = f"{mod}{os.pathsep}{env['PYTHONPATH']}"
+    assert_refused(p, "--embedder", "tiny_embedder:embed", "--no-chromadb-check", want="384", env=env)
+
+
+def test_cli_is_one_line_for_not_a_palace(tmp_path):
+    for bad in (tmp_path / "nope", tmp_path):
+        r = run_cli("reconcile", str(bad))
+        assert r.returncode == 8 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
