@@ -23,6 +23,7 @@ OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
 VECTOR_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
 METADATA_TYPE = "urn:chroma:segment/metadata/sqlite"
 DOCUMENT_KEY = "chroma:document"
+DOCUMENTS_BY_ID = 20000  # up to this many ids, documents() looks them up by id
 
 
 def decode_seq(value: object) -> int | None:
@@ -210,6 +211,17 @@ class PalaceSql:
         )
         want = set(ids) if ids is not None else None
         out = {}
+        if want is not None and len(want) <= DOCUMENTS_BY_ID:
+            # a few ids (e.g. 5k orphans of 500k rows): look them up through the
+            # (segment_id, embedding_id) unique index instead of scanning every document
+            todo = sorted(want)
+            for s in range(0, len(todo), 500):
+                chunk = todo[s : s + 500]
+                marks = ",".join("?" * len(chunk))
+                for eid, doc in self.conn.execute(f"{q} AND e.embedding_id IN ({marks})",
+                                                  (DOCUMENT_KEY, metadata_segment, *chunk)):
+                    out[eid] = doc
+            return out
         for eid, doc in self.conn.execute(q, (DOCUMENT_KEY, metadata_segment)):
             if want is None or eid in want:
                 out[eid] = doc
