@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _PALACES = pytest.StashKey[list]()
 _STATE = pytest.StashKey["_ChaosConfig"]()
+_ENV = pytest.StashKey[dict]()
 _current_item: list[pytest.Item] = []
 
 
@@ -106,6 +107,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if seed is None:
         seed = int(os.environ.get("CHAOSFIX_SEED", "0"))
     keep_dir = None
+    config.stash[_ENV] = {k: os.environ.get(k) for k in ("CHAOSFIX_KEEP_DIR", "CHAOSFIX_PROFILE")}
     if config.getoption("--chaos-keep"):
         keep_dir = Path(config.getoption("--chaos-keep-dir") or config.rootpath / ".chaosfix-keep").resolve()
         os.environ["CHAOSFIX_KEEP_DIR"] = str(keep_dir)  # chaosfix.stateful keeps its palace there
@@ -116,6 +118,15 @@ def pytest_configure(config: pytest.Config) -> None:
         if not d.is_dir():
             raise pytest.UsageError(f"--chaos-scenarios {d}: no such folder")
     config.stash[_STATE] = _ChaosConfig(seed, dirs, keep_dir)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(_ENV, {})
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -403,7 +414,11 @@ class Crash:
             out = [{"result": _call_injected(fault, ctx, args)}]
         else:
             steps, name = _steps_of(fault, args)
-            out = [apply_step(ctx, s) for s in steps]
+            out = []
+            for s in steps:
+                if s.get("do") == "snapshot_segment":  # a new snapshot replaces the previous one
+                    shutil.rmtree(ctx.scratch / "snapshot", ignore_errors=True)
+                out.append(apply_step(ctx, s))
         return CrashResult(name, target, out, check_palace(target))
 
 
@@ -418,7 +433,7 @@ def _steps_of(fault: str | dict | list, args: dict) -> tuple[list[dict], str]:
         return fault_steps(fault, args["ops"]), fault["kind"]
     if isinstance(fault, dict):
         return [{**fault, **args}], str(fault.get("do"))
-    steps = [dict(s) for s in fault]
+    steps = [{"do": s} if isinstance(s, str) else dict(s) for s in fault]
     return steps, "+".join(str(s.get("do")) for s in steps)
 
 

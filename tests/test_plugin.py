@@ -1,0 +1,303 @@
+"""The chaosfix pytest plugin, tested the way users meet it: inner pytest runs (pytester)
+with real palaces built by the installed chromadb. Also the plain assertion helpers and
+the README's "Write your own crash test" example, run as-is."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from chaosfix import workload
+from chaosfix.assertions import assert_chromadb_consistent, assert_self_query, assert_zero_diff
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = workload.cache_dir().parent  # pytester changes HOME: keep using this run's template cache
+TINY = "drawers=40, dim=16, sync_threshold=20, batch_size=10"
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.setenv("CHAOSFIX_CACHE", str(CACHE))
+    monkeypatch.delenv("CHAOSFIX_SEED", raising=False)
+    monkeypatch.delenv("CHAOSFIX_SCENARIOS", raising=False)
+    return pytester
+
+
+def _out(res: pytest.RunResult) -> str:
+    return res.stdout.str() + res.stderr.str()
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def test_importing_the_plugin_and_helpers_does_not_import_chromadb():
+    code = ("import sys, chaosfix.pytest_plugin, chaosfix.assertions, chaosfix.strategies, chaosfix.stateful; "
+            "assert 'chromadb' not in sys.modules, sorted(m for m in sys.modules if 'chroma' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, env=workload.child_env(), timeout=120)
+
+
+def test_plugin_is_registered_by_entry_point_and_header_names_version_format_seed(inner):
+    inner.makepyfile(test_x="def test_x(chaos_seed):\n    assert chaos_seed == 7\n")
+    res = inner.runpytest("--chaos-seed", "7")
+    res.assert_outcomes(passed=1)
+    fmt = "object" if workload.chroma_major() == "0.6" else "dict"
+    res.stdout.fnmatch_lines([f"chaosfix: chromadb {workload.chromadb_version()} (*), pickle format {fmt}, seed 7, *"])
+    res.stdout.fnmatch_lines(["plugins:*chaosfix*"])
+
+
+def test_fixtures_and_no_chromadb_in_the_test_process(inner):
+    """palace_factory/palace/crash/chroma_child/reconciler on real palaces, in a subprocess
+    whose test process must never import chromadb."""
+    inner.makepyfile(test_fixtures=f"""
+        import sys
+        from chaosfix.assertions import assert_zero_diff
+
+        def test_factory_copies_one_template(palace_factory):
+            a = palace_factory({TINY})
+            b = palace_factory({TINY})
+            assert a != b and a.parent == b.parent
+            assert (a / "chroma.sqlite3").read_bytes() == (b / "chroma.sqlite3").read_bytes()
+            assert palace_factory.spec_of(a).drawers == 40
+            assert_zero_diff(a)
+
+        def test_palace_is_the_default_spec(palace, palace_spec):
+            assert palace_spec.drawers == 300 and (palace / "chroma.sqlite3").is_file()
+
+        def test_crash_by_name_then_reconcile(palace_factory, crash, reconciler):
+            p = palace_factory({TINY})
+            res = crash("truncate", file="index_metadata.pickle", fraction=0.5)
+            assert res.palace == p and not res.consistent
+            assert "PICKLE_UNREADABLE" in res.codes, res.codes
+            rep = reconciler(p)
+            assert rep.exit_code == 1
+            assert_zero_diff(p)
+
+        def test_crash_with_own_function(palace_factory, crash):
+            p = palace_factory({TINY})
+            def wipe_pickle(palace, spec):
+                from chaosfix.faults import pickle_path
+                pickle_path(palace).unlink()
+                return spec.drawers
+            res = crash(wipe_pickle)
+            assert res.steps == [{{"result": 40}}] and "PICKLE_MISSING" in res.codes
+
+        def test_chroma_child_writes_and_can_be_killed(palace_factory, chroma_child):
+            p = palace_factory({TINY})
+            assert chroma_child.add(p, start=40, count=5).result["count"] == 45
+            h = chroma_child.spawn(p, [{{"op": "add", "start": 45, "count": 3000}}])
+            h.kill()
+            assert h.wait().killed
+            obs = chroma_child.observe(p)
+            assert obs["count"] in (45, 3045) and not obs["errors"]
+
+        def test_no_chromadb_here():
+            assert "chromadb" not in sys.modules
+    """)
+    res = inner.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    assert res.ret == 0, _out(res)
+    res.assert_outcomes(passed=6)
+
+
+# ---------------------------------------------------------------------------------------
+# scenarios: marker, parametrization, --chaos-scenarios
+
+
+MY_SCENARIO = """
+    name = "my-truncated-pickle"
+    summary = "a user's own scenario: half the id map gone"
+    versions = ["0.6", "1.x"]
+
+    [palace]
+    drawers = 40
+    dim = 16
+    sync_threshold = 20
+    batch_size = 10
+
+    [[steps]]
+    do = "truncate"
+    file = "index_metadata.pickle"
+    fraction = 0.5
+
+    [expect]
+    codes = { PICKLE_UNREADABLE = "*" }
+    repair = 1
+    embedder = "chaosfix.embedder:HashEmbedder"
+"""
+
+
+def test_scenario_marker_and_parametrization(inner):
+    other = "torn-hnsw" if workload.chroma_major() == "0.6" else "phantom-rows"
+    (inner.path / "mine").mkdir()
+    (inner.path / "mine" / "my.toml").write_text(textwrap.dedent(MY_SCENARIO))
+    inner.makepyfile(test_sc=f"""
+        import pytest
+
+        @pytest.mark.scenario("my-truncated-pickle")
+        def test_marker_breaks_palace(palace, scenario):
+            assert scenario.name == "my-truncated-pickle"
+            assert scenario.palace == palace and scenario.spec.drawers == 40
+            assert "PICKLE_UNREADABLE" in scenario.check().codes()
+
+        @pytest.mark.scenario("{other}")
+        def test_other_family_is_skipped(scenario):
+            raise AssertionError("must not run")
+
+        def test_catalogue(scenario):
+            assert scenario.expected is not None
+    """)
+    res = inner.runpytest("--chaos-scenarios", "mine", "--collect-only", "-q")
+    ids = re.findall(r"test_catalogue\[([\w.-]+)\]", res.stdout.str())
+    assert "my-truncated-pickle" in ids and "partial-flush" in ids and len(ids) >= 17, res.stdout.str()
+    res = inner.runpytest("--chaos-scenarios", "mine", "-k", "marker or other", "-rs")
+    res.assert_outcomes(passed=1, skipped=1)
+    res.stdout.fnmatch_lines([f"*scenario {other} applies to chromadb*"])
+
+
+def test_unknown_scenario_in_marker_is_a_clear_error(inner):
+    inner.makepyfile(test_bad="""
+        import pytest
+
+        @pytest.mark.scenario("no-such-scenario")
+        def test_x(palace):
+            pass
+    """)
+    res = inner.runpytest()
+    assert res.ret != 0
+    assert "unknown scenario 'no-such-scenario'" in _out(res)
+
+
+def test_missing_scenario_folder_is_a_usage_error(inner):
+    inner.makepyfile(test_x="def test_x():\n    pass\n")
+    res = inner.runpytest("--chaos-scenarios", "nowhere")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--chaos-scenarios" in _out(res) and "no such folder" in _out(res)
+
+
+# ---------------------------------------------------------------------------------------
+# failures: messages, rerun line, --chaos-keep
+
+
+def test_failure_output_and_chaos_keep(inner):
+    """A power cut leaves orphans; assert_zero_diff says which and how many; the report
+    names chromadb, seed and the rerun line; --chaos-keep keeps the palace and says where."""
+    inner.makepyfile(test_fail=f"""
+        from chaosfix.assertions import assert_zero_diff
+
+        def test_lost_flush(palace_factory, crash):
+            p = palace_factory({TINY})
+            crash(["snapshot_segment", {{"do": "write", "ops": [{{"op": "add", "start": 40, "count": 45}}]}},
+                   "restore_segment"])
+            assert_zero_diff(p)
+    """)
+    res = inner.runpytest("--chaos-keep", "--chaos-keep-dir", "kept", "--chaos-seed", "3")
+    res.assert_outcomes(failed=1)
+    out = res.stdout.str()
+    assert re.search(r"SQL_ONLY x\d+ in mempalace_drawers: .*e\.g\. drawer_", out), out
+    assert f"chromadb {workload.chromadb_version()}" in out and "seed 3" in out
+    assert "rerun: pytest 'test_fail.py::test_lost_flush' --chaos-seed 3" in out
+    m = re.search(r"kept palace: (\S+)", out)
+    assert m, out
+    kept = Path(m.group(1))
+    assert kept.is_relative_to(inner.path / "kept") and (kept / "palace" / "chroma.sqlite3").is_file()
+    res.stdout.fnmatch_lines(["*chaosfix kept palaces*", f"test_fail.py::test_lost_flush: {kept}"])
+    assert "CHAOSFIX_KEEP_DIR" not in os.environ  # the inner run restored the environment
+
+
+def test_passing_tests_keep_nothing(inner):
+    inner.makepyfile(test_ok=f"def test_ok(palace_factory):\n    palace_factory({TINY})\n")
+    res = inner.runpytest("--chaos-keep")
+    res.assert_outcomes(passed=1)
+    assert not (inner.path / ".chaosfix-keep").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# xdist
+
+
+def test_xdist_workers_never_share_a_palace(inner, tmp_path, monkeypatch):
+    """Two workers race to build the same new template (fresh cache) and each test gets
+    its own copy."""
+    monkeypatch.setenv("CHAOSFIX_CACHE", str(tmp_path / "fresh-cache"))
+    inner.makepyfile(test_x="""
+        import os
+        import pytest
+        from chaosfix.assertions import assert_zero_diff
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_private(palace_factory, i):
+            p = palace_factory(drawers=12, dim=8, sync_threshold=10, batch_size=5)
+            (p / "mine").write_text(os.environ.get("PYTEST_XDIST_WORKER", "-"))
+            assert sorted(x.name for x in p.iterdir() if not x.is_dir()) == ["chroma.sqlite3", "mine"]
+            assert_zero_diff(p)
+            with open(os.environ["PALACE_LOG"], "a") as f:
+                f.write(f"{p}\\n")
+    """)
+    log = tmp_path / "palaces.txt"
+    monkeypatch.setenv("PALACE_LOG", str(log))
+    res = inner.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    assert res.ret == 0, _out(res)
+    res.assert_outcomes(passed=4)
+    paths = log.read_text().split()
+    assert len(paths) == 4 and len(set(paths)) == 4
+    built = [d.name for d in (tmp_path / "fresh-cache" / "palaces").iterdir()]
+    assert len(built) == 1 and not built[0].startswith(".build-"), built  # one template, no leftovers
+
+
+# ---------------------------------------------------------------------------------------
+# the assertion helpers, without pytest fixtures
+
+
+def test_assertion_helpers_pass_on_a_healthy_palace(small_palace):
+    assert assert_zero_diff(small_palace).consistent
+    v = assert_self_query(small_palace, k=10, ef=200)
+    assert v["mempalace_drawers"].queried == 300
+    obs = assert_chromadb_consistent(small_palace)  # spec inferred from the palace
+    assert obs["count"] == 300 and obs["probe_found"]
+
+
+def test_assertion_helpers_say_what_differs(palace_factory, crash, small_spec):
+    p = palace_factory(small_spec)
+    crash("off_by_one")
+    with pytest.raises(AssertionError) as e:
+        assert_zero_diff(p)
+    msg = str(e.value)
+    assert "zero-diff failed" in msg and "OFF_BY_ONE x" in msg, msg
+    crash("truncate", file="data_level0.bin", fraction=0.5)
+    with pytest.raises(AssertionError, match=r"cannot self-query: .*header counts 300 elements"):
+        assert_self_query(p)
+
+
+def test_pending_rows_are_healthy_unless_strict(palace_factory, chroma_child):
+    p = palace_factory(drawers=40, dim=16, sync_threshold=20, batch_size=10)
+    assert chroma_child.add(p, start=40, count=7).ok
+    assert_zero_diff(p)
+    with pytest.raises(AssertionError, match=r"7 WAL rows pending .*e\.g\. drawer_"):
+        assert_zero_diff(p, pending_ok=False)
+
+
+# ---------------------------------------------------------------------------------------
+# README
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Write your own crash test", 1)[1].split("\n## ", 1)[0]
+    m = re.search(r"```python\n(.*?)```", section, re.S)
+    assert m, "README: no python example under 'Write your own crash test'"
+    return m.group(1)
+
+
+def test_readme_example_runs_as_is(inner):
+    inner.makepyfile(test_crash=readme_example())
+    res = inner.runpytest("-p", "no:randomly")
+    assert res.ret == 0, _out(res)
+    res.assert_outcomes(passed=3)
