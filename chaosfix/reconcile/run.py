@@ -30,7 +30,7 @@ from chaosfix.palace import palace_db
 from chaosfix.palace.sql import PalaceSql, journal_synced
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
-from chaosfix.reconcile.safety import PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
+from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
 from chaosfix.reconcile.sources import Embedder, load_embedder
 from chaosfix.reconcile.verify import EF_MAX, Verification, verify_segment
 
@@ -114,7 +114,7 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
     (one may be the only copy of the old segment): a missing segment gets its folder
     back, anything else moves to a recovered-folder beside the palace. A hot journal is
     rolled back only when our marker proves it is ours (a read-write open does it)."""
-    stash = root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}"
+    stash: Path | None = None
     for d in sorted(root.iterdir()):
         prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if d.name.startswith(x)), None)
         if prefix is None or not d.is_dir():
@@ -124,7 +124,8 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
             os.rename(d, root / seg)  # two-rename fallback interrupted between its renames
             notes.append(f"restored segment {seg} from an interrupted swap")
         else:
-            stash.mkdir(exist_ok=True)
+            if stash is None:
+                stash = _new_dir(root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
             os.rename(d, stash / d.name)
             notes.append(f"moved leftover {d.name} to {stash}")
     marker = root / MARKER
@@ -139,6 +140,19 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
     fsync_path(root)
 
 
+def _new_dir(base: Path) -> Path:
+    """Create ``base``, or ``base-2``, ``base-3``...: a rerun in the same second as a killed
+    run must not collide with the folder that run left (FileExistsError, exit 8)."""
+    n = 1
+    while True:
+        d = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            n += 1
+
+
 def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
                      progress: Progress | None = None, log: Callable[[str], None] | None = None,
                      ) -> ReconcileReport:
@@ -149,7 +163,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     rep = ReconcileReport(palace=str(root), dry_run=opts.dry_run)
     embedder = load_embedder(opts.embedder) if isinstance(opts.embedder, str) else opts.embedder
     t0 = time.perf_counter()
-    if not opts.dry_run and ((root / MARKER).exists() or any(
+    if not opts.dry_run and ((root / MARKER).exists() or (root / LOCK_NAME).exists() or any(
             d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):
         with PalaceLock(root):
             _recover_own_leftovers(root, rep.notes)
@@ -223,8 +237,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None
     backup_dir = None
     if opts.backup and rep.has_work:
-        backup_dir = root.parent / f"{root.name}.chaosfix-backup-{stamp}"
-        backup_dir.mkdir(parents=True, exist_ok=False)
+        backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
         if sql_changes:
             # SQLite's backup API refuses a source connection inside a write transaction

@@ -31,14 +31,25 @@ class PalaceLock:
         self.fd: int | None = None
 
     def __enter__(self) -> PalaceLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise OperationalError(f"{self.path.parent}: another chaosfix holds the palace lock") from None
-        return self
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise OperationalError(f"{self.path.parent}: another chaosfix holds the palace lock") from None
+            # the holder we waited on unlinks the file on exit: a lock on an unlinked inode
+            # excludes nobody, so it only counts if the path still names our file
+            try:
+                st = os.stat(self.path)
+                ours = (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                ours = False
+            if ours:
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise OperationalError(f"{self.path.parent}: the palace lock file keeps changing; is another chaosfix running?")
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
