@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -17,15 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from click.testing import CliRunner
+
 from chaosfix import faults
+from chaosfix.check import check_palace
+from chaosfix.cli import main as cli_main
 from chaosfix.drawers import drawer
 from chaosfix.palace import PalaceSql
 from chaosfix.palace.hnsw import parse_header
-from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace
+from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace, observe
 
 ADD100 = [{"op": "add", "start": 300, "count": 100}]
 NEW_IDS = {drawer(i)[0] for i in range(300, 400)}
 HASH_EMBEDDER = "chaosfix.embedder:HashEmbedder"
+SPEC = PalaceSpec()
 
 
 def fingerprint(root: Path) -> dict[str, tuple[str, int]]:
@@ -35,6 +41,11 @@ def fingerprint(root: Path) -> dict[str, tuple[str, int]]:
         if f.is_file():
             out[str(f.relative_to(root))] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
     return out
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``folder``."""
+    return {k: v[0] for k, v in fingerprint(folder).items()}
 
 
 def wal_rows(palace: Path) -> int:
@@ -68,6 +79,44 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
 
 def header(palace: Path):
     return parse_header(faults.segment_file(palace, "header.bin").read_bytes())
+
+
+# ---- running reconcile and judging the result --------------------------------------
+
+
+def reconcile(palace: Path, *args: str) -> tuple[int, dict | None, str]:
+    """``chaosfix reconcile PALACE --json ARGS`` in-process: (exit code, JSON, stderr)."""
+    res = CliRunner().invoke(cli_main, ["reconcile", str(palace), "--json", *args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.stdout + res.stderr
+    doc = json.loads(res.stdout) if res.stdout.strip() else None
+    return res.exit_code, doc, res.stderr
+
+
+def repair(palace: Path, *args: str) -> dict:
+    code, doc, err = reconcile(palace, "--no-chromadb-check", *args)
+    assert code == 1, err
+    assert doc is not None
+    return doc
+
+
+def assert_judged_by_chromadb(palace: Path, rows: int, spec: PalaceSpec = SPEC) -> dict:
+    """A fresh process opens the palace with chromadb: every row, each with its document's
+    embedding, self-query and filtered query hits, and a new add lands and is found."""
+    obs = observe(palace, spec, write_probe=True)
+    assert obs.get("errors") == [], obs.get("errors")
+    assert obs["count"] == rows and obs["ids"] == rows
+    assert obs["bad_embedding_count"] == 0, obs["bad_embeddings"]
+    assert obs["sampled"] > 0
+    assert obs["query_misses"] == [] and obs["filtered_misses"] == []
+    assert obs["probe_found"] is True
+    return obs
+
+
+def assert_consistent(palace: Path) -> None:
+    rep = check_palace(palace)
+    assert rep.consistent, rep.codes()
+    assert set(rep.codes()) <= {"PENDING"}, rep.codes()
 
 
 # ---- damages (issue 2 section 4), made as tests/test_check.py makes them ---------------

@@ -12,7 +12,6 @@ palace is judged in a fresh process by chromadb's own API (workload.observe).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickletools
 import sqlite3
@@ -25,10 +24,16 @@ import pytest
 from click.testing import CliRunner
 from helpers import (
     HASH_EMBEDDER,
+    SPEC,
     applicable,
+    assert_consistent,
+    assert_judged_by_chromadb,
     damaged_palace,
     fingerprint,
+    hashes,
     header,
+    reconcile,
+    repair,
     run_cli,
     scratch_of,
     sql_rows,
@@ -41,9 +46,8 @@ from chaosfix.drawers import COLLECTION
 from chaosfix.palace import idmap
 from chaosfix.reconcile.plan import chroma_capacity
 from chaosfix.reconcile.safety import PalaceLock
-from chaosfix.workload import PalaceSpec, apply_ops, child_env, chroma_major, fresh_palace, observe, template
+from chaosfix.workload import PalaceSpec, apply_ops, child_env, chroma_major, fresh_palace, template
 
-SPEC = PalaceSpec()
 FIXTURE_06 = Path(__file__).resolve().parent.parent / "scenarios" / "fixtures" / "palace-0.6.3-300.tar.gz"
 
 # What the dry run must plan for each damage (300-drawer palace, sync_threshold 100).
@@ -94,22 +98,6 @@ def expected(name: str) -> dict:
 # ---- helpers -----------------------------------------------------------------------
 
 
-def reconcile(palace: Path, *args: str) -> tuple[int, dict | None, str]:
-    """``chaosfix reconcile PALACE --json ARGS`` in-process: (exit code, JSON, stderr)."""
-    res = CliRunner().invoke(cli_main, ["reconcile", str(palace), "--json", *args])
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert "Traceback" not in res.stdout + res.stderr
-    doc = json.loads(res.stdout) if res.stdout.strip() else None
-    return res.exit_code, doc, res.stderr
-
-
-def repair(palace: Path, *args: str) -> dict:
-    code, doc, err = reconcile(palace, "--no-chromadb-check", *args)
-    assert code == 1, err
-    assert doc is not None
-    return doc
-
-
 def pickle_head(raw: bytes, n: int = 5) -> list[tuple[str, object]]:
     """The first ``n`` opcodes (name, arg) of a pickle, memo and frame bookkeeping skipped:
     PROTO 3 + EMPTY_DICT is the 1.x dict, PROTO 5 + the PersistentData global the 0.6 object."""
@@ -136,30 +124,8 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def hashes(folder: Path) -> dict[str, str]:
-    return {k: v[0] for k, v in fingerprint(folder).items()}
-
-
 def listing(folder: Path) -> list[str]:
     return sorted(os.listdir(folder))
-
-
-def assert_judged_by_chromadb(palace: Path, rows: int, spec: PalaceSpec = SPEC) -> None:
-    """A fresh process opens the palace with chromadb: every row, each with its document's
-    embedding, self-query and filtered query hits, and a new add lands and is found."""
-    obs = observe(palace, spec, write_probe=True)
-    assert obs.get("errors") == [], obs.get("errors")
-    assert obs["count"] == rows and obs["ids"] == rows
-    assert obs["bad_embedding_count"] == 0, obs["bad_embeddings"]
-    assert obs["sampled"] > 0
-    assert obs["query_misses"] == [] and obs["filtered_misses"] == []
-    assert obs["probe_found"] is True
-
-
-def assert_consistent(palace: Path) -> None:
-    rep = check_palace(palace)
-    assert rep.consistent, rep.codes()
-    assert set(rep.codes()) <= {"PENDING"}, rep.codes()
 
 
 # ---- every damage ------------------------------------------------------------------
@@ -276,8 +242,7 @@ def test_forced_rebuild_and_impossible_incremental(tmp_path, damage_cache):
     (plan,) = doc["plans"]
     assert plan["strategy"] == "rebuild" and (plan["keep"], plan["add"]) == (300, 150)
     assert header(p).max_elements == chroma_capacity(rows)
-    assert_consistent(p)
-    assert_judged_by_chromadb(p, rows)
+    assert_consistent(p)  # (rebuilds are judged by chromadb in test_damage_is_repaired)
 
     # incremental cannot work from torn files or a lost map: the plan says rebuild, and why
     for name in ("truncated-level0", "pickle-deleted", "link-bloat-300x"):
@@ -359,14 +324,12 @@ def test_no_backup_leaves_none(tmp_path, damage_cache):
 # ---- palaces with nothing to do are left byte-identical ------------------------------
 
 
-@pytest.mark.parametrize("kind", ["healthy", "after-deletes", "pending", "never-persisted"])
+@pytest.mark.parametrize("kind", ["healthy", "after-deletes", "never-persisted"])
 def test_nothing_to_do_is_byte_identical(kind, tmp_path):
     spec = PalaceSpec(drawers=50) if kind == "never-persisted" else SPEC
     p = fresh_palace(tmp_path / "palace", spec)
     if kind == "after-deletes":
         assert apply_ops(p, spec, [{"op": "delete", "start": 0, "count": 120}]).ok
-    elif kind == "pending":
-        assert apply_ops(p, spec, [{"op": "add", "start": 300, "count": 30}]).ok
     prints, beside = fingerprint(p), listing(tmp_path)
     for args in ([], ["--embedder", HASH_EMBEDDER], ["--strategy", "incremental"]):
         code, doc, err = reconcile(p, *args)
@@ -409,8 +372,8 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
     assert {k: v for k, v in after.codes().items() if k != "PENDING"} == {"SQL_ONLY": len(orphans)}
     assert sorted(after.states[0].sql_only()) == orphans
     assert sql_rows(p) == rows
-    text = run_cli("reconcile", str(p), "--no-chromadb-check")
-    assert text.returncode == 4 and "pass --embedder" in text.stdout
+    text = CliRunner().invoke(cli_main, ["reconcile", str(p), "--no-chromadb-check"])
+    assert text.exit_code == 4 and "pass --embedder" in text.stdout
 
     # with an embedder the rest is repaired too
     doc = repair(p, "--embedder", HASH_EMBEDDER)
@@ -422,15 +385,23 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
 # ---- safety: refuse, in one line, and touch nothing -----------------------------------
 
 
-def assert_refused(palace: Path, *args: str, want: str, env: dict | None = None) -> None:
+def assert_refused(palace: Path, *args: str, want: str, child: bool = False) -> None:
+    """exit 8, one line on stderr naming ``want``, nothing on stdout, nothing changed.
+    ``child``: run the real command in another process (else in-process, CliRunner)."""
     prints = fingerprint(palace)
     beside = listing(palace.parent)
-    r = run_cli("reconcile", str(palace), *args, env=env)
-    assert r.returncode == 8, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    if child:
+        r = run_cli("reconcile", str(palace), *args)
+        code, out, err = r.returncode, r.stdout, r.stderr
+    else:
+        res = CliRunner().invoke(cli_main, ["reconcile", str(palace), *args])
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+        code, out, err = res.exit_code, res.stdout, res.stderr
+    assert code == 8, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert want in lines[0], lines[0]
-    assert r.stdout == ""
+    assert out == ""
     assert fingerprint(palace) == prints and listing(palace.parent) == beside
 
 
@@ -462,7 +433,7 @@ def test_refuses_while_another_process_has_the_palace_open(holder, tmp_path):
                             text=True, env=child_env())
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.poll() is not None else ""
-        assert_refused(p, "--no-chromadb-check", want=str(proc.pid))
+        assert_refused(p, "--no-chromadb-check", want=str(proc.pid), child=True)
     finally:
         proc.kill()
         proc.communicate()
@@ -473,8 +444,36 @@ def test_refuses_while_another_chaosfix_holds_the_lock(tmp_path):
     p = fresh_palace(tmp_path / "palace", SPEC)
     faults.off_by_one(p)
     with PalaceLock(p):
-        assert_refused(p, "--no-chromadb-check", want="another chaosfix holds the palace lock")
+        assert_refused(p, "--no-chromadb-check", want="another chaosfix holds the palace lock", child=True)
     assert reconcile(p, "--no-chromadb-check")[0] == 1
+
+
+def test_lock_is_not_shared_after_an_unlink_race(tmp_path, monkeypatch):
+    """A holds the lock; B opens the lock file; A exits (unlinking it); C locks a new file;
+    then B's flock on the unlinked inode succeeds. B must notice and refuse, not run
+    beside C."""
+    from chaosfix.errors import OperationalError
+    from chaosfix.reconcile import safety
+
+    a = PalaceLock(tmp_path).__enter__()
+    real_flock = safety.fcntl.flock
+    held: list[PalaceLock] = []
+    raced = []
+
+    def racing_flock(fd, op):
+        if not raced:
+            raced.append(True)
+            a.__exit__(None, None, None)
+            held.append(PalaceLock(tmp_path).__enter__())  # C
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(safety.fcntl, "flock", racing_flock)
+    with pytest.raises(OperationalError, match="another chaosfix holds the palace lock"):
+        PalaceLock(tmp_path).__enter__()  # B
+    monkeypatch.undo()
+    held[0].__exit__(None, None, None)
+    with PalaceLock(tmp_path):
+        pass
 
 
 def test_refuses_a_hot_journal(tmp_path):
@@ -499,19 +498,19 @@ def test_bad_embedder_is_one_line(ref, want, tmp_path):
     assert_refused(p, "--embedder", ref, want=want)
 
 
-def test_embedder_of_the_wrong_dimension_is_one_line(tmp_path):
+def test_embedder_of_the_wrong_dimension_is_one_line(tmp_path, monkeypatch):
     p = fresh_palace(tmp_path / "palace", SPEC)
     faults.pickle_path(p).unlink()
     mod = tmp_path / "mods"
     mod.mkdir()
-    (mod / "tiny_embedder.py").write_text("def embed(docs):\n    return [[0.5] * 8 for _ in docs]\n")
-    env = child_env()
-    env["PYTHONPATH"] = f"{mod}{os.pathsep}{env['PYTHONPATH']}"
-    assert_refused(p, "--embedder", "tiny_embedder:embed", "--no-chromadb-check", want="384", env=env)
+    (mod / "tiny_embedder_for_test.py").write_text("def embed(docs):\n    return [[0.5] * 8 for _ in docs]\n")
+    monkeypatch.syspath_prepend(str(mod))
+    assert_refused(p, "--embedder", "tiny_embedder_for_test:embed", "--no-chromadb-check", want="384")
 
 
 def test_cli_is_one_line_for_not_a_palace(tmp_path):
-    for bad in (tmp_path / "nope", tmp_path):
-        r = run_cli("reconcile", str(bad))
-        assert r.returncode == 8 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    r = run_cli("reconcile", str(tmp_path / "nope"))
+    assert r.returncode == 8 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    res = CliRunner().invoke(cli_main, ["reconcile", str(tmp_path)])
+    assert res.exit_code == 8 and len(res.stderr.strip().splitlines()) == 1 and res.stdout == ""
 
