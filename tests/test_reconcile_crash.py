@@ -21,12 +21,14 @@ from helpers import (
     assert_judged_by_chromadb,
     damaged_palace,
     hashes,
+    header,
     reconcile,
     sql_rows,
 )
 
 from chaosfix import faults
 from chaosfix.reconcile import run as run_mod
+from chaosfix.reconcile.plan import chroma_capacity
 from chaosfix.workload import PalaceSpec, child_env, copy_palace, fresh_palace
 
 RECONCILE_SRC = Path(run_mod.__file__).parent
@@ -127,3 +129,4 @@ def test_random_time_kills_then_rerun(tmp_path):
         assert sql_rows(p) == rows, "a committed row was lost"
     assert -signal.SIGKILL in outcomes, f"no kill landed inside a reconcile ({outcomes}, run takes {took:.2f}s)"
     rerun_and_judge(p, rows, old_seg, BIG, "--strategy", "rebuild")
+    assert rows <= header(p).max_elements <= chroma_capacity(rows), "max_elements sized beyond what chromadb would"
