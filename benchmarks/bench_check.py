@@ -22,73 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from chaosfix.workload import PalaceSpec, cache_dir, chromadb_version, template
+from _common import MB, cached_template, chaosfix_command, dir_size, evict, index_files, print_rows, run_timed, spec_for
+
+from chaosfix.workload import chromadb_version
 
 TIME_TARGET_S = 3.0
 RSS_TARGET_RATIO = 1.5
-MB = 1 << 20
-
-
-def spec_for(drawers: int, dim: int) -> PalaceSpec:
-    """The benchmark palace: chromadb's defaults, not the small test defaults."""
-    return PalaceSpec(drawers=drawers, dim=dim, space="cosine", sync_threshold=1000, batch_size=100)
 
 
 def check_command(palace: Path) -> list[str]:
     """``chaosfix check --json PALACE`` with this interpreter's console script."""
-    script = Path(sys.executable).parent / "chaosfix"
-    if script.is_file():
-        return [str(script), "check", "--json", str(palace)]
-    return [sys.executable, "-c", "from chaosfix.cli import main; main()", "check", "--json", str(palace)]
-
-
-def evict(palace: Path) -> int:
-    """Drop the palace's clean pages from the page cache (read-only: no byte or mtime
-    changes). Returns how many files were advised; 0 when the platform lacks fadvise."""
-    if not hasattr(os, "posix_fadvise"):
-        return 0
-    n = 0
-    for p in palace.rglob("*"):
-        if not p.is_file():
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            n += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return n
-
-
-def run_timed(cmd: list[str]) -> tuple[float, int, int, str]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of that child, exit code, stdout)."""
-    with tempfile.TemporaryFile(mode="w+") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
-        out.seek(0)
-        text = out.read()
-    if proc.returncode not in (0, 4):
-        sys.stderr.write(err)
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return wall, rss, proc.returncode, text
+    return chaosfix_command("check", "--json", palace)
 
 
 def baseline() -> tuple[float, int]:
@@ -96,14 +46,6 @@ def baseline() -> tuple[float, int]:
     code = "import chaosfix.cli, chaosfix.check, chaosfix.report, numpy"
     runs = [run_timed([sys.executable, "-c", code]) for _ in range(3)]
     return min(r[0] for r in runs), max(r[1] for r in runs)
-
-
-def index_files(palace: Path) -> list[Path]:
-    return sorted(palace.glob("*/data_level0.bin"))
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def profile(palace: Path, top: int) -> None:
@@ -135,14 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_for(args.drawers, args.dim)
     version = chromadb_version()
     print(f"chromadb {version}, python {sys.version.split()[0]}, spec {spec}", file=sys.stderr)
-    print(f"palace cache: {cache_dir() / spec.key()}", file=sys.stderr)
-    cached = (cache_dir() / spec.key() / "chroma.sqlite3").is_file()
-    if not cached:
-        print("building the palace with chromadb (once; minutes for 100k drawers)...", file=sys.stderr)
-    t0 = time.perf_counter()
-    palace = template(spec)
-    took = time.perf_counter() - t0
-    print(f"palace ready in {took:.1f} s ({'cached' if cached else 'built'}): {palace}", file=sys.stderr)
+    palace = cached_template(spec, lambda m: print(m, file=sys.stderr))
 
     work = None
     target = palace
@@ -171,7 +106,7 @@ def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
         kind = "cold" if i < args.cold else "warm"
         if kind == "cold" and not evict(palace):
             kind = "cold?"  # no fadvise: the page cache was not dropped
-        wall, rss, rc, out = run_timed(cmd)
+        wall, rss, rc, out, _ = run_timed(cmd)
         try:
             consistent = json.loads(out).get("consistent")
         except ValueError:
@@ -206,10 +141,8 @@ def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
         ("target wall < 3 s", f"{'met' if med_warm < TIME_TARGET_S else 'MISSED'} (warm median)"),
         ("target RSS < 1.5x", "met" if ratio < RSS_TARGET_RATIO else "MISSED"),
     ]
-    width = max(len(k) for k, _ in rows)
     print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_rows(rows)
     if best >= TIME_TARGET_S or ratio >= RSS_TARGET_RATIO:
         print("(a target is missed: run with --profile to see where the time goes)")
     if args.profile:

@@ -1,0 +1,142 @@
+"""Helpers shared by the benchmarks: the cached benchmark palace, the chaosfix command
+line of this interpreter, and timing a child process (wall time and its own peak RSS).
+
+The benchmark scripts run as ``python benchmarks/<name>.py``, so this folder is on
+``sys.path`` and they import this module as ``_common``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, copy_palace, template
+
+MB = 1 << 20
+BASE = 100_000  # a larger palace grows from the cached palace of this size...
+STEP = 50_000  # ...by this many drawers per chromadb child
+
+
+def spec_for(drawers: int, dim: int) -> PalaceSpec:
+    """The benchmark palace: chromadb's defaults, not the small test defaults."""
+    return PalaceSpec(drawers=drawers, dim=dim, space="cosine", sync_threshold=1000, batch_size=100)
+
+
+def cached_template(spec: PalaceSpec, log: Callable[[str], None]) -> Path:
+    """The cached palace for ``spec`` (``chaosfix.workload.template``'s cache), built on
+    first use. Above ``BASE`` drawers it grows from the cached ``BASE``-drawer palace by
+    ``STEP`` drawers per chromadb child process: a single child building 500k drawers
+    outlives ``chaosfix.workload.run_child``'s 15-minute timeout."""
+    dest = cache_dir() / spec.key()
+    cached = (dest / "chroma.sqlite3").is_file()
+    log(f"palace cache: {dest}")
+    if not cached:
+        log(f"building the {spec.drawers:,}-drawer palace with chromadb (once; minutes)...")
+    t0 = time.perf_counter()
+    if cached or spec.drawers <= BASE:
+        palace = template(spec)
+    else:
+        palace = _grow(spec, cached_template(spec.with_(drawers=BASE), log), log)
+    log(f"palace ready in {time.perf_counter() - t0:.1f} s ({'cached' if cached else 'built'}): {palace}")
+    return palace
+
+
+def _grow(spec: PalaceSpec, base: Path, log: Callable[[str], None]) -> Path:
+    dest = cache_dir() / spec.key()
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir()))
+    try:
+        p = copy_palace(base, tmp / "p")
+        for start in range(BASE, spec.drawers, STEP):
+            count = min(STEP, spec.drawers - start)
+            t = time.perf_counter()
+            res = apply_ops(p, spec, [{"op": "add", "start": start, "count": count}])
+            if not res.ok:
+                raise SystemExit(f"adding drawers {start:,}+{count:,} failed: "
+                                 f"{res.result.get('error') or res.stderr[-500:]}")
+            log(f"  {start + count:,} drawers ({time.perf_counter() - t:.0f} s for this step)")
+        try:
+            os.rename(p, dest)  # another run may have won the race: fine
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def chaosfix_command(*args: str | Path) -> list[str]:
+    """``chaosfix ARGS...`` with this interpreter's console script (or ``-c`` fallback)."""
+    script = Path(sys.executable).parent / "chaosfix"
+    head = [str(script)] if script.is_file() else [sys.executable, "-c", "from chaosfix.cli import main; main()"]
+    return head + [str(a) for a in args]
+
+
+def evict(palace: Path) -> int:
+    """Drop the palace's clean pages from the page cache (read-only: no byte or mtime
+    changes). Returns how many files were advised; 0 when the platform lacks fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    n = 0
+    for p in palace.rglob("*"):
+        if not p.is_file():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            n += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return n
+
+
+class Timed(NamedTuple):
+    wall: float  # seconds
+    rss: int  # peak RSS of that one child, bytes
+    rc: int
+    out: str
+    err: str
+
+
+def run_timed(cmd: list[str], ok: tuple[int, ...] = (0, 4), env: dict[str, str] | None = None) -> Timed:
+    """Run ``cmd`` to completion; time it and take its peak RSS from ``os.wait4``.
+
+    stdout and stderr go to temporary files (a pipe left unread while waiting could fill
+    and stall the child). stderr is echoed when the exit code is not in ``ok``.
+    """
+    with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, etext = out.read(), err.read()
+    if rc not in ok:
+        sys.stderr.write(etext)
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return Timed(wall, rss, rc, text, etext)
+
+
+def index_files(palace: Path) -> list[Path]:
+    return sorted(palace.glob("*/data_level0.bin"))
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    """A two-column key/value table on stdout."""
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
