@@ -79,10 +79,12 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
               help="Self-query repaired rows plus a sample, or every row.")
 @click.option("--no-chromadb-check", is_flag=True, help="Skip the final reopen with chromadb.")
 @click.option("--apply-pending", is_flag=True, help="Also fold pending WAL rows into a healthy index.")
+@click.option("--prune-orphan-dirs", is_flag=True, help="Move segment folders no segment owns into the backup.")
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.reconcile/1 JSON object.")
 @_one_line_errors
 def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str | None, no_backup: bool,
-              strategy: str, verify_mode: str, no_chromadb_check: bool, apply_pending: bool, as_json: bool) -> int:
+              strategy: str, verify_mode: str, no_chromadb_check: bool, apply_pending: bool, prune_orphan_dirs: bool,
+              as_json: bool) -> int:
     """Repair every fixable finding. Exit 0 nothing to do, 1 repaired, 4 left unrepaired, 8 error.
 
     With --dry-run the exit code says what a real run would return."""
@@ -91,7 +93,8 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
 
     opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=embedder,
                             strategy=strategy, verify_full=verify_mode == "full",
-                            chromadb_check=not no_chromadb_check, apply_pending=apply_pending)
+                            chromadb_check=not no_chromadb_check, apply_pending=apply_pending,
+                            prune_orphan_dirs=prune_orphan_dirs)
     prog = Progress()
     rep = reconcile_palace(palace, opts, progress=prog.update, log=prog.say)
     prog.done()

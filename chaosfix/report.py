@@ -90,13 +90,15 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
         out.append(f"WAL floor row at seq_id {rep.queue_floor}: new writes get seq_ids above every max_seq_id")
     for n in rep.notes:
         out.append(f"note: {n}")
+    for n in rep.left:
+        out.append(f"left: {n}")
     if rep.backup:
         out.append(f"backup: {rep.backup}")
     if rep.chromadb is not None:
         out.append("chromadb reopen: " + ("ok" if rep.chromadb.get("ok") else f"FAILED {rep.chromadb}"))
     code = rep.exit_code
     verdict = {0: "nothing to do", 1: "repaired" if not rep.dry_run else "would repair",
-               4: "left rows unrepaired" if not rep.dry_run else "would leave rows unrepaired"}[code]
+               4: "left unrepaired (see above)" if not rep.dry_run else "would leave some unrepaired (see above)"}[code]
     out.append(f"verdict: {verdict}")
     return "\n".join(out)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickletools
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -337,6 +338,25 @@ def test_nothing_to_do_is_byte_identical(kind, tmp_path):
         assert doc["backup"] is None and all(pl["strategy"] == "none" for pl in doc["plans"])
     assert fingerprint(p) == prints, "a palace with nothing to do was changed"
     assert listing(tmp_path) == beside
+
+
+# ---- orphan segment folders: reported, moved to the backup only on request -----------
+
+
+def test_orphan_folder_is_left_with_exit_4_unless_pruned(tmp_path):
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    seg = faults.segment_dir(p)
+    orphan = p / "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    shutil.copytree(seg, orphan)
+    prints = fingerprint(p)
+    code, doc, _ = reconcile(p)
+    assert code == 4 and doc["left"] and "prune-orphan-dirs" in doc["left"][0]
+    assert fingerprint(p) == prints  # reported, not touched
+    code, doc, _ = reconcile(p, "--prune-orphan-dirs", "--no-chromadb-check")
+    assert code == 1 and not orphan.exists()
+    assert (Path(doc["backup"]) / orphan.name / "data_level0.bin").is_file()  # moved, not deleted
+    assert_consistent(p)
+    assert reconcile(p)[0] == 0
 
 
 # ---- no source, no embedder: exit 4, the rest fixed, the rows listed -----------------

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from chaosfix.check import CheckReport, check_palace
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
-from chaosfix.palace import palace_db
+from chaosfix.palace import UUID_RE, palace_db
 from chaosfix.palace.sql import PalaceSql, journal_synced
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
@@ -68,10 +68,12 @@ class ReconcileReport:
     chromadb: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    prune_dirs: list[str] = field(default_factory=list)  # orphan segment folders to move to the backup
+    left: list[str] = field(default_factory=list)  # findings deliberately left, with why (exit 4)
 
     @property
     def has_work(self) -> bool:
-        return any(p.has_work for p in self.plans) or self.queue_floor is not None
+        return any(p.has_work for p in self.plans) or self.queue_floor is not None or bool(self.prune_dirs)
 
     @property
     def unrepaired(self) -> list[str]:
@@ -79,7 +81,7 @@ class ReconcileReport:
 
     @property
     def exit_code(self) -> int:
-        if self.unrepaired or (self.chromadb is not None and not self.chromadb.get("ok", False)):
+        if self.unrepaired or self.left or (self.chromadb is not None and not self.chromadb.get("ok", False)):
             return EXIT_UNREPAIRED
         return EXIT_REPAIRED if self.has_work else EXIT_OK
 
@@ -97,6 +99,7 @@ class ReconcileReport:
             "chromadb": self.chromadb,
             "timings": self.timings,
             "notes": self.notes,
+            "left": self.left,
         }
 
 
@@ -169,7 +172,11 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             _recover_own_leftovers(root, rep.notes)
     before = check_palace(root, opts.collection)
     _refuse_sql_damage(before, root)
-    rep.plans, rep.queue_floor = _plan_all(root, before, None, embedder, opts)
+    rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
+    orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
+    if orphans and not opts.prune_orphan_dirs:
+        rep.left.append(f"SEGMENT_DIR_ORPHAN: {orphans} folder(s) no segment owns; "
+                        "--prune-orphan-dirs moves them into the backup")
     rep.timings["plan"] = time.perf_counter() - t0
     if opts.dry_run or not rep.has_work:
         return rep
@@ -190,7 +197,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             # re-plan under the lock: the palace may have changed since the first look
             before = check_palace(root, opts.collection, conn=conn)
             _refuse_sql_damage(before, root)
-            rep.plans, rep.queue_floor = _plan_all(root, before, conn, embedder, opts)
+            rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
             _execute(root, conn, rep, opts, progress, say)
         except BaseException:
             if conn.in_transaction:
@@ -217,7 +224,8 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
 
 
 def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, embedder: Embedder | None,
-              opts: ReconcileOptions) -> tuple[list[CollectionPlan], int | None]:
+              opts: ReconcileOptions) -> tuple[list[CollectionPlan], int | None, list[str]]:
+    """Plans per collection, the WAL floor seq_id (QUEUE_RESET), orphan folders to prune."""
     sql = PalaceSql(root / "chroma.sqlite3", conn)
     try:
         plans = [plan_collection(sql, st, rep, embedder, opts.strategy, opts.apply_pending) for st in rep.states]
@@ -226,7 +234,12 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
             seqs = [s.value for s in sql.max_seq_ids().values() if not s.poisoned]
             seqs += [w.value for p in plans for w in p.seq_writes]
             floor = max(seqs, default=0)
-        return plans, floor
+        prune: list[str] = []
+        if opts.prune_orphan_dirs and opts.collection is None and "SEGMENT_DIR_ORPHAN" in rep.codes():
+            known = sql.all_segment_ids()
+            prune = sorted(d.name for d in root.iterdir()
+                           if d.is_dir() and UUID_RE.match(d.name) and d.name not in known)
+        return plans, floor, prune
     finally:
         sql.close()
 
@@ -236,7 +249,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None
     backup_dir = None
-    if opts.backup and rep.has_work:
+    if (opts.backup and rep.has_work) or rep.prune_dirs:  # pruned folders always go to a backup
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
         if sql_changes:
@@ -296,6 +309,12 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             else:
                 shutil.rmtree(new)
         killpoint("old-moved")
+    for name in rep.prune_dirs:
+        assert backup_dir is not None
+        os.rename(root / name, backup_dir / name)
+        rep.notes.append(f"moved orphan folder {name} into the backup")
+    if rep.prune_dirs:
+        fsync_path(root)
     if backup_dir is not None:
         fsync_path(backup_dir)
     for p in rep.plans:
