@@ -104,6 +104,7 @@ def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, em
     codes = {k: v for k, v in report.codes(info.name).items()
              if k not in ("HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "SEGMENT_DIR_ORPHAN")}
     plan = CollectionPlan(info.name, info.vector_segment, codes, state=st)
+    plan.fmt = st.idmap.fmt if st.idmap is not None else ("object" if sql.schema == "0.6" else "dict")
     problems = {c for c in codes if c != "PENDING"}
     dir_missing = st.seg_dir is None or not st.seg_dir.is_dir()
     if dir_missing and "SEGMENT_DIR_MISSING" not in problems:
@@ -128,7 +129,6 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.strategy = "rebuild"
         plan.reasons.append("incremental cannot fix " + ", ".join(sorted(problems & REBUILD_CODES)))
     plan.reasons.extend(sorted(problems & REBUILD_CODES))
-    plan.fmt = m.fmt if m is not None else ("object" if sql.schema == "0.6" else "dict")
     h = st.files.header if st.files is not None else None
     dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
     # the 0.6 object format needs the dimension (0.6 fails every read without it)
