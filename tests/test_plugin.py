@@ -271,9 +271,10 @@ def test_assertion_helpers_say_what_differs(palace_factory, crash, small_spec):
         assert_zero_diff(p)
     msg = str(e.value)
     assert "zero-diff failed" in msg and "OFF_BY_ONE x" in msg, msg
-    crash("truncate", file="data_level0.bin", fraction=0.5)
+    q = palace_factory(small_spec)
+    crash("truncate", palace=q, file="data_level0.bin", size=4096)
     with pytest.raises(AssertionError, match=r"cannot self-query: .*header counts 300 elements"):
-        assert_self_query(p)
+        assert_self_query(q)
 
 
 def test_pending_rows_are_healthy_unless_strict(palace_factory, chroma_child):
