@@ -65,7 +65,7 @@ def workloads(draw, spec: PalaceSpec | None = None, min_ops: int = 1, max_ops: i
     nxt = spec.drawers
     out: list[dict] = []
     for _ in range(draw(st.integers(min_ops, max_ops))):
-        kind = draw(st.sampled_from([k for k in kinds if k == "add" or k == "upsert" or nxt > 0]))
+        kind = draw(st.sampled_from([k for k in kinds if k in ("add", "upsert") or nxt > 0] or ["add"]))
         count = draw(op_counts(spec.sync_threshold))
         if kind == "add":
             op = {"op": "add", "start": nxt, "count": count}
