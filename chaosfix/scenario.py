@@ -13,7 +13,7 @@ A scenario file (TOML) says what it reproduces and how to judge the outcome:
     [expect]                             # judged after the break; `[expect."0.6"]` overrides per family
     codes = { SQL_ONLY = 150 }           # exact non-info check codes and counts ("*" = any count)
     codes_among = ["TORN", ...]          # instead of codes: some findings, all from this list
-    reopen = "ok" | "<substring of chromadb's error>"
+    reopen = "ok" | "<substring of chromadb's error>" | [alternatives]
     repair = 1                           # reconcile exit code
     embedder = "chaosfix.embedder:HashEmbedder"   # for rows with no vector anywhere
 
@@ -276,14 +276,17 @@ def _codes_match(want: dict, got: dict, among: list[str] | None = None) -> tuple
     return not problems, "; ".join(problems)
 
 
-def _reopen_matches(want: str | None, obs: dict) -> tuple[bool, str]:
+def _reopen_matches(want: str | list[str] | None, obs: dict) -> tuple[bool, str]:
+    """``want``: "ok", an error substring, or a list of alternatives (a damaged index can
+    make chromadb raise or segfault depending on which garbage it reads first)."""
     errs = [f"{where}: {msg}" for where, msg in obs.get("errors", [])]
     summary = "; ".join(errs)[:300] or "ok"
     if want is None:
         return True, summary
-    if want == "ok":
-        return not errs, summary
-    return any(want in e for e in errs), summary
+    for alt in [want] if isinstance(want, str) else want:
+        if (alt == "ok" and not errs) or (alt != "ok" and any(alt in e for e in errs)):
+            return True, summary
+    return False, summary
 
 
 def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: str | Path | None = None,
