@@ -29,6 +29,7 @@ CODES = {
     "HNSW_ONLY": "id map entries with no SQL row (phantoms)",
     "GHOST_LABEL": "live index labels the id map does not know",
     "DUPLICATE_LABEL": "one label held by several slots or ids",
+    "REPLAY_CONFLICT": "pending deletes already applied to the index: chromadb 1.x fails to apply logs",
     "OFF_BY_ONE": "total_elements_added below the max label, or maps not inverse",
     "DIMENSION_LOST": "0.6 id map without dimensionality (0.6 raises TypeError on every read)",
     "TORN": "index files inconsistent with their header (torn or damaged write)",
@@ -205,6 +206,9 @@ def _collection_findings(st: CollectionState, report: CheckReport) -> None:
         add("HNSW_ONLY", len(phantoms), phantoms, "id map entries with no SQL row")
         ghosts = st.ghost_labels()
         add("GHOST_LABEL", len(ghosts), ghosts, "index labels unknown to the id map")
+        conflicts = st.replay_conflicts()
+        add("REPLAY_CONFLICT", len(conflicts), conflicts,
+            "pending deletes of labels the index already marked deleted: chromadb's replay fails")
         dups = st.duplicate_labels()
         add("DUPLICATE_LABEL", len(dups), dups, "labels held twice")
         # the map's own labels only: index labels the map lacks are GHOST_LABEL, and the

@@ -93,6 +93,15 @@ class CollectionState:
             return []
         return sorted(lab for lab in self.live_label_slots if lab not in self.idmap.label_to_id)
 
+    def replay_conflicts(self) -> list[str]:
+        """Ids with a pending delete whose mapped label the index already marked deleted:
+        the persist reached data_level0.bin but not the pickle or max_seq_id, and chromadb
+        1.x's replay of the delete then fails ('Failed to apply logs')."""
+        if self.idmap is None or self.slots is None:
+            return []
+        gone = set(self.slots.labels[self.slots.deleted].tolist())
+        return sorted({w.id for w in self.pending if w.op == 3 and self.idmap.id_to_label.get(w.id) in gone})
+
     def rows_not_pending(self) -> int:
         skip = self.pending_ids
         return sum(1 for r in self.sql_rows if r not in skip)
