@@ -171,6 +171,20 @@ def test_sigkill_mid_persist_is_torn(small_palace, small_spec, major):
     assert "link_lists.bin ends at element 300 of 400" in torn.detail
 
 
+@needs_strace
+def test_sigkill_mid_persist_of_a_delete_is_a_replay_conflict(small_palace, small_spec, major):
+    """1.x: killed on the 2nd write to link_lists.bin while 101 deletes persist: the delete
+    marks reached data_level0.bin, the pickle and max_seq_id did not, and chromadb 1.5.9's
+    replay of the deletes fails ('Failed to apply logs'). 0.6 writes no link list there."""
+    prefix = faults.strace_kill_prefix(faults.segment_file(small_palace, "link_lists.bin"), 2, "write,writev")
+    res = apply_ops(small_palace, small_spec, [{"op": "delete", "start": 0, "count": 101}], prefix=prefix)
+    if major == "0.6":
+        assert not res.killed and codes(small_palace) in ({}, {"PENDING": 1})
+        return
+    assert res.killed
+    assert codes(small_palace) == {"REPLAY_CONFLICT": 101, "PENDING": 101}
+
+
 # ---- file damage ------------------------------------------------------------------
 
 
