@@ -29,7 +29,6 @@ hypothesis profile for ``chaosfix.stateful`` machines.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import shutil
@@ -481,15 +480,7 @@ class ChildHandle:
 
     def wait(self, timeout: float | None = 300) -> workload.ChildResult:
         out, err = self.proc.communicate(timeout=timeout)
-        result: dict = {}
-        for line in (out or "").splitlines()[::-1]:
-            if line.startswith("{"):
-                try:
-                    result = json.loads(line)
-                    break
-                except ValueError:
-                    pass
-        return workload.ChildResult(self.proc.returncode, result, err or "")
+        return workload.ChildResult(self.proc.returncode, workload.parse_result(out), err or "")
 
 
 class ChromaChild:

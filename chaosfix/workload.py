@@ -101,17 +101,20 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
     rc = proc.returncode
-    if prefix and rc != 0 and "+++ killed by SIGKILL" in (err or ""):
-        rc = -signal.SIGKILL  # strace reports the tracee's death, itself exits 137
-    result: dict = {}
-    for line in (out or "").splitlines()[::-1]:
+    if prefix and rc != 0 and (rc == 128 + signal.SIGKILL or "+++ killed by SIGKILL" in (err or "")):
+        rc = -signal.SIGKILL  # strace reports the tracee's death as its own exit 137
+    return ChildResult(rc, parse_result(out), err or "")
+
+
+def parse_result(stdout: str | None) -> dict:
+    """The child's one JSON result line (the last line that parses), or {} if it died first."""
+    for line in (stdout or "").splitlines()[::-1]:
         if line.startswith("{"):
             try:
-                result = json.loads(line)
-                break
+                return json.loads(line)
             except ValueError:
                 pass
-    return ChildResult(rc, result, err or "")
+    return {}
 
 
 def _base(spec: PalaceSpec, path: Path) -> dict:
