@@ -252,7 +252,8 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict,
         cr = chroma["json"].get("chromadb") or {}
         cols = cr.get("collections", {})
         detail = "; ".join(f"{k}: count {c.get('count')}, embeddings {c.get('embeddings')}, "
-                           f"sampled {c.get('sampled')}, misses {c.get('misses')}" for k, c in cols.items())
+                           f"sampled {c.get('sampled')}, misses {c.get('misses')} of {2 * (c.get('sampled') or 0)} queries, "
+                           f"errors {c.get('errors')}" for k, c in cols.items())
         no_cr = _med(inc, "timings", "post_verify")
         summary += [
             ("chromadb post-check run", f"wall {chroma['wall']:.2f} s, exit {chroma['rc']}, "
