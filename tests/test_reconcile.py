@@ -534,3 +534,13 @@ def test_cli_is_one_line_for_not_a_palace(tmp_path):
     res = CliRunner().invoke(cli_main, ["reconcile", str(tmp_path)])
     assert res.exit_code == 8 and len(res.stderr.strip().splitlines()) == 1 and res.stdout == ""
 
+
+
+def test_chromadb_post_check_can_fail(tmp_path):
+    """The reopen verdict is the child's own, not overwritten by 'the child ran'."""
+    from chaosfix.chromadb_probe import verify_with_chromadb
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    assert verify_with_chromadb(p, [COLLECTION])["ok"] is True
+    bad = verify_with_chromadb(p, ["no-such-collection"])
+    assert bad["ok"] is False and bad["collections"]["no-such-collection"]["errors"]
