@@ -70,6 +70,7 @@ class ReconcileReport:
     notes: list[str] = field(default_factory=list)
     prune_dirs: list[str] = field(default_factory=list)  # orphan segment folders to move to the backup
     left: list[str] = field(default_factory=list)  # findings deliberately left, with why (exit 4)
+    swapping: bool = field(default=False, repr=False)  # past this point a build folder may hold the old segment
 
     @property
     def has_work(self) -> bool:
@@ -204,9 +205,12 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
                 conn.execute("ROLLBACK")
             conn.close()
             (root / MARKER).unlink(missing_ok=True)
-            for d in root.iterdir():
-                if d.name.startswith(BUILD_PREFIX):
-                    shutil.rmtree(d, ignore_errors=True)
+            if rep.swapping:  # an exchanged build folder holds the old segment: keep it
+                _recover_own_leftovers(root, rep.notes)
+            else:
+                for d in root.iterdir():
+                    if d.name.startswith(BUILD_PREFIX):
+                        shutil.rmtree(d, ignore_errors=True)
             raise
         conn.close()
         (root / MARKER).unlink(missing_ok=True)
@@ -287,6 +291,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
                                    "nothing was changed")
     rep.timings["verify"] = time.perf_counter() - t
     killpoint("verified")
+    rep.swapping = True
     for p in work:
         assert p.segment is not None
         live = root / p.segment
