@@ -31,7 +31,7 @@ from chaosfix.palace.sql import PalaceSql, journal_synced
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
-from chaosfix.reconcile.sources import Embedder, load_embedder
+from chaosfix.reconcile.sources import Embedder, load_embedder, memoized
 from chaosfix.reconcile.verify import EF_MAX, Verification, verify_segment
 
 MARKER = ".chaosfix-txn"
@@ -166,6 +166,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     root = palace_db(path).parent
     rep = ReconcileReport(palace=str(root), dry_run=opts.dry_run)
     embedder = load_embedder(opts.embedder) if isinstance(opts.embedder, str) else opts.embedder
+    embedder = memoized(embedder) if embedder is not None else None
     t0 = time.perf_counter()
     if not opts.dry_run and ((root / MARKER).exists() or (root / LOCK_NAME).exists() or any(
             d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):

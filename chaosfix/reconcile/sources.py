@@ -34,6 +34,20 @@ def load_embedder(ref: str) -> Embedder:
     return obj
 
 
+def memoized(embedder: Embedder) -> Embedder:
+    """The reconciler plans twice (a first look, then again under the lock): embed each
+    document once."""
+    cache: dict[str, object] = {}
+
+    def call(docs: list[str]) -> list:
+        todo = [d for d in dict.fromkeys(docs) if d not in cache]
+        if todo:
+            cache.update(zip(todo, embedder(todo), strict=True))
+        return [cache[d] for d in docs]
+
+    return call
+
+
 def latest_wal_vectors(rows: list[WalRow]) -> dict[str, np.ndarray]:
     """id -> vector of its latest vector-carrying WAL row that no later delete cancelled."""
     out: dict[str, np.ndarray] = {}
