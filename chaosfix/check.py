@@ -108,8 +108,10 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
     except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise OperationalError(f"{root}: database is locked") from None
-        if isinstance(exc, sqlite3.Error) and not isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-            report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
+        if isinstance(exc, (ValueError, TypeError)) or (
+                isinstance(exc, sqlite3.Error) and not isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError))):
+            report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [],
+                                           f"{type(exc).__name__}: {exc}"))
         else:
             raise
     finally:

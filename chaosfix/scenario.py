@@ -395,8 +395,9 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
     finally:
         if keep is not None:
             dest = Path(keep)
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(scratch, dest, symlinks=True)
-            result.kept = str(dest)
+            if dest.exists() and any(dest.iterdir()):  # never wipe a user's folder
+                result.stages.append(Stage("keep", False, 0.0, f"{dest} exists and is not empty: nothing kept"))
+            else:
+                shutil.copytree(scratch, dest, symlinks=True, dirs_exist_ok=True)
+                result.kept = str(dest)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -11,7 +11,6 @@ read through a memmap, only when asked for.
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,10 +20,6 @@ import numpy as np
 
 HEADER_FMT = "<iQQQQQQiIQQQdQ"
 HEADER_SIZE = struct.calcsize(HEADER_FMT)  # 100
-HEADER_FIELDS = (
-    "version offset_level0 max_elements cur_element_count size_data_per_element label_offset "
-    "offset_data maxlevel enterpoint_node max_m max_m0 m mult ef_construction"
-).split()
 FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin")
 DELETE_MARK = 0x01
 BLOCK_SLOTS = 8192  # 8192 * 1676 bytes (384-d) = 13.7 MB per block
@@ -50,9 +45,6 @@ class Header:
     @property
     def dim(self) -> int:
         return (self.label_offset - self.offset_data) // 4
-
-    def pack(self) -> bytes:
-        return struct.pack(HEADER_FMT, *(getattr(self, f) for f in HEADER_FIELDS))
 
     def problems(self) -> list[str]:
         """Internal inconsistencies that no healthy writer produces."""
@@ -112,7 +104,7 @@ class HnswFiles:
         if "header.bin" in self.present:
             try:
                 self.header = parse_header((seg_dir / "header.bin").read_bytes())
-            except (ValueError, struct.error) as exc:
+            except (ValueError, struct.error, OSError) as exc:
                 self.header_error = str(exc)
         return self
 
@@ -224,8 +216,3 @@ class HnswFiles:
                     return off, f"link_lists.bin ends inside element {i} of {n}"
         return off, None
 
-
-def apparent_and_allocated(path: Path) -> tuple[int, int]:
-    """(apparent size, bytes actually allocated): sparse files differ."""
-    st = os.stat(path)
-    return st.st_size, getattr(st, "st_blocks", 0) * 512

@@ -92,6 +92,8 @@ def loads(raw: bytes) -> IdMap:
         and all(isinstance(k, str) and isinstance(v, int) for k, v in id_to_label.items())
         and all(isinstance(k, int) and isinstance(v, str) for k, v in label_to_id.items())
         and (dim is None or isinstance(dim, int))
+        and isinstance(id_to_seq, dict)
+        and (max_seq is None or isinstance(max_seq, int))
     )
     if not ok:
         raise UnreadablePickle("fields have unexpected types")

@@ -255,15 +255,6 @@ class PalaceSql:
         row = self.conn.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone()
         return decode_seq(row[0]) if row else None
 
-    def queue_config(self) -> dict:
-        try:
-            row = self.conn.execute("SELECT config_json_str FROM embeddings_queue_config").fetchone()
-        except sqlite3.Error:
-            return {}
-        try:
-            return json.loads(row[0]) if row and row[0] else {}
-        except ValueError:
-            return {}
 
 
 JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")

@@ -65,10 +65,6 @@ class CollectionState:
             dups |= {lab for lab, n in c.items() if n > 1}
         return sorted(dups)
 
-    @property
-    def map_known(self) -> bool:
-        return self.idmap is not None
-
     def sql_only(self) -> list[str]:
         """Rows that search can never find: no live vector, nothing pending to bring one."""
         if self.idmap is None:

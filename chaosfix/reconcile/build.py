@@ -66,8 +66,8 @@ def build(plan: CollectionPlan, out_dir: Path, progress: Progress | None = None)
             index.mark_deleted(lab)
     else:
         out_dir.mkdir(parents=True, exist_ok=False)
-        m = h.m if h is not None and not st.torn else 16
-        efc = h.ef_construction if h is not None and not st.torn else 100
+        m = h.m if h is not None and not st.torn else st.info.param("M", 16)
+        efc = h.ef_construction if h is not None and not st.torn else st.info.param("construction_ef", 100)
         index.init_index(max_elements=plan.max_elements, M=m, ef_construction=efc,
                          is_persistent_index=True, persistence_location=str(out_dir))
         keep_ids = sorted(plan.keep, key=plan.keep.__getitem__)

@@ -136,7 +136,11 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     if plan.fmt == "object" and plan.dimensionality is None:
         plan.dimensionality = dim
 
-    wal = sql.wal(st.info.id, above=0, with_vectors=True)
+    # only WAL rows the SQL rows already reflect (up to the metadata segment's seq) are
+    # folded in; later ones stay for chromadb to replay into both segments
+    meta = st.metadata_seq
+    reflected = meta.value if meta is not None and not meta.poisoned else max(st.sql_rows.values(), default=0)
+    wal = [w for w in sql.wal(st.info.id, above=0, with_vectors=True) if w.seq_id <= reflected]
     above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
     pending = [w for w in wal if w.seq_id > above]
     plan.pending_applied = len(pending)
@@ -167,8 +171,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     plan.remove_labels = sorted(lab for lab in live if lab not in owner)
     plan.remove_ids = sorted(i for i in (m.id_to_label if m else {}) if i not in target)
 
-    labels_seen = [lab for lab in live if lab < PLAUSIBLE_LABEL] + [lab for lab in (m.label_to_id if m else {})
-                                                                     if lab < PLAUSIBLE_LABEL]
+    all_slot_labels = st.slots.labels[~st.slots.bad].tolist() if st.slots is not None else []  # deleted too
+    labels_seen = [lab for lab in [*all_slot_labels, *(m.label_to_id if m else {})] if lab < PLAUSIBLE_LABEL]
     next_label = max([m.total_elements_added if m else 0, *labels_seen, 0]) + 1
     missing: list[str] = []
     for rid in sorted(target):
@@ -260,5 +264,7 @@ def _plan_seqs(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, proble
         want = meta_val
     elif vec is None and "SEQ_MISSING" in problems:
         want = meta_val
+    if want is not None and vec is not None and not vec.poisoned:
+        want = max(want, vec.value)  # never move a segment backwards: chromadb would replay rows twice
     if want is not None and (vec is None or vec.value != want):
         plan.seq_writes.append(SeqWrite(info.vector_segment, want, _seq_encoding(sql, vec)))

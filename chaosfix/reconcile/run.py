@@ -152,6 +152,7 @@ def _new_dir(base: Path) -> Path:
         d = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
             d.mkdir(parents=True)
+            fsync_path(d.parent)  # the folder's own entry must survive a power cut
             return d
         except FileExistsError:
             n += 1
@@ -319,8 +320,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         assert backup_dir is not None
         os.rename(root / name, backup_dir / name)
         rep.notes.append(f"moved orphan folder {name} into the backup")
-    if rep.prune_dirs:
-        fsync_path(root)
+    fsync_path(root)  # entries moved out of the palace into the backup
     if backup_dir is not None:
         fsync_path(backup_dir)
     for p in rep.plans:

@@ -28,7 +28,10 @@ def load_embedder(ref: str) -> Embedder:
     except (ImportError, AttributeError) as exc:
         raise OperationalError(f"--embedder {ref!r}: {exc}") from None
     if isinstance(obj, type):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
+            raise OperationalError(f"--embedder {ref!r}: cannot instantiate: {type(exc).__name__}: {exc}") from None
     if not callable(obj):
         raise OperationalError(f"--embedder {ref!r} is not callable")
     return obj
@@ -90,7 +93,12 @@ def pending_effects(pending: list[WalRow], existing: set[str]) -> tuple[dict[str
 def embed(embedder: Embedder, docs: list[str], dim: int, batch: int = 256) -> np.ndarray:
     out = np.empty((len(docs), dim), dtype=np.float32)
     for s in range(0, len(docs), batch):
-        vecs = np.asarray(embedder(docs[s : s + batch]), dtype=np.float32)
+        try:
+            vecs = np.asarray(embedder(docs[s : s + batch]), dtype=np.float32)
+        except OperationalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
+            raise OperationalError(f"embedder failed: {type(exc).__name__}: {exc}") from None
         if vecs.shape != (len(docs[s : s + batch]), dim):
             raise OperationalError(f"embedder returned shape {vecs.shape}, expected (*, {dim})")
         out[s : s + len(vecs)] = vecs
