@@ -173,6 +173,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):
         with PalaceLock(root):
             _recover_own_leftovers(root, rep.notes)
+    first_look = _fingerprint(root)
     before = check_palace(root, opts.collection)
     _refuse_sql_damage(before, root)
     rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
@@ -197,10 +198,12 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             (root / MARKER).write_text(str(os.getpid()))
             fsync_path(root)
             killpoint("locked")
-            # re-plan under the lock: the palace may have changed since the first look
-            before = check_palace(root, opts.collection, conn=conn)
-            _refuse_sql_damage(before, root)
-            rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
+            # re-plan under the lock if any palace file changed since the first look
+            if _fingerprint(root) != first_look:
+                rep.notes.append("the palace changed since the first look: planned again under the lock")
+                before = check_palace(root, opts.collection, conn=conn)
+                _refuse_sql_damage(before, root)
+                rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
             _execute(root, conn, rep, opts, progress, say)
         except BaseException:
             if conn.in_transaction:
@@ -227,6 +230,18 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
         rep.chromadb = verify_with_chromadb(root, [p.collection for p in rep.plans if p.has_work])
     rep.timings["post_verify"] = time.perf_counter() - t1
     return rep
+
+
+def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
+    """(path, size, mtime_ns, inode) of every palace file but our own lock and marker: any
+    write by chromadb or another tool changes it, so an unchanged one lets the plan made
+    at the first look stand once the lock is held."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (LOCK_NAME, MARKER):
+            st = p.stat()
+            out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino))
+    return out
 
 
 def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, embedder: Embedder | None,
