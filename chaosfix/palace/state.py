@@ -89,6 +89,13 @@ class CollectionState:
             return []
         return sorted(lab for lab in self.live_label_slots if lab not in self.idmap.label_to_id)
 
+    @property
+    def reflected_seq(self) -> int:
+        """How far the SQL rows reflect the WAL: the metadata segment's max_seq_id, or the
+        rows' own highest seq_id when that is poisoned or missing."""
+        m = self.metadata_seq
+        return m.value if m is not None and not m.poisoned else max(self.sql_rows.values(), default=0)
+
     def replay_conflicts(self) -> list[str]:
         """Ids with a pending delete whose mapped label the index already marked deleted:
         the persist reached data_level0.bin but not the pickle or max_seq_id, and chromadb

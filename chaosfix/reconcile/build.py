@@ -53,7 +53,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: Progress | None = None)
     assert st is not None
     hnswlib = _hnswlib()
     h = st.files.header if st.files is not None else None
-    dim = h.dim if h is not None and not st.torn else int(st.info.dimension or 0)
+    dim = plan.dim
     if not dim and plan.vectors:
         dim = len(next(iter(plan.vectors.values())))
     index = hnswlib.Index(space=_space(plan), dim=dim)

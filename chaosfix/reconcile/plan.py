@@ -47,7 +47,8 @@ class CollectionPlan:
     pending_applied: int = 0
     total_elements_added: int = 0
     fmt: str = "dict"
-    dimensionality: int | None = None
+    dimensionality: int | None = None  # as written into the pickle
+    dim: int = 0  # vector dimension of the index to build
     max_elements: int = DEFAULT_CAPACITY
     seq_writes: list[SeqWrite] = field(default_factory=list)
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
@@ -130,7 +131,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.reasons.append("incremental cannot fix " + ", ".join(sorted(problems & REBUILD_CODES)))
     plan.reasons.extend(sorted(problems & REBUILD_CODES))
     h = st.files.header if st.files is not None else None
-    dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
+    dim = plan.dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
     # the 0.6 object format needs the dimension (0.6 fails every read without it)
     plan.dimensionality = m.dimensionality if m is not None else None
     if plan.fmt == "object" and plan.dimensionality is None:
@@ -138,9 +139,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
 
     # only WAL rows the SQL rows already reflect (up to the metadata segment's seq) are
     # folded in; later ones stay for chromadb to replay into both segments
-    meta = st.metadata_seq
-    reflected = meta.value if meta is not None and not meta.poisoned else max(st.sql_rows.values(), default=0)
-    wal = [w for w in sql.wal(st.info.id, above=0, with_vectors=True) if w.seq_id <= reflected]
+    wal = [w for w in sql.wal(st.info.id, above=0, with_vectors=True) if w.seq_id <= st.reflected_seq]
     above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
     pending = [w for w in wal if w.seq_id > above]
     plan.pending_applied = len(pending)
@@ -246,14 +245,9 @@ def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, boo
 def _plan_seqs(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, problems: set[str]) -> None:
     """Restore poisoned/missing max_seq_id and advance the vector segment after a rewrite."""
     info = st.info
-    row_top = max(st.sql_rows.values(), default=0)
-    meta = st.metadata_seq
-    meta_val = meta.value if meta is not None and not meta.poisoned else None
+    meta, meta_val = st.metadata_seq, st.reflected_seq
     if meta is not None and meta.poisoned and info.metadata_segment:
-        meta_val = row_top
-        plan.seq_writes.append(SeqWrite(info.metadata_segment, row_top, _seq_encoding(sql, meta)))
-    if meta_val is None:
-        meta_val = row_top
+        plan.seq_writes.append(SeqWrite(info.metadata_segment, meta_val, _seq_encoding(sql, meta)))
     vec = st.vector_seq
     if info.vector_segment is None:
         return
