@@ -2,4 +2,4 @@
 
 from chaosfix.cli import main
 
-main()
+raise SystemExit(main())

@@ -21,6 +21,7 @@ import traceback
 
 from chaosfix.drawers import drawer
 from chaosfix.embedder import embed_text
+from chaosfix.progress import child_line
 
 KILL_POINTS = ("start", "after-hnsw", "after-pickle", "before-commit")
 
@@ -87,6 +88,13 @@ def _arm_kill_point(point: str, hit: int) -> None:
     lph.PersistentLocalHnswSegment._persist = persist
 
 
+def _progress(spec: dict, stage: str, done: int, total: int) -> None:
+    """Report progress to the parent (``chaosfix.progress``) when it asked for it."""
+    if spec.get("progress"):
+        sys.stderr.write(child_line(stage, done, total))
+        sys.stderr.flush()
+
+
 def _records(op: dict, seed: int, dim: int):
     rows = [drawer(i, seed, op.get("version", 0)) for i in range(op["start"], op["start"] + op["count"])]
     ids = [r[0] for r in rows]
@@ -111,6 +119,7 @@ def build(spec: dict) -> dict:
     seed, dim = int(spec.get("seed", 0)), int(spec.get("dim", 384))
     chunk_max = int(spec.get("chunk", 5000))
     done = []
+    total, written = sum(int(op["count"]) for op in spec.get("ops", [])), 0
     for op in spec.get("ops", []):
         kind = op["op"]
         if kind == "delete":
@@ -123,6 +132,8 @@ def build(spec: dict) -> dict:
             for s in range(0, len(ids), step):
                 fn(ids=ids[s : s + step], documents=docs[s : s + step],
                    metadatas=metas[s : s + step], embeddings=embs[s : s + step])
+                _progress(spec, "chromadb writes", written + min(s + step, len(ids)), total)
+        written += int(op["count"])
         done.append(kind)
     return {"version": chromadb.__version__, "ops": done, "count": col.count()}
 
@@ -217,12 +228,13 @@ def verify(spec: dict) -> dict:
                 got = col.get(include=["embeddings"], limit=page, offset=off)
                 ids += got["ids"]
                 n_emb += 0 if got["embeddings"] is None else len(got["embeddings"])
+                _progress(spec, f"chromadb reads {name}", min(off + page, res["count"]), res["count"])
             res["ids"], res["embeddings"] = len(ids), n_emb
             if n_emb != len(ids) or len(ids) != res["count"]:
                 res["errors"].append(f"{n_emb} embeddings for {len(ids)} ids, count {res['count']}")
             sample = ids[:: max(1, len(ids) // int(spec.get("sample", 20)))]
             misses = 0
-            for rid in sample:
+            for n, rid in enumerate(sample, 1):
                 got = col.get(ids=[rid], include=["embeddings", "metadatas"])
                 q = [float(x) for x in got["embeddings"][0]]
                 if rid not in col.query(query_embeddings=[q], n_results=10)["ids"][0]:
@@ -233,6 +245,7 @@ def verify(spec: dict) -> dict:
                     r = col.query(query_embeddings=[q], n_results=10, where={key: meta[key]})
                     if rid not in r["ids"][0]:
                         misses += 1
+                _progress(spec, f"chromadb queries {name}", n, len(sample))
             res["sampled"], res["misses"] = len(sample), misses
             # chromadb queries at its own (low) default ef, where a healthy graph misses a
             # few percent of self-queries on large palaces; only a broad failure is damage

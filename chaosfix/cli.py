@@ -1,21 +1,38 @@
 """The chaosfix command line: parses, calls the library, prints. No logic of its own.
 
-Exit codes (DESIGN.md section 4): check 0 consistent / 4 findings / 8 operational error;
+Exit codes follow fsck's spirit: check 0 consistent / 4 findings / 8 operational error;
 reconcile 0 nothing to do / 1 repaired / 4 left unrepaired / 8 operational error;
-simulate 0 every expectation held / 4 an expectation failed / 8 operational error.
+simulate 0 every expectation held / 4 an expectation failed / 8 operational error;
+2 for every usage error (click's convention). With ``--json``, an error is also printed
+on stdout as one ``chaosfix.error/1`` object.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from chaosfix.errors import EXIT_FINDINGS, EXIT_OK, EXIT_OPERATIONAL, ChaosfixError
+from chaosfix.errors import EXIT_FINDINGS, EXIT_OK, EXIT_OPERATIONAL, EXIT_USAGE, ChaosfixError
+
+ERROR_SCHEMA = "chaosfix.error/1"
+
+
+def _emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _fail(msg: str, code: int, as_json: bool) -> None:
+    """One line on stderr (and a JSON error object on stdout with --json), then exit."""
+    click.echo(f"chaosfix: {msg}", err=True)
+    if as_json:
+        _emit_json({"schema": ERROR_SCHEMA, "error": msg, "exit_code": code})
+    sys.exit(code)
 
 
 def _one_line_errors(fn: Callable[..., int]) -> Callable[..., None]:
@@ -23,40 +40,81 @@ def _one_line_errors(fn: Callable[..., int]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        as_json = bool(kwargs.get("as_json"))
         try:
             code = fn(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors: exit 2, printed by ChaosfixGroup.main
         except ChaosfixError as exc:
-            click.echo(f"chaosfix: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code, as_json)
         except KeyboardInterrupt:
-            click.echo("chaosfix: interrupted", err=True)
-            sys.exit(130)
+            _fail("interrupted", 130, as_json)
+        except BrokenPipeError:  # `chaosfix scenarios | head`: the reader left, nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_OPERATIONAL)
         except Exception as exc:  # noqa: BLE001 - never a traceback
             msg = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"chaosfix: internal error: {type(exc).__name__}: {msg}", err=True)
-            sys.exit(EXIT_OPERATIONAL)
+            _fail(f"internal error: {type(exc).__name__}: {msg}", EXIT_OPERATIONAL, as_json)
         sys.exit(code)
 
     return wrapper
 
 
-def _emit_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+class ChaosfixGroup(click.Group):
+    """click's group, with usage errors also printed as JSON when ``--json`` was given."""
+
+    def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            exc.show()
+            if "--json" in args:
+                _emit_json({"schema": ERROR_SCHEMA, "error": exc.format_message(), "exit_code": EXIT_USAGE})
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _keep_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--keep DIR: a new or empty folder, checked before any work (usage error otherwise)."""
+    from chaosfix.scenario import check_keep_dir
+
+    if value is not None:
+        try:
+            check_keep_dir(value)
+        except ChaosfixError as exc:
+            raise click.BadParameter(str(exc).split(": ", 1)[-1], ctx, param) from None
+    return value
+
+
+def _bar():  # noqa: ANN202 - chaosfix.progress.StderrBar
+    from chaosfix.progress import StderrBar
+
+    return StderrBar()
+
+
+@click.group(cls=ChaosfixGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="chaosfix")
 def main() -> None:
-    """Find, reproduce and repair ChromaDB palaces whose SQLite and HNSW index disagree."""
+    """Find, reproduce and repair ChromaDB palaces whose SQLite and HNSW index disagree.
+
+    Exit codes: 0 ok, 1 repaired (reconcile), 2 usage error, 4 findings or work left,
+    8 operational error."""
 
 
 @main.command()
-@click.argument("palace", type=click.Path(file_okay=True, dir_okay=True))
-@click.option("--collection", help="Only this collection.")
+@click.argument("palace", metavar="PALACE", type=click.Path())
+@click.option("--collection", metavar="NAME", help="Only this collection.")
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.check/1 JSON object.")
 @_one_line_errors
 def check(palace: str, collection: str | None, as_json: bool) -> int:
-    """Read-only consistency check. Exit 0 consistent, 4 findings, 8 error."""
+    """Read-only consistency check of PALACE. Exit 0 consistent, 4 findings, 8 error."""
     from chaosfix.check import check_palace
     from chaosfix.report import render_check
 
@@ -69,12 +127,13 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
 
 
 @main.command()
-@click.argument("palace", type=click.Path())
+@click.argument("palace", metavar="PALACE", type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--embedder", metavar="MODULE:ATTR", help="Embedding function to re-embed rows with no vector anywhere.")
-@click.option("--collection", help="Only this collection.")
+@click.option("--collection", metavar="NAME", help="Only this collection.")
 @click.option("--no-backup", is_flag=True, help="Do not keep the replaced files.")
-@click.option("--strategy", type=click.Choice(["auto", "incremental", "rebuild"]), default="auto", show_default=True)
+@click.option("--strategy", type=click.Choice(["auto", "incremental", "rebuild"]), default="auto", show_default=True,
+              help="Patch the index in place (incremental) or build it anew (rebuild).")
 @click.option("--verify", "verify_mode", type=click.Choice(["sample", "full"]), default="sample", show_default=True,
               help="Self-query repaired rows plus a sample, or every row.")
 @click.option("--no-chromadb-check", is_flag=True, help="Skip the final reopen with chromadb.")
@@ -85,19 +144,20 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
 def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str | None, no_backup: bool,
               strategy: str, verify_mode: str, no_chromadb_check: bool, apply_pending: bool, prune_orphan_dirs: bool,
               as_json: bool) -> int:
-    """Repair every fixable finding. Exit 0 nothing to do, 1 repaired, 4 left unrepaired, 8 error.
+    """Repair every fixable finding in PALACE. Exit 0 nothing to do, 1 repaired, 4 left
+    unrepaired, 8 error.
 
     With --dry-run the exit code says what a real run would return."""
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
-    from chaosfix.report import Progress, render_reconcile
+    from chaosfix.report import render_reconcile
 
     opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=embedder,
                             strategy=strategy, verify_full=verify_mode == "full",
                             chromadb_check=not no_chromadb_check, apply_pending=apply_pending,
                             prune_orphan_dirs=prune_orphan_dirs)
-    prog = Progress()
-    rep = reconcile_palace(palace, opts, progress=prog.update, log=prog.say)
-    prog.done()
+    bar = _bar()
+    rep = reconcile_palace(palace, opts, progress=bar, log=bar.say)
+    bar.close()
     if as_json:
         _emit_json(rep.to_json())
     else:
@@ -106,7 +166,8 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
 
 
 @main.command()
-@click.option("--scenarios", "extra", multiple=True, type=click.Path(), help="Also load scenarios from DIR.")
+@click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(),
+              help="Also load scenarios from DIR (repeatable).")
 @_one_line_errors
 def scenarios(extra: tuple[str, ...]) -> int:
     """List the scenario catalogue: name, chromadb versions, what it reproduces."""
@@ -118,37 +179,37 @@ def scenarios(extra: tuple[str, ...]) -> int:
 
 
 @main.command()
-@click.argument("name", required=False)
+@click.argument("name", metavar="SCENARIO", required=False)
 @click.option("--all", "run_all", is_flag=True, help="Run every scenario that applies to the installed chromadb.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--drawers", type=int, help="Override the scenario's palace size.")
-@click.option("--keep", type=click.Path(), help="Keep the palace and scratch files in DIR.")
-@click.option("--scenarios", "extra", multiple=True, type=click.Path(), help="Also load scenarios from DIR.")
+@click.option("--seed", metavar="N", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for the palace's drawers and seeded faults.")
+@click.option("--drawers", metavar="N", type=click.IntRange(min=1), help="Override the scenario's palace size.")
+@click.option("--keep", metavar="DIR", type=click.Path(), callback=_keep_dir,
+              help="Keep the broken and the repaired palace in DIR/broken and DIR/repaired (DIR new or empty).")
+@click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(),
+              help="Also load scenarios from DIR (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print chaosfix.simulate/1 JSON.")
+@click.pass_context
 @_one_line_errors
-def simulate(name: str | None, run_all: bool, seed: int, drawers: int | None, keep: str | None,
+def simulate(ctx: click.Context, name: str | None, run_all: bool, seed: int, drawers: int | None, keep: str | None,
              extra: tuple[str, ...], as_json: bool) -> int:
     """Build a throwaway palace with the installed chromadb, break it as SCENARIO says,
     check, reconcile, verify. Exit 0 when every expectation held, 4 otherwise."""
-    from chaosfix.errors import ChaosfixError
     from chaosfix.report import render_matrix, render_simulation
     from chaosfix.scenario import catalogue, get, run_scenario
     from chaosfix.workload import chroma_major
 
     if run_all == bool(name):
-        raise ChaosfixError("give one SCENARIO or --all (`chaosfix scenarios` lists them)")
-
-    def log(msg: str) -> None:
-        click.echo(f"chaosfix: {msg}", err=True)
-
+        raise click.UsageError("give one SCENARIO or --all (`chaosfix scenarios` lists them)", ctx)
+    bar = _bar()
     if name:
-        results = [run_scenario(get(name, list(extra)), seed=seed, drawers=drawers, keep=keep, log=log)]
+        results = [run_scenario(get(name, list(extra)), seed=seed, drawers=drawers, keep=keep, log=bar.say,
+                                progress=bar)]
     else:
         todo = [s for s in catalogue(list(extra)).values() if s.applies(chroma_major())]
-        results = []
-        for s in todo:
-            k = f"{keep}/{s.name}" if keep else None
-            results.append(run_scenario(s, seed=seed, drawers=drawers, keep=k, log=log))
+        results = [run_scenario(s, seed=seed, drawers=drawers, keep=f"{keep}/{s.name}" if keep else None,
+                                log=bar.say, progress=bar) for s in todo]
+    bar.close()
     if as_json:
         _emit_json(results[0].to_json() if name else {"schema": "chaosfix.simulate-all/1",
                                                        "results": [r.to_json() for r in results]})

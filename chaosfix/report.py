@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import shutil
+
 from chaosfix.check import CheckReport
 
+ELLIPSIS = "\u2026"
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+
+def width() -> int:
+    """Columns of the terminal (``$COLUMNS`` when set, 100 when stdout is not a terminal)."""
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters, cut with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: max(0, limit - 1)].rstrip() + ELLIPSIS
+
+
+def table(headers: list[str], rows: list[list[object]], max_width: int | None = None) -> str:
+    """Aligned columns; when the table is wider than the terminal, the last column (the
+    free-text detail) is cut with an ellipsis to fit. ``--json`` carries the full text."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else " ".join(str(c).split()) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    room = (max_width or width()) - sum(widths[:-1]) - 2 * (len(widths) - 1)
+    widths[-1] = max(len(headers[-1]), min(widths[-1], max(room, 20)))
+    cells = [r[:-1] + [cut(r[-1], widths[-1])] for r in cells]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -24,7 +44,7 @@ def render_check(rep: CheckReport) -> str:
         out.append("")
         out.append(table(["code", "severity", "collection", "count", "sample / detail"],
                          [[f.code, f.severity, f.collection or "-", f.count,
-                           (", ".join(f.sample[:3]) + ("; " if f.sample else "") + f.detail)[:100]]
+                           ", ".join(f.sample[:3]) + ("; " if f.sample else "") + f.detail]
                           for f in rep.findings]))
     out.append("")
     bad = [f for f in rep.findings if f.severity != "info"]
@@ -35,80 +55,78 @@ def render_check(rep: CheckReport) -> str:
     return "\n".join(out)
 
 
-class Progress:
-    """Progress on stderr: a bar with counts and ETA on a terminal, quiet otherwise."""
-
-    def __init__(self) -> None:
-        import sys
-        import time
-
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        self._time = time.monotonic
-        self._stage = ""
-
-    def say(self, msg: str) -> None:
-        import click
-
-        click.echo(f"chaosfix: {msg}", err=True)
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if not self.tty or total <= 0:
-            return
-        import click
-
-        if stage != self._stage:
-            self._stage, self.start = stage, self._time()
-        el = self._time() - self.start
-        eta = el / done * (total - done) if done else 0.0
-        bar = "#" * int(30 * done / total)
-        click.echo(f"\r{stage:<8} [{bar:<30}] {done}/{total} eta {eta:5.1f}s", err=True, nl=done >= total)
-
-    def done(self) -> None:
-        pass
-
-
 def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported lazily
     out = [f"palace {rep.palace}" + ("  (dry run: nothing changed)" if rep.dry_run else "")]
     rows = []
     for p in rep.plans:
         found = ", ".join(f"{k} {v}" for k, v in sorted(p.codes.items()) if k != "PENDING") or "-"
         done = f"+{len(p.add)} ~{len(p.replace)} -{len(p.remove_labels)} labels" if p.index_changes else "-"
-        v = rep.verifications.get(p.collection)
-        ver = "-" if v is None else ("zero-diff, self-query ok" if v.ok else "FAILED")
-        if v is not None and v.ok:
-            ver += f" ({v.queried} queried, {v.unreachable} unreachable)"
-        rows.append([p.collection, found, p.strategy, done, len(p.unrepaired), ver])
+        rows.append([p.collection, found, p.strategy, done, len(p.unrepaired),
+                     _verified(rep.verifications.get(p.collection))])
     out.append(table(["collection", "found", "strategy", "done", "unrepaired", "verified"], rows))
     for p in rep.plans:
         if p.seq_writes:
             out.append(f"{p.collection}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
         if p.unrepaired:
-            out.append(f"{p.collection}: {len(p.unrepaired)} rows have no vector source "
-                       f"(no index slot, no WAL row; pass --embedder): {', '.join(p.unrepaired[:5])}")
+            out.append(cut(f"{p.collection}: {len(p.unrepaired)} rows left as they are: no vector source "
+                           f"(no index slot, no WAL row; pass --embedder): {', '.join(p.unrepaired[:5])}", width()))
     if rep.queue_floor is not None:
         out.append(f"WAL floor row at seq_id {rep.queue_floor}: new writes get seq_ids above every max_seq_id")
-    for n in rep.notes:
-        out.append(f"note: {n}")
-    for n in rep.left:
-        out.append(f"left: {n}")
+    out += [f"note: {n}" for n in rep.notes] + [f"left: {n}" for n in rep.left]
     if rep.backup:
         out.append(f"backup: {rep.backup}")
     if rep.chromadb is not None:
-        out.append("chromadb reopen: " + ("ok" if rep.chromadb.get("ok") else f"FAILED {rep.chromadb}"))
-    code = rep.exit_code
-    verdict = {0: "nothing to do", 1: "repaired" if not rep.dry_run else "would repair",
-               4: "left unrepaired (see above)" if not rep.dry_run else "would leave some unrepaired (see above)"}[code]
-    out.append(f"verdict: {verdict}")
+        out += render_chromadb_check(rep.chromadb)
+    out.append("verdict: " + _reconcile_verdict(rep))
     return "\n".join(out)
+
+
+def _verified(v) -> str:  # noqa: ANN001 - Verification or None
+    if v is None:
+        return "-"
+    if not v.ok:
+        return "FAILED: " + "; ".join(v.problems)
+    what = "zero-diff, self-query ok" if v.zero_diff else f"repaired rows ok; {v.unrepaired} left out: no zero-diff"
+    return f"{what} ({v.queried} queried, {v.unreachable} unreachable)"
+
+
+def _reconcile_verdict(rep) -> str:  # noqa: ANN001
+    would = "would " if rep.dry_run else ""
+    if rep.exit_code == 0:
+        return "nothing to do"
+    if rep.exit_code == 1:
+        return f"{would}repair" if rep.dry_run else "repaired"
+    left = []
+    if rep.unrepaired:
+        left.append(f"{len(rep.unrepaired)} rows with no vector source")
+    left += [n.split(":", 1)[0] for n in rep.left]
+    if rep.chromadb is not None and not rep.chromadb.get("ok", False):
+        left.append("chromadb's post-check failed")
+    done = "partly repaired" if rep.has_work and not rep.dry_run else f"{would}leave work undone"
+    return f"{done}; left: {', '.join(left)} (see above)"
+
+
+def render_chromadb_check(res: dict) -> list[str]:
+    """chromadb's post-repair reopen (``chaosfix.chromadb_probe``) as readable lines."""
+    if res.get("skipped"):
+        return [f"chromadb post-check: skipped ({res['skipped']})"]
+    head = f"chromadb {res.get('version', '?')} post-check: " + ("ok" if res.get("ok") else "FAILED")
+    out = [head + (f": {res['error']}" if res.get("error") else "")]
+    for name, c in (res.get("collections") or {}).items():
+        line = (f"  {name}: count {c.get('count', '?')}, {c.get('embeddings', '?')} embeddings read for "
+                f"{c.get('ids', '?')} ids, {c.get('misses', '?')} misses in {c.get('sampled', '?')} sampled "
+                "self- and filtered queries")
+        out.append(cut(line, width()))
+        out += [cut(f"    error: {e}", width()) for e in c.get("errors", [])]
+    return out
 
 
 def render_simulation(res) -> str:  # noqa: ANN001 - SimulationResult
     out = [f"scenario {res.scenario}  (chromadb {res.chromadb}, seed {res.seed})"]
     out.append(table(["stage", "ok", "seconds", "detail"],
-                     [[s.name, "yes" if s.ok else "NO", f"{s.seconds:.1f}", s.detail[:110]] for s in res.stages]))
-    if res.kept:
-        out.append(f"kept: {res.kept}")
+                     [[s.name, "yes" if s.ok else "NO", f"{s.seconds:.1f}", s.detail] for s in res.stages]))
+    for what, path in (res.kept or {}).items():
+        out.append(f"kept {what} palace: {path}")
     out.append("verdict: " + ("every expectation held" if res.ok else
                               "FAILED at " + ", ".join(s.name for s in res.stages if not s.ok)))
     return "\n".join(out)
@@ -128,5 +146,7 @@ def render_matrix(results: list) -> str:
     for r in results:
         for s in r.stages:
             if not s.ok:
-                out.append(f"  {r.scenario}/{s.name}: {s.detail[:150]}")
+                out.append(cut(f"  {r.scenario}/{s.name}: {s.detail}", width()))
+        for what, path in (r.kept or {}).items():
+            out.append(f"  {r.scenario}: kept {what} palace: {path}")
     return "\n".join(out)

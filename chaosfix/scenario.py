@@ -31,18 +31,20 @@ import tarfile
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from chaosfix import faults, workload
 from chaosfix.check import check_palace
 from chaosfix.errors import OperationalError
 from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
+from chaosfix.progress import ProgressFn
 from chaosfix.workload import PalaceSpec, chroma_major
 
-HERE = Path(__file__).resolve().parent
-BUILTIN_DIRS = (HERE.parent / "scenarios", HERE / "scenarios")
-FIXTURES = HERE.parent / "scenarios" / "fixtures"
+BUILTIN = "chaosfix.scenarios"  # the repo's scenarios/ folder, shipped in the package (see pyproject.toml)
 SEGMENT_FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin", PICKLE_NAME)
 
 
@@ -55,7 +57,7 @@ class Scenario:
     steps: list[dict]
     expect: dict
     field_report: str = ""
-    path: Path | None = None
+    path: Path | Traversable | None = None
 
     def applies(self, major: str | None = None) -> bool:
         return (major or chroma_major()) in self.versions
@@ -75,18 +77,30 @@ class Scenario:
         return PalaceSpec(**kw)
 
 
-def scenario_dirs(extra: list[str | Path] | None = None) -> list[Path]:
-    dirs = [Path(d) for d in (extra or [])]
+def builtin_dir() -> Traversable:
+    """The built-in catalogue, read through importlib.resources so it works the same from a
+    wheel, a plain ``pip install .`` and an editable checkout (where it is ``scenarios/``)."""
+    return resources.files(BUILTIN)
+
+
+def fixture(name: str) -> Traversable:
+    """A file of the built-in ``fixtures/`` folder (e.g. a palace written by chromadb 0.6.3)."""
+    return builtin_dir().joinpath("fixtures", name)
+
+
+def scenario_dirs(extra: list[str | Path] | None = None) -> list[Path | Traversable]:
+    """Folders searched in order: ``extra``, ``$CHAOSFIX_SCENARIOS``, then the built-in one."""
+    dirs: list[Path | Traversable] = [Path(d) for d in (extra or [])]
     env = os.environ.get("CHAOSFIX_SCENARIOS")
     if env:
         dirs += [Path(d) for d in env.split(os.pathsep) if d]
-    return dirs + [d for d in BUILTIN_DIRS if d.is_dir()]
+    return dirs + [builtin_dir()]
 
 
-def load_file(path: Path) -> Scenario:
+def load_file(path: Path | Traversable) -> Scenario:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise OperationalError(f"{path}: cannot read scenario: {exc}") from None
     try:
         return Scenario(
@@ -104,7 +118,7 @@ def catalogue(extra: list[str | Path] | None = None) -> dict[str, Scenario]:
     for d in scenario_dirs(extra):
         if not d.is_dir():
             raise OperationalError(f"{d}: no such scenario folder")
-        for f in sorted(d.glob("*.toml")):
+        for f in sorted((f for f in d.iterdir() if f.name.endswith(".toml") and f.is_file()), key=lambda f: f.name):
             s = load_file(f)
             out.setdefault(s.name, s)
     return out
@@ -164,9 +178,9 @@ def _step_write(ctx: Ctx, step: dict) -> dict:
 
 def _step_unpack(ctx: Ctx, step: dict) -> dict:
     """Replace the palace by a fixture archive (e.g. a palace written by chromadb 0.6.3)."""
-    src = FIXTURES / step["fixture"]
+    src = fixture(step["fixture"])
     shutil.rmtree(ctx.palace)
-    with tarfile.open(src) as tf:
+    with src.open("rb") as raw, tarfile.open(fileobj=raw) as tf:
         tf.extractall(ctx.palace, filter="data")
     return {"fixture": step["fixture"]}
 
@@ -237,7 +251,7 @@ class SimulationResult:
     chromadb: str
     seed: int
     stages: list[Stage] = field(default_factory=list)
-    kept: str | None = None
+    kept: dict[str, str] = field(default_factory=dict)  # "broken" / "repaired" -> folder (--keep)
 
     @property
     def ok(self) -> bool:
@@ -278,23 +292,42 @@ def _codes_match(want: dict, got: dict, among: list[str] | None = None) -> tuple
 
 def _reopen_matches(want: str | list[str] | None, obs: dict) -> tuple[bool, str]:
     """``want``: "ok", an error substring, or a list of alternatives (a damaged index can
-    make chromadb raise or segfault depending on which garbage it reads first)."""
+    make chromadb raise or segfault depending on which garbage it reads first). The detail
+    says whether an error is the symptom the scenario expects, so "ok: yes" beside an
+    error reads right."""
     errs = [f"{where}: {msg}" for where, msg in obs.get("errors", [])]
-    summary = "; ".join(errs)[:300] or "ok"
+    summary = "; ".join(errs) or f"chromadb reads {obs.get('count')} rows"
     if want is None:
         return True, summary
-    for alt in [want] if isinstance(want, str) else want:
-        if (alt == "ok" and not errs) or (alt != "ok" and any(alt in e for e in errs)):
+    alts = [want] if isinstance(want, str) else list(want)
+    for alt in alts:
+        if alt == "ok" and not errs:
             return True, summary
-    return False, summary
+        if alt != "ok" and any(alt in e for e in errs):
+            return True, f"expected symptom ({alt!r}): {summary}"
+    return False, f"expected {' or '.join(map(repr, alts))}, got: {summary}"
+
+
+def check_keep_dir(keep: str | Path) -> Path:
+    """``--keep DIR`` must be a new or empty folder: checked before any work, so a run
+    never ends in "nothing kept" (and never writes into a user's folder)."""
+    dest = Path(keep)
+    if dest.exists() and not dest.is_dir():
+        raise OperationalError(f"--keep {dest}: is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise OperationalError(f"--keep {dest}: folder is not empty")
+    return dest
 
 
 def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: str | Path | None = None,
-                 log=None) -> SimulationResult:  # noqa: ANN001
+                 log: Callable[[str], None] | None = None, progress: ProgressFn | None = None) -> SimulationResult:
     """Build, break, observe, check, reconcile, verify. Never raises for an unmet
-    expectation: each stage records ok/detail; the result is ok only if all held."""
+    expectation: each stage records ok/detail; the result is ok only if all held.
+    ``keep``: a new or empty folder that receives ``broken/`` (the palace as the scenario
+    left it) and ``repaired/`` (after reconcile), checked before any work."""
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
 
+    keep_dir = check_keep_dir(keep) if keep is not None else None
     say = log or (lambda _m: None)
     major = chroma_major()
     exp = sc.expectations(major)
@@ -312,7 +345,7 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
         try:
             ok, detail, data = fn()
         except Exception as exc:  # noqa: BLE001 - a stage failure is a result, not a crash
-            ok, detail, data = False, f"{type(exc).__name__}: {exc}"[:300], {}
+            ok, detail, data = False, f"{type(exc).__name__}: {exc}"[:2000], {}
         result.stages.append(Stage(name, ok, round(time.perf_counter() - t, 2), detail, data))
         return ok
 
@@ -320,7 +353,7 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
         ctx = Ctx(palace, spec, scratch, seed)
 
         def build():  # noqa: ANN202
-            workload.fresh_palace(palace, spec)
+            workload.fresh_palace(palace, spec, progress)
             return True, f"{spec.drawers} drawers", {"drawers": spec.drawers}
 
         def brk():  # noqa: ANN202
@@ -330,6 +363,8 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
 
         if not (stage("build", build) and stage("break", brk)):
             return result
+        if keep_dir is not None:
+            result.kept["broken"] = str(workload.copy_palace(palace, keep_dir / "broken"))
         marker = scratch / "PWNED"
 
         def observe():  # noqa: ANN202
@@ -358,7 +393,7 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
 
         def reconcile():  # noqa: ANN202
             opts = ReconcileOptions(embedder=exp.get("embedder"), backup=True, chromadb_check=False, seed=seed)
-            rep = reconcile_palace(palace, opts)
+            rep = reconcile_palace(palace, opts, progress=progress)
             want = int(exp.get("repair", 1))
             v = next(iter(rep.verifications.values()), None)
             detail = f"exit {rep.exit_code}" + (f", {len(rep.unrepaired)} unrepaired" if rep.unrepaired else "")
@@ -367,6 +402,8 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
             return rep.exit_code == want, detail, rep.to_json()
 
         stage("reconcile", reconcile)
+        if keep_dir is not None:
+            result.kept["repaired"] = str(workload.copy_palace(palace, keep_dir / "repaired"))
 
         def verify():  # noqa: ANN202
             rep = check_palace(palace)
@@ -393,11 +430,4 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
         stage("verify", verify)
         return result
     finally:
-        if keep is not None:
-            dest = Path(keep)
-            if dest.exists() and any(dest.iterdir()):  # never wipe a user's folder
-                result.stages.append(Stage("keep", False, 0.0, f"{dest} exists and is not empty: nothing kept"))
-            else:
-                shutil.copytree(scratch, dest, symlinks=True, dirs_exist_ok=True)
-                result.kept = str(dest)
         shutil.rmtree(scratch, ignore_errors=True)

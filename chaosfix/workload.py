@@ -16,11 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
 from chaosfix.drawers import COLLECTION
+from chaosfix.progress import ProgressFn, parse_child_line
 
 
 @dataclass(frozen=True)
@@ -86,24 +88,41 @@ def child_command(spec: dict, python: str | None = None) -> list[str]:
 
 
 def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
-              kill_after: float | None = None) -> ChildResult:
-    """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer."""
-    cmd = (prefix or []) + child_command(spec)
+              kill_after: float | None = None, progress: ProgressFn | None = None) -> ChildResult:
+    """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer.
+    With ``progress``, the child reports its progress on stderr and it is passed on as it comes."""
+    cmd = (prefix or []) + child_command(spec | {"progress": True} if progress else spec)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
                             text=True, start_new_session=True)
+    out: list[str] = []
+    err: list[str] = []
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            step = parse_child_line(line)
+            if step is None:
+                err.append(line)
+            elif progress is not None:
+                progress(*step)
+
+    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
+               threading.Thread(target=read_stderr, daemon=True)]
+    for t in readers:
+        t.start()
     try:
-        out, err = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
+        proc.wait(timeout=kill_after if kill_after is not None else timeout)
     except subprocess.TimeoutExpired:
-        if kill_after is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise RuntimeError(f"chromadb child timed out after {timeout}s") from None
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    rc = proc.returncode
-    if prefix and rc != 0 and (rc == 128 + signal.SIGKILL or "+++ killed by SIGKILL" in (err or "")):
+        proc.wait()
+        if kill_after is None:
+            raise RuntimeError(f"chromadb child timed out after {timeout}s") from None
+    for t in readers:
+        t.join()
+    rc, stderr = proc.returncode, "".join(err)
+    if prefix and rc != 0 and (rc == 128 + signal.SIGKILL or "+++ killed by SIGKILL" in stderr):
         rc = -signal.SIGKILL  # strace reports the tracee's death as its own exit 137
-    return ChildResult(rc, parse_result(out), err or "")
+    return ChildResult(rc, parse_result("".join(out)), stderr)
 
 
 def parse_result(stdout: str | None) -> dict:
@@ -124,15 +143,17 @@ def _base(spec: PalaceSpec, path: Path) -> dict:
 
 
 def apply_ops(path: str | Path, spec: PalaceSpec, ops: list[dict], kill: dict | None = None,
-              prefix: list[str] | None = None, kill_after: float | None = None) -> ChildResult:
+              prefix: list[str] | None = None, kill_after: float | None = None,
+              progress: ProgressFn | None = None) -> ChildResult:
     """Run chromadb writes (``{"op": "add"|"upsert"|"update"|"delete", "start", "count"}``)."""
     req = _base(spec, Path(path)) | {"mode": "build", "ops": ops, "kill": kill}
-    return run_child(req, prefix=prefix, kill_after=kill_after)
+    return run_child(req, prefix=prefix, kill_after=kill_after, progress=progress)
 
 
-def build_palace(path: str | Path, spec: PalaceSpec) -> dict:
+def build_palace(path: str | Path, spec: PalaceSpec, progress: ProgressFn | None = None) -> dict:
     """Build a fresh palace with ``spec.drawers`` drawers; raises if chromadb fails."""
-    res = apply_ops(path, spec, [{"op": "add", "start": 0, "count": spec.drawers}] if spec.drawers else [])
+    res = apply_ops(path, spec, [{"op": "add", "start": 0, "count": spec.drawers}] if spec.drawers else [],
+                    progress=progress)
     if not res.ok:
         raise RuntimeError(f"palace build failed: {res.result.get('error') or res.stderr[-500:]}")
     return res.result
@@ -151,14 +172,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHAOSFIX_CACHE", Path.home() / ".cache" / "chaosfix")) / "palaces"
 
 
-def template(spec: PalaceSpec) -> Path:
+def template(spec: PalaceSpec, progress: ProgressFn | None = None) -> Path:
     """The cached palace for ``spec`` (built once per chromadb version, atomically)."""
     dest = cache_dir() / spec.key()
     if (dest / "chroma.sqlite3").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
-    build_palace(tmp / "p", spec)
+    build_palace(tmp / "p", spec, progress)
     try:
         os.rename(tmp / "p", dest)  # another worker may have won the race: fine
     except OSError:
@@ -173,6 +194,6 @@ def copy_palace(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def fresh_palace(dst: str | Path, spec: PalaceSpec) -> Path:
-    """A private copy of the template palace for ``spec``."""
-    return copy_palace(template(spec), dst)
+def fresh_palace(dst: str | Path, spec: PalaceSpec, progress: ProgressFn | None = None) -> Path:
+    """A private copy of the template palace for ``spec`` (``progress``: while it is built)."""
+    return copy_palace(template(spec, progress), dst)

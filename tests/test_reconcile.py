@@ -47,9 +47,10 @@ from chaosfix.drawers import COLLECTION
 from chaosfix.palace import idmap
 from chaosfix.reconcile.plan import chroma_capacity
 from chaosfix.reconcile.safety import PalaceLock
+from chaosfix.scenario import fixture
 from chaosfix.workload import PalaceSpec, apply_ops, child_env, chroma_major, fresh_palace, template
 
-FIXTURE_06 = Path(__file__).resolve().parent.parent / "scenarios" / "fixtures" / "palace-0.6.3-300.tar.gz"
+FIXTURE_06 = fixture("palace-0.6.3-300.tar.gz")  # from the installed package, as scenarios use it
 
 # What the dry run must plan for each damage (300-drawer palace, sync_threshold 100).
 # sources: where the vectors of kept (index) and added rows come from.
@@ -268,7 +269,7 @@ def test_06_palace_keeps_object_pickle_and_blob_seq(tmp_path):
     import tarfile
 
     p = tmp_path / "palace"
-    with tarfile.open(FIXTURE_06) as tf:
+    with FIXTURE_06.open("rb") as raw, tarfile.open(fileobj=raw) as tf:
         tf.extractall(p, filter="data")
     template_head = pickle_head(faults.pickle_path(p).read_bytes())
     assert template_head[0] == ("PROTO", 5) and template_head[3][0] == "STACK_GLOBAL"

@@ -9,17 +9,16 @@ vectors, with the palace's M, ef_construction and space.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from chaosfix.palace import idmap as idmap_mod
+from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
 from chaosfix.reconcile.safety import copy_tree_sparse, fsync_tree
 
 BATCH = 20000
-Progress = Callable[[str, int, int], None]
 
 
 def _hnswlib():
@@ -48,7 +47,7 @@ def _kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
     return vecs
 
 
-def build(plan: CollectionPlan, out_dir: Path, progress: Progress | None = None) -> None:
+def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = None) -> None:
     st = plan.state
     assert st is not None
     hnswlib = _hnswlib()
@@ -75,7 +74,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: Progress | None = None)
             chunk = keep_ids[s : s + BATCH]
             index.add_items(_kept_vectors(plan, chunk), np.array([plan.keep[i] for i in chunk], dtype=np.uint64))
             if progress:
-                progress("rebuild", s + len(chunk), len(keep_ids))
+                progress(f"rebuilding {plan.collection}: kept vectors", s + len(chunk), len(keep_ids))
     new = {**plan.replace, **plan.add}
     new_ids = sorted(new, key=new.__getitem__)
     for s in range(0, len(new_ids), BATCH):
@@ -83,7 +82,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: Progress | None = None)
         vecs = np.stack([plan.vectors[i] for i in chunk]).astype(np.float32)
         index.add_items(vecs, np.array([new[i] for i in chunk], dtype=np.uint64))
         if progress:
-            progress("add", s + len(chunk), len(new_ids))
+            progress(f"building {plan.collection}: new vectors", s + len(chunk), len(new_ids))
     index.persist_dirty()
     index.close_file_handles()
     del index

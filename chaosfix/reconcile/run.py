@@ -28,6 +28,7 @@ from chaosfix.check import CheckReport, check_palace
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import UUID_RE, palace_db
 from chaosfix.palace.sql import PalaceSql, journal_synced
+from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
@@ -38,7 +39,6 @@ MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
 OLD_PREFIX = ".chaosfix-old-"
 FLOOR_ID = "__chaosfix_seq_floor__"
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _new_dir(base: Path) -> Path:
 
 
 def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
-                     progress: Progress | None = None, log: Callable[[str], None] | None = None,
+                     progress: ProgressFn | None = None, log: Callable[[str], None] | None = None,
                      ) -> ReconcileReport:
     """Repair a palace. See the module docstring for the order of work."""
     opts = opts or ReconcileOptions()
@@ -227,7 +227,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     if opts.chromadb_check:
         from chaosfix.chromadb_probe import verify_with_chromadb
 
-        rep.chromadb = verify_with_chromadb(root, [p.collection for p in rep.plans if p.has_work])
+        rep.chromadb = verify_with_chromadb(root, [p.collection for p in rep.plans if p.has_work], progress=progress)
     rep.timings["post_verify"] = time.perf_counter() - t1
     return rep
 
@@ -266,7 +266,7 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
 
 
 def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: ReconcileOptions,
-             progress: Progress | None, say: Callable[[str], None]) -> None:
+             progress: ProgressFn | None, say: Callable[[str], None]) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None
     backup_dir = None
@@ -301,7 +301,10 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         say(f"verifying {p.collection}")
         planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
         v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
-                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef_max=EF_MAX)
+                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef_max=EF_MAX,
+                           progress=progress)
+        v.unrepaired = len(p.unrepaired)
+        v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
         rep.verifications[p.collection] = v
         if not v.ok:
             raise OperationalError(f"verification of the rebuilt {p.collection} failed: {v.problems[0]}; "

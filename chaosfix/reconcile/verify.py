@@ -22,11 +22,13 @@ import numpy as np
 
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.palace.hnsw import HnswFiles
+from chaosfix.progress import ProgressFn
 
 K = 10
 EF = 200
 EF_MAX = 1600
 UNREACHABLE_RATE = 0.005
+QUERY_BATCH = 2000  # self-queries per hnswlib call: one progress step
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Verification:
     recovered: int = 0  # misses found again at a higher ef (<= ef_max)
     unreachable: int = 0
     wrong_vectors: int = 0
+    unrepaired: int = 0  # SQL rows left out of the index (no vector source): zero-diff does not hold
     problems: list[str] = field(default_factory=list)
 
     def fail(self, msg: str) -> None:
@@ -79,7 +82,7 @@ def zero_diff(seg_dir: Path, sql_ids: set[str], v: Verification) -> tuple[HnswFi
 
 def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[str, np.ndarray],
                    sample: int = 1000, seed: int = 0, full: bool = False, k: int = K, ef: int = EF,
-                   ef_max: int | None = None) -> Verification:
+                   ef_max: int | None = None, progress: ProgressFn | None = None) -> Verification:
     """Zero-diff, planned vectors in place, and self-query (top-``k`` at ``ef``) of planned +
     sampled rows; misses re-queried at doubling ef up to ``ef_max`` before brute force."""
     v = Verification()
@@ -117,7 +120,11 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
     index.set_ef(max(ef, k))  # hnswlib needs ef >= k
     k = min(k, len(slot_of))
-    found, _ = index.knn_query(stored, k=k)
+    found = np.empty((len(stored), k), dtype=np.uint64)
+    for s in range(0, len(stored), QUERY_BATCH):
+        found[s : s + QUERY_BATCH], _ = index.knn_query(stored[s : s + QUERY_BATCH], k=k)
+        if progress:
+            progress(f"self-queries (top-{k}, ef {max(ef, k)})", min(s + QUERY_BATCH, len(stored)), len(stored))
     v.queried = len(check_ids)
     miss_rows = [j for j in range(len(check_ids)) if int(labels[j]) not in set(found[j].tolist())]
     v.misses = len(miss_rows)
