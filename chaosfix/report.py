@@ -102,7 +102,8 @@ def _reconcile_verdict(rep) -> str:  # noqa: ANN001
     left += [n.split(":", 1)[0] for n in rep.left]
     if rep.chromadb is not None and not rep.chromadb.get("ok", False):
         left.append("chromadb's post-check failed")
-    done = "partly repaired" if rep.has_work and not rep.dry_run else f"{would}leave work undone"
+    done = ("partly repaired" if rep.has_work else "nothing repaired") if not rep.dry_run else \
+        ("would partly repair" if rep.has_work else "would repair nothing")
     return f"{done}; left: {', '.join(left)} (see above)"
 
 
@@ -113,11 +114,11 @@ def render_chromadb_check(res: dict) -> list[str]:
     head = f"chromadb {res.get('version', '?')} post-check: " + ("ok" if res.get("ok") else "FAILED")
     out = [head + (f": {res['error']}" if res.get("error") else "")]
     for name, c in (res.get("collections") or {}).items():
-        line = (f"  {name}: count {c.get('count', '?')}, {c.get('embeddings', '?')} embeddings read for "
+        line = (f"{name}: count {c.get('count', '?')}, {c.get('embeddings', '?')} embeddings read for "
                 f"{c.get('ids', '?')} ids, {c.get('misses', '?')} misses in {c.get('sampled', '?')} sampled "
                 "self- and filtered queries")
-        out.append(cut(line, width()))
-        out += [cut(f"    error: {e}", width()) for e in c.get("errors", [])]
+        out.append("  " + cut(line, width() - 2))
+        out += ["    " + cut(f"error: {e}", width() - 4) for e in c.get("errors", [])]
     return out
 
 

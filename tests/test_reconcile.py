@@ -388,6 +388,8 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
     assert plan["unrepaired"] == len(orphans)
     assert sorted(plan["unrepaired_ids"]) == orphans, "every unrepaired row must be listed in the JSON"
     assert plan["seq_writes"] and doc["after_consistent"] is False
+    for v in doc["verification"].values():  # the rebuilt index is right, but SQL ids != index ids
+        assert v["ok"] and v["zero_diff"] is False and v["unrepaired"] == len(orphans)
     # everything else is fixed: only the orphans remain, no row was dropped to hide them
     after = check_palace(p)
     assert {k: v for k, v in after.codes().items() if k != "PENDING"} == {"SQL_ONLY": len(orphans)}
@@ -395,6 +397,8 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
     assert sql_rows(p) == rows
     text = CliRunner().invoke(cli_main, ["reconcile", str(p), "--no-chromadb-check"])
     assert text.exit_code == 4 and "pass --embedder" in text.stdout
+    assert f"nothing repaired; left: {len(orphans)} rows with no vector source" in text.stdout, text.stdout
+    assert "zero-diff, self-query ok" not in text.stdout
 
     # with an embedder the rest is repaired too
     doc = repair(p, "--embedder", HASH_EMBEDDER)

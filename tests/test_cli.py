@@ -1,0 +1,216 @@
+"""Command-line conventions: usage errors exit 2 (with a JSON error object under --json),
+numbers are validated by click, --keep is checked before any work, the README names only
+commands, flags and metavars that exist (and every flag), tables fit the terminal, and
+progress bars are drawn on a terminal only."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from chaosfix.cli import main as cli_main
+from chaosfix.errors import OperationalError
+from chaosfix.progress import StderrBar, child_line, parse_child_line
+from chaosfix.report import cut, render_chromadb_check, table
+from chaosfix.scenario import get, run_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli_main, list(args), prog_name="chaosfix")
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.stdout + res.stderr
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.fixture
+def no_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A palace cache that must stay empty: proof that nothing was built."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHAOSFIX_CACHE", str(cache))
+    yield cache
+    assert not cache.exists(), "work started before the arguments were validated"
+
+
+@pytest.mark.parametrize("args", [
+    ["simulate"],  # neither SCENARIO nor --all
+    ["simulate", "partial-flush", "--all"],
+    ["simulate", "partial-flush", "--drawers", "0"],
+    ["simulate", "partial-flush", "--seed", "-1"],
+    ["simulate", "partial-flush", "--drawers", "many"],
+    ["reconcile", "x", "--strategy", "fast"],
+    ["check"],
+    ["check", "x", "--no-such-flag"],
+    ["no-such-command"],
+])
+def test_usage_errors_exit_2(args: list[str], no_build: Path) -> None:
+    code, out, err = invoke(*args)
+    assert code == 2 and out == "" and "Error:" in err, (code, out, err)
+    code, out, err = invoke(*args, "--json")
+    assert code == 2
+    doc = json.loads(out)
+    assert doc["schema"] == "chaosfix.error/1" and doc["exit_code"] == 2 and doc["error"]
+
+
+def test_operational_error_with_json_prints_an_error_object(tmp_path: Path) -> None:
+    code, out, err = invoke("check", str(tmp_path / "nope"), "--json")
+    assert code == 8 and len(err.strip().splitlines()) == 1
+    doc = json.loads(out)
+    assert doc == {"schema": "chaosfix.error/1", "error": err.strip().removeprefix("chaosfix: "), "exit_code": 8}
+    code, out, err = invoke("check", str(tmp_path / "nope"))
+    assert code == 8 and out == ""
+
+
+def test_keep_is_validated_before_any_work(tmp_path: Path, no_build: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("mine")
+    for bad, why in ((a_file, "is a file"), (full, "not empty")):
+        code, out, err = invoke("simulate", "partial-flush", "--keep", str(bad))
+        assert code == 2 and why in err, err
+        with pytest.raises(OperationalError, match=why):  # the library checks first too
+            run_scenario(get("partial-flush"), keep=bad)
+    assert a_file.read_text() == "mine" and os.listdir(full) == ["mine.txt"]
+
+
+# ---- the README and the help texts agree --------------------------------------------
+
+
+def commands() -> dict[str, click.Command]:
+    return dict(cli_main.commands)
+
+
+def options(cmd: click.Command) -> dict[str, click.Option]:
+    return {name: p for p in cmd.get_params(click.Context(cmd)) if isinstance(p, click.Option) for name in p.opts}
+
+
+def metavar(cmd: click.Command, param: click.Parameter) -> str:
+    if isinstance(param.type, click.Choice):
+        return "|".join(param.type.choices)
+    return param.make_metavar(click.Context(cmd))
+
+
+def plugin_options() -> set[str]:
+    import chaosfix.pytest_plugin as plugin
+
+    return set(re.findall(r'addoption\("(--[a-z-]+)"', Path(plugin.__file__).read_text()))
+
+
+def readme_text_outside_python() -> str:
+    return re.sub(r"```python\n.*?```", "", README, flags=re.S)
+
+
+def test_readme_synopsis_matches_click() -> None:
+    """Every `chaosfix CMD ...` line in the README names a real command, real options and
+    click's own metavars; every option of every command appears in the README."""
+    text = readme_text_outside_python()
+    lines = re.findall(r"^ {4}(chaosfix [a-z]\S* .*(?:\n {20,}\[.*)*)", text, re.M)  # code lines + continuations
+    seen: dict[str, set[str]] = {}
+    assert len(lines) >= 4
+    for line in lines:
+        name = line.split()[1]
+        assert name in commands(), f"README names `chaosfix {name}`, which does not exist"
+        cmd = commands()[name]
+        opts = options(cmd)
+        args = [p for p in cmd.params if isinstance(p, click.Argument)]
+        for a in args:
+            assert re.search(rf"chaosfix {name} {re.escape(a.metavar or a.name.upper())}\b", line), \
+                f"README `chaosfix {name}` does not name its argument {a.metavar}"
+        for flag, arg in re.findall(r"(--[a-z][a-z-]*)(?: ([A-Z][A-Z:_]*|[a-z]+(?:\|[a-z]+)+))?", line):
+            assert flag in opts, f"README: `chaosfix {name}` has no option {flag}"
+            opt = opts[flag]
+            if not opt.is_flag and arg:
+                assert arg == metavar(cmd, opt), f"README: `{flag} {arg}`, help says `{flag} {metavar(cmd, opt)}`"
+        seen.setdefault(name, set()).update(re.findall(r"--[a-z][a-z-]*", line))
+    assert set(seen) == set(commands()), f"commands missing from the README: {set(commands()) - set(seen)}"
+    for name, cmd in commands().items():
+        documented = {o for o in options(cmd) if o.startswith("--") and o != "--help"}
+        assert documented <= seen[name], f"`chaosfix {name}` options missing from the README: {documented - seen[name]}"
+
+
+def test_every_command_and_flag_the_readme_mentions_exists() -> None:
+    """Commands in code (`chaosfix NAME`, code lines) and every --flag anywhere: chaosfix's,
+    the pytest plugin's, or the stateful replay's."""
+    text = readme_text_outside_python()
+    named = set(re.findall(r"(?:`|^ +)chaosfix ([a-z][a-z-]*)\b(?!:)", text, re.M))
+    assert named >= {"check", "reconcile", "simulate", "scenarios"}
+    for name in named:
+        assert name in commands(), f"README names `chaosfix {name}`, which does not exist"
+        code, out, _ = invoke(name, "--help")
+        assert code == 0 and f"chaosfix {name}" in out
+    import chaosfix.stateful as stateful
+
+    known = {o for cmd in [cli_main, *commands().values()] for o in options(cmd)} | plugin_options()
+    if "--replay" in Path(stateful.__file__).read_text():
+        known.add("--replay")  # python -m chaosfix.stateful --replay FILE
+    for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text)):
+        assert flag in known, f"README mentions {flag}, which nothing has"
+
+
+# ---- honest, terminal-sized reports --------------------------------------------------
+
+
+def test_table_fits_the_width_and_cuts_with_an_ellipsis() -> None:
+    long = "word " * 60
+    out = table(["stage", "ok", "detail"], [["observe", "yes", long], ["check", "yes", "short"]], max_width=60)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 60
+    assert lines[2].endswith("\u2026") and lines[3].endswith("short")
+    wide = table(["stage", "ok", "detail"], [["observe", "yes", long.strip()]], max_width=400)
+    assert wide.splitlines()[2].endswith("word") and "\u2026" not in wide
+    assert cut("a\nb  c", 10) == "a b c"
+
+
+def test_chromadb_post_check_reads_as_lines() -> None:
+    res = {"version": "1.5.9", "ok": False, "collections": {
+        "drawers": {"count": 450, "ids": 450, "embeddings": 449, "sampled": 20, "misses": 0,
+                    "errors": ["449 embeddings for 450 ids, count 450"]}}}
+    lines = render_chromadb_check(res)
+    assert lines[0] == "chromadb 1.5.9 post-check: FAILED"
+    assert lines[1].startswith("  drawers: count 450, 449 embeddings read for 450 ids")
+    assert lines[2].strip() == "error: 449 embeddings for 450 ids, count 450"
+    assert not any("{" in line for line in lines)
+    assert render_chromadb_check({"ok": False, "error": "Segmentation fault"}) == \
+        ["chromadb ? post-check: FAILED: Segmentation fault"]
+
+
+# ---- progress ----------------------------------------------------------------------
+
+
+def test_child_progress_lines_round_trip() -> None:
+    assert parse_child_line(child_line("chromadb reads x y", 5, 10)) == ("chromadb reads x y", 5, 10)
+    assert parse_child_line("some chromadb warning\n") is None
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as tty:
+        bar = StderrBar(tty)
+        assert bar.enabled
+        for done in (1, 2, 3, 4):
+            bar("building index", done, 4)
+        bar.say("next stage")
+        tty.flush()
+        drawn = ""
+        while "next stage" not in drawn and select.select([master], [], [], 5)[0]:
+            drawn += os.read(master, 65536).decode()
+    os.close(master)
+    assert "chaosfix: building index" in drawn and "1/4" in drawn and "#" * 30 + "]  4/4" in drawn
+    assert "chaosfix: next stage" in drawn
+    with open(tmp_path / "log", "w") as f:
+        bar = StderrBar(f)
+        bar("building index", 1, 4)
+        bar.say("a log line")
+    assert not bar.enabled and (tmp_path / "log").read_text() == "chaosfix: a log line\n"
