@@ -17,11 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from chaosfix.progress import StderrBar
 from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, copy_palace, template
 
 MB = 1 << 20
 BASE = 100_000  # a larger palace grows from the cached palace of this size...
 STEP = 50_000  # ...by this many drawers per chromadb child
+BAR = StderrBar()  # progress of palace builds (minutes) on stderr, when it is a terminal
 
 
 def spec_for(drawers: int, dim: int) -> PalaceSpec:
@@ -41,7 +43,7 @@ def cached_template(spec: PalaceSpec, log: Callable[[str], None]) -> Path:
         log(f"building the {spec.drawers:,}-drawer palace with chromadb (once; minutes)...")
     t0 = time.perf_counter()
     if cached or spec.drawers <= BASE:
-        palace = template(spec)
+        palace = template(spec, BAR)
     else:
         palace = _grow(spec, cached_template(spec.with_(drawers=BASE), log), log)
     log(f"palace ready in {time.perf_counter() - t0:.1f} s ({'cached' if cached else 'built'}): {palace}")
@@ -56,10 +58,13 @@ def _grow(spec: PalaceSpec, base: Path, log: Callable[[str], None]) -> Path:
         for start in range(BASE, spec.drawers, STEP):
             count = min(STEP, spec.drawers - start)
             t = time.perf_counter()
-            res = apply_ops(p, spec, [{"op": "add", "start": start, "count": count}])
+            res = apply_ops(p, spec, [{"op": "add", "start": start, "count": count}],
+                            progress=lambda _s, done, _t, start=start: BAR(
+                                "growing palace", start - BASE + done, spec.drawers - BASE))
             if not res.ok:
                 raise SystemExit(f"adding drawers {start:,}+{count:,} failed: "
                                  f"{res.result.get('error') or res.stderr[-500:]}")
+            BAR.close()  # the log line goes below the bar, not into it
             log(f"  {start + count:,} drawers ({time.perf_counter() - t:.0f} s for this step)")
         try:
             os.rename(p, dest)  # another run may have won the race: fine

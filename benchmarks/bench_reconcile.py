@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MB, cached_template, chaosfix_command, dir_size, index_files, print_rows, run_timed, spec_for
+from _common import BAR, MB, cached_template, chaosfix_command, dir_size, index_files, print_rows, run_timed, spec_for
 
 from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, chromadb_version, copy_palace
 
@@ -80,7 +80,7 @@ def make_orphans(palace: Path, spec: PalaceSpec, orphans: int) -> dict:
 
     snap = snapshot_segment(palace, dst=palace.parent / "snapshot")
     t0 = time.perf_counter()
-    res = apply_ops(palace, spec, [{"op": "add", "start": spec.drawers, "count": orphans}])
+    res = apply_ops(palace, spec, [{"op": "add", "start": spec.drawers, "count": orphans}], progress=BAR)
     if not res.ok:
         raise SystemExit(f"adding {orphans} drawers failed: {res.result.get('error') or res.stderr[-500:]}")
     added = time.perf_counter() - t0

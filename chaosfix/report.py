@@ -68,8 +68,9 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
         if p.seq_writes:
             out.append(f"{p.collection}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
         if p.unrepaired:
-            out.append(cut(f"{p.collection}: {len(p.unrepaired)} rows left as they are: no vector source "
-                           f"(no index slot, no WAL row; pass --embedder): {', '.join(p.unrepaired[:5])}", width()))
+            out.append(f"{p.collection}: {len(p.unrepaired)} rows left unrepaired: no index slot, no WAL row; "
+                       "pass --embedder to re-embed them")
+            out.append("  " + cut(f"ids: {', '.join(p.unrepaired[:20])}", width() - 2))
     if rep.queue_floor is not None:
         out.append(f"WAL floor row at seq_id {rep.queue_floor}: new writes get seq_ids above every max_seq_id")
     out += [f"note: {n}" for n in rep.notes] + [f"left: {n}" for n in rep.left]
