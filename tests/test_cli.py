@@ -159,6 +159,17 @@ def test_every_command_and_flag_the_readme_mentions_exists() -> None:
         assert flag in known, f"README mentions {flag}, which nothing has"
 
 
+def test_ci_runs_the_readme_test_command() -> None:
+    """The Quick start's two commands: a venv each, so they copy-paste on a fresh machine;
+    the second is exactly what CI (.ci/run) runs."""
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    install, tests = re.findall(r"^ {4}(\S.*)$", quick, re.M)
+    assert install.startswith("python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/chaosfix simulate ")
+    assert tests.startswith("python3 -m venv .venv-tox && ") and tests.endswith(".venv-tox/bin/tox")
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == tests
+
+
 # ---- honest, terminal-sized reports --------------------------------------------------
 
 
