@@ -1,10 +1,10 @@
 """The chaosfix command line: parses, calls the library, prints. No logic of its own.
 
-Exit codes follow fsck's spirit: check 0 consistent / 4 findings / 8 operational error;
+Exit codes 0/1/4/8 follow fsck's: check 0 consistent / 4 findings / 8 operational error;
 reconcile 0 nothing to do / 1 repaired / 4 left unrepaired / 8 operational error;
 simulate 0 every expectation held / 4 an expectation failed / 8 operational error;
-2 for every usage error (click's convention). With ``--json``, an error is also printed
-on stdout as one ``chaosfix.error/1`` object.
+2 for every usage error (click's convention; fsck's is 16). With ``--json``, an error is
+also printed on stdout as one ``chaosfix.error/1`` object.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Errors that map to the documented exit codes (README "Exit codes"): fsck-like values,
-so scripts can test bits: 1 repaired, 4 findings or work left, 8 operational error;
-2 is click's usage error."""
+"""Errors that map to the documented exit codes (README "Exit codes"): fsck's values
+(1 repaired, 4 findings or work left, 8 operational error) plus click's 2 for usage
+errors."""
 
 from __future__ import annotations
 

@@ -15,9 +15,16 @@ def width() -> int:
 
 
 def cut(text: str, limit: int) -> str:
-    """``text`` on one line, at most ``limit`` characters, cut with an ellipsis."""
+    """``text`` on one line, at most ``limit`` characters, cut with an ellipsis (at a word
+    boundary when one is near the end)."""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: max(0, limit - 1)].rstrip() + ELLIPSIS
+    if len(text) <= limit:
+        return text
+    head = text[: max(0, limit - 1)]
+    space = head.rfind(" ")
+    if space >= len(head) * 2 // 3:
+        head = head[:space]
+    return head.rstrip(" ,;:") + ELLIPSIS
 
 
 def table(headers: list[str], rows: list[list[object]], max_width: int | None = None) -> str:

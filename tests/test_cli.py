@@ -182,6 +182,7 @@ def test_table_fits_the_width_and_cuts_with_an_ellipsis() -> None:
     wide = table(["stage", "ok", "detail"], [["observe", "yes", long.strip()]], max_width=400)
     assert wide.splitlines()[2].endswith("word") and "\u2026" not in wide
     assert cut("a\nb  c", 10) == "a b c"
+    assert cut("self-query misses in the sample", 20) == "self-query misses\u2026"  # at a word boundary
 
 
 def test_chromadb_post_check_reads_as_lines() -> None:
