@@ -2,4 +2,4 @@
 
 from chaosfix.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog_name="chaosfix"))

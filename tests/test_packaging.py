@@ -39,8 +39,9 @@ def test_installed_package_carries_the_catalogue() -> None:
     """Every scenario and fixture of scenarios/ is in the imported package, byte for byte;
     under tox that package is the installed wheel, not the checkout."""
     if under_tox():
-        assert not Path(chaosfix.__file__).resolve().is_relative_to(ROOT), \
+        assert Path(chaosfix.__file__).resolve().parent != ROOT / "chaosfix", \
             f"tox leg imports chaosfix from the checkout ({chaosfix.__file__}), not from the wheel"
+        assert Path(str(builtin_dir())).resolve() != ROOT / "scenarios"
     src = sorted((ROOT / "scenarios").glob("*.toml"))
     shipped = {f.name: f for f in builtin_dir().iterdir() if f.name.endswith(".toml")}
     assert len(src) >= 18 and sorted(shipped) == [f.name for f in src]
