@@ -68,10 +68,12 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
     for p in rep.plans:
         found = ", ".join(f"{k} {v}" for k, v in sorted(p.codes.items()) if k != "PENDING") or "-"
         done = f"+{len(p.add)} ~{len(p.replace)} -{len(p.remove_labels)} labels" if p.index_changes else "-"
-        rows.append([p.collection, found, p.strategy, done, len(p.unrepaired),
-                     _verified(rep.verifications.get(p.collection))])
-    out.append(table(["collection", "found", "strategy", "done", "unrepaired", "verified"], rows))
+        rows.append([p.collection, p.strategy, done, len(p.unrepaired), found])
+    out.append(table(["collection", "strategy", "done", "unrepaired", "found"], rows))
     for p in rep.plans:
+        v = rep.verifications.get(p.collection)
+        if v is not None:
+            out.append(cut(f"{p.collection}: {_verified(v)}", width()))
         if p.seq_writes:
             out.append(f"{p.collection}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
         if p.unrepaired:
@@ -89,12 +91,10 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
     return "\n".join(out)
 
 
-def _verified(v) -> str:  # noqa: ANN001 - Verification or None
-    if v is None:
-        return "-"
+def _verified(v) -> str:  # noqa: ANN001 - Verification
     if not v.ok:
-        return "FAILED: " + "; ".join(v.problems)
-    what = "zero-diff, self-query ok" if v.zero_diff else f"repaired rows ok; {v.unrepaired} left out: no zero-diff"
+        return "verification FAILED: " + "; ".join(v.problems)
+    what = "zero-diff, self-query ok" if v.zero_diff else f"no zero-diff ({v.unrepaired} rows left out); self-query ok"
     return f"{what} ({v.queried} queried, {v.unreachable} unreachable)"
 
 
@@ -122,10 +122,12 @@ def render_chromadb_check(res: dict) -> list[str]:
     head = f"chromadb {res.get('version', '?')} post-check: " + ("ok" if res.get("ok") else "FAILED")
     out = [head + (f": {res['error']}" if res.get("error") else "")]
     for name, c in (res.get("collections") or {}).items():
-        line = (f"{name}: count {c.get('count', '?')}, {c.get('embeddings', '?')} embeddings read for "
-                f"{c.get('ids', '?')} ids, {c.get('misses', '?')} misses in {c.get('sampled', '?')} sampled "
-                "self- and filtered queries")
-        out.append("  " + cut(line, width() - 2))
+        parts = [f"count {c['count']}" if "count" in c else "not opened"]
+        if "ids" in c:
+            parts.append(f"{c.get('embeddings', 0)} embeddings for {c['ids']} ids")
+        if "sampled" in c:
+            parts.append(f"{c.get('misses', 0)} misses in {c['sampled']} sampled queries")
+        out.append("  " + cut(f"{name}: {', '.join(parts)}", width() - 2))
         out += ["    " + cut(f"error: {e}", width() - 4) for e in c.get("errors", [])]
     return out
 

@@ -191,9 +191,12 @@ def test_chromadb_post_check_reads_as_lines() -> None:
                     "errors": ["449 embeddings for 450 ids, count 450"]}}}
     lines = render_chromadb_check(res)
     assert lines[0] == "chromadb 1.5.9 post-check: FAILED"
-    assert lines[1].startswith("  drawers: count 450, 449 embeddings read for 450 ids")
+    assert lines[1] == "  drawers: count 450, 449 embeddings for 450 ids, 0 misses in 20 sampled queries"
     assert lines[2].strip() == "error: 449 embeddings for 450 ids, count 450"
     assert not any("{" in line for line in lines)
+    broken = render_chromadb_check({"version": "1.5.9", "ok": False, "collections": {"drawers": {
+        "count": 450, "errors": ["InternalError: Error finding id"]}}})
+    assert broken[1:] == ["  drawers: count 450", "    error: InternalError: Error finding id"]
     assert render_chromadb_check({"ok": False, "error": "Segmentation fault"}) == \
         ["chromadb ? post-check: FAILED: Segmentation fault"]
 

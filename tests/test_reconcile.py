@@ -382,6 +382,11 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
 
     code, doc, err = reconcile(p, "--dry-run")
     assert code == 4 and doc["exit_code"] == 4
+    twin = shutil.copytree(p, tmp_path / "twin", symlinks=True)  # the same partial repair, as text
+    text = CliRunner().invoke(cli_main, ["reconcile", str(twin), "--no-chromadb-check"])
+    assert text.exit_code == 4 and "zero-diff, self-query ok" not in text.stdout, text.stdout
+    assert f"no zero-diff ({len(orphans)} rows left out)" in text.stdout, text.stdout
+    assert f"verdict: partly repaired; left: {len(orphans)} rows with no vector source" in text.stdout
     code, doc, err = reconcile(p, "--no-chromadb-check")
     assert code == 4, err
     (plan,) = doc["plans"]
