@@ -166,7 +166,7 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
 
 
 @main.command()
-@click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(),
+@click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Also load scenarios from DIR (repeatable).")
 @_one_line_errors
 def scenarios(extra: tuple[str, ...]) -> int:
@@ -186,7 +186,7 @@ def scenarios(extra: tuple[str, ...]) -> int:
 @click.option("--drawers", metavar="N", type=click.IntRange(min=1), help="Override the scenario's palace size.")
 @click.option("--keep", metavar="DIR", type=click.Path(), callback=_keep_dir,
               help="Keep the broken and the repaired palace in DIR/broken and DIR/repaired (DIR new or empty).")
-@click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(),
+@click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Also load scenarios from DIR (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print chaosfix.simulate/1 JSON.")
 @click.pass_context
@@ -203,8 +203,11 @@ def simulate(ctx: click.Context, name: str | None, run_all: bool, seed: int, dra
         raise click.UsageError("give one SCENARIO or --all (`chaosfix scenarios` lists them)", ctx)
     bar = _bar()
     if name:
-        results = [run_scenario(get(name, list(extra)), seed=seed, drawers=drawers, keep=keep, log=bar.say,
-                                progress=bar)]
+        try:
+            chosen = get(name, list(extra))
+        except ChaosfixError as exc:  # an unknown name is a bad argument
+            raise click.BadParameter(str(exc), ctx, param_hint="SCENARIO") from None
+        results = [run_scenario(chosen, seed=seed, drawers=drawers, keep=keep, log=bar.say, progress=bar)]
     else:
         todo = [s for s in catalogue(list(extra)).values() if s.applies(chroma_major())]
         results = [run_scenario(s, seed=seed, drawers=drawers, keep=f"{keep}/{s.name}" if keep else None,
