@@ -121,7 +121,8 @@ def _refuse_sql_damage(rep: CheckReport, root: Path) -> None:
         raise OperationalError(f"{root}: chroma.sqlite3 is corrupt ({why[:200]}); restore it first")
 
 
-def _refuse_unsafe(rep: CheckReport, root: Path, opts: ReconcileOptions) -> list[ForeignObject]:
+def _refuse_unsafe(rep: CheckReport, root: Path, opts: ReconcileOptions,
+                   conn: sqlite3.Connection | None = None) -> list[ForeignObject]:
     """Refuse (exit 8, one line naming the object) a palace whose names, links or SQL
     would act: a non-UUID id, a symlinked segment, a foreign trigger/view on chromadb's
     tables (unless --drop-foreign-sql: then they are returned, to be dropped)."""
@@ -131,7 +132,7 @@ def _refuse_unsafe(rep: CheckReport, root: Path, opts: ReconcileOptions) -> list
         if f.code == "SYMLINK" and f.severity == "error":
             raise OperationalError(f"{root}: {shown(f.sample[0])} is a symlink; chaosfix never follows symlinks "
                                    "in a palace: replace it with the real folder, then rerun")
-    sql = PalaceSql(root / SQLITE_NAME)
+    sql = PalaceSql(root / SQLITE_NAME, conn)  # under the lock: through our own connection
     try:
         foreign = schema_guard.inspect(sql.conn).dangerous
     finally:
@@ -252,7 +253,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
                 rep.notes.append("the palace changed since the first look: planned again under the lock")
                 before = check_palace(root, opts.collection, conn=conn)
                 _refuse_sql_damage(before, root)
-                rep.foreign_sql = _refuse_unsafe(before, root, opts)
+                rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
                 rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
             rows_before = schema_guard.RowFingerprint.take(conn)
             _execute(root, conn, rep, opts, progress, say, rows_before)
