@@ -3,12 +3,13 @@ outside the allow-list (see ``chaosfix.palace.idmap``)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
-from chaosfix.palace import UUID_RE, PalaceSql, SqlReadError, palace_db
+from chaosfix.palace import SQLITE_NAME, UUID_RE, PalaceSql, SqlReadError, palace_db, schema_guard
 from chaosfix.palace.sql import journal_synced
 from chaosfix.palace.state import (
     PICKLE_MISSING,
@@ -17,6 +18,7 @@ from chaosfix.palace.state import (
     CollectionState,
     load_state,
 )
+from chaosfix.safe_fs import is_link
 
 SCHEMA = "chaosfix.check/1"
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -45,7 +47,14 @@ CODES = {
     "HOT_JOURNAL": "leftover chroma.sqlite3-journal: interrupted transaction",
     "SQLITE_CORRUPT": "chroma.sqlite3 fails to open or PRAGMA quick_check",
     "PENDING": "WAL rows chromadb will replay on open (healthy)",
+    "FOREIGN_SQL": "a trigger or view chromadb never creates (error when it touches chromadb's tables)",
+    "UNSAFE_ID": "a collection or segment id that is not a UUID (never used as a path)",
+    "SYMLINK": "a symlinked segment folder or file (never followed; info for chroma.sqlite3 itself)",
+    "WAL_MODE": "chroma.sqlite3 is in SQLite WAL mode (chromadb uses a rollback journal; read without writing)",
 }
+# findings about the whole palace, never a collection's own repair work
+PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL", "WAL_MODE",
+                "SYMLINK"}
 
 
 @dataclass
@@ -102,7 +111,8 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], f"cannot open: {exc}"))
         return report
     try:
-        _check(sql, root, collection, report)
+        if _schema(sql, root, report):
+            _check(sql, root, collection, report)
     except SqlReadError as exc:
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
     except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
@@ -117,6 +127,31 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
     finally:
         sql.close()
     return report
+
+
+def _schema(sql: PalaceSql, root: Path, report: CheckReport) -> bool:
+    """Schema findings; False when the tables chaosfix reads are not all there. A file
+    with none of chromadb's tables is not a palace (exit 8)."""
+    add = report.findings.append
+    schema = schema_guard.inspect(sql.conn)
+    if schema.chroma_tables == 0:
+        raise OperationalError(f"{root}: not a palace (chroma.sqlite3 has none of chromadb's tables)")
+    if is_link(sql.path):
+        add(Finding("SYMLINK", INFO, None, None, 1, [SQLITE_NAME],
+                    f"chroma.sqlite3 is a symlink to {os.path.realpath(sql.path)}: read; reconcile refuses it"))
+    if sql.wal_mode:
+        add(Finding("WAL_MODE", INFO, None, None, 1, [], "chroma.sqlite3 is in WAL journal mode; chromadb "
+                    "never sets it (read without creating -wal/-shm)"))
+    for sev, objs in ((ERROR, schema.dangerous), (INFO, [o for o in schema.foreign if not o.touches])):
+        if objs:
+            add(Finding("FOREIGN_SQL", sev, None, None, len(objs), [o.describe() for o in objs[:SAMPLE]],
+                        "chromadb creates no trigger or view; SQLite would run it on writes"
+                        if sev == ERROR else "trigger/view on tables chromadb does not use"))
+    if schema.missing:
+        add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(schema.missing), schema.missing[:SAMPLE],
+                    "chromadb's schema is incomplete: missing " + ", ".join(schema.missing[:SAMPLE])))
+        return False
+    return True
 
 
 def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport) -> None:
@@ -178,6 +213,14 @@ def _collection_findings(st: CollectionState, report: CheckReport) -> None:
                 Finding(code, severity, info.name, seg, count, [str(s) for s in sample[:SAMPLE]], detail)
             )
 
+    if st.unsafe_id is not None:
+        add("UNSAFE_ID", 1, [st.info.id], st.unsafe_id + "; not read")
+        report.collections.append(summary(st))
+        return
+    if st.symlinks:
+        add("SYMLINK", len(st.symlinks), st.symlinks, "symlink in the vector segment; not followed, not read")
+        report.collections.append(summary(st))
+        return
     for s in (st.vector_seq, st.metadata_seq):
         if s is not None and s.poisoned:
             add("POISONED_SEQ", 1, [str(s.value)], f"max_seq_id {s.value} > 2**53")

@@ -27,8 +27,16 @@ def _emit_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _one_line(msg: str, limit: int = 500) -> str:
+    """Control characters escaped (messages may quote palace-supplied names), so an error
+    is one line on any terminal."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 def _fail(msg: str, code: int, as_json: bool) -> None:
     """One line on stderr (and a JSON error object on stdout with --json), then exit."""
+    msg = _one_line(msg)
     click.echo(f"chaosfix: {msg}", err=True)
     if as_json:
         _emit_json({"schema": ERROR_SCHEMA, "error": msg, "exit_code": code})
@@ -139,11 +147,13 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
 @click.option("--no-chromadb-check", is_flag=True, help="Skip the final reopen with chromadb.")
 @click.option("--apply-pending", is_flag=True, help="Also fold pending WAL rows into a healthy index.")
 @click.option("--prune-orphan-dirs", is_flag=True, help="Move segment folders no segment owns into the backup.")
+@click.option("--drop-foreign-sql", is_flag=True,
+              help="Drop triggers/views chromadb never creates (their SQL is saved in the backup) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.reconcile/1 JSON object.")
 @_one_line_errors
 def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str | None, no_backup: bool,
               strategy: str, verify_mode: str, no_chromadb_check: bool, apply_pending: bool, prune_orphan_dirs: bool,
-              as_json: bool) -> int:
+              drop_foreign_sql: bool, as_json: bool) -> int:
     """Repair every fixable finding in PALACE. Exit 0 nothing to do, 1 repaired, 4 left
     unrepaired, 8 error.
 
@@ -154,7 +164,7 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
     opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=embedder,
                             strategy=strategy, verify_full=verify_mode == "full",
                             chromadb_check=not no_chromadb_check, apply_pending=apply_pending,
-                            prune_orphan_dirs=prune_orphan_dirs)
+                            prune_orphan_dirs=prune_orphan_dirs, drop_foreign_sql=drop_foreign_sql)
     bar = _bar()
     rep = reconcile_palace(palace, opts, progress=bar, log=bar.say)
     bar.close()

@@ -120,7 +120,7 @@ def render_chromadb_check(res: dict) -> list[str]:
     if res.get("skipped"):
         return [f"chromadb post-check: skipped ({res['skipped']})"]
     head = f"chromadb {res.get('version', '?')} post-check: " + ("ok" if res.get("ok") else "FAILED")
-    out = [head + (f": {res['error']}" if res.get("error") else "")]
+    out = [head + (f": {cut(res['error'], 200)}" if res.get("error") else "")]  # never the child's traceback
     for name, c in (res.get("collections") or {}).items():
         parts = [f"count {c['count']}" if "count" in c else "not opened"]
         if "ids" in c:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
 from chaosfix.palace.sql import PalaceSql, SqlReadError
+from chaosfix.safe_fs import UUID_RE
 
 SQLITE_NAME = "chroma.sqlite3"
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def palace_db(path: str | Path) -> Path:

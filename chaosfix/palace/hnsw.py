@@ -11,6 +11,7 @@ read through a memmap, only when asked for.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ HEADER_SIZE = struct.calcsize(HEADER_FMT)  # 100
 FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin")
 DELETE_MARK = 0x01
 BLOCK_SLOTS = 8192  # 8192 * 1676 bytes (384-d) = 13.7 MB per block
+BLOCK_BYTES = 16 << 20  # and never more than this per block, whatever the slot size
+# bounds no healthy index exceeds, checked before any allocation sized by the header:
+# hnswlib's internal ids are u32, chromadb's M is small, embeddings stay below 64k dims
+MAX_ELEMENTS = 2**32
+MAX_M = 4096
+MAX_DIM = 65536
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,16 @@ class Header:
             out.append("size_data_per_element inconsistent")
         if self.cur_element_count > self.max_elements:
             out.append("cur_element_count above max_elements")
-        # an empty index (folder created, nothing persisted yet) has maxlevel -1
-        lowest = -1 if self.cur_element_count == 0 else 0
-        if not (lowest <= self.maxlevel < 64) or self.max_m0 != 2 * self.max_m or self.m != self.max_m:
+        if self.cur_element_count > MAX_ELEMENTS or self.max_m0 > 2 * MAX_M or self.dim > MAX_DIM:
+            out.append("header sizes beyond hnswlib's limits")
+        # an empty index (folder created, nothing persisted yet) has maxlevel -1 and no
+        # entry point; any other has both (hnswlib searches from the entry point on load
+        # and add: one outside the elements crashes it)
+        if self.cur_element_count == 0:
+            level_ok = self.maxlevel == -1
+        else:
+            level_ok = 0 <= self.maxlevel < 64 and self.enterpoint_node < self.cur_element_count
+        if not level_ok or self.max_m0 != 2 * self.max_m or self.m != self.max_m:
             out.append("graph parameters out of range")
         return out
 
@@ -93,13 +107,15 @@ class HnswFiles:
     present: dict[str, int] = field(default_factory=dict)  # name -> size
     header: Header | None = None
     header_error: str | None = None
+    level0_data: int | None = None  # bytes of data_level0.bin before its first hole
 
     @classmethod
     def open(cls, seg_dir: Path) -> HnswFiles:
+        """Stat the files (symlinks are not followed: the caller refuses them earlier)."""
         self = cls(seg_dir)
         for name in FILES:
             p = seg_dir / name
-            if p.is_file():
+            if p.is_file() and not p.is_symlink():
                 self.present[name] = p.stat().st_size
         if "header.bin" in self.present:
             try:
@@ -110,9 +126,29 @@ class HnswFiles:
 
     @property
     def slots_in_file(self) -> int:
+        """Whole slots of real data: a sparse data_level0.bin counts only up to its first
+        hole (hnswlib writes every slot below cur_element_count, so a hole is lost data),
+        which keeps every read O(real bytes) whatever the apparent size claims."""
         if self.header is None or self.header.size_data_per_element <= 0:
             return 0
-        return self.present.get("data_level0.bin", 0) // self.header.size_data_per_element
+        size = self.present.get("data_level0.bin", 0)
+        return min(size, self.level0_real()) // self.header.size_data_per_element
+
+    def level0_real(self) -> int:
+        """Offset of data_level0.bin's first hole (its size when it has none)."""
+        if self.level0_data is None:
+            size = self.present.get("data_level0.bin", 0)
+            self.level0_data = size
+            if size:
+                try:
+                    fd = os.open(self.dir / "data_level0.bin", os.O_RDONLY | os.O_NOFOLLOW)
+                    try:
+                        self.level0_data = min(size, os.lseek(fd, 0, os.SEEK_HOLE))
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
+        return self.level0_data
 
     @property
     def readable_slots(self) -> int:
@@ -128,11 +164,13 @@ class HnswFiles:
 
     def _blocks(self, step: int = BLOCK_SLOTS) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first slot, uint8 rows of shape (k, size_data_per_element)) over the
-        readable slots. The rows are a view of one reused buffer: copy what you keep."""
+        readable slots. The rows are a view of one reused buffer (at most BLOCK_BYTES
+        plus one slot): copy what you keep."""
         h, n = self.header, self.readable_slots
         if h is None or n == 0:
             return
         size = h.size_data_per_element
+        step = max(1, min(step, BLOCK_BYTES // size))
         buf = np.empty(min(step, n) * size, dtype=np.uint8)
         with open(self.dir / "data_level0.bin", "rb", buffering=0) as f:
             for s in range(0, n, step):
@@ -199,20 +237,41 @@ class HnswFiles:
         if h is None or size is None:
             return 0, None
         unit = h.max_m * 4 + 4
-        off, n = 0, h.cur_element_count
+        # walk only the elements data_level0.bin really holds (a header may claim 2**40)
+        off, n = 0, min(h.cur_element_count, self.slots_in_file)
         if n == 0:
             return 0, None
         if size == 0:
             return 0, f"link_lists.bin is empty for {n} elements"
-        with open(self.dir / "link_lists.bin", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        # map no more than n elements can use: a sparse terabyte file costs nothing
+        size = min(size, n * (4 + max(h.maxlevel, 0) * unit))
+        if size < 4:
+            return 0, "link_lists.bin ends at element 0"
+        with open(self.dir / "link_lists.bin", "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
             for i in range(n):
                 if off + 4 > size:
                     return off, f"link_lists.bin ends at element {i} of {n}"
                 (ln,) = struct.unpack_from("<I", m, off)
                 if ln % unit or ln // unit > h.maxlevel:
                     return off, f"link list of element {i} has invalid size {ln}"
+                if i == h.enterpoint_node and ln // unit != h.maxlevel:
+                    return off, f"entry point {i} has {ln // unit} levels, header says {h.maxlevel}"
+                if ln and off + 4 + ln <= size and not _links_ok(m, off + 4, ln // unit, h.max_m, h.cur_element_count):
+                    return off, f"upper-level links of element {i} out of range"
                 off += 4 + ln
                 if off > size:
                     return off, f"link_lists.bin ends inside element {i} of {n}"
         return off, None
+
+
+def _links_ok(buf: mmap.mmap, off: int, levels: int, max_m: int, count: int) -> bool:
+    """Each upper level: a u16 neighbour count <= maxM, then maxM u32 ids of which the
+    first count must name existing elements (hnswlib follows them without checks)."""
+    a = np.frombuffer(buf, dtype="<u4", count=levels * (max_m + 1), offset=off).reshape(levels, max_m + 1)
+    counts = a[:, 0] & 0xFFFF
+    if (counts > max_m).any():
+        return False
+    ids = a[:, 1:]
+    used = np.arange(max_m)[None, :] < counts[:, None]
+    return not (used & (ids >= count)).any()
 

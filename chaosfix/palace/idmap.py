@@ -15,6 +15,9 @@ import io
 import pickle
 from dataclasses import dataclass, field
 
+from chaosfix.palace import pickle_reader
+
+LABEL_LIMIT = 2**64
 PERSISTENT_DATA = ("chromadb.segment.impl.vector.local_persistent_hnsw", "PersistentData")
 FILENAME = "index_metadata.pickle"
 
@@ -63,7 +66,12 @@ class IdMap:
 
 
 def loads(raw: bytes) -> IdMap:
-    """Parse pickle bytes; raises UnsafePickle or UnreadablePickle, nothing else."""
+    """Parse pickle bytes; raises UnsafePickle or UnreadablePickle, nothing else.
+    The opcode scan runs first so the unpickler's memory stays O(len(raw))."""
+    try:
+        pickle_reader.scan(raw)
+    except pickle_reader.PickleBoundsError as exc:
+        raise UnreadablePickle(str(exc)) from None
     try:
         obj = _Unpickler(io.BytesIO(raw)).load()
     except UnsafePickle:
@@ -97,7 +105,23 @@ def loads(raw: bytes) -> IdMap:
     )
     if not ok:
         raise UnreadablePickle("fields have unexpected types")
+    bad = _out_of_range(id_to_label, label_to_id, total)
+    if bad:
+        raise UnreadablePickle(bad)
+    try:
+        pickle_reader.check_nesting([dim, max_seq, id_to_seq, attrs])
+    except pickle_reader.PickleBoundsError as exc:
+        raise UnreadablePickle(str(exc)) from None
     return IdMap(fmt, dim, total, id_to_label, label_to_id, dict(id_to_seq), max_seq, attrs)
+
+
+def _out_of_range(id_to_label: dict, label_to_id: dict, total: int) -> str | None:
+    """Labels and counts are hnswlib's u64: anything else (a 100,000-digit int) is damage."""
+    for what, vals in (("label", id_to_label.values()), ("label", label_to_id.keys()), ("total", (total,))):
+        if vals and (min(vals) < 0 or max(vals) >= LABEL_LIMIT):
+            top = max(vals)
+            return f"{what} out of range ({top.bit_length()}-bit value)"
+    return None
 
 
 class _ObjectPickler(pickle._Pickler):  # type: ignore[name-defined]

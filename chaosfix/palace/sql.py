@@ -100,6 +100,7 @@ class PalaceSql:
         """Open read-only, or wrap ``conn`` (the reconciler's own locked connection)."""
         self.path = db_path
         self.hot_journal = _hot_journal(db_path)
+        self.wal_mode = wal_mode(db_path)
         self.owned = conn is None
         try:
             if conn is None:
@@ -120,6 +121,8 @@ class PalaceSql:
         way). Reading the file as it is would show a large transaction's uncommitted,
         spilled pages. Falls back to ``immutable=1`` when the copy cannot be made."""
         self._scratch: Path | None = None
+        if self.wal_mode:
+            return self._open_wal(db_path)
         if self.hot_journal:
             scratch = Path(tempfile.mkdtemp(prefix="chaosfix-journal-"))
             try:
@@ -137,6 +140,27 @@ class PalaceSql:
                 shutil.rmtree(scratch, ignore_errors=True)
         mode = "immutable=1" if self.hot_journal else "mode=ro"
         return sqlite3.connect(f"file:{db_path.as_posix()}?{mode}", uri=True, timeout=2.0)
+
+    def _open_wal(self, db_path: Path) -> sqlite3.Connection:
+        """A WAL-mode file (chromadb never makes one; another tool did): ``mode=ro`` would
+        create ``-wal``/``-shm`` beside it, so read it ``immutable=1`` when no ``-wal``
+        holds frames, else read a private copy of the file and its ``-wal``."""
+        wal = Path(str(db_path) + "-wal")
+        try:
+            frames = wal.is_file() and wal.stat().st_size > 0
+        except OSError:
+            frames = False
+        if not frames:
+            return sqlite3.connect(f"file:{db_path.as_posix()}?immutable=1", uri=True, timeout=2.0)
+        scratch = Path(tempfile.mkdtemp(prefix="chaosfix-wal-"))
+        self._scratch = scratch
+        copy = scratch / db_path.name
+        try:
+            shutil.copyfile(db_path, copy)
+            shutil.copyfile(wal, str(copy) + "-wal")
+        except OSError:  # cannot copy: the file alone, still without writing a byte
+            return sqlite3.connect(f"file:{db_path.as_posix()}?immutable=1", uri=True, timeout=2.0)
+        return sqlite3.connect(str(copy), timeout=2.0)
 
     def _drop_scratch(self) -> None:
         scratch = getattr(self, "_scratch", None)
@@ -269,6 +293,16 @@ def journal_synced(db_path: Path) -> bool:
             return f.read(8) == JOURNAL_MAGIC
     except OSError:
         return False
+
+
+def wal_mode(db_path: Path) -> bool:
+    """True when the file header says WAL journal mode (read/write versions 2)."""
+    try:
+        with open(db_path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and head[:16] == b"SQLite format 3\x00" and head[18:20] == b"\x02\x02"
 
 
 def _hot_journal(db_path: Path) -> bool:

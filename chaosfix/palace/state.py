@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from chaosfix.palace import idmap as idmap_mod
+from chaosfix.palace import pickle_reader
 from chaosfix.palace.hnsw import HnswFiles, SlotTable
 from chaosfix.palace.sql import CollectionInfo, PalaceSql, SeqValue, WalRow
+from chaosfix.safe_fs import is_link, is_uuid, links_in, shown
 
 PICKLE_OK, PICKLE_NONE, PICKLE_MISSING, PICKLE_UNREADABLE, PICKLE_UNSAFE = (
     "ok", "none", "missing", "unreadable", "unsafe"
@@ -37,6 +39,8 @@ class CollectionState:
     slots: SlotTable | None = None
     torn: list[str] = field(default_factory=list)
     link_bytes_used: int = 0
+    unsafe_id: str | None = None  # why the collection or segment id is not used as a path
+    symlinks: list[str] = field(default_factory=list)  # symlinked segment folder/files: never read
 
     # ---- derived facts -------------------------------------------------------------
     @property
@@ -110,7 +114,23 @@ class CollectionState:
         return sum(1 for r in self.sql_rows if r not in skip)
 
 
+def id_problem(info: CollectionInfo) -> str | None:
+    """Why this collection's ids cannot be trusted as names (None when they are UUIDs):
+    the vector segment id is a folder name and the collection id a WAL topic suffix."""
+    for what, val in (("collection", info.id), ("vector segment", info.vector_segment),
+                      ("metadata segment", info.metadata_segment)):
+        if val is not None and not is_uuid(val):
+            return f"{what} id {shown(val)} is not a UUID"
+    return None
+
+
 def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue]) -> CollectionState:
+    """Read one collection. An id that is not a UUID is recorded and nothing is read by
+    it; a symlinked segment folder or file is recorded and the segment is not read."""
+    bad_id = id_problem(info)
+    if bad_id is not None:
+        return CollectionState(info=info, seg_dir=None, sql_rows={}, vector_seq=None, metadata_seq=None,
+                               pending=[], unsafe_id=bad_id)
     vseq = seqs.get(info.vector_segment) if info.vector_segment else None
     mseq = seqs.get(info.metadata_segment) if info.metadata_segment else None
     above = vseq.value if vseq is not None else 0
@@ -123,7 +143,13 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
         metadata_seq=mseq,
         pending=sql.wal(info.id, above=above, with_vectors=False),
     )
+    if st.seg_dir is not None and is_link(st.seg_dir):
+        st.symlinks.append(st.seg_dir.name)
+        return st
     if st.seg_dir is None or not st.seg_dir.is_dir():
+        return st
+    st.symlinks.extend(f"{st.seg_dir.name}/{n}" for n in links_in(st.seg_dir))
+    if st.symlinks:
         return st
     _read_pickle(st)
     _read_files(st)
@@ -137,13 +163,13 @@ def _read_pickle(st: CollectionState) -> None:
         st.pickle_status = PICKLE_MISSING
         return
     try:
-        st.idmap = idmap_mod.loads(p.read_bytes())
+        st.idmap = idmap_mod.loads(pickle_reader.read_bounded(p))
         st.pickle_status = PICKLE_OK
     except idmap_mod.UnsafePickle as exc:
         st.pickle_status, st.pickle_error = PICKLE_UNSAFE, str(exc)
     except idmap_mod.UnreadablePickle as exc:
         st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
-    except OSError as exc:
+    except (OSError, pickle_reader.PickleBoundsError) as exc:
         st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
 
 
@@ -164,8 +190,10 @@ def _read_files(st: CollectionState) -> None:
         if name not in files.present and h.cur_element_count:
             st.torn.append(f"{name} missing")
     if files.slots_in_file < h.cur_element_count:
+        hole = files.level0_real()
+        sparse = f" (a hole at byte {hole}: sparse file)" if hole < files.present.get("data_level0.bin", 0) else ""
         st.torn.append(
-            f"header counts {h.cur_element_count} elements, data_level0.bin holds {files.slots_in_file}"
+            f"header counts {h.cur_element_count} elements, data_level0.bin holds {files.slots_in_file}{sparse}"
         )
     if files.present.get("length.bin", 0) < 4 * h.cur_element_count and "length.bin" in files.present:
         st.torn.append("length.bin shorter than the element count")

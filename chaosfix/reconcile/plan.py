@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chaosfix.check import CheckReport
+from chaosfix.check import PALACE_CODES, CheckReport
 from chaosfix.palace.sql import PalaceSql, SeqValue
 from chaosfix.palace.state import CollectionState
 from chaosfix.reconcile.sources import EMBED, SLOT, WAL, Embedder, embed, latest_wal_vectors, pending_effects
@@ -102,8 +102,7 @@ def _seq_encoding(sql: PalaceSql, existing: SeqValue | None) -> str:
 def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, embedder: Embedder | None,
                     strategy: str = "auto", apply_pending: bool = False) -> CollectionPlan:
     info = st.info
-    codes = {k: v for k, v in report.codes(info.name).items()
-             if k not in ("HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "SEGMENT_DIR_ORPHAN")}
+    codes = {k: v for k, v in report.codes(info.name).items() if k not in PALACE_CODES}
     plan = CollectionPlan(info.name, info.vector_segment, codes, state=st)
     plan.fmt = st.idmap.fmt if st.idmap is not None else ("object" if sql.schema == "0.6" else "dict")
     problems = {c for c in codes if c != "PENDING"}
@@ -131,6 +130,12 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.reasons.append("incremental cannot fix " + ", ".join(sorted(problems & REBUILD_CODES)))
     plan.reasons.extend(sorted(problems & REBUILD_CODES))
     h = st.files.header if st.files is not None else None
+    if plan.strategy == "incremental" and h is not None and _capacity_implausible(h):
+        # hnswlib allocates max_elements slots when it loads the copy ("Not enough memory")
+        plan.strategy = "rebuild" if strategy == "auto" else plan.strategy
+        plan.reasons.append(f"header max_elements {h.max_elements} would allocate "
+                            f"{h.max_elements * h.size_data_per_element >> 20} MiB for "
+                            f"{h.cur_element_count} elements")
     dim = plan.dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
     # the 0.6 object format needs the dimension (0.6 fails every read without it)
     plan.dimensionality = m.dimensionality if m is not None else None
@@ -214,7 +219,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     slots_total = st.files.header.cur_element_count if (st.files and st.files.header and not st.torn) else 0
     n_final = len(plan.keep) + len(plan.replace) + len(plan.add)
     if plan.strategy == "incremental":
-        plan.max_elements = max(h.max_elements if h else 0, chroma_capacity(slots_total + len(plan.add)))
+        keep_cap = h.max_elements if h and not _capacity_implausible(h) else 0
+        plan.max_elements = max(keep_cap, chroma_capacity(slots_total + len(plan.add)))
     else:
         plan.max_elements = chroma_capacity(n_final)
     if plan.strategy == "incremental" and not (plan.add or plan.replace or plan.remove_labels or plan.remove_ids
@@ -222,6 +228,13 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
                                                or m.dimensionality != plan.dimensionality
                                                or m.inverse_problems()):
         plan.strategy = "none"
+
+
+def _capacity_implausible(h) -> bool:  # noqa: ANN001 - hnsw.Header
+    """max_elements far beyond what chromadb's resize policy (x1.2) ever makes for this
+    element count: loading the index would allocate that many slots."""
+    sane = chroma_capacity(h.cur_element_count) * 4
+    return h.max_elements > sane and h.max_elements * h.size_data_per_element > (256 << 20)
 
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:

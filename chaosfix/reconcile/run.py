@@ -26,7 +26,8 @@ from pathlib import Path
 
 from chaosfix.check import CheckReport, check_palace
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
-from chaosfix.palace import UUID_RE, palace_db
+from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
+from chaosfix.palace.schema_guard import ForeignObject
 from chaosfix.palace.sql import PalaceSql, journal_synced
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
@@ -34,11 +35,13 @@ from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
 from chaosfix.reconcile.sources import Embedder, load_embedder, memoized
 from chaosfix.reconcile.verify import EF_MAX, Verification, verify_segment
+from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
 
 MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
 OLD_PREFIX = ".chaosfix-old-"
 FLOOR_ID = "__chaosfix_seq_floor__"
+FOREIGN_SQL_FILE = "foreign-sql.sql"  # dropped triggers/views, to recreate by hand if wanted
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ReconcileOptions:
     chromadb_check: bool = True
     apply_pending: bool = False
     prune_orphan_dirs: bool = False
+    drop_foreign_sql: bool = False
     sample: int = 1000
     seed: int = 0
 
@@ -70,11 +74,13 @@ class ReconcileReport:
     notes: list[str] = field(default_factory=list)
     prune_dirs: list[str] = field(default_factory=list)  # orphan segment folders to move to the backup
     left: list[str] = field(default_factory=list)  # findings deliberately left, with why (exit 4)
+    foreign_sql: list[ForeignObject] = field(default_factory=list)  # triggers/views to drop (asked for)
     swapping: bool = field(default=False, repr=False)  # past this point a build folder may hold the old segment
 
     @property
     def has_work(self) -> bool:
-        return any(p.has_work for p in self.plans) or self.queue_floor is not None or bool(self.prune_dirs)
+        return (any(p.has_work for p in self.plans) or self.queue_floor is not None or bool(self.prune_dirs)
+                or bool(self.foreign_sql))
 
     @property
     def unrepaired(self) -> list[str]:
@@ -101,16 +107,55 @@ class ReconcileReport:
             "timings": self.timings,
             "notes": self.notes,
             "left": self.left,
+            "foreign_sql_dropped": [o.describe() for o in self.foreign_sql],
         }
 
 
 def _refuse_sql_damage(rep: CheckReport, root: Path) -> None:
-    codes = rep.codes()
     if any(f.code == "HOT_JOURNAL" and f.severity == "error" for f in rep.findings):
         raise OperationalError(f"{root}: chroma.sqlite3-journal present (interrupted transaction); "
                                "open the palace with chromadb once to roll it back, then rerun")
-    if "SQLITE_CORRUPT" in codes:
-        raise OperationalError(f"{root}: chroma.sqlite3 is corrupt (PRAGMA quick_check fails); restore it first")
+    corrupt = next((f for f in rep.findings if f.code == "SQLITE_CORRUPT"), None)
+    if corrupt is not None:
+        why = corrupt.detail if corrupt.detail.startswith("chromadb's schema") else "PRAGMA quick_check fails"
+        raise OperationalError(f"{root}: chroma.sqlite3 is corrupt ({why[:200]}); restore it first")
+
+
+def _refuse_unsafe(rep: CheckReport, root: Path, opts: ReconcileOptions,
+                   conn: sqlite3.Connection | None = None) -> list[ForeignObject]:
+    """Refuse (exit 8, one line naming the object) a palace whose names, links or SQL
+    would act: a non-UUID id, a symlinked segment, a foreign trigger/view on chromadb's
+    tables (unless --drop-foreign-sql: then they are returned, to be dropped)."""
+    for f in rep.findings:
+        if f.code == "UNSAFE_ID":
+            raise OperationalError(f"{root}: collection {shown(f.collection)}: {f.detail.split(';')[0]}; refused")
+        if f.code == "SYMLINK" and f.severity == "error":
+            raise OperationalError(f"{root}: {shown(f.sample[0])} is a symlink; chaosfix never follows symlinks "
+                                   "in a palace: replace it with the real folder, then rerun")
+    sql = PalaceSql(root / SQLITE_NAME, conn)  # under the lock: through our own connection
+    try:
+        foreign = schema_guard.inspect(sql.conn).dangerous
+    finally:
+        sql.close()
+    if foreign and not opts.drop_foreign_sql:
+        raise OperationalError(f"{root}: chroma.sqlite3 holds {foreign[0].describe()}, which chromadb never creates "
+                               f"({len(foreign)} such object(s)); refusing to write (--drop-foreign-sql drops them "
+                               "after saving their SQL in the backup)")
+    for o in foreign:
+        if o.type == "view" and o.name.lower() in schema_guard.CHROMA_TABLES:
+            raise OperationalError(f"{root}: {o.describe()} stands in for chromadb's table; restore the table first")
+    return foreign
+
+
+def _refuse_links(root: Path) -> None:
+    """Entries chaosfix writes or reads in place must not be symlinks (never followed)."""
+    for name in (SQLITE_NAME, MARKER, LOCK_NAME, SQLITE_NAME + "-journal", SQLITE_NAME + "-wal"):
+        if is_link(root / name):
+            raise OperationalError(f"{root / name}: is a symlink; reconcile never writes through one "
+                                   "(copy the real file into the palace, then rerun)")
+    for d in root.iterdir():
+        if d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) and is_link(d):
+            raise OperationalError(f"{d}: is a symlink named like chaosfix's own folder; remove it, then rerun")
 
 
 def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
@@ -121,8 +166,8 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
     stash: Path | None = None
     for d in sorted(root.iterdir()):
         prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if d.name.startswith(x)), None)
-        if prefix is None or not d.is_dir():
-            continue
+        if prefix is None or is_link(d) or not d.is_dir() or not is_uuid(d.name[len(prefix):]):
+            continue  # only our own names: a prefix plus a segment UUID, a real folder
         seg = d.name[len(prefix):]
         if not (root / seg).exists() and prefix == OLD_PREFIX:
             os.rename(d, root / seg)  # two-rename fallback interrupted between its renames
@@ -146,12 +191,13 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
 
 def _new_dir(base: Path) -> Path:
     """Create ``base``, or ``base-2``, ``base-3``...: a rerun in the same second as a killed
-    run must not collide with the folder that run left (FileExistsError, exit 8)."""
+    run must not collide with the folder that run left (FileExistsError, exit 8). mkdir
+    never follows a planted symlink: an existing entry of any kind is skipped."""
     n = 1
     while True:
         d = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
-            d.mkdir(parents=True)
+            mkdir_new(d)
             fsync_path(d.parent)  # the folder's own entry must survive a power cut
             return d
         except FileExistsError:
@@ -169,6 +215,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     embedder = load_embedder(opts.embedder) if isinstance(opts.embedder, str) else opts.embedder
     embedder = memoized(embedder) if embedder is not None else None
     t0 = time.perf_counter()
+    _refuse_links(root)
     if not opts.dry_run and ((root / MARKER).exists() or (root / LOCK_NAME).exists() or any(
             d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):
         with PalaceLock(root):
@@ -176,6 +223,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     first_look = _fingerprint(root)
     before = check_palace(root, opts.collection)
     _refuse_sql_damage(before, root)
+    rep.foreign_sql = _refuse_unsafe(before, root, opts)
     rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
     orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
     if orphans and not opts.prune_orphan_dirs:
@@ -191,11 +239,13 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
         conn = sqlite3.connect(str(root / "chroma.sqlite3"), timeout=0.5, isolation_level=None)
         try:
+            # nothing a trigger or view would do may run; rows only in max_seq_id/WAL
+            conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
             try:
                 conn.execute("BEGIN EXCLUSIVE")
             except sqlite3.OperationalError as exc:
                 raise OperationalError(f"{root}: chroma.sqlite3 is busy ({exc}); is chromadb running?") from None
-            (root / MARKER).write_text(str(os.getpid()))
+            create_new(root / MARKER, str(os.getpid()).encode())
             fsync_path(root)
             killpoint("locked")
             # re-plan under the lock if any palace file changed since the first look
@@ -203,8 +253,10 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
                 rep.notes.append("the palace changed since the first look: planned again under the lock")
                 before = check_palace(root, opts.collection, conn=conn)
                 _refuse_sql_damage(before, root)
+                rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
                 rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
-            _execute(root, conn, rep, opts, progress, say)
+            rows_before = schema_guard.RowFingerprint.take(conn)
+            _execute(root, conn, rep, opts, progress, say, rows_before)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -214,8 +266,9 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
                 _recover_own_leftovers(root, rep.notes)
             else:
                 for d in root.iterdir():
-                    if d.name.startswith(BUILD_PREFIX):
+                    if d.name.startswith(BUILD_PREFIX) and not is_link(d):
                         shutil.rmtree(d, ignore_errors=True)
+            _drop_useless_backup(rep)
             raise
         conn.close()
         (root / MARKER).unlink(missing_ok=True)
@@ -230,6 +283,23 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
         rep.chromadb = verify_with_chromadb(root, [p.collection for p in rep.plans if p.has_work], progress=progress)
     rep.timings["post_verify"] = time.perf_counter() - t1
     return rep
+
+
+def _drop_useless_backup(rep: ReconcileReport) -> None:
+    """After a failed run: a backup folder holding only our copies of SQL that stayed
+    unchanged (rolled back) is removed; one holding a moved segment, folder or journal
+    is the only copy of it and stays."""
+    if rep.backup is None:
+        return
+    b = Path(rep.backup)
+    ours = {SQLITE_NAME, SQLITE_NAME + "-wal", FOREIGN_SQL_FILE}
+    try:
+        names = {e.name for e in os.scandir(b)}
+    except OSError:
+        return
+    if names <= ours and not is_link(b):
+        shutil.rmtree(b, ignore_errors=True)
+        rep.backup = None
 
 
 def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
@@ -266,29 +336,43 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
 
 
 def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: ReconcileOptions,
-             progress: ProgressFn | None, say: Callable[[str], None]) -> None:
+             progress: ProgressFn | None, say: Callable[[str], None], rows_before: schema_guard.RowFingerprint,
+             ) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None
+    sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
     backup_dir = None
-    if (opts.backup and rep.has_work) or rep.prune_dirs:  # pruned folders always go to a backup
+    # pruned folders and dropped SQL always go to a backup
+    if (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql:
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
         if sql_changes:
             # SQLite's backup API refuses a source connection inside a write transaction
             # (SQLITE_LOCKED, retried forever), and releasing our EXCLUSIVE lock to run it
             # would let a writer in. Under EXCLUSIVE with nothing written yet, the file is
-            # a consistent, committed snapshot, so a plain copy is the same backup.
+            # a consistent, committed snapshot, so a plain copy is the same backup (with
+            # its -wal when another tool put it in WAL mode: committed pages live there).
             say(f"backing up chroma.sqlite3 to {backup_dir}")
-            sparse_copy(root / "chroma.sqlite3", backup_dir / "chroma.sqlite3")
-            fsync_path(backup_dir / "chroma.sqlite3")
+            for name in (SQLITE_NAME, SQLITE_NAME + "-wal"):
+                if (root / name).is_file():
+                    sparse_copy(root / name, backup_dir / name)
+                    fsync_path(backup_dir / name)
     _clear_stale_journal(root, backup_dir)
+    # after the stale journal is gone: our own DROPs start a live journal
+    if rep.foreign_sql:
+        assert backup_dir is not None
+        create_new(backup_dir / FOREIGN_SQL_FILE,
+                   "".join(f"{o.sql};\n" for o in rep.foreign_sql).encode())
+        for stmt in schema_guard.drop_statements(rep.foreign_sql):
+            conn.execute(stmt)
+        rep.notes.append(f"dropped {len(rep.foreign_sql)} foreign trigger(s)/view(s); their SQL is in "
+                         f"{backup_dir / FOREIGN_SQL_FILE}")
     killpoint("backed-up")
     work = [p for p in rep.plans if p.index_changes]
     built: dict[str, Path] = {}
     t = time.perf_counter()
     for p in work:
-        assert p.segment is not None
-        out = root / f"{BUILD_PREFIX}{p.segment}"
+        assert p.segment is not None and is_uuid(p.segment)
+        out = ensure_inside(root / f"{BUILD_PREFIX}{p.segment}", root)
         say(f"building {p.collection} ({p.strategy}: +{len(p.add)} ~{len(p.replace)} -{len(p.remove_labels)})")
         build_mod.build(p, out, progress)
         built[p.segment] = out
@@ -314,7 +398,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     rep.swapping = True
     for p in work:
         assert p.segment is not None
-        live = root / p.segment
+        live = ensure_inside(root / p.segment, root)
         new = built[p.segment]
         if not live.exists():
             os.rename(new, live)
@@ -335,8 +419,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
                 shutil.rmtree(new)
         killpoint("old-moved")
     for name in rep.prune_dirs:
-        assert backup_dir is not None
-        os.rename(root / name, backup_dir / name)
+        assert backup_dir is not None and is_uuid(name)
+        os.rename(ensure_inside(root / name, root), backup_dir / name)
         rep.notes.append(f"moved orphan folder {name} into the backup")
     fsync_path(root)  # entries moved out of the palace into the backup
     if backup_dir is not None:
@@ -348,6 +432,13 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     if rep.queue_floor is not None and rep.queue_floor > 0:
         _write_queue_floor(conn, rep)
     killpoint("sql-written")
+    # second line of defence: the rows reconcile never writes are exactly as they were
+    planned = {w.segment: (w.value.to_bytes(8, "big") if w.encoding == "blob" else w.value)
+               for p in rep.plans for w in p.seq_writes}
+    floor = rep.queue_floor if rep.queue_floor else None
+    wrong = rows_before.problems(schema_guard.RowFingerprint.take(conn), planned, floor)
+    if wrong:
+        raise OperationalError(f"{root}: SQL rows differ from the plan before COMMIT ({wrong[0]}); rolled back")
     conn.execute("COMMIT")
 
 

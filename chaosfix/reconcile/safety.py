@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
+from chaosfix.safe_fs import open_nofollow
 
 LOCK_NAME = ".chaosfix.lock"
 CHUNK = 1 << 20
@@ -33,7 +34,7 @@ class PalaceLock:
 
     def __enter__(self) -> PalaceLock:
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)  # a planted symlink is refused
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -1,0 +1,107 @@
+"""Bounds for ``index_metadata.pickle`` before and after the restricted unpickler runs.
+
+The allow-list in ``idmap`` stops code from running; it does not stop a 20-byte pickle
+from costing gigabytes: CPython's unpickler grows its memo table to the index a
+``LONG_BINPUT``/``PUT`` opcode names (index 2**28 = 4 GB of RSS). ``scan`` walks the
+opcode stream first (a tight reader over ``pickletools``' opcode table, about 5x faster
+than ``pickletools.genops``; it never builds an object) and refuses memo indexes beyond
+the file's own length, unknown opcodes and a stream without STOP. Every other opcode
+costs memory in proportion to the bytes that encode it, so after the scan the unpickler
+runs in O(file size). ``check_nesting`` bounds what the loaded value may contain (a
+200k-deep list would make later code hit RecursionError), walking it iteratively.
+"""
+
+from __future__ import annotations
+
+import os
+import pickletools
+import struct
+from pathlib import Path
+
+MAX_NESTING = 32  # chromadb's maps nest 2 deep
+MAX_INT_BITS = 64  # labels and counts are hnswlib's u64 at most
+
+_ARGN: list[int | None] = [None] * 256
+for _op in pickletools.opcodes:
+    _ARGN[ord(_op.code)] = _op.arg.n if _op.arg is not None else 0
+_STOP, _PUT, _LONG_BINPUT = 0x2E, 0x70, 0x72
+_TWO_LINES = (0x63, 0x69)  # GLOBAL, INST
+
+
+class PickleBoundsError(ValueError):
+    """The pickle is malformed or asks for more than its size justifies."""
+
+
+def read_bounded(path: Path) -> bytes:
+    """The file's bytes, refusing a sparse file (a hole means zeroed, never-written
+    data, and its apparent size may be any lie): only real bytes are read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            hole = os.lseek(f.fileno(), 0, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        if hole < size:
+            raise PickleBoundsError(f"sparse file: a hole at byte {hole} of {size}")
+        f.seek(0)
+        return f.read()
+
+
+def scan(raw: bytes) -> None:
+    """Walk the opcodes of ``raw`` without building anything; raise PickleBoundsError
+    on an unknown opcode, a memo index above ``len(raw)``, or no STOP."""
+    i, n, bound = 0, len(raw), len(raw)
+    argn, unpack = _ARGN, struct.unpack_from
+    try:
+        while i < n:
+            c = raw[i]
+            i += 1
+            a = argn[c]
+            if a is None:
+                raise PickleBoundsError(f"unknown opcode 0x{c:02x} at byte {i - 1}")
+            if a > 0:
+                if c == _LONG_BINPUT and unpack("<I", raw, i)[0] > bound:
+                    raise PickleBoundsError(f"memo index {unpack('<I', raw, i)[0]} in a {n}-byte pickle")
+                i += a
+            elif a == 0:
+                if c == _STOP:
+                    return
+            elif a == pickletools.UP_TO_NEWLINE:
+                j = raw.index(b"\n", i)
+                if c in _TWO_LINES:  # GLOBAL / INST: "module\nname\n"
+                    j = raw.index(b"\n", j + 1)
+                if c == _PUT and (j - i > 12 or int(raw[i:j]) > bound):
+                    raise PickleBoundsError(f"memo index {raw[i:j][:20]!r} in a {n}-byte pickle")
+                i = j + 1
+            elif a == pickletools.TAKEN_FROM_ARGUMENT1:
+                i += 1 + raw[i]
+            elif a in (pickletools.TAKEN_FROM_ARGUMENT4, pickletools.TAKEN_FROM_ARGUMENT4U):
+                i += 4 + unpack("<I", raw, i)[0]
+            else:
+                i += 8 + unpack("<Q", raw, i)[0]
+    except (IndexError, struct.error, ValueError) as exc:
+        if isinstance(exc, PickleBoundsError):
+            raise
+        raise PickleBoundsError(f"malformed opcode argument near byte {i}") from None
+    raise PickleBoundsError("truncated: no STOP opcode")
+
+
+def check_nesting(value: object, limit: int = MAX_NESTING) -> None:
+    """Refuse containers nested deeper than ``limit`` and ints wider than 64 bits,
+    iteratively (no recursion) and visiting each object once (memo references may
+    make a small pickle a DAG with exponentially many paths)."""
+    seen: set[int] = set()
+    todo: list[tuple[object, int]] = [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v.bit_length() > MAX_INT_BITS:
+                raise PickleBoundsError(f"integer of {v.bit_length()} bits")
+            continue
+        if not isinstance(v, (dict, list, tuple, set, frozenset)) or id(v) in seen:
+            continue
+        if d >= limit:
+            raise PickleBoundsError(f"values nested deeper than {limit}")
+        seen.add(id(v))
+        items = [x for kv in v.items() for x in kv] if isinstance(v, dict) else list(v)
+        todo.extend((x, d + 1) for x in items if isinstance(x, (dict, list, tuple, set, frozenset, int)))

@@ -1,0 +1,729 @@
+"""Hostile and unusual palaces: chaosfix never runs a palace's SQL, never leaves the
+palace, never writes during check, and stays bounded by the files' real sizes.
+
+Every palace is built by the installed chromadb (0.6.3 or 1.5.9) and then edited the
+way an attacker (or another tool) would: triggers and views planted in its SQLite file,
+ids turned into paths, symlinks planted where chaosfix creates or reads files, WAL mode,
+tiny files whose headers or pickles claim huge sizes. Each test asserts what the issue
+asks: no SQL row lost (ids and counts before/after), no byte changed outside the palace
+(a snapshot of the parent folder and of a sentinel folder, symlink targets included),
+check changes no byte and no mtime, one-line errors with documented exit codes, and peak
+RSS measured in the child process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from helpers import HASH_EMBEDDER, reconcile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chaosfix import faults
+from chaosfix.check import check_palace
+from chaosfix.palace import idmap
+from chaosfix.palace.hnsw import HEADER_FMT, parse_header
+from chaosfix.reconcile.run import FOREIGN_SQL_FILE, ReconcileReport
+from chaosfix.report import render_reconcile
+from chaosfix.workload import PalaceSpec, child_env, copy_palace, fresh_palace
+
+SPEC = PalaceSpec()  # 300 drawers, sync_threshold 100
+MB = 1 << 20
+
+
+# ---- observation helpers ---------------------------------------------------------------
+
+
+def tree(folder: Path) -> dict[str, tuple]:
+    """relpath -> (kind, content hash or link target, mtime_ns) of every entry, symlinks
+    recorded as links (never followed) and their targets' own state not included."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st_ = os.lstat(p)
+            rel = str(p.relative_to(folder))
+            if os.path.islink(p):
+                out[rel] = ("link", os.readlink(p), st_.st_mtime_ns)
+            elif p.is_dir():
+                out[rel] = ("dir", "", 0)
+            else:
+                out[rel] = ("file", file_hash(p), st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+def file_hash(p: Path) -> str:
+    """sha256 over the data extents (offset, bytes) in 1 MiB reads: a sparse 1 TB file
+    costs only its real bytes, and this test process stays small."""
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        fd, size, off = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while off < size:
+            try:
+                off = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break  # only holes left
+            end = os.lseek(fd, off, os.SEEK_HOLE)
+            h.update(off.to_bytes(8, "little"))
+            f.seek(off)
+            while off < end:
+                chunk = f.read(min(MB, end - off))
+                h.update(chunk)
+                off += len(chunk)
+    return h.hexdigest()
+
+
+def outside(world: Path, palace: Path) -> dict[str, tuple]:
+    """Everything under ``world`` but the palace and chaosfix's backup folders beside it."""
+    return {k: v for k, v in tree(world).items()
+            if not (k == palace.name or k.startswith(palace.name + os.sep) or ".chaosfix-backup-" in k)}
+
+
+def sql_state(palace: Path) -> tuple[list[str], int]:
+    """(sorted embeddings ids, embedding_metadata row count), read from a private copy."""
+    tmp = palace.parent / f".{palace.name}-count"
+    tmp.mkdir(exist_ok=True)
+    db = tmp / "c.sqlite3"
+    shutil.copyfile(palace / "chroma.sqlite3", db)
+    for ext in ("-wal", "-journal"):
+        if (palace / f"chroma.sqlite3{ext}").exists():
+            shutil.copyfile(palace / f"chroma.sqlite3{ext}", f"{db}{ext}")
+    con = sqlite3.connect(db)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        emb = "embeddings" if "embeddings" in tables else next(t for t in tables if "emb" in t and "meta" not in t)
+        ids = sorted(r[0] for r in con.execute(f"SELECT embedding_id FROM {emb}"))
+        meta = "embedding_metadata" if "embedding_metadata" in tables else None
+        n = con.execute(f"SELECT count(*) FROM {meta}").fetchone()[0] if meta else -1
+        return ids, n
+    finally:
+        con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HWM_CHILD = """
+import atexit, sys
+out = sys.argv.pop(1)
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(out, 'w').write(line.split()[1])
+atexit.register(hwm)
+sys.argv[0] = 'chaosfix'
+from chaosfix.cli import main
+main()
+"""
+
+
+def run_rss(*args: str, timeout: float = 300) -> tuple[int, str, str, int]:
+    """``python -m chaosfix ARGS`` in a child: (exit code, stdout, stderr, the child's own
+    peak RSS in bytes from wait4's rusage)."""
+    out_f = subprocess.PIPE
+    hwm = Path(tempfile.mkstemp(prefix="chaosfix-hwm-")[1])
+    proc = subprocess.Popen([sys.executable, "-c", _HWM_CHILD, str(hwm), *args], stdout=out_f, stderr=out_f,
+                            env=child_env())
+    deadline = time.monotonic() + timeout
+    out = err = b""
+    os.set_blocking(proc.stdout.fileno(), False)
+    os.set_blocking(proc.stderr.fileno(), False)
+    while True:
+        for f, name in ((proc.stdout, "out"), (proc.stderr, "err")):
+            chunk = f.read() or b""
+            if name == "out":
+                out += chunk
+            else:
+                err += chunk
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.05)
+    out += proc.stdout.read() or b""
+    err += proc.stderr.read() or b""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    # VmHWM of the child's own address space: wait4's ru_maxrss would also count this
+    # (forking) test process's peak, which the kernel carries across exec
+    kb = int(hwm.read_text() or 0) if hwm.exists() else 0
+    hwm.unlink(missing_ok=True)
+    return proc.returncode, out.decode(), err.decode(), (kb or ru.ru_maxrss) * 1024
+
+
+def one_line_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("chaosfix: ") and "backing up" not in ln]
+    assert "Traceback" not in err, err
+    assert len(lines) >= 1, err
+    return lines[-1]
+
+
+def assert_check_read_only(palace: Path, *, rc: set[int] = frozenset({0, 4})) -> dict:
+    """``chaosfix check --json`` in a child changes no byte and no mtime; returns its JSON."""
+    before = tree(palace)
+    code, out, err, _ = run_rss("check", str(palace), "--json")
+    assert code in rc, err
+    assert tree(palace) == before
+    return json.loads(out) if code != 8 else {}
+
+
+def codes_of(doc: dict, severity: str | None = None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in doc.get("findings", []):
+        if severity is None or f["severity"] == severity:
+            out[f["code"]] = out.get(f["code"], 0) + f["count"]
+    return out
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Path:
+    """A parent folder holding the palace and a sentinel folder an attack would target."""
+    w = tmp_path / "world"
+    (w / "sentinel").mkdir(parents=True)
+    (w / "sentinel" / "keep.txt").write_text("do not touch")
+    return w
+
+
+@pytest.fixture
+def palace(world: Path) -> Path:
+    return fresh_palace(world / "palace", SPEC)
+
+
+def vector_dir(p: Path) -> Path:
+    return faults.segment_dir(p)
+
+
+def sql(p: Path, script: str) -> None:
+    con = sqlite3.connect(p / "chroma.sqlite3", isolation_level=None)
+    try:
+        con.executescript(script)
+    finally:
+        con.close()
+
+
+# ---- 1. the palace's own SQL never runs ---------------------------------------------------
+
+TRIGGERS = {
+    "trigger-on-max_seq_id": "CREATE TRIGGER t_seq AFTER INSERT ON max_seq_id BEGIN "
+                             "DELETE FROM embeddings WHERE id % 2 = 0; END;",
+    "update-trigger-on-max_seq_id": "CREATE TRIGGER t_upd BEFORE UPDATE ON max_seq_id BEGIN "
+                                    "DELETE FROM embedding_metadata; END;",
+    "delete-trigger-on-max_seq_id": "CREATE TRIGGER \"T Del\" AFTER DELETE ON \"max_seq_id\" BEGIN "
+                                    "DELETE FROM [embeddings]; END;",
+    "trigger-on-queue": "CREATE TRIGGER t_q AFTER INSERT ON embeddings_queue BEGIN "
+                        "DELETE FROM embeddings; DELETE FROM embedding_metadata; END;",
+    "view-instead-of-max_seq_id": "ALTER TABLE max_seq_id RENAME TO msi_real; "
+                                  "CREATE VIEW max_seq_id AS SELECT * FROM msi_real; "
+                                  "CREATE TRIGGER t_v INSTEAD OF INSERT ON max_seq_id BEGIN "
+                                  "DELETE FROM embeddings; END;",
+    "view-reading-embeddings": "CREATE VIEW v_half AS SELECT * FROM embeddings WHERE id % 2 = 0;",
+}
+
+
+def _damage_for_sql_writes(p: Path) -> None:
+    """Damage whose repair writes both tables reconcile writes: max_seq_id (poisoned
+    vector seq) and embeddings_queue (emptied WAL: a floor row)."""
+    faults.poison_seq(p, "vector")
+    faults.empty_queue(p)
+
+
+@pytest.mark.parametrize("name", sorted(TRIGGERS))
+def test_foreign_sql_is_refused_then_dropped_on_request(palace: Path, world: Path, name: str):
+    _damage_for_sql_writes(palace)
+    sql(palace, TRIGGERS[name])
+    ids0, meta0 = sql_state(palace)
+    doc = assert_check_read_only(palace, rc={4, 8})
+    if doc:  # a view standing in for max_seq_id: the schema is incomplete (SQLITE_CORRUPT) too
+        assert codes_of(doc, "error").get("FOREIGN_SQL", 0) >= 1, doc["findings"]
+    out0, pal0 = outside(world, palace), tree(palace)
+
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 8, err
+    line = one_line_error(err)
+    assert "chromadb never creates" in line or "stands in" in line or "corrupt" in line, line
+    assert tree(palace) == pal0 and outside(world, palace) == out0
+    assert sql_state(palace) == (ids0, meta0)
+
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check", "--drop-foreign-sql")
+    if name == "view-instead-of-max_seq_id":
+        assert code == 8, err  # the table itself is gone: restore it first; nothing dropped
+        assert sql_state(palace) == (ids0, meta0)
+        return
+    assert code == 1, err
+    assert sql_state(palace) == (ids0, meta0)  # no row lost
+    con = sqlite3.connect(f"file:{palace / 'chroma.sqlite3'}?mode=ro", uri=True)
+    left = con.execute("SELECT count(*) FROM sqlite_master WHERE type IN ('trigger','view')").fetchone()[0]
+    con.close()
+    assert left == 0
+    (backup,) = world.glob("palace.chaosfix-backup-*")
+    assert (backup / FOREIGN_SQL_FILE).read_text().startswith("CREATE ")
+    assert outside(world, palace) == out0
+    assert check_palace(palace).consistent
+
+
+def test_harmless_foreign_trigger_is_info_and_left_alone(palace: Path):
+    sql(palace, "CREATE TABLE notes(x); CREATE TRIGGER n AFTER INSERT ON notes BEGIN SELECT 1; END;")
+    doc = assert_check_read_only(palace, rc={0})
+    assert codes_of(doc) == {"FOREIGN_SQL": 1} and doc["consistent"]
+    code, _, err = reconcile(palace, "--no-chromadb-check")
+    assert code == 0, err
+
+
+def test_second_line_authorizer_denies_trigger_when_the_guard_misses(palace: Path, world: Path, monkeypatch):
+    """With the schema guard blinded, SQLite itself refuses the statement that would fire
+    the trigger, the transaction rolls back, and no backup folder is left behind."""
+    from chaosfix.palace import schema_guard
+
+    _damage_for_sql_writes(palace)
+    sql(palace, TRIGGERS["trigger-on-max_seq_id"])
+    ids0, meta0 = sql_state(palace)
+    real = schema_guard.inspect
+
+    def blind(conn):
+        rep = real(conn)
+        rep.foreign = []
+        return rep
+
+    monkeypatch.setattr(schema_guard, "inspect", blind)
+    code, _, err = reconcile(palace, "--no-chromadb-check")
+    assert code == 8 and "not authorized" in err, err
+    assert sql_state(palace) == (ids0, meta0)
+    assert list(world.glob("palace.chaosfix-backup-*")) == []  # failed run: no backup folder
+    assert not (palace / ".chaosfix-txn").exists()
+
+
+def test_second_line_row_fingerprint_rolls_back(palace: Path, monkeypatch):
+    """With both the guard and the authorizer blinded, the pre-COMMIT comparison of the
+    rows reconcile never writes catches the trigger's deletes and rolls them back."""
+    from chaosfix.palace import schema_guard
+
+    _damage_for_sql_writes(palace)
+    sql(palace, TRIGGERS["trigger-on-queue"])
+    ids0, meta0 = sql_state(palace)
+    real = schema_guard.inspect
+
+    def blind(conn):
+        rep = real(conn)
+        rep.foreign = []
+        return rep
+
+    monkeypatch.setattr(schema_guard, "inspect", blind)
+    monkeypatch.setattr(schema_guard, "writer_authorizer", lambda drops=frozenset(): (lambda *a: 0))
+    code, _, err = reconcile(palace, "--no-chromadb-check")
+    assert code == 8 and "differ from the plan" in err and "rolled back" in err, err
+    assert sql_state(palace) == (ids0, meta0)
+
+
+# ---- 2. names from the palace are never paths -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "nested", "wildcard-collection"])
+def test_non_uuid_ids_are_never_used_as_paths(palace: Path, world: Path, kind: str):
+    seg = faults.segment_id(palace)
+    victim = world / "victim"
+    shutil.copytree(vector_dir(palace), victim)  # looks like a segment: a naive tool would use it
+    if kind == "wildcard-collection":
+        col = faults.segment_id(palace, "vector", None)
+        con = sqlite3.connect(palace / "chroma.sqlite3", isolation_level=None)
+        cid = con.execute("SELECT collection FROM segments WHERE id=?", (col,)).fetchone()[0]
+        new = "%"
+        con.executescript(f"UPDATE collections SET id='{new}' WHERE id='{cid}'; "
+                          f"UPDATE segments SET collection='{new}' WHERE collection='{cid}'; "
+                          f"UPDATE collection_metadata SET collection_id='{new}' WHERE collection_id='{cid}';")
+        con.close()
+    else:
+        new = {"dotdot": "../victim", "absolute": str(victim), "nested": f"{seg}/../../victim"}[kind]
+        sql(palace, f"UPDATE segments SET id='{new}' WHERE id='{seg}'; "
+                    f"UPDATE max_seq_id SET segment_id='{new}' WHERE segment_id='{seg}';")
+        faults.poison_seq(palace, new)  # work for reconcile on that segment
+    ids0, meta0 = sql_state(palace)
+    out0 = outside(world, palace)
+    doc = assert_check_read_only(palace, rc={4})
+    assert codes_of(doc, "error").get("UNSAFE_ID") == 1, doc["findings"]
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 8, err
+    assert "is not a UUID" in one_line_error(err)
+    assert outside(world, palace) == out0
+    assert sql_state(palace) == (ids0, meta0)
+
+
+# ---- 3. symlinks are refused, never followed ---------------------------------------------
+
+
+@pytest.mark.parametrize("entry", [".chaosfix-txn", ".chaosfix.lock", "chroma.sqlite3-journal",
+                                   ".chaosfix-build-{seg}", ".chaosfix-old-{seg}"])
+def test_planted_symlink_where_chaosfix_creates(palace: Path, world: Path, entry: str):
+    faults.poison_seq(palace, "vector")
+    target = world / "sentinel" / "created-by-chaosfix"
+    name = entry.format(seg=faults.segment_id(palace))
+    os.symlink(target, palace / name)  # dangling: following it would create the target
+    out0 = outside(world, palace)
+    ids0 = sql_state(palace)
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check")
+    assert code == 8, err
+    assert "symlink" in one_line_error(err)
+    assert not target.exists() and outside(world, palace) == out0
+    assert sql_state(palace) == ids0
+
+
+def test_planted_backup_folder_symlinks_are_skipped(palace: Path, world: Path):
+    faults.poison_seq(palace, "vector")
+    now = time.time()
+    for dt in range(0, 30):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now + dt))
+        os.symlink(world / "sentinel", world / f"palace.chaosfix-backup-{stamp}")
+    out0 = tree(world / "sentinel")
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check")
+    assert code == 1, err
+    assert tree(world / "sentinel") == out0
+    backups = [b for b in world.glob("palace.chaosfix-backup-*") if not b.is_symlink()]
+    assert len(backups) == 1 and (backups[0] / "chroma.sqlite3").is_file()
+
+
+@pytest.mark.parametrize("what", ["segment-folder", "header.bin", "data_level0.bin", "index_metadata.pickle"])
+def test_symlinked_segment_parts_are_not_read(palace: Path, world: Path, what: str):
+    seg = vector_dir(palace)
+    elsewhere = world / "elsewhere"
+    if what == "segment-folder":
+        shutil.move(seg, elsewhere)
+        os.symlink(elsewhere, seg)
+    else:
+        elsewhere.mkdir()
+        shutil.move(seg / what, elsewhere / what)
+        os.symlink(elsewhere / what, seg / what)
+    faults.poison_seq(palace, "vector")
+    out0 = outside(world, palace)
+    doc = assert_check_read_only(palace, rc={4})
+    assert codes_of(doc, "error").get("SYMLINK") == 1, doc["findings"]
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 8 and "symlink" in one_line_error(err), err
+    assert outside(world, palace) == out0
+
+
+def test_symlinked_sqlite_is_checked_but_never_written(palace: Path, world: Path):
+    real = world / "elsewhere.sqlite3"
+    shutil.move(palace / "chroma.sqlite3", real)
+    os.symlink(real, palace / "chroma.sqlite3")
+    doc = assert_check_read_only(palace, rc={0})
+    assert codes_of(doc) == {"SYMLINK": 1} and doc["consistent"]
+    faults.poison_seq(palace, "vector")
+    before = hashlib.sha256(real.read_bytes()).hexdigest()
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check")
+    assert code == 8 and "symlink" in one_line_error(err), err
+    assert hashlib.sha256(real.read_bytes()).hexdigest() == before
+
+
+# ---- 4. check writes nothing, in WAL mode too ----------------------------------------------
+
+
+def test_wal_mode_palace_is_read_without_creating_wal_files(palace: Path):
+    sql(palace, "PRAGMA journal_mode=WAL;")
+    assert not (palace / "chroma.sqlite3-wal").exists()
+    doc = assert_check_read_only(palace, rc={0})
+    assert codes_of(doc) == {"WAL_MODE": 1} and doc["consistent"]
+    assert not (palace / "chroma.sqlite3-wal").exists() and not (palace / "chroma.sqlite3-shm").exists()
+
+
+_WAL_WRITER = """
+import os, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA journal_mode=WAL")
+con.execute("PRAGMA wal_autocheckpoint=0")
+con.execute("DELETE FROM embedding_metadata WHERE id = (SELECT max(id) FROM embeddings)")
+con.execute("DELETE FROM embeddings WHERE id = (SELECT max(id) FROM embeddings)")
+os._exit(0)  # no checkpoint, no cleanup: -wal and -shm stay, the delete lives only in -wal
+"""
+
+
+def test_wal_frames_are_read_from_a_private_copy(palace: Path, world: Path):
+    subprocess.run([sys.executable, "-c", _WAL_WRITER, str(palace / "chroma.sqlite3")], check=True)
+    assert (palace / "chroma.sqlite3-wal").stat().st_size > 0
+    doc = assert_check_read_only(palace, rc={4})
+    assert codes_of(doc) == {"WAL_MODE": 1, "HNSW_ONLY": 1}, doc["findings"]  # the -wal's delete is seen
+    ids0, meta0 = sql_state(palace)
+    assert len(ids0) == SPEC.drawers - 1
+    code, _, err = reconcile(palace, "--no-chromadb-check")
+    assert code == 1, err
+    assert sql_state(palace) == (ids0, meta0)
+    assert codes_of(assert_check_read_only(palace, rc={0})) == {"WAL_MODE": 1}
+
+
+# ---- 5. bounded work: sizes are checked against real bytes before allocating ---------------
+
+
+def _set_header(p: Path, **fields) -> None:
+    f = faults.segment_file(p, "header.bin")
+    h = parse_header(f.read_bytes())
+    vals = {**vars(h), **fields}
+    order = ["version", "offset_level0", "max_elements", "cur_element_count", "size_data_per_element",
+             "label_offset", "offset_data", "maxlevel", "enterpoint_node", "max_m", "max_m0", "m", "mult",
+             "ef_construction"]
+    f.write_bytes(struct.pack(HEADER_FMT, *[vals[k] for k in order]))
+
+
+def _rss_cap(p: Path) -> int:
+    return int(1.5 * os.stat(faults.segment_file(p, "data_level0.bin")).st_blocks * 512) + 100 * MB
+
+
+def _write_pickle(p: Path, raw: bytes) -> None:
+    faults.pickle_path(p).write_bytes(raw)
+
+
+def _map(p: Path) -> idmap.IdMap:
+    return idmap.loads(faults.pickle_path(p).read_bytes())
+
+
+def _memo_long_binput(p: Path) -> None:
+    _write_pickle(p, b"\x80\x03}r\x00\x00\x00\x10.")  # memo index 2**28: 4 GB in pickle.loads
+
+
+def _memo_put_text(p: Path) -> None:
+    _write_pickle(p, b"(dp268435456\n.")
+
+
+def _deep_nesting(p: Path) -> None:
+    """The real map plus a 200k-deep list under an extra key. pickle cannot write such a
+    value (recursion), so the opcodes are emitted directly: the dict's final STOP becomes
+    key, EMPTY_LIST x n, APPEND x (n-1), SETITEM, STOP."""
+    m = _map(p)
+    head = pickle.dumps({"dimensionality": m.dimensionality, "total_elements_added": m.total_elements_added,
+                         "max_seq_id": None, "id_to_label": m.id_to_label, "label_to_id": m.label_to_id,
+                         "id_to_seq_id": {}}, protocol=3)
+    nest = b"]" * 200_000 + b"a" * 199_999
+    _write_pickle(p, head[:-1] + b"X" + struct.pack("<I", 4) + b"deep" + nest + b"s.")
+
+
+def _huge_label(p: Path) -> None:
+    m = _map(p)
+    rid = next(iter(m.id_to_label))
+    big = 10 ** 100_000
+    m.label_to_id.pop(m.id_to_label[rid])
+    m.id_to_label[rid] = big
+    m.label_to_id[big] = rid
+    _write_pickle(p, pickle.dumps({"dimensionality": m.dimensionality, "total_elements_added": m.total_elements_added,
+                                   "max_seq_id": None, "id_to_label": m.id_to_label, "label_to_id": m.label_to_id,
+                                   "id_to_seq_id": {}}, protocol=3))
+
+
+def _sparse_huge_slots(p: Path) -> None:
+    """A self-consistent header of 2 MiB slots over a sparse 4 GiB data_level0.bin."""
+    dim = 512
+    maxm0 = ((2 * MB) - 8 - 4 * dim - 4) // 4 // 2 * 2
+    od = 4 + 4 * maxm0
+    _set_header(p, max_m0=maxm0, max_m=maxm0 // 2, m=maxm0 // 2, offset_data=od, label_offset=od + 4 * dim,
+                size_data_per_element=od + 4 * dim + 8, cur_element_count=2048, max_elements=2048)
+    os.truncate(faults.segment_file(p, "data_level0.bin"), 4 << 30)
+
+
+def _sparse_in_limits(p: Path) -> None:
+    """Slots within hnswlib's limits (256 KiB) and a count matching a sparse 4 GiB file."""
+    h = parse_header(faults.segment_file(p, "header.bin").read_bytes())
+    dim = 65536
+    od = h.offset_data
+    size = od + 4 * dim + 8
+    n = (4 << 30) // size
+    _set_header(p, label_offset=od + 4 * dim, size_data_per_element=size, cur_element_count=n, max_elements=n)
+    os.truncate(faults.segment_file(p, "data_level0.bin"), n * size)
+
+
+def _claims_2_40(p: Path) -> None:
+    _set_header(p, cur_element_count=2**40, max_elements=2**40)
+    os.truncate(faults.segment_file(p, "link_lists.bin"), 2**40)
+
+
+def _claims_10m_sparse(p: Path) -> None:
+    """Ten million elements claimed, data_level0.bin and link_lists.bin sparse to match."""
+    h = parse_header(faults.segment_file(p, "header.bin").read_bytes())
+    n = 10_000_000
+    _set_header(p, cur_element_count=n, max_elements=n)
+    os.truncate(faults.segment_file(p, "data_level0.bin"), n * h.size_data_per_element)
+    os.truncate(faults.segment_file(p, "link_lists.bin"), 1 << 40)
+
+
+BOUNDED = {
+    "memo-long-binput-2**28": (_memo_long_binput, "PICKLE_UNREADABLE"),
+    "memo-put-text-2**28": (_memo_put_text, "PICKLE_UNREADABLE"),
+    "nesting-200k-deep": (_deep_nesting, "PICKLE_UNREADABLE"),
+    "label-100000-digits": (_huge_label, "PICKLE_UNREADABLE"),
+    "2MiB-slots-sparse-4GiB": (_sparse_huge_slots, "TORN"),
+    "256KiB-slots-sparse-4GiB": (_sparse_in_limits, "TORN"),
+    "2**40-elements-sparse-links": (_claims_2_40, "TORN"),
+    "10M-elements-sparse-files": (_claims_10m_sparse, "TORN"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDED))
+def test_small_files_claiming_huge_sizes_stay_bounded(palace: Path, name: str):
+    make, code_expected = BOUNDED[name]
+    cap = _rss_cap(palace)
+    make(palace)
+    ids0 = sql_state(palace)
+    t = time.monotonic()
+    before = tree(palace)
+    code, out, err, rss = run_rss("check", str(palace), "--json")
+    wall = time.monotonic() - t
+    assert code == 4, err
+    assert tree(palace) == before
+    doc = json.loads(out)
+    assert code_expected in codes_of(doc, "error"), doc["findings"]
+    assert "SQLITE_CORRUPT" not in codes_of(doc), doc["findings"]
+    assert rss < cap, f"peak RSS {rss / MB:.0f} MB > {cap / MB:.0f} MB"
+    assert wall < 60, wall
+    print(f"{name}: check {wall:.2f} s, peak RSS {rss / MB:.0f} MB (cap {cap / MB:.0f} MB)")
+    # reconcile never fails on it with RecursionError/MemoryError: it rebuilds or says why
+    code, out, err, rss = run_rss("reconcile", str(palace), "--no-chromadb-check", "--embedder", HASH_EMBEDDER,
+                                  "--json")
+    assert code in (1, 4), err
+    assert "Traceback" not in err and "RecursionError" not in err and "MemoryError" not in err
+    assert sql_state(palace) == ids0
+    assert check_palace(palace).consistent, check_palace(palace).codes()
+
+
+def test_implausible_max_elements_makes_auto_rebuild(palace: Path):
+    faults.drop_map_entry(palace, "both")  # one orphan row: incremental work
+    _set_header(palace, max_elements=2**40)
+    code, doc, err = reconcile(palace, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 1, err
+    (plan,) = doc["plans"]
+    assert plan["strategy"] == "rebuild", plan
+    assert any("max_elements" in r for r in plan["reasons"]), plan["reasons"]
+    assert check_palace(palace).consistent
+
+
+# ---- 6. the smaller ones ----------------------------------------------------------------
+
+
+def test_sqlite_without_chroma_tables_is_not_a_palace(tmp_path: Path):
+    p = tmp_path / "notpalace"
+    p.mkdir()
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    con.execute("CREATE TABLE hello(x)")
+    con.commit()
+    con.close()
+    before = tree(p)
+    for cmd in (["check", str(p)], ["reconcile", str(p), "--no-chromadb-check"]):
+        code, _, err, _ = run_rss(*cmd)
+        assert code == 8, err
+        assert "not a palace" in one_line_error(err)
+    assert tree(p) == before
+
+
+def test_post_check_failure_is_one_line():
+    rep = ReconcileReport(palace="/p", dry_run=False)
+    rep.chromadb = {"ok": False, "error": "RuntimeError: boom\n  more", "trace": "Traceback (most recent call last):\n"
+                    "  File \"x\", line 1\nRuntimeError: boom"}
+    text = render_reconcile(rep)
+    (line,) = [ln for ln in text.splitlines() if "post-check" in ln]
+    assert line.endswith("post-check: FAILED: RuntimeError: boom more"), line
+    assert "Traceback" not in text
+
+
+def test_error_messages_with_palace_names_stay_one_line(palace: Path):
+    seg = faults.segment_id(palace)
+    new = "evil\nname"
+    sql(palace, f"UPDATE segments SET id='{new}' WHERE id='{seg}';")
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check")
+    assert code == 8, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+# ---- 7. property: random schema and number mutations keep every invariant ------------------
+
+MUTATIONS = st.one_of(
+    st.tuples(st.just("trigger"), st.sampled_from(["max_seq_id", "embeddings_queue", "embeddings", "segments"]),
+              st.sampled_from(["INSERT", "UPDATE", "DELETE"]), st.sampled_from(["embeddings", "embedding_metadata"])),
+    st.tuples(st.just("view"), st.sampled_from(["v1", "embeddings_view"]), st.sampled_from(["embeddings", "segments"])),
+    st.tuples(st.just("rename"), st.sampled_from(["max_seq_id", "embeddings_queue", "collections", "segments"])),
+    st.tuples(st.just("drop-column"), st.sampled_from([("embeddings_queue", "metadata"), ("collections", "dimension"),
+                                                       ("embedding_metadata", "float_value"),
+                                                       ("collection_metadata", "float_value")])),
+    st.tuples(st.just("extra-table"), st.sampled_from(["notes", "embeddings2"])),
+    st.tuples(st.just("header"), st.sampled_from(["max_elements", "cur_element_count", "maxlevel", "max_m0",
+                                                  "label_offset", "enterpoint_node"]),
+              st.sampled_from([0, 1, 2**31, 2**40, 2**63])),
+    st.tuples(st.just("pickle"), st.sampled_from(["total_elements_added", "label"]),
+              st.sampled_from([-1, 0, 2**64, 10**30])),
+)
+
+
+def _mutate(p: Path, m: tuple) -> None:
+    kind = m[0]
+    if kind == "trigger":
+        sql(p, f"CREATE TRIGGER IF NOT EXISTS tr_{m[1]}_{m[2]} AFTER {m[2]} ON {m[1]} BEGIN DELETE FROM {m[3]}; END;")
+    elif kind == "view":
+        sql(p, f"CREATE VIEW IF NOT EXISTS {m[1]} AS SELECT * FROM {m[2]};")
+    elif kind == "rename":
+        sql(p, f"ALTER TABLE {m[1]} RENAME TO {m[1]}_old;")
+    elif kind == "drop-column":
+        try:
+            sql(p, f"ALTER TABLE {m[1][0]} DROP COLUMN {m[1][1]};")
+        except sqlite3.OperationalError:
+            pass  # indexed or constrained: SQLite refuses, the palace stays as it is
+    elif kind == "extra-table":
+        sql(p, f"CREATE TABLE IF NOT EXISTS {m[1]}(x);")
+    elif kind == "header":
+        top = {"maxlevel": 2**31 - 1, "enterpoint_node": 2**32 - 1}.get(m[1], 2**64 - 1)
+        _set_header(p, **{m[1]: min(m[2], top)})
+    elif kind == "pickle":
+        try:
+            mp = _map(p)
+        except idmap.UnreadablePickle:
+            return  # an earlier mutation already made it unreadable
+        d = {"dimensionality": mp.dimensionality, "total_elements_added": mp.total_elements_added,
+             "max_seq_id": None, "id_to_label": dict(mp.id_to_label), "label_to_id": dict(mp.label_to_id),
+             "id_to_seq_id": {}}
+        if m[1] == "total_elements_added":
+            d["total_elements_added"] = m[2]
+        else:
+            rid = next(iter(d["id_to_label"]))
+            d["label_to_id"].pop(d["id_to_label"][rid])
+            d["id_to_label"][rid] = m[2]
+            d["label_to_id"][m[2]] = rid
+        _write_pickle(p, pickle.dumps(d, protocol=3))
+
+
+@pytest.fixture(scope="module")
+def hypo_template(tmp_path_factory) -> Path:
+    return fresh_palace(tmp_path_factory.mktemp("hostile-template") / "palace", SPEC)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(muts=st.lists(MUTATIONS, min_size=1, max_size=3))
+def test_property_schema_and_number_mutations(hypo_template: Path, tmp_path: Path, muts: list):
+    w = tmp_path / f"w{time.monotonic_ns()}"
+    (w / "sentinel").mkdir(parents=True)
+    (w / "sentinel" / "keep.txt").write_text("x")
+    p = copy_palace(hypo_template, w / "palace")
+    ids0 = sql_state(p)
+    faults.poison_seq(p, "vector")  # always some work for reconcile
+    for m in sorted(muts, key=lambda m: m[0] not in ("header", "pickle")):  # files first: SQL
+        _mutate(p, m)  # mutations may hide the segment from the locator
+    out0 = outside(w, p)
+    before = tree(p)
+    code, out, err, _ = run_rss("check", str(p), "--json")
+    assert code in (0, 4, 8), err
+    assert "Traceback" not in err
+    if code == 8:
+        assert len(err.strip().splitlines()) == 1, err
+    assert tree(p) == before  # check changes nothing
+    code, out, err, _ = run_rss("reconcile", str(p), "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code in (0, 1, 4, 8), err
+    assert "Traceback" not in err and "internal error" not in err, err
+    if code == 8:
+        assert one_line_error(err)
+    assert outside(w, p) == out0  # nothing outside the palace (and its backup) touched
+    ids1 = sql_state(p)
+    assert ids1[0] == ids0[0]  # no row lost
+    assert ids1[1] == ids0[1] or any(m[0] == "drop-column" for m in muts)
+    shutil.rmtree(w, ignore_errors=True)
