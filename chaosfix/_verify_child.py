@@ -91,8 +91,11 @@ def _same(a: list, b: list, cosine: bool) -> bool:
     return False
 
 
-def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int) -> dict:
+def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, top: dict) -> dict:
     import numpy as np
+
+    def step(n: int) -> None:
+        _progress(top, f"chromadb post-check {name}", n, 4)
 
     res: dict = {"errors": []}
     col = client.get_collection(name, embedding_function=None)
@@ -100,6 +103,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int) ->
     repaired, sample = list(spec.get("repaired", [])), list(spec.get("sample", []))
     planned = np.load(spec["planned"]) if spec.get("planned") else None
     got = _get(col, repaired + sample)
+    step(1)
     cosine = spec.get("space") == "cosine"
     missing = [r for r in repaired + sample if r not in got or got[r][0] is None]
     wrong = [r for i, r in enumerate(repaired)
@@ -110,6 +114,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int) ->
     first = _found(col, [got[r][0] for r in have], have, ks[:1], count)
     res["queried"], res["misses_at_k10"] = len(have), len(first)
     res["unreachable"] = _found(col, [got[r][0] for r in first], first, ks[1:], count) if first else []
+    step(2)
     # a filtered query per sampled row (up to 20): the metadata path chromadb 1.x fails on for orphans
     fmiss, fasked = [], 0
     for rid in have[:20]:
@@ -123,6 +128,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int) ->
         matching = len(col.get(where=where, include=[])["ids"])  # k above it makes some releases raise
         fmiss += _found(col, [got[rid][0]], [rid], ks, matching, where=where)
     res["filtered_queried"], res["filtered_misses"] = fasked, fmiss
+    step(3)
     # a probe write (on the copy) must land and be found
     dim = len(got[have[0]][0]) if have else int(spec.get("dim") or 0)
     if dim:
@@ -132,6 +138,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int) ->
         col.add(ids=[PROBE_ID], embeddings=[vec], documents=["chaosfix probe"], metadatas=[{"chaosfix": "probe"}])
         ok = len(col.get(ids=[PROBE_ID])["ids"]) == 1 and not _found(col, [vec], [PROBE_ID], ks, count + 1)
         res["probe_found"] = ok
+    step(4)
     return res
 
 
@@ -147,13 +154,11 @@ def main() -> None:
         out["migrations_before"] = _migrations(spec["path"])
         client = chromadb.PersistentClient(path=spec["path"], settings=Settings(anonymized_telemetry=False))
         ks = [int(k) for k in spec.get("ks", [10, 100, 400, 1600])]
-        for n, (name, cspec) in enumerate(spec["collections"].items()):
-            _progress(spec, "chromadb post-check", n, len(spec["collections"]))
+        for name, cspec in spec["collections"].items():
             try:
-                out["collections"][name] = judge_collection(client, name, cspec, ks, int(spec.get("seed", 0)))
+                out["collections"][name] = judge_collection(client, name, cspec, ks, int(spec.get("seed", 0)), spec)
             except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
                 out["collections"][name] = {"errors": [_err(exc)]}
-        _progress(spec, "chromadb post-check", len(spec["collections"]), len(spec["collections"]))
         out["migrations_after"] = _migrations(spec["path"])
     except Exception as exc:  # noqa: BLE001
         out["error"] = _err(exc)
