@@ -251,9 +251,10 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict,
         t = chroma["timings"]
         cr = chroma["json"].get("chromadb") or {}
         cols = cr.get("collections", {})
-        detail = "; ".join(f"{k}: count {c.get('count')}, embeddings {c.get('embeddings')}, "
-                           f"sampled {c.get('sampled')}, misses {c.get('misses')} of {2 * (c.get('sampled') or 0)} queries, "
-                           f"errors {c.get('errors')}" for k, c in cols.items())
+        detail = "; ".join(f"{k}: count {c.get('count')}, {c.get('queried')} self-queried ({c.get('repaired')} repaired), "
+                           f"{c.get('misses_at_k10')} missed at k=10 then {len(c.get('unreachable') or [])} at k<=1600, "
+                           f"probe {c.get('probe_found')}, errors {c.get('errors')}" for k, c in cols.items())
+        detail += f"; seconds {cr.get('seconds')}; {cr.get('skipped') or ''}{'; '.join(cr.get('errors') or [])}"
         no_cr = _med(inc, "timings", "post_verify")
         summary += [
             ("chromadb post-check run", f"wall {chroma['wall']:.2f} s, exit {chroma['rc']}, "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from chaosfix.errors import OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, PalaceSql, SqlReadError, palace_db, schema_guard
+from chaosfix.palace.generation import Generation
 from chaosfix.palace.sql import journal_synced
 from chaosfix.palace.state import (
     PICKLE_MISSING,
@@ -74,6 +75,7 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     collections: list[dict] = field(default_factory=list)
     states: list[CollectionState] = field(default_factory=list, repr=False)
+    generation: Generation | None = None  # the chromadb generation that wrote the palace
 
     @property
     def consistent(self) -> bool:
@@ -94,6 +96,7 @@ class CheckReport:
             "consistent": self.consistent,
             "findings": [asdict(f) for f in self.findings],
             "collections": self.collections,
+            "generation": self.generation.to_json() if self.generation else None,
         }
 
 
@@ -164,6 +167,7 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
                  if hot else "header never synced: nothing reached chroma.sqlite3")
         add(Finding("HOT_JOURNAL", ERROR if hot else WARNING, None, None, 1, [],
                     f"chroma.sqlite3-journal present; {state}"))
+    report.generation = sql.generation
     problems = sql.quick_check()
     if problems:
         add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems), problems[:SAMPLE], "PRAGMA quick_check"))
@@ -189,6 +193,9 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
             add(Finding("SEGMENT_DIR_ORPHAN", WARNING, None, None, len(orphans), orphans[:SAMPLE],
                         "folder owned by no segment (e.g. a deleted collection)"))
     _queue_findings(sql, seqs, report)
+    fmts = sorted({st.idmap.fmt for st in report.states if st.idmap is not None})
+    if fmts:
+        report.generation.evidence.append("index_metadata.pickle: " + ", ".join(fmts))
 
 
 def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:

@@ -1,23 +1,197 @@
-"""Judge a palace with chromadb's own API, in a child process (chromadb may crash)."""
+"""chromadb's judgement of a repaired palace: on a throwaway copy, never the palace.
+
+chromadb applies its schema migrations when it opens a palace, so opening the user's
+palace with the chromadb installed beside chaosfix would upgrade it (a 1.0/1.1 palace
+then panics in its own chromadb). So the post-check:
+
+- runs only with a chromadb of the palace's own generation (the installed one, or the
+  application's interpreter given as ``--chromadb-python``); with another generation it
+  is skipped with a note saying why;
+- runs on a copy made beside the palace (reflink where the file system can, else a
+  sparse copy; never hard links: chromadb writes the SQLite file and the index files),
+  deleted afterwards;
+- runs ``_verify_child.py`` by path with ``python -I``: the child imports only chromadb,
+  numpy and the standard library, so any interpreter that has chromadb can run it.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
+from chaosfix.errors import OperationalError
+from chaosfix.palace import SQLITE_NAME, UUID_RE
+from chaosfix.palace.generation import Generation, of_version, rank_of
 from chaosfix.progress import ProgressFn
-from chaosfix.workload import run_child
+from chaosfix.reconcile.safety import copy_tree_sparse, sparse_copy
+from chaosfix.reconcile.verify import UNREACHABLE_RATE
+
+CHILD = Path(__file__).with_name("_verify_child.py")
+COPY_PREFIX = ".chaosfix-verify-"  # <palace parent>/.<palace name>.chaosfix-verify-XXXX
+MAX_REPAIRED = 20000  # repaired rows checked one by one (a seeded sample above this)
+KS = [10, 100, 400, 1600]
 
 
-def verify_with_chromadb(palace: Path, collections: list[str], sample: int = 20,
-                         progress: ProgressFn | None = None) -> dict:
-    """Reopen with the installed chromadb: count, every row's embedding, self-query and a
-    filtered query on a sample. ``{"ok": bool, ...}``; skipped when chromadb is absent."""
-    if importlib.util.find_spec("chromadb") is None:
-        return {"ok": True, "skipped": "chromadb not installed"}
-    res = run_child({"mode": "verify", "path": str(palace), "collections": collections, "sample": sample},
-                    progress=progress)
+@dataclass
+class Target:
+    """What the post-check proves for one collection."""
+
+    name: str
+    space: str
+    repaired: dict[str, np.ndarray] = field(default_factory=dict)  # id -> planned vector
+    sample: list[str] = field(default_factory=list)
+    expect_count: int | None = None
+
+
+def chromadb_version(python: str | None = None) -> str | None:
+    """chromadb's version in ``python`` (None: this interpreter), without importing it."""
+    if python is None:
+        try:
+            return metadata.version("chromadb")
+        except metadata.PackageNotFoundError:
+            return None
+    code = "import importlib.metadata as m\ntry: print(m.version('chromadb'))\nexcept Exception: print('')"
+    try:
+        out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise OperationalError(f"--chromadb-python {python}: cannot run it ({exc})") from None
+    if out.returncode != 0:
+        raise OperationalError(f"--chromadb-python {python}: exits {out.returncode}")
+    return out.stdout.strip() or None
+
+
+def plan_post_check(palace_gen: Generation, python: str | None) -> tuple[str | None, str | None]:
+    """(chromadb version, reason to skip or None). Raises OperationalError (exit 8) when
+    an explicit ``--chromadb-python`` has no chromadb: said before anything changes."""
+    version = chromadb_version(python)
+    if version is None:
+        if python is not None:
+            raise OperationalError(f"--chromadb-python {python}: no chromadb installed in that interpreter")
+        return None, "chromadb is not installed beside chaosfix"
+    gen = of_version(version)
+    if rank_of(gen) > palace_gen.rank:
+        return version, (f"chromadb {version} (generation {gen}) would migrate this {palace_gen.name} palace; "
+                         "pass --chromadb-python with the application's own interpreter")
+    if rank_of(gen) < palace_gen.rank:
+        return version, f"chromadb {version} (generation {gen}) is older than this {palace_gen.name} palace"
+    return version, None
+
+
+def copy_palace(root: Path) -> Path:
+    """A throwaway copy of the palace's SQLite file and segment folders, beside it (the
+    same file system, so a reflink or a kernel copy)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
+    dst = tmp / "palace"
+    dst.mkdir()
+    sparse_copy(root / SQLITE_NAME, dst / SQLITE_NAME)
+    for d in root.iterdir():
+        if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name):
+            copy_tree_sparse(d, dst / d.name)
+    return dst
+
+
+def stale_copies(root: Path) -> list[Path]:
+    """Copies an interrupted post-check left beside the palace."""
+    prefix = f".{root.name}{COPY_PREFIX}"  # a prefix test, not a glob: the name may hold [ or *
+    return [d for d in root.parent.iterdir() if d.name.startswith(prefix) and d.is_dir() and not d.is_symlink()]
+
+
+def clear_stale_copies(root: Path) -> list[str]:
+    """Remove them (copies only: the palace never depends on them). Call under the lock."""
+    gone = []
+    for d in stale_copies(root):
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d.name)
+    return gone
+
+
+def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None = None,
+                         seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None) -> dict:
+    """``{"ok": bool, ...}``: chromadb's judgement of the repaired collections, made on a
+    copy; ``{"ok": True, "skipped": why}`` when no chromadb of the palace's generation is
+    at hand."""
+    version, skip = plan_post_check(palace_gen, python)
+    if skip:
+        return {"ok": True, "skipped": skip, "version": version}
+    t0 = time.perf_counter()
+    copy = copy_palace(palace)
+    t1 = time.perf_counter()
+    try:
+        spec: dict = {"path": str(copy), "ks": KS, "seed": seed, "collections": {}, "progress": progress is not None}
+        for t in targets:
+            ids = sorted(t.repaired)
+            if len(ids) > MAX_REPAIRED:
+                ids = sorted(random.Random(seed).sample(ids, MAX_REPAIRED))
+            c: dict = {"repaired": ids, "sample": t.sample, "space": t.space}
+            if ids:
+                c["planned"] = str(copy.parent / f"planned-{len(spec['collections'])}.npy")
+                np.save(c["planned"], np.stack([t.repaired[i] for i in ids]).astype(np.float32))
+            spec["collections"][t.name] = c
+        res = _run(spec, copy.parent / "spec.json", python, timeout, progress)
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+    out = judge(res, {t.name: t for t in targets}, python)
+    out["seconds"] = {"copy": round(t1 - t0, 2), "chromadb": round(time.perf_counter() - t1, 2)}
+    return out
+
+
+def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progress: ProgressFn | None) -> dict:
+    """The child, by path with ``-I`` (no PYTHONPATH, no script folder: it cannot import
+    chaosfix by accident); its spec in a file (repaired id lists outgrow an argument)."""
+    from chaosfix.workload import run_child
+
+    spec_file.write_text(json.dumps(spec))
+    try:
+        res = run_child(spec, timeout=timeout, progress=progress,
+                        command=[python or sys.executable, "-I", str(CHILD), str(spec_file)])
+    except RuntimeError as exc:  # timed out
+        return {"error": f"chromadb post-check: {exc}"}
     if not res.result:
         tail = res.stderr.strip().splitlines()[-1:] or [f"exit {res.returncode}"]
-        return {"ok": False, "error": tail[0]}
+        return {"error": f"chromadb child died: {tail[0][:300]}"}
     return res.result
+
+
+def judge(res: dict, targets: dict[str, Target], python: str | None) -> dict:
+    """The verdict on what the child recorded: every repaired row found with its planned
+    vector, no self-query or filtered miss left at the largest k beyond hnswlib's known
+    unreachable rate, the count right, the probe write found."""
+    out = {"ok": True, "version": res.get("version"), "python": python or sys.executable, "on": "copy",
+           "collections": res.get("collections", {}), "errors": []}
+    if res.get("error"):
+        out["errors"].append(res["error"])
+    if res.get("migrations_before") != res.get("migrations_after"):
+        out["notes"] = [f"chromadb migrated the copy: {res.get('migrations_before')} -> {res.get('migrations_after')}"]
+    for name, t in targets.items():
+        c = res.get("collections", {}).get(name)
+        if c is None:
+            if not res.get("error"):
+                out["errors"].append(f"{name}: not judged")
+            continue
+        errs = [f"{name}: {e}" for e in c.get("errors", [])]
+        if t.expect_count is not None and "count" in c and c["count"] != t.expect_count:
+            errs.append(f"{name}: count {c['count']}, expected {t.expect_count}")
+        if c.get("missing_count"):
+            errs.append(f"{name}: {c['missing_count']} rows without an embedding, e.g. {c['missing'][:3]}")
+        if c.get("wrong_vector_count"):
+            errs.append(f"{name}: {c['wrong_vector_count']} repaired rows with another vector")
+        unreachable = c.get("unreachable", [])
+        if len(unreachable) > int(UNREACHABLE_RATE * c.get("queried", 0)):
+            errs.append(f"{name}: {len(unreachable)} of {c.get('queried')} self-queries miss at k up to {KS[-1]}")
+        if c.get("filtered_misses"):
+            errs.append(f"{name}: filtered queries miss {c['filtered_misses'][:3]}")
+        if "errors" in c and not c["errors"] and c.get("probe_found") is False:
+            errs.append(f"{name}: the probe write was not found")
+        out["errors"] += errs
+    out["ok"] = not out["errors"]
+    return out

@@ -145,6 +145,7 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
 @click.option("--verify", "verify_mode", type=click.Choice(["sample", "full"]), default="sample", show_default=True,
               help="Self-query repaired rows plus a sample, or every row.")
 @click.option("--no-chromadb-check", is_flag=True, help="Skip the final reopen with chromadb.")
+@click.option("--chromadb-python", metavar="PATH", help="Interpreter of the application's own chromadb, for the post-check.")
 @click.option("--apply-pending", is_flag=True, help="Also fold pending WAL rows into a healthy index.")
 @click.option("--prune-orphan-dirs", is_flag=True, help="Move segment folders no segment owns into the backup.")
 @click.option("--drop-foreign-sql", is_flag=True,
@@ -152,8 +153,8 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.reconcile/1 JSON object.")
 @_one_line_errors
 def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str | None, no_backup: bool,
-              strategy: str, verify_mode: str, no_chromadb_check: bool, apply_pending: bool, prune_orphan_dirs: bool,
-              drop_foreign_sql: bool, as_json: bool) -> int:
+              strategy: str, verify_mode: str, no_chromadb_check: bool, chromadb_python: str | None,
+              apply_pending: bool, prune_orphan_dirs: bool, drop_foreign_sql: bool, as_json: bool) -> int:
     """Repair every fixable finding in PALACE. Exit 0 nothing to do, 1 repaired, 4 left
     unrepaired, 8 error.
 
@@ -163,7 +164,8 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
 
     opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=embedder,
                             strategy=strategy, verify_full=verify_mode == "full",
-                            chromadb_check=not no_chromadb_check, apply_pending=apply_pending,
+                            chromadb_check=not no_chromadb_check, chromadb_python=chromadb_python,
+                            apply_pending=apply_pending,
                             prune_orphan_dirs=prune_orphan_dirs, drop_foreign_sql=drop_foreign_sql)
     bar = _bar()
     rep = reconcile_palace(palace, opts, progress=bar, log=bar.say)

@@ -42,6 +42,10 @@ def table(headers: list[str], rows: list[list[object]], max_width: int | None = 
 
 def render_check(rep: CheckReport) -> str:
     out = [f"palace {rep.palace}"]
+    if rep.generation is not None:
+        g = rep.generation
+        out.append(f"written by chromadb {g.name} (seq_ids {g.seq_encoding}, pickle {g.pickle_format}; "
+                   f"{g.evidence[0]})")
     for c in rep.collections:
         out.append("")
         out.append(f"collection {c['name']}  ({c['space']}, dim {c['dimension']}, pickle {c['pickle']})")
@@ -116,19 +120,23 @@ def _reconcile_verdict(rep) -> str:  # noqa: ANN001
 
 
 def render_chromadb_check(res: dict) -> list[str]:
-    """chromadb's post-repair reopen (``chaosfix.chromadb_probe``) as readable lines."""
+    """chromadb's post-repair judgement (``chaosfix.chromadb_probe``, on a copy) as readable lines."""
     if res.get("skipped"):
         return [f"chromadb post-check: skipped ({res['skipped']})"]
-    head = f"chromadb {res.get('version', '?')} post-check: " + ("ok" if res.get("ok") else "FAILED")
-    out = [head + (f": {cut(res['error'], 200)}" if res.get("error") else "")]  # never the child's traceback
+    head = f"chromadb {res.get('version') or '?'} post-check: " + ("ok" if res.get("ok") else "FAILED")
+    out = [head + (f": {cut(res['error'], 200)}" if res.get("error") else "")  # never the child's traceback
+           + (" (on a copy)" if res.get("on") else "")]
     for name, c in (res.get("collections") or {}).items():
         parts = [f"count {c['count']}" if "count" in c else "not opened"]
-        if "ids" in c:
-            parts.append(f"{c.get('embeddings', 0)} embeddings for {c['ids']} ids")
-        if "sampled" in c:
-            parts.append(f"{c.get('misses', 0)} misses in {c['sampled']} sampled queries")
+        if "queried" in c:
+            parts.append(f"{c['queried']} self-queried ({c.get('repaired', 0)} repaired), "
+                         f"{c.get('misses_at_k10', 0)} missed at k=10, {len(c.get('unreachable', []))} at k<=1600")
+        if c.get("filtered_queried"):
+            parts.append(f"{len(c.get('filtered_misses', []))} of {c['filtered_queried']} filtered queries missed")
+        if "probe_found" in c:
+            parts.append("probe write found" if c["probe_found"] else "probe write NOT found")
         out.append("  " + cut(f"{name}: {', '.join(parts)}", width() - 2))
-        out += ["    " + cut(f"error: {e}", width() - 4) for e in c.get("errors", [])]
+    out += ["    " + cut(f"error: {e}", width() - 4) for e in res.get("errors", [])]
     return out
 
 

@@ -88,10 +88,12 @@ def child_command(spec: dict, python: str | None = None) -> list[str]:
 
 
 def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
-              kill_after: float | None = None, progress: ProgressFn | None = None) -> ChildResult:
+              kill_after: float | None = None, progress: ProgressFn | None = None,
+              command: list[str] | None = None) -> ChildResult:
     """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer.
-    With ``progress``, the child reports its progress on stderr and it is passed on as it comes."""
-    cmd = (prefix or []) + child_command(spec | {"progress": True} if progress else spec)
+    With ``progress``, the child reports its progress on stderr and it is passed on as it comes.
+    ``command`` runs another child script instead (it gets its spec its own way)."""
+    cmd = (prefix or []) + (command or child_command(spec | {"progress": True} if progress else spec))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
                             text=True, start_new_session=True)
     out: list[str] = []

@@ -41,3 +41,38 @@ def damage_cache(tmp_path_factory) -> Path:
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "damage-cache"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+# What each extra chromadb release leg runs (tox: ``pytest -m releases``): check,
+# reconcile and the scenario catalogue's core, judged by that release's own chromadb.
+RELEASE_TESTS = (
+    "test_matrix.py::",
+    "test_check.py::test_template_palace_is_consistent",
+    "test_check.py::test_pending_wal_rows_are_healthy",
+    "test_check.py::test_after_deletes_is_healthy",
+    "test_check.py::test_lost_hnsw_writes_after_committed_persist",
+    "test_check.py::test_older_sqlite_beside_newer_index",
+    "test_check.py::test_poisoned_max_seq_id",
+    "test_check.py::test_cli_contract_exit_codes_json_and_read_only",
+    "test_reconcile.py::test_damage_is_repaired[lost-hnsw-writes]",
+    "test_reconcile.py::test_damage_is_repaired[stale-sqlite]",
+    "test_reconcile.py::test_damage_is_repaired[pickle-deleted]",
+    "test_reconcile.py::test_damage_is_repaired[off-by-one]",
+    "test_reconcile.py::test_damage_is_repaired[emptied-queue]",
+    "test_reconcile.py::test_damage_is_repaired[poisoned-seq-vector]",
+    "test_reconcile.py::test_nothing_to_do_is_byte_identical",
+    "test_reconcile.py::test_chromadb_post_check_can_fail",
+    "test_scenarios.py::test_catalogue_covers_the_issue_list",
+    "test_scenarios.py::test_scenario[partial-flush]",
+    "test_scenarios.py::test_scenario[phantom-rows]",
+    "test_scenarios.py::test_scenario[healthy-pending]",
+    "test_scenarios.py::test_scenario[healthy-deletes]",
+    "test_scenarios.py::test_scenario[poisoned-seq]",
+    "test_scenarios.py::test_scenario[truncated-pickle]",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(key in item.nodeid for key in RELEASE_TESTS):
+            item.add_marker(pytest.mark.releases)

@@ -189,19 +189,22 @@ def test_table_fits_the_width_and_cuts_with_an_ellipsis() -> None:
 
 
 def test_chromadb_post_check_reads_as_lines() -> None:
-    res = {"version": "1.5.9", "ok": False, "collections": {
-        "drawers": {"count": 450, "ids": 450, "embeddings": 449, "sampled": 20, "misses": 0,
-                    "errors": ["449 embeddings for 450 ids, count 450"]}}}
+    res = {"version": "1.5.9", "ok": False, "on": "copy", "errors": ["drawers: 1 rows without an embedding"],
+           "collections": {"drawers": {"count": 450, "queried": 220, "repaired": 20, "misses_at_k10": 3,
+                                       "unreachable": [], "filtered_queried": 20, "filtered_misses": [],
+                                       "probe_found": True, "errors": []}}}
     lines = render_chromadb_check(res)
-    assert lines[0] == "chromadb 1.5.9 post-check: FAILED"
-    assert lines[1] == "  drawers: count 450, 449 embeddings for 450 ids, 0 misses in 20 sampled queries"
-    assert lines[2].strip() == "error: 449 embeddings for 450 ids, count 450"
+    assert lines[0] == "chromadb 1.5.9 post-check: FAILED (on a copy)"
+    assert lines[1] == ("  drawers: count 450, 220 self-queried (20 repaired), 3 missed at k=10, 0 at k<=1600, "
+                        "0 of 20 filtered queries missed, probe write found")
+    assert lines[2].strip() == "error: drawers: 1 rows without an embedding"
     assert not any("{" in line for line in lines)
-    broken = render_chromadb_check({"version": "1.5.9", "ok": False, "collections": {"drawers": {
-        "count": 450, "errors": ["InternalError: Error finding id"]}}})
-    assert broken[1:] == ["  drawers: count 450", "    error: InternalError: Error finding id"]
+    broken = render_chromadb_check({"version": "1.5.9", "ok": False, "errors": ["drawers: InternalError: Error finding id"],
+                                    "collections": {"drawers": {"count": 450, "errors": ["InternalError: Error finding id"]}}})
+    assert broken[1:] == ["  drawers: count 450", "    error: drawers: InternalError: Error finding id"]
     assert render_chromadb_check({"ok": False, "error": "Segmentation fault"}) == \
         ["chromadb ? post-check: FAILED: Segmentation fault"]
+    assert render_chromadb_check({"ok": True, "skipped": "why"}) == ["chromadb post-check: skipped (why)"]
 
 
 # ---- progress ----------------------------------------------------------------------

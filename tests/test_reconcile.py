@@ -43,7 +43,7 @@ from helpers import (
 from chaosfix import faults
 from chaosfix.check import check_palace
 from chaosfix.cli import main as cli_main
-from chaosfix.drawers import COLLECTION
+from chaosfix.drawers import COLLECTION, drawer
 from chaosfix.palace import idmap
 from chaosfix.reconcile.plan import chroma_capacity
 from chaosfix.reconcile.safety import PalaceLock
@@ -547,10 +547,14 @@ def test_cli_is_one_line_for_not_a_palace(tmp_path):
 
 
 def test_chromadb_post_check_can_fail(tmp_path):
-    """The reopen verdict is the child's own, not overwritten by 'the child ran'."""
-    from chaosfix.chromadb_probe import verify_with_chromadb
+    """The post-check's verdict is its own, on a copy: a collection chromadb cannot open fails it."""
+    from chaosfix.chromadb_probe import Target, verify_with_chromadb
 
     p = fresh_palace(tmp_path / "palace", SPEC)
-    assert verify_with_chromadb(p, [COLLECTION])["ok"] is True
-    bad = verify_with_chromadb(p, ["no-such-collection"])
+    gen = check_palace(p).generation
+    assert verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=["drawer_x"])], gen)["ok"] is False
+    some = [drawer(i)[0] for i in range(0, SPEC.drawers, 7)]
+    good = verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some, expect_count=SPEC.drawers)], gen)
+    assert good["ok"] is True and good["collections"][COLLECTION]["probe_found"], good
+    bad = verify_with_chromadb(p, [Target("no-such-collection", "cosine")], gen)
     assert bad["ok"] is False and bad["collections"]["no-such-collection"]["errors"]

@@ -14,9 +14,13 @@ import shutil
 import sqlite3
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+
+from chaosfix.palace.generation import Generation, hnsw_config
+from chaosfix.palace.generation import detect as detect_generation
 
 POISON_LIMIT = 2**53
 OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
@@ -44,7 +48,7 @@ class SeqValue:
     """One ``max_seq_id`` row: the decoded value and how it was stored."""
 
     value: int
-    stored_as: str  # "blob" (0.6) or "int" (1.x)
+    stored_as: str  # "blob" (0.4-0.6), "int" (1.x) or "pickle" (0.4 vector segment)
 
     @property
     def poisoned(self) -> bool:
@@ -80,12 +84,10 @@ class CollectionInfo:
         """Distance space: collection metadata first (both versions honour it), then 1.x config."""
         if "hnsw:space" in self.metadata:
             return str(self.metadata["hnsw:space"])
-        hnsw = self.config.get("hnsw") or self.config.get("hnsw_configuration") or {}
-        return str(hnsw.get("space", "l2"))
+        return str(hnsw_config(self.config).get("space", "l2"))
 
     def param(self, key: str, default: int) -> int:
-        hnsw = self.config.get("hnsw") or {}
-        val = self.metadata.get(f"hnsw:{key}", hnsw.get(key, default))
+        val = self.metadata.get(f"hnsw:{key}", hnsw_config(self.config).get(key, default))
         return int(val) if val is not None else default
 
 
@@ -112,7 +114,7 @@ class PalaceSql:
             raise SqlReadError(str(exc)) from exc
         self.columns = {
             t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
-            for t in ("collections", "embeddings_queue", "segments")
+            for t in ("collections", "collection_metadata", "embeddings_queue", "segments")
         }
 
     def _open_readonly(self, db_path: Path) -> sqlite3.Connection:
@@ -177,12 +179,10 @@ class PalaceSql:
         rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
         return [] if rows == ["ok"] else rows
 
-    @property
-    def schema(self) -> str:
-        """'1.x' when the palace has 1.x-only tables/columns, else '0.6'."""
-        if "schema_str" in self.columns["collections"]:
-            return "1.x"
-        return "0.6"
+    @cached_property
+    def generation(self) -> Generation:
+        """The chromadb generation that wrote the palace (its migrations table decides)."""
+        return detect_generation(self.conn)
 
     def collections(self) -> list[CollectionInfo]:
         cols = []
@@ -196,12 +196,14 @@ class PalaceSql:
                 except ValueError:
                     cfg = {}
             cols.append(CollectionInfo(id=row[0], name=row[1], dimension=row[2], config=cfg))
+        # 0.4 has no bool_value column
+        values = [c for c in ("str_value", "int_value", "float_value", "bool_value")
+                  if c in self.columns["collection_metadata"]]
         for c in cols:
-            for key, s, i, f, b in self.conn.execute(
-                "SELECT key, str_value, int_value, float_value, bool_value FROM collection_metadata WHERE collection_id=?",
-                (c.id,),
+            for key, *vals in self.conn.execute(
+                f"SELECT key, {', '.join(values)} FROM collection_metadata WHERE collection_id=?", (c.id,),
             ):
-                c.metadata[key] = next((v for v in (s, i, f, b) if v is not None), None)
+                c.metadata[key] = next((v for v in vals if v is not None), None)
             for sid, _stype, scope in self.conn.execute(
                 "SELECT id, type, scope FROM segments WHERE collection=?", (c.id,)
             ):

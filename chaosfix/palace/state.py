@@ -133,7 +133,6 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
                                pending=[], unsafe_id=bad_id)
     vseq = seqs.get(info.vector_segment) if info.vector_segment else None
     mseq = seqs.get(info.metadata_segment) if info.metadata_segment else None
-    above = vseq.value if vseq is not None else 0
     rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
     st = CollectionState(
         info=info,
@@ -141,18 +140,23 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
         sql_rows=rows,
         vector_seq=vseq,
         metadata_seq=mseq,
-        pending=sql.wal(info.id, above=above, with_vectors=False),
+        pending=[],
     )
-    if st.seg_dir is not None and is_link(st.seg_dir):
+    linked = st.seg_dir is not None and is_link(st.seg_dir)
+    if linked:
         st.symlinks.append(st.seg_dir.name)
-        return st
-    if st.seg_dir is None or not st.seg_dir.is_dir():
-        return st
-    st.symlinks.extend(f"{st.seg_dir.name}/{n}" for n in links_in(st.seg_dir))
-    if st.symlinks:
-        return st
-    _read_pickle(st)
-    _read_files(st)
+    seg_ok = st.seg_dir is not None and not linked and st.seg_dir.is_dir()
+    if seg_ok:
+        st.symlinks.extend(f"{st.seg_dir.name}/{n}" for n in links_in(st.seg_dir))
+        seg_ok = not st.symlinks
+    if seg_ok:
+        _read_pickle(st)
+    if vseq is None and st.idmap is not None and st.idmap.max_seq_id is not None and sql.generation.vector_seq_in_pickle:
+        st.vector_seq = SeqValue(st.idmap.max_seq_id, "pickle")  # 0.4: the pickle holds it
+    above = st.vector_seq.value if st.vector_seq is not None else 0
+    st.pending = sql.wal(info.id, above=above, with_vectors=False)
+    if seg_ok:
+        _read_files(st)
     return st
 
 

@@ -107,7 +107,7 @@ def new_map(plan: CollectionPlan) -> idmap_mod.IdMap:
         id_to_label=id_to_label,
         label_to_id={lab: i for i, lab in id_to_label.items()},
         id_to_seq_id=id_to_seq,
-        max_seq_id=old.max_seq_id if old is not None else None,
+        max_seq_id=plan.pickle_seq if plan.pickle_seq is not None else (old.max_seq_id if old is not None else None),
         extra=dict(old.extra) if old is not None else {},
     )
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chaosfix.check import PALACE_CODES, CheckReport
-from chaosfix.palace.sql import PalaceSql, SeqValue
+from chaosfix.palace.sql import PalaceSql
 from chaosfix.palace.state import CollectionState
 from chaosfix.reconcile.sources import EMBED, SLOT, WAL, Embedder, embed, latest_wal_vectors, pending_effects
 
@@ -51,6 +51,7 @@ class CollectionPlan:
     dim: int = 0  # vector dimension of the index to build
     max_elements: int = DEFAULT_CAPACITY
     seq_writes: list[SeqWrite] = field(default_factory=list)
+    pickle_seq: int | None = None  # 0.4: the vector segment's max_seq_id, kept in the pickle
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
     state: CollectionState | None = field(default=None, repr=False)
 
@@ -85,6 +86,7 @@ class CollectionPlan:
             "total_elements_added": self.total_elements_added,
             "pickle_format": self.fmt,
             "seq_writes": [vars(s) for s in self.seq_writes],
+            "pickle_seq": self.pickle_seq,
         }
 
 
@@ -93,10 +95,10 @@ def chroma_capacity(n: int, resize_factor: float = 1.2) -> int:
     return max(DEFAULT_CAPACITY, math.ceil(n * resize_factor))
 
 
-def _seq_encoding(sql: PalaceSql, existing: SeqValue | None) -> str:
-    if existing is not None:
-        return existing.stored_as
-    return "blob" if sql.schema == "0.6" else "int"
+def _seq_encoding(sql: PalaceSql) -> str:
+    """The palace generation's encoding, never the existing row's: a poisoned 1.x value
+    is a blob, and writing a blob back makes 1.0-1.2 fail every read."""
+    return sql.generation.seq_encoding
 
 
 def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, embedder: Embedder | None,
@@ -104,7 +106,8 @@ def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, em
     info = st.info
     codes = {k: v for k, v in report.codes(info.name).items() if k not in PALACE_CODES}
     plan = CollectionPlan(info.name, info.vector_segment, codes, state=st)
-    plan.fmt = st.idmap.fmt if st.idmap is not None else ("object" if sql.schema == "0.6" else "dict")
+    # the generation's own format: 1.x rewrites a migrated 0.6 object pickle as a dict
+    plan.fmt = sql.generation.pickle_format
     problems = {c for c in codes if c != "PENDING"}
     dir_missing = st.seg_dir is None or not st.seg_dir.is_dir()
     if dir_missing and "SEGMENT_DIR_MISSING" not in problems:
@@ -260,7 +263,7 @@ def _plan_seqs(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, proble
     info = st.info
     meta, meta_val = st.metadata_seq, st.reflected_seq
     if meta is not None and meta.poisoned and info.metadata_segment:
-        plan.seq_writes.append(SeqWrite(info.metadata_segment, meta_val, _seq_encoding(sql, meta)))
+        plan.seq_writes.append(SeqWrite(info.metadata_segment, meta_val, _seq_encoding(sql)))
     vec = st.vector_seq
     if info.vector_segment is None:
         return
@@ -274,4 +277,8 @@ def _plan_seqs(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, proble
     if want is not None and vec is not None and not vec.poisoned:
         want = max(want, vec.value)  # never move a segment backwards: chromadb would replay rows twice
     if want is not None and (vec is None or vec.value != want):
-        plan.seq_writes.append(SeqWrite(info.vector_segment, want, _seq_encoding(sql, vec)))
+        if sql.generation.vector_seq_in_pickle:  # 0.4: the rewritten pickle carries it
+            if plan.index_changes:
+                plan.pickle_seq = want
+        else:
+            plan.seq_writes.append(SeqWrite(info.vector_segment, want, _seq_encoding(sql)))

@@ -56,6 +56,8 @@ class ReconcileOptions:
     apply_pending: bool = False
     prune_orphan_dirs: bool = False
     drop_foreign_sql: bool = False
+    chromadb_python: str | None = None  # the application's interpreter, for the chromadb post-check
+    chromadb_sample: int = 200  # unrepaired rows the chromadb post-check self-queries
     sample: int = 1000
     seed: int = 0
 
@@ -112,6 +114,11 @@ class ReconcileReport:
 
 
 def _refuse_sql_damage(rep: CheckReport, root: Path) -> None:
+    codes = rep.codes()
+    gen = rep.generation
+    if gen is not None and not gen.known and "SQLITE_CORRUPT" not in codes:
+        raise OperationalError(f"{root}: palace written by a chromadb generation chaosfix does not know "
+                               f"({gen.evidence[0]}); refusing to write to it")
     if any(f.code == "HOT_JOURNAL" and f.severity == "error" for f in rep.findings):
         raise OperationalError(f"{root}: chroma.sqlite3-journal present (interrupted transaction); "
                                "open the palace with chromadb once to roll it back, then rerun")
@@ -220,6 +227,12 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):
         with PalaceLock(root):
             _recover_own_leftovers(root, rep.notes)
+    if not opts.dry_run:
+        from chaosfix.chromadb_probe import clear_stale_copies, stale_copies
+
+        if stale_copies(root):
+            with PalaceLock(root):
+                rep.notes += [f"removed {n}, a copy an interrupted post-check left" for n in clear_stale_copies(root)]
     first_look = _fingerprint(root)
     before = check_palace(root, opts.collection)
     _refuse_sql_damage(before, root)
@@ -232,6 +245,10 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     rep.timings["plan"] = time.perf_counter() - t0
     if opts.dry_run or not rep.has_work:
         return rep
+    if opts.chromadb_check and opts.chromadb_python and before.generation is not None:
+        from chaosfix.chromadb_probe import plan_post_check
+
+        plan_post_check(before.generation, opts.chromadb_python)  # a bad interpreter is exit 8 before any change
 
     with PalaceLock(root):
         holders = other_holders(root)
@@ -274,14 +291,12 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
         (root / MARKER).unlink(missing_ok=True)
         fsync_path(root)
         killpoint("committed")
-    rep.timings["total_repair"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    rep.after = check_palace(root, opts.collection)
-    if opts.chromadb_check:
-        from chaosfix.chromadb_probe import verify_with_chromadb
-
-        rep.chromadb = verify_with_chromadb(root, [p.collection for p in rep.plans if p.has_work], progress=progress)
-    rep.timings["post_verify"] = time.perf_counter() - t1
+        rep.timings["total_repair"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rep.after = check_palace(root, opts.collection)
+        if opts.chromadb_check:  # under the lock: the copy it makes is ours alone
+            rep.chromadb = _post_check(root, rep, opts, progress)
+        rep.timings["post_verify"] = time.perf_counter() - t1
     return rep
 
 
@@ -300,6 +315,28 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
     if names <= ours and not is_link(b):
         shutil.rmtree(b, ignore_errors=True)
         rep.backup = None
+
+
+def _post_check(root: Path, rep: ReconcileReport, opts: ReconcileOptions, progress: ProgressFn | None) -> dict:
+    """chromadb's judgement of what changed, on a throwaway copy (never the palace)."""
+    import random
+
+    from chaosfix.chromadb_probe import Target, verify_with_chromadb
+
+    assert rep.after is not None and rep.after.generation is not None
+    states = {st.info.name: st for st in rep.after.states}
+    targets = []
+    for p in rep.plans:
+        st = states.get(p.collection)
+        if not p.has_work or st is None:
+            continue
+        repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
+        rest = [i for i in st.sql_rows if i not in repaired]
+        sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
+        targets.append(Target(p.collection, st.info.space, repaired, sample,
+                              None if st.pending else len(st.sql_rows)))
+    return verify_with_chromadb(root, targets, rep.after.generation, opts.chromadb_python, seed=opts.seed,
+                                progress=progress)
 
 
 def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:

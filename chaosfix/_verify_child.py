@@ -1,0 +1,171 @@
+"""chromadb's own judgement of a repaired palace, run on a throwaway copy of it.
+
+Standalone on purpose: it imports only the standard library, numpy and chromadb, so the
+application's own interpreter (``reconcile --chromadb-python PATH``, a venv that has
+chromadb but not chaosfix) can run it by path. Reads its JSON spec from the file named
+by argv[1] and prints one JSON line on stdout; it records what chromadb does and never
+judges (the parent does, in ``chaosfix.chromadb_probe``). Progress goes to stderr in
+``chaosfix.progress``'s line format (spelled out here: this file cannot import it).
+
+It proves what changed instead of reading every embedding: the count, every repaired
+row's embedding against the vector chaosfix planned, self-queries of the repaired rows
+and of a seeded sample, a filtered query, and a probe write that must land and be found.
+chromadb searches at its own low ef (10 by default), where a healthy large graph misses
+some self-queries, so a miss is queried again with a larger ``n_results`` (hnswlib
+searches with ef = max(ef, k)): only a row still missing at the largest k is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+
+BATCH = 256
+PROBE_ID = "__chaosfix_probe__"
+
+
+def _err(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _progress(spec: dict, stage: str, done: int, total: int) -> None:
+    if spec.get("progress"):
+        sys.stderr.write(f"chaosfix-progress {done} {total} {stage}\n")  # chaosfix.progress.child_line
+        sys.stderr.flush()
+
+
+def _migrations(path: str) -> dict:
+    try:
+        conn = sqlite3.connect(f"file:{path}/chroma.sqlite3?mode=ro", uri=True)
+        try:
+            return {d: v for d, v in conn.execute("SELECT dir, max(version) FROM migrations GROUP BY dir")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return {"error": _err(exc)}
+
+
+def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where: dict | None = None) -> list[str]:
+    """ids whose own vector does not return them at any k in ``ks`` (batched queries)."""
+    todo = list(zip(ids, vectors))
+    for k in ks:
+        k = max(1, min(k, count))
+        left = []
+        for s in range(0, len(todo), BATCH):
+            chunk = todo[s : s + BATCH]
+            kw = {"where": where} if where else {}
+            res = col.query(query_embeddings=[v for _, v in chunk], n_results=k, include=["distances"], **kw)
+            left += [(rid, v) for (rid, v), got in zip(chunk, res["ids"]) if rid not in got]
+        todo = left
+        if not todo or k >= count:
+            break
+    return [rid for rid, _ in todo]
+
+
+def _get(col, ids: list[str]) -> dict:
+    """id -> (embedding list | None, metadata) for the ids chromadb returns."""
+    out: dict = {}
+    for s in range(0, len(ids), 1000):
+        got = col.get(ids=ids[s : s + 1000], include=["embeddings", "metadatas"])
+        embs = got["embeddings"]
+        for i, rid in enumerate(got["ids"]):
+            emb = None if embs is None or embs[i] is None else [float(x) for x in embs[i]]
+            out[rid] = (emb, got["metadatas"][i] or {})
+    return out
+
+
+def _same(a: list, b: list, cosine: bool) -> bool:
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        return False
+    if np.allclose(x, y, atol=1e-4):
+        return True
+    if cosine:  # a normalized copy of the same direction
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        return bool(nx > 0 and ny > 0 and float(x @ y) / (nx * ny) > 1 - 1e-5)
+    return False
+
+
+def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, top: dict) -> dict:
+    import numpy as np
+
+    def step(n: int) -> None:
+        _progress(top, f"chromadb post-check {name}", n, 4)
+
+    res: dict = {"errors": []}
+    col = client.get_collection(name, embedding_function=None)
+    count = res["count"] = col.count()
+    repaired, sample = list(spec.get("repaired", [])), list(spec.get("sample", []))
+    planned = np.load(spec["planned"]) if spec.get("planned") else None
+    got = _get(col, repaired + sample)
+    step(1)
+    cosine = spec.get("space") == "cosine"
+    missing = [r for r in repaired + sample if r not in got or got[r][0] is None]
+    wrong = [r for i, r in enumerate(repaired)
+             if planned is not None and r in got and got[r][0] is not None and not _same(got[r][0], planned[i], cosine)]
+    res.update(asked=len(repaired) + len(sample), repaired=len(repaired), missing=missing[:20],
+               missing_count=len(missing), wrong_vectors=wrong[:20], wrong_vector_count=len(wrong))
+    have = [r for r in repaired + sample if r in got and got[r][0] is not None]
+    first = _found(col, [got[r][0] for r in have], have, ks[:1], count)
+    res["queried"], res["misses_at_k10"] = len(have), len(first)
+    res["unreachable"] = _found(col, [got[r][0] for r in first], first, ks[1:], count) if first else []
+    step(2)
+    # a filtered query per sampled row (up to 20): the metadata path chromadb 1.x fails on for orphans
+    fmiss, fasked = [], 0
+    for rid in have[:20]:
+        meta = got[rid][1]
+        key = next((k for k, v in meta.items() if isinstance(v, (str, int)) and not isinstance(v, bool)
+                    and not k.startswith("chroma:")), None)
+        if key is None:
+            continue
+        fasked += 1
+        where = {key: meta[key]}
+        matching = len(col.get(where=where, include=[])["ids"])  # k above it makes some releases raise
+        fmiss += _found(col, [got[rid][0]], [rid], ks, matching, where=where)
+    res["filtered_queried"], res["filtered_misses"] = fasked, fmiss
+    step(3)
+    # a probe write (on the copy) must land and be found
+    dim = len(got[have[0]][0]) if have else int(spec.get("dim") or 0)
+    if dim:
+        rng = np.random.default_rng(seed)
+        vec = rng.standard_normal(dim).astype(np.float32)
+        vec = (vec / np.linalg.norm(vec)).tolist()
+        col.add(ids=[PROBE_ID], embeddings=[vec], documents=["chaosfix probe"], metadatas=[{"chaosfix": "probe"}])
+        ok = len(col.get(ids=[PROBE_ID])["ids"]) == 1 and not _found(col, [vec], [PROBE_ID], ks, count + 1)
+        res["probe_found"] = ok
+    step(4)
+    return res
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        spec = json.load(f)
+    out: dict = {"collections": {}}
+    try:
+        import chromadb
+        from chromadb.config import Settings
+
+        out["version"] = chromadb.__version__
+        out["migrations_before"] = _migrations(spec["path"])
+        client = chromadb.PersistentClient(path=spec["path"], settings=Settings(anonymized_telemetry=False))
+        ks = [int(k) for k in spec.get("ks", [10, 100, 400, 1600])]
+        for name, cspec in spec["collections"].items():
+            try:
+                out["collections"][name] = judge_collection(client, name, cspec, ks, int(spec.get("seed", 0)), spec)
+            except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
+                out["collections"][name] = {"errors": [_err(exc)]}
+        out["migrations_after"] = _migrations(spec["path"])
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = _err(exc)
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # skip chromadb's atexit work on a copy that is thrown away
+
+
+if __name__ == "__main__":
+    main()
