@@ -145,6 +145,7 @@ class Timed(NamedTuple):
     rc: int
     out: str
     err: str
+    cpu: float = 0.0  # user + system seconds of the child and the children it waited for
 
 
 def run_timed(cmd: list[str], ok: tuple[int, ...] = (0, 4), env: dict[str, str] | None = None) -> Timed:
@@ -166,7 +167,7 @@ def run_timed(cmd: list[str], ok: tuple[int, ...] = (0, 4), env: dict[str, str] 
         sys.stderr.write(etext)
     # ru_maxrss is KiB on Linux, bytes on macOS
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return Timed(wall, rss, rc, text, etext)
+    return Timed(wall, rss, rc, text, etext, usage.ru_utime + usage.ru_stime)
 
 
 def index_files(palace: Path) -> list[Path]:

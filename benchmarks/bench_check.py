@@ -104,18 +104,20 @@ def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
     base_wall, base = baseline()
 
     runs: list[tuple[str, float, int, int]] = []
+    cpus: list[float] = []
     consistent = None
     for i in range(args.cold + args.runs):
         kind = "cold" if i < args.cold else "warm"
         if kind == "cold" and not evict(palace):
             kind = "cold?"  # no fadvise: the page cache was not dropped
-        wall, rss, rc, out, _ = run_timed(cmd)
+        wall, rss, rc, out, _, cpu = run_timed(cmd)
         try:
             consistent = json.loads(out).get("consistent")
         except ValueError:
             consistent = None
         runs.append((kind, wall, rss, rc))
-        print(f"  run {i + 1:2d} {kind:5s} wall {wall:6.2f} s  peak RSS {rss / MB:7.1f} MB  exit {rc}",
+        cpus.append(cpu)
+        print(f"  run {i + 1:2d} {kind:5s} wall {wall:6.2f} s  cpu {cpu:6.2f} s  peak RSS {rss / MB:7.1f} MB  exit {rc}",
               file=sys.stderr)
 
     cold = [w for k, w, _, _ in runs if k.startswith("cold")]
@@ -136,6 +138,7 @@ def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
         ("check exit / consistent", f"{runs[-1][3]} / {consistent}"),
         ("wall cold min/median", fmt_times(cold) + " s"),
         ("wall warm min/median", fmt_times(warm) + " s"),
+        ("cpu (user+sys) median", f"{statistics.median(cpus):.2f} s (on a shared machine the steadier figure)"),
         ("peak RSS (max of runs)", f"{peak / MB:.1f} MB"),
         ("RSS / data_level0.bin", f"{ratio:.2f}x"),
         ("interpreter alone", f"{base_wall:.2f} s, {base / MB:.1f} MB (python + chaosfix + numpy imported)"),

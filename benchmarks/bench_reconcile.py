@@ -166,7 +166,8 @@ def run_chaosfix(broken: Path, work: Path, name: str, strategy: str | None = Non
             log(f"  {name}: exit {r.rc}, no JSON; stderr: {r.err.strip()[-500:]}")
         plan = next((p for p in rep.get("plans", []) if p.get("strategy") != "none"), {})
         ver = rep.get("verification", {}).get(plan.get("collection"), {})
-        return {"name": name, "wall": r.wall, "rss": usage.get("self", r.rss), "child_rss": usage.get("children", 0),
+        return {"name": name, "wall": r.wall, "cpu": r.cpu, "rss": usage.get("self", r.rss),
+                "child_rss": usage.get("children", 0),
                 "rc": r.rc, "json": rep, "timings": rep.get("timings", {}), "plan": plan, "ver": ver}
     finally:
         _cleanup(work, name)
@@ -182,14 +183,14 @@ def run_field(broken: Path, work: Path, name: str) -> dict:
         except (ValueError, IndexError):
             out = {}
             log(f"  field: exit {r.rc}; stderr: {r.err.strip()[-500:]}")
-        return {"name": name, "wall": r.wall, "rss": r.rss, "rc": r.rc, "stages": out}
+        return {"name": name, "wall": r.wall, "cpu": r.cpu, "rss": r.rss, "rc": r.rc, "stages": out}
     finally:
         _cleanup(work, name)
 
 
 def run_line(r: dict) -> str:
     t, v = r["timings"], r["ver"]
-    return (f"wall {r['wall']:6.2f} s  plan {t.get('plan', 0):5.2f}  build {t.get('build', 0):5.2f}  "
+    return (f"wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  plan {t.get('plan', 0):5.2f}  build {t.get('build', 0):5.2f}  "
             f"verify {t.get('verify', 0):5.2f}  total_repair {t.get('total_repair', 0):5.2f}  "
             f"after_check {t.get('after_check', 0):5.2f}  chromadb {t.get('chromadb_check', 0):5.2f}  "
             f"RSS {r['rss'] / MB:6.1f} MB, child {r['child_rss'] / MB:6.1f} MB  exit {r['rc']}  "
@@ -198,7 +199,7 @@ def run_line(r: dict) -> str:
 
 def field_line(r: dict) -> str:
     st = r["stages"]
-    return (f"wall {r['wall']:6.2f} s  read {st.get('read', 0):5.2f}  embed {st.get('embed', 0):5.2f}  "
+    return (f"wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  read {st.get('read', 0):5.2f}  embed {st.get('embed', 0):5.2f}  "
             f"build {st.get('build', 0):6.2f}  persist+pickle {st.get('persist_pickle', 0):5.2f}  "
             f"RSS {r['rss'] / MB:6.1f} MB  exit {r['rc']}  elements {st.get('elements')} "
             f"(M {st.get('M')}, ef_construction {st.get('ef_construction')})")
@@ -233,6 +234,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
     level0 = sum(p.stat().st_size for p in index_files(broken))
     f_wall = _med([r["wall"] for r in field])
     f_rss = max(r["rss"] for r in field)
+    f_cpu = _med([r["cpu"] for r in field])
     print()
     rows = [
         ("chromadb / python", f"{version} / {sys.version.split()[0]}"),
@@ -241,7 +243,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
         ("broken palace facts", f"findings {facts.get('findings')}, WAL rows left {facts.get('wal_rows')}"),
         ("data_level0.bin / on disk", f"{level0 / MB:.1f} MB / {dir_size(broken) / MB:.1f} MB"),
         ("runs", str(args.runs)),
-        ("field rebuild (PR #1276 core)", f"{f_wall:.2f} s wall, peak RSS {f_rss / MB:.1f} MB "
+        ("field rebuild (PR #1276 core)", f"{f_wall:.2f} s wall, {f_cpu:.2f} s cpu, peak RSS {f_rss / MB:.1f} MB "
                                           f"({f_rss / level0:.2f}x data_level0.bin)"),
     ]
     for label, rs in runs.items():
@@ -250,6 +252,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
         t = {k: _med([r["timings"].get(k) for r in rs]) for k in
              ("plan", "build", "verify", "total_repair", "after_check", "chromadb_check", "post_verify")}
         wall = _med([r["wall"] for r in rs])
+        cpu = _med([r["cpu"] for r in rs])
         no_cr = wall - (t["chromadb_check"] if t["chromadb_check"] == t["chromadb_check"] else 0.0)
         rss, crss = max(r["rss"] for r in rs), max(r["child_rss"] for r in rs)
         r0 = rs[0]
@@ -258,6 +261,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
         rows += [
             (f"[{label}] wall", f"{wall:.2f} s -> {f_wall / wall:.1f}x the field "
                                 f"(without the chromadb post-check: {no_cr:.2f} s, {f_wall / no_cr:.1f}x)"),
+            ("  cpu (user+sys)", f"{cpu:.2f} s with the chromadb child -> {f_cpu / cpu:.1f}x less than the field"),
             ("  stages", f"plan {t['plan']:.2f} s (check + plan), build {t['build']:.2f} s, "
                          f"verify {t['verify']:.2f} s, lock/backup/swap/commit {other:.2f} s, "
                          f"after-check {t['after_check']:.2f} s, chromadb post-check {t['chromadb_check']:.2f} s, "
