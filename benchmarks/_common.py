@@ -7,6 +7,7 @@ The benchmark scripts run as ``python benchmarks/<name>.py``, so this folder is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from chaosfix.progress import StderrBar
-from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, copy_palace, template
+from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, copy_palace
 
 MB = 1 << 20
 BASE = 100_000  # a larger palace grows from the cached palace of this size...
-STEP = 50_000  # ...by this many drawers per chromadb child
+STEP = 25_000  # ...and every palace is built by this many drawers per chromadb child
 BAR = StderrBar()  # progress of palace builds (minutes) on stderr, when it is a terminal
 
 
@@ -33,34 +34,35 @@ def spec_for(drawers: int, dim: int) -> PalaceSpec:
 
 def cached_template(spec: PalaceSpec, log: Callable[[str], None]) -> Path:
     """The cached palace for ``spec`` (``chaosfix.workload.template``'s cache), built on
-    first use. Above ``BASE`` drawers it grows from the cached ``BASE``-drawer palace by
-    ``STEP`` drawers per chromadb child process: a single child building 500k drawers
-    outlives ``chaosfix.workload.run_child``'s 15-minute timeout."""
+    first use by ``STEP`` drawers per chromadb child process: one child building 100k
+    drawers on a loaded machine outlives ``chaosfix.workload.run_child``'s 15-minute
+    timeout. Above ``BASE`` drawers it grows from the cached ``BASE``-drawer palace."""
     dest = cache_dir() / spec.key()
     cached = (dest / "chroma.sqlite3").is_file()
     log(f"palace cache: {dest}")
-    if not cached:
-        log(f"building the {spec.drawers:,}-drawer palace with chromadb (once; minutes)...")
+    if cached:
+        return dest
+    log(f"building the {spec.drawers:,}-drawer palace with chromadb (once; minutes)...")
     t0 = time.perf_counter()
-    if cached or spec.drawers <= BASE:
-        palace = template(spec, BAR)
-    else:
-        palace = _grow(spec, cached_template(spec.with_(drawers=BASE), log), log)
-    log(f"palace ready in {time.perf_counter() - t0:.1f} s ({'cached' if cached else 'built'}): {palace}")
+    base = cached_template(spec.with_(drawers=BASE), log) if spec.drawers > BASE else None
+    palace = _grow(spec, base, log)
+    log(f"palace ready in {time.perf_counter() - t0:.1f} s (built): {palace}")
     return palace
 
 
-def _grow(spec: PalaceSpec, base: Path, log: Callable[[str], None]) -> Path:
+def _grow(spec: PalaceSpec, base: Path | None, log: Callable[[str], None]) -> Path:
     dest = cache_dir() / spec.key()
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir()))
     try:
-        p = copy_palace(base, tmp / "p")
-        for start in range(BASE, spec.drawers, STEP):
+        p = copy_palace(base, tmp / "p") if base is not None else tmp / "p"  # else the first add creates it
+        first = BASE if base is not None else 0
+        for start in range(first, spec.drawers, STEP):
             count = min(STEP, spec.drawers - start)
             t = time.perf_counter()
             res = apply_ops(p, spec, [{"op": "add", "start": start, "count": count}],
-                            progress=lambda _s, done, _t, start=start: BAR(
-                                "growing palace", start - BASE + done, spec.drawers - BASE))
+                            progress=lambda _s, done, _t, start=start, first=first: BAR(
+                                "building palace", start - first + done, spec.drawers - first))
             if not res.ok:
                 raise SystemExit(f"adding drawers {start:,}+{count:,} failed: "
                                  f"{res.result.get('error') or res.stderr[-500:]}")
@@ -80,6 +82,41 @@ def chaosfix_command(*args: str | Path) -> list[str]:
     script = Path(sys.executable).parent / "chaosfix"
     head = [str(script)] if script.is_file() else [sys.executable, "-c", "from chaosfix.cli import main; main()"]
     return head + [str(a) for a in args]
+
+
+# Runs the chaosfix command line in this interpreter and, at exit, writes its own peak RSS
+# and that of the children it waited for (the chromadb post-check child) to the file
+# named by $CHAOSFIX_BENCH_RUSAGE: os.wait4 on the command alone folds both into one.
+_RUSAGE_WRAPPER = """
+import atexit, json, os, resource, sys
+def _dump():
+    k = 1 if sys.platform == "darwin" else 1024
+    with open(os.environ["CHAOSFIX_BENCH_RUSAGE"], "w") as f:
+        json.dump({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * k,
+                   "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * k}, f)
+atexit.register(_dump)
+sys.argv = ["chaosfix", *sys.argv[1:]]
+from chaosfix.cli import main
+main()
+"""
+
+
+def measured_command(*args: str | Path) -> list[str]:
+    """``chaosfix ARGS...`` run so that ``run_rusage`` can tell the peak RSS of the command
+    itself from that of the processes it starts."""
+    return [sys.executable, "-c", _RUSAGE_WRAPPER, *(str(a) for a in args)]
+
+
+def run_rusage(cmd: list[str], ok: tuple[int, ...] = (0, 4)) -> tuple[Timed, dict[str, int]]:
+    """``run_timed`` for a ``measured_command``: also {"self": bytes, "children": bytes}."""
+    with tempfile.NamedTemporaryFile(prefix="chaosfix-rusage-", suffix=".json") as f:
+        env = dict(os.environ, CHAOSFIX_BENCH_RUSAGE=f.name)
+        t = run_timed(cmd, ok=ok, env=env)
+        try:
+            usage = json.loads(Path(f.name).read_text() or "{}")
+        except ValueError:
+            usage = {}
+    return t, usage
 
 
 def evict(palace: Path) -> int:
@@ -108,6 +145,7 @@ class Timed(NamedTuple):
     rc: int
     out: str
     err: str
+    cpu: float = 0.0  # user + system seconds of the child and the children it waited for
 
 
 def run_timed(cmd: list[str], ok: tuple[int, ...] = (0, 4), env: dict[str, str] | None = None) -> Timed:
@@ -129,7 +167,7 @@ def run_timed(cmd: list[str], ok: tuple[int, ...] = (0, 4), env: dict[str, str] 
         sys.stderr.write(etext)
     # ru_maxrss is KiB on Linux, bytes on macOS
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return Timed(wall, rss, rc, text, etext)
+    return Timed(wall, rss, rc, text, etext, usage.ru_utime + usage.ru_stime)
 
 
 def index_files(palace: Path) -> list[Path]:

@@ -11,8 +11,9 @@ palace's files evicted from the page cache (``posix_fadvise(DONTNEED)``, best ef
 "cold-ish"), then warm, and prints wall time and peak RSS per run (``os.wait4`` rusage of
 that one child) and a summary table.
 
-Targets (issue 2, section 5): wall time under 3 s, peak RSS under 1.5x the size of
-``data_level0.bin``. The figures are printed, never asserted.
+Targets (issue 11, at 500k drawers): warm wall time at most 1.5 s, cold at most 3 s,
+peak RSS under 0.5x the size of ``data_level0.bin``. The figures are printed, never
+asserted, with the machine's load average (the machine may be shared).
 
 ``--profile`` adds a cProfile of one in-process ``check_palace`` call (top functions by
 cumulative time), to find a hotspot when a target is missed.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -32,8 +34,9 @@ from _common import MB, cached_template, chaosfix_command, dir_size, evict, inde
 
 from chaosfix.workload import chromadb_version
 
-TIME_TARGET_S = 3.0
-RSS_TARGET_RATIO = 1.5
+WARM_TARGET_S = 1.5
+COLD_TARGET_S = 3.0
+RSS_TARGET_RATIO = 0.5
 
 
 def check_command(palace: Path) -> list[str]:
@@ -101,25 +104,26 @@ def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
     base_wall, base = baseline()
 
     runs: list[tuple[str, float, int, int]] = []
+    cpus: list[float] = []
     consistent = None
     for i in range(args.cold + args.runs):
         kind = "cold" if i < args.cold else "warm"
         if kind == "cold" and not evict(palace):
             kind = "cold?"  # no fadvise: the page cache was not dropped
-        wall, rss, rc, out, _ = run_timed(cmd)
+        wall, rss, rc, out, _, cpu = run_timed(cmd)
         try:
             consistent = json.loads(out).get("consistent")
         except ValueError:
             consistent = None
         runs.append((kind, wall, rss, rc))
-        print(f"  run {i + 1:2d} {kind:5s} wall {wall:6.2f} s  peak RSS {rss / MB:7.1f} MB  exit {rc}",
+        cpus.append(cpu)
+        print(f"  run {i + 1:2d} {kind:5s} wall {wall:6.2f} s  cpu {cpu:6.2f} s  peak RSS {rss / MB:7.1f} MB  exit {rc}",
               file=sys.stderr)
 
     cold = [w for k, w, _, _ in runs if k.startswith("cold")]
     warm = [w for k, w, _, _ in runs if k == "warm"]
     peak = max(r for _, _, r, _ in runs)
     ratio = peak / level0_size if level0_size else float("nan")
-    best = min(w for _, w, _, _ in runs)
     med_warm = statistics.median(warm) if warm else float("nan")
 
     def fmt_times(ws: list[float]) -> str:
@@ -134,17 +138,19 @@ def _bench(args: argparse.Namespace, version: str, palace: Path) -> int:
         ("check exit / consistent", f"{runs[-1][3]} / {consistent}"),
         ("wall cold min/median", fmt_times(cold) + " s"),
         ("wall warm min/median", fmt_times(warm) + " s"),
+        ("cpu (user+sys) median", f"{statistics.median(cpus):.2f} s (on a shared machine the steadier figure)"),
         ("peak RSS (max of runs)", f"{peak / MB:.1f} MB"),
         ("RSS / data_level0.bin", f"{ratio:.2f}x"),
         ("interpreter alone", f"{base_wall:.2f} s, {base / MB:.1f} MB (python + chaosfix + numpy imported)"),
         ("(RSS - interp) / level0", f"{(peak - base) / level0_size:.2f}x" if level0_size else "-"),
-        ("target wall < 3 s", f"{'met' if med_warm < TIME_TARGET_S else 'MISSED'} (warm median)"),
-        ("target RSS < 1.5x", "met" if ratio < RSS_TARGET_RATIO else "MISSED"),
+        ("machine load (1/5/15 min)", f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"),
+        ("target warm <= 1.5 s", f"{'met' if med_warm <= WARM_TARGET_S else 'MISSED'} (warm median)"),
+        ("target cold <= 3 s", f"{'met' if cold and statistics.median(cold) <= COLD_TARGET_S else 'MISSED'} "
+                               "(cold median)"),
+        ("target RSS < 0.5x", "met" if ratio < RSS_TARGET_RATIO else "MISSED"),
     ]
     print()
     print_rows(rows)
-    if best >= TIME_TARGET_S or ratio >= RSS_TARGET_RATIO:
-        print("(a target is missed: run with --profile to see where the time goes)")
     if args.profile:
         profile(palace, args.top)
     return 0

@@ -1,6 +1,8 @@
-"""Benchmark ``chaosfix reconcile`` on a large palace with SQL-only orphans, WAL purged.
+"""Benchmark ``chaosfix reconcile`` on a large palace with SQL-only orphans, WAL purged,
+side by side with the field's full rebuild, in the same run.
 
-    python benchmarks/bench_reconcile.py [--drawers 100000] [--orphans 5000]
+    python benchmarks/bench_reconcile.py [--drawers 100000] [--orphans 5000] [--runs 1]
+                                         [--strategy rebuild] [--profile]
 
 Uses the cached benchmark palace of ``bench_check.py`` (same spec and cache: ``--drawers``
 MemPalace-shaped drawers, 384-d cosine, chromadb's default sync_threshold 1000 and
@@ -8,21 +10,25 @@ batch_size 100). From it, built once and cached beside it, a broken palace the w
 loss breaks one: snapshot the vector segment folder, add ``--orphans`` more drawers with
 the installed chromadb (a child process; the add persists the index and purges the WAL),
 then put the snapshot back. SQLite keeps the new rows, the index never heard of them and
-no WAL row holds their vectors: ``--orphans`` SQL_ONLY rows whose only source is their
+no WAL row holds their vectors: ``--orphans`` SQL-only rows whose only source is their
 document (re-embedded by the deterministic ``chaosfix.embedder:HashEmbedder``).
 
-Each run reconciles a private copy in a fresh process:
+Each run works on private copies, each in a fresh process:
 
-    chaosfix reconcile PALACE --embedder chaosfix.embedder:HashEmbedder \\
-        --strategy incremental|rebuild --json --no-chromadb-check
+- the field's approach (``benchmarks/_field.py``: MemPalace PR #1276 reduced to its core,
+  read every vector from data_level0.bin, full single-threaded chroma-hnswlib rebuild
+  with the palace's M/ef_construction, persist);
+- the default command, nothing switched off:
+  ``chaosfix reconcile PALACE --embedder chaosfix.embedder:HashEmbedder --json``
+  (incremental repair, verification, the read-only check afterwards and chromadb's
+  post-check in its child process);
+- with ``--strategy S``, also the same command with ``--strategy S``.
 
-and the two strategies are printed side by side: wall time, the JSON's timings (plan,
-build, verify, total), the child's peak RSS (``os.wait4``), verification figures, and the
-incremental speedup (target, issue 4 section 7: incremental at least 5x faster than
-rebuild). One more incremental run without ``--no-chromadb-check`` times chromadb's
-read-only reopen of the repaired palace on its own. Figures are printed, never asserted.
-
-``--profile incremental|rebuild`` adds a cProfile of one in-process reconcile.
+It prints wall times, the speedup over the field's approach (with and without the
+chromadb post-check), the JSON's stage timings, and the peak RSS of every process: the
+reconcile process itself and the chromadb child it starts (taken apart with
+``getrusage`` at exit), each against the size of data_level0.bin. Figures are printed,
+never asserted. ``--profile`` adds a cProfile of one in-process default reconcile.
 """
 
 from __future__ import annotations
@@ -38,13 +44,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BAR, MB, cached_template, chaosfix_command, dir_size, index_files, print_rows, run_timed, spec_for
+from _common import (
+    BAR,
+    MB,
+    cached_template,
+    chaosfix_command,
+    dir_size,
+    index_files,
+    measured_command,
+    print_rows,
+    run_rusage,
+    run_timed,
+    spec_for,
+)
 
 from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, chromadb_version, copy_palace
 
 EMBEDDER = "chaosfix.embedder:HashEmbedder"
-STRATEGIES = ("incremental", "rebuild")
-SPEEDUP_TARGET = 5.0
 RECIPE = "sqlonly-v1"  # bump when the way the broken palace is made changes
 FACTS = "bench-facts.json"
 
@@ -127,15 +143,21 @@ def fresh_copy(broken: Path, work: Path, name: str) -> Path:
     return dst
 
 
-def reconcile_cmd(palace: Path, strategy: str, chromadb_check: bool) -> list[str]:
-    args = ["reconcile", palace, "--embedder", EMBEDDER, "--strategy", strategy, "--json"]
-    return chaosfix_command(*args, *([] if chromadb_check else ["--no-chromadb-check"]))
+def reconcile_args(palace: Path, strategy: str | None) -> list[str | Path]:
+    """The default command, or the same with ``--strategy``."""
+    return ["reconcile", palace, "--embedder", EMBEDDER, "--json", *(["--strategy", strategy] if strategy else [])]
 
 
-def run_one(broken: Path, work: Path, name: str, strategy: str, chromadb_check: bool = False) -> dict:
+def _cleanup(work: Path, name: str) -> None:
+    shutil.rmtree(work / name, ignore_errors=True)
+    for d in work.glob(f"{name}*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_chaosfix(broken: Path, work: Path, name: str, strategy: str | None = None) -> dict:
     palace = fresh_copy(broken, work, name)
     try:
-        r = run_timed(reconcile_cmd(palace, strategy, chromadb_check), ok=(0, 1))
+        r, usage = run_rusage(measured_command(*reconcile_args(palace, strategy)), ok=(0, 1))
         try:
             rep = json.loads(r.out)
         except ValueError:
@@ -144,127 +166,119 @@ def run_one(broken: Path, work: Path, name: str, strategy: str, chromadb_check: 
             log(f"  {name}: exit {r.rc}, no JSON; stderr: {r.err.strip()[-500:]}")
         plan = next((p for p in rep.get("plans", []) if p.get("strategy") != "none"), {})
         ver = rep.get("verification", {}).get(plan.get("collection"), {})
-        return {"strategy": strategy, "wall": r.wall, "rss": r.rss, "rc": r.rc, "json": rep,
-                "timings": rep.get("timings", {}), "plan": plan, "ver": ver}
+        return {"name": name, "wall": r.wall, "cpu": r.cpu, "rss": usage.get("self", r.rss),
+                "child_rss": usage.get("children", 0),
+                "rc": r.rc, "json": rep, "timings": rep.get("timings", {}), "plan": plan, "ver": ver}
     finally:
-        shutil.rmtree(palace, ignore_errors=True)
-        for d in work.glob(f"{name}.chaosfix-*"):
-            shutil.rmtree(d, ignore_errors=True)
+        _cleanup(work, name)
+
+
+def run_field(broken: Path, work: Path, name: str) -> dict:
+    palace = fresh_copy(broken, work, name)
+    try:
+        r = run_timed([sys.executable, str(Path(__file__).with_name("_field.py")), str(palace),
+                       str(work / f"{name}-out")], ok=(0,))
+        try:
+            out = json.loads(r.out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out = {}
+            log(f"  field: exit {r.rc}; stderr: {r.err.strip()[-500:]}")
+        return {"name": name, "wall": r.wall, "cpu": r.cpu, "rss": r.rss, "rc": r.rc, "stages": out}
+    finally:
+        _cleanup(work, name)
 
 
 def run_line(r: dict) -> str:
-    t = r["timings"]
-    v = r["ver"]
-    return (f"wall {r['wall']:7.2f} s  plan {t.get('plan', 0):6.2f}  build {t.get('build', 0):6.2f}  "
-            f"verify {t.get('verify', 0):6.2f}  total {t.get('total_repair', 0):7.2f}  "
-            f"RSS {r['rss'] / MB:7.1f} MB  exit {r['rc']}  queried {v.get('queried')}  "
-            f"unreachable {v.get('unreachable')}  ok {v.get('ok')}")
+    t, v = r["timings"], r["ver"]
+    return (f"wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  plan {t.get('plan', 0):5.2f}  build {t.get('build', 0):5.2f}  "
+            f"verify {t.get('verify', 0):5.2f}  total_repair {t.get('total_repair', 0):5.2f}  "
+            f"after_check {t.get('after_check', 0):5.2f}  chromadb {t.get('chromadb_check', 0):5.2f}  "
+            f"RSS {r['rss'] / MB:6.1f} MB, child {r['child_rss'] / MB:6.1f} MB  exit {r['rc']}  "
+            f"queried {v.get('queried')} unreachable {v.get('unreachable')} ok {v.get('ok')}")
 
 
-def profile(broken: Path, work: Path, strategy: str, top: int) -> None:
+def field_line(r: dict) -> str:
+    st = r["stages"]
+    return (f"wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  read {st.get('read', 0):5.2f}  embed {st.get('embed', 0):5.2f}  "
+            f"build {st.get('build', 0):6.2f}  persist+pickle {st.get('persist_pickle', 0):5.2f}  "
+            f"RSS {r['rss'] / MB:6.1f} MB  exit {r['rc']}  elements {st.get('elements')} "
+            f"(M {st.get('M')}, ef_construction {st.get('ef_construction')})")
+
+
+def profile(broken: Path, work: Path, top: int) -> None:
     import cProfile
     import pstats
 
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
-    from chaosfix.reconcile.sources import load_embedder
 
-    palace = fresh_copy(broken, work, f"profile-{strategy}")
-    opts = ReconcileOptions(embedder=load_embedder(EMBEDDER), strategy=strategy, chromadb_check=False)
+    palace = fresh_copy(broken, work, "profile")
+    opts = ReconcileOptions(embedder=EMBEDDER)
     prof = cProfile.Profile()
     prof.enable()
-    reconcile_palace(palace, opts)
+    rep = reconcile_palace(palace, opts)
     prof.disable()
-    print(f"\ncProfile of one in-process reconcile --strategy {strategy} (top {top} by cumulative time):")
+    print(f"\ncProfile of one in-process default reconcile (timings {rep.timings}), top {top} by cumulative time:")
     pstats.Stats(prof, stream=sys.stdout).strip_dirs().sort_stats("cumulative").print_stats(top)
 
 
 # ---- report -------------------------------------------------------------------------------
 
 
-def _med(runs: list[dict], key: str, sub: str | None = None) -> float:
-    vals = [(r[key].get(sub) if sub else r[key]) for r in runs]
+def _med(vals: list[float]) -> float:
     vals = [v for v in vals if isinstance(v, (int, float))]
     return statistics.median(vals) if vals else float("nan")
 
 
-def report(args: argparse.Namespace, version: str, broken: Path, facts: dict,
-           runs: dict[str, list[dict]], chroma: dict | None) -> None:
+def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, field: list[dict],
+           runs: dict[str, list[dict]]) -> None:
     level0 = sum(p.stat().st_size for p in index_files(broken))
-    inc, reb = runs["incremental"], runs["rebuild"]
-
-    def col(rs: list[dict], what: str) -> str:
-        if not rs:
-            return "-"
-        r = rs[0]
-        v, p = r["ver"], r["plan"]
-        if what == "wall":
-            return f"{_med(rs, 'wall'):.2f} s" + (f" (min {min(x['wall'] for x in rs):.2f})" if len(rs) > 1 else "")
-        if what in ("plan", "build", "verify"):
-            return f"{_med(rs, 'timings', what):.2f} s"
-        if what == "total":
-            return f"{_med(rs, 'timings', 'total_repair'):.2f} s"
-        if what == "other":
-            rest = [x["timings"].get("total_repair", 0) - sum(x["timings"].get(k, 0) for k in ("plan", "build", "verify"))
-                    for x in rs]
-            return f"{statistics.median(rest):.2f} s"
-        if what == "after":
-            return f"{_med(rs, 'timings', 'post_verify'):.2f} s"
-        if what == "rss":
-            return f"{max(x['rss'] for x in rs) / MB:.1f} MB"
-        if what == "exit":
-            return f"{r['rc']} ({p.get('strategy')}, after_consistent={r['json'].get('after_consistent')})"
-        if what == "added":
-            return f"{p.get('add')} ({', '.join(f'{k} {n}' for k, n in sorted(p.get('sources', {}).items()))})"
-        if what == "queried":
-            return f"{v.get('queried')} (misses {v.get('misses')}, unreachable {v.get('unreachable')})"
-        if what == "zero":
-            return f"{v.get('zero_diff')} / ok {v.get('ok')} / ids {v.get('ids')}"
-        return "?"
-
-    rows = [("", "incremental", "rebuild")]
-    for label, what in [("wall (process)", "wall"), ("timings.plan", "plan"), ("timings.build", "build"),
-                        ("timings.verify", "verify"), ("  re-plan under lock, backup, swap", "other"),
-                        ("timings.total_repair", "total"),
-                        ("timings.post_verify (check)", "after"), ("peak RSS", "rss"), ("exit (strategy)", "exit"),
-                        ("added (sources, all rows)", "added"), ("self-queried", "queried"), ("zero-diff / ok / ids", "zero")]:
-        rows.append((label, col(inc, what), col(reb, what)))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    f_wall = _med([r["wall"] for r in field])
+    f_rss = max(r["rss"] for r in field)
+    f_cpu = _med([r["cpu"] for r in field])
     print()
-    for r in rows:
-        print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]}")
-
-    sp_wall = _med(reb, "wall") / _med(inc, "wall") if inc and reb else float("nan")
-    sp_total = (_med(reb, "timings", "total_repair") / _med(inc, "timings", "total_repair")
-                if inc and reb else float("nan"))
-    print()
-    summary = [
+    rows = [
         ("chromadb / python", f"{version} / {sys.version.split()[0]}"),
+        ("machine load (uptime)", os.getloadavg().__repr__() + f" on {os.cpu_count()} CPUs"),
         ("palace", f"{args.drawers:,} drawers + {args.orphans:,} SQL-only orphans, {args.dim}-d cosine"),
         ("broken palace facts", f"findings {facts.get('findings')}, WAL rows left {facts.get('wal_rows')}"),
         ("data_level0.bin / on disk", f"{level0 / MB:.1f} MB / {dir_size(broken) / MB:.1f} MB"),
-        ("runs per strategy", str(args.runs)),
-        ("speedup (wall)", f"{sp_wall:.1f}x"),
-        ("speedup (total_repair)", f"{sp_total:.1f}x"),
-        ("target incremental >= 5x", "met" if sp_wall >= SPEEDUP_TARGET else "MISSED"),
+        ("runs", str(args.runs)),
+        ("field rebuild (PR #1276 core)", f"{f_wall:.2f} s wall, {f_cpu:.2f} s cpu, peak RSS {f_rss / MB:.1f} MB "
+                                          f"({f_rss / level0:.2f}x data_level0.bin)"),
     ]
-    if chroma is not None:
-        t = chroma["timings"]
-        cr = chroma["json"].get("chromadb") or {}
-        cols = cr.get("collections", {})
-        detail = "; ".join(f"{k}: count {c.get('count')}, {c.get('queried')} self-queried ({c.get('repaired')} repaired), "
-                           f"{c.get('misses_at_k10')} missed at k=10 then {len(c.get('unreachable') or [])} at k<=1600, "
-                           f"probe {c.get('probe_found')}, errors {c.get('errors')}" for k, c in cols.items())
-        detail += f"; seconds {cr.get('seconds')}; {cr.get('skipped') or ''}{'; '.join(cr.get('errors') or [])}"
-        no_cr = _med(inc, "timings", "post_verify")
-        summary += [
-            ("chromadb post-check run", f"wall {chroma['wall']:.2f} s, exit {chroma['rc']}, "
-                                        f"RSS {chroma['rss'] / MB:.1f} MB (max of reconcile and its chromadb child)"),
-            ("  post_verify with chromadb", f"{t.get('post_verify', float('nan')):.2f} s "
-                                            f"(without: {no_cr:.2f} s, so chromadb reopen ~"
-                                            f"{t.get('post_verify', float('nan')) - no_cr:.2f} s)"),
-            ("  chromadb verdict", f"ok {cr.get('ok')}; {detail or cr.get('error')}"),
+    for label, rs in runs.items():
+        if not rs:
+            continue
+        t = {k: _med([r["timings"].get(k) for r in rs]) for k in
+             ("plan", "build", "verify", "total_repair", "after_check", "chromadb_check", "post_verify")}
+        wall = _med([r["wall"] for r in rs])
+        cpu = _med([r["cpu"] for r in rs])
+        no_cr = wall - (t["chromadb_check"] if t["chromadb_check"] == t["chromadb_check"] else 0.0)
+        rss, crss = max(r["rss"] for r in rs), max(r["child_rss"] for r in rs)
+        r0 = rs[0]
+        v, p = r0["ver"], r0["plan"]
+        other = t["total_repair"] - t["plan"] - t["build"] - t["verify"]
+        rows += [
+            (f"[{label}] wall", f"{wall:.2f} s -> {f_wall / wall:.1f}x the field "
+                                f"(without the chromadb post-check: {no_cr:.2f} s, {f_wall / no_cr:.1f}x)"),
+            ("  cpu (user+sys)", f"{cpu:.2f} s with the chromadb child -> {f_cpu / cpu:.1f}x less than the field"),
+            ("  stages", f"plan {t['plan']:.2f} s (check + plan), build {t['build']:.2f} s, "
+                         f"verify {t['verify']:.2f} s, lock/backup/swap/commit {other:.2f} s, "
+                         f"after-check {t['after_check']:.2f} s, chromadb post-check {t['chromadb_check']:.2f} s, "
+                         f"interpreter + imports + JSON ~{wall - t['total_repair'] - t['post_verify']:.2f} s"),
+            ("  peak RSS reconcile", f"{rss / MB:.1f} MB = {rss / level0:.2f}x data_level0.bin"),
+            ("  peak RSS chromadb child", f"{crss / MB:.1f} MB = {crss / level0:.2f}x data_level0.bin"),
+            ("  exit / strategy", f"{r0['rc']} / {p.get('strategy')} (after_consistent "
+                                  f"{r0['json'].get('after_consistent')}); added {p.get('add')} {p.get('sources')}"),
+            ("  verification", f"zero_diff {v.get('zero_diff')}, queried {v.get('queried')} (misses {v.get('misses')}, "
+                               f"recovered {v.get('recovered')}, unreachable {v.get('unreachable')}), ok {v.get('ok')}"),
         ]
-    print_rows(summary)
+        cr = r0["json"].get("chromadb")
+        if cr is not None:
+            detail = "; ".join(f"{k}: " + ", ".join(f"{a} {b}" for a, b in c.items() if not isinstance(b, (list, dict)))
+                               for k, c in (cr.get("collections") or {}).items())
+            rows.append(("  chromadb verdict", f"ok {cr.get('ok')}; {detail or cr.get('error')}"))
+    print_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drawers", type=int, default=100_000)
     ap.add_argument("--orphans", type=int, default=5_000)
     ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--runs", type=int, default=1, help="runs per strategy (median reported)")
-    ap.add_argument("--no-chromadb-run", action="store_true",
-                    help="skip the extra run that times chromadb's post-check")
-    ap.add_argument("--profile", choices=STRATEGIES, help="also cProfile one in-process reconcile")
+    ap.add_argument("--runs", type=int, default=1, help="runs of each (median reported)")
+    ap.add_argument("--strategy", choices=("incremental", "rebuild"),
+                    help="also run the default command with --strategy S")
+    ap.add_argument("--no-field", action="store_true", help="skip the field's rebuild (no ratio)")
+    ap.add_argument("--profile", action="store_true", help="also cProfile one in-process default reconcile")
     ap.add_argument("--top", type=int, default=30, help="rows of the --profile listing")
     args = ap.parse_args(argv)
 
@@ -288,20 +303,25 @@ def main(argv: list[str] | None = None) -> int:
     # private copies on the palace's filesystem (the reconciler renames within it)
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=cache_dir()))
     try:
-        runs: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
+        field: list[dict] = []
+        runs: dict[str, list[dict]] = {"default": [], **({f"--strategy {args.strategy}": []} if args.strategy else {})}
         for i in range(args.runs):
-            for s in STRATEGIES:
-                r = run_one(broken, work, f"{s}-{i}", s)
-                runs[s].append(r)
-                log(f"  {s:11s} run {i + 1}: {run_line(r)}")
-        chroma = None
-        if not args.no_chromadb_run:
-            chroma = run_one(broken, work, "chromadb-check", "incremental", chromadb_check=True)
-            log(f"  incremental + chromadb post-check: {run_line(chroma)}  "
-                f"post_verify {chroma['timings'].get('post_verify', float('nan')):.2f} s")
-        report(args, version, broken, facts, runs, chroma)
+            log(f"run {i + 1} (load {os.getloadavg()[0]:.1f})")
+            r = run_chaosfix(broken, work, f"default-{i}")
+            runs["default"].append(r)
+            log(f"  default command    {run_line(r)}")
+            if args.strategy:
+                r = run_chaosfix(broken, work, f"strategy-{i}", args.strategy)
+                runs[f"--strategy {args.strategy}"].append(r)
+                log(f"  --strategy {args.strategy:7s} {run_line(r)}")
+            if not args.no_field:
+                f = run_field(broken, work, f"field-{i}")
+                field.append(f)
+                log(f"  field rebuild      {field_line(f)}")
+        if field:
+            report(args, version, broken, facts, field, runs)
         if args.profile:
-            profile(broken, work, args.profile, args.top)
+            profile(broken, work, args.top)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -101,10 +101,12 @@ class CheckReport:
 
 
 def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.Connection | None = None,
-                 ) -> CheckReport:
+                 slot_vectors: bool = False) -> CheckReport:
     """Inspect a palace and return its findings. Raises OperationalError (exit 8) only
     when the path is not a palace, is locked, or the named collection does not exist.
-    ``conn`` lets the reconciler check through its own exclusive connection."""
+    ``conn`` lets the reconciler check through its own exclusive connection;
+    ``slot_vectors`` has the slot pass also judge every stored vector (the reconciler's
+    plan needs it, and reading data_level0.bin a second time would cost a full pass)."""
     db = palace_db(path)
     root = db.parent
     report = CheckReport(palace=str(root))
@@ -115,7 +117,7 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
         return report
     try:
         if _schema(sql, root, report):
-            _check(sql, root, collection, report)
+            _check(sql, root, collection, report, slot_vectors)
     except SqlReadError as exc:
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
     except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
@@ -157,7 +159,8 @@ def _schema(sql: PalaceSql, root: Path, report: CheckReport) -> bool:
     return True
 
 
-def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport) -> None:
+def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,
+           slot_vectors: bool = False) -> None:
     add = report.findings.append
     if sql.hot_journal:
         # A synced header means SQLite must roll back before anyone may write (error);
@@ -168,9 +171,20 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
         add(Finding("HOT_JOURNAL", ERROR if hot else WARNING, None, None, 1, [],
                     f"chroma.sqlite3-journal present; {state}"))
     report.generation = sql.generation
-    problems = sql.quick_check()
-    if problems:
-        add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems), problems[:SAMPLE], "PRAGMA quick_check"))
+    at = len(report.findings)
+    quick_check = sql.quick_check_started()
+    try:
+        _collections(sql, root, collection, report, slot_vectors)
+    finally:
+        problems = quick_check()  # joined even when the rest failed: it reads the same file
+        if problems:
+            report.findings.insert(at, Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems),
+                                               problems[:SAMPLE], "PRAGMA quick_check"))
+
+
+def _collections(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,
+                 slot_vectors: bool) -> None:
+    add = report.findings.append
     cols = sql.collections()
     if collection is not None:
         cols = [c for c in cols if c.name == collection]
@@ -179,7 +193,7 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
     seqs = sql.max_seq_ids()
     vector_ids = set()
     for info in cols:
-        st = load_state(sql, root, info, seqs)
+        st = load_state(sql, root, info, seqs, slot_vectors)
         report.states.append(st)
         if info.vector_segment:
             vector_ids.add(info.vector_segment)

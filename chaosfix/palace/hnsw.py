@@ -10,7 +10,6 @@ read through a memmap, only when asked for.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ BLOCK_BYTES = 16 << 20  # and never more than this per block, whatever the slot 
 MAX_ELEMENTS = 2**32
 MAX_M = 4096
 MAX_DIM = 65536
+LINK_WINDOW = 4 << 20  # link_lists.bin bytes looked at per window of the walk
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,21 @@ class SlotTable:
     labels: np.ndarray  # uint64
     deleted: np.ndarray  # bool
     bad: np.ndarray  # bool: neighbour count or neighbour ids out of range
+    vector_ok: np.ndarray | None = None  # bool: finite (and unit-norm for cosine); when asked for
 
     @property
     def live(self) -> np.ndarray:
         return ~self.deleted
+
+
+def vectors_usable(v: np.ndarray, space: str) -> np.ndarray:
+    """Rows of ``v`` that are finite, and unit-norm for cosine (hnswlib stores them normalized)."""
+    ok = np.isfinite(v).all(axis=1)
+    if space == "cosine":
+        with np.errstate(all="ignore"):
+            # float64 sums without a float64 copy of the block (4x faster than linalg.norm)
+            ok &= np.abs(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)) - 1.0) < 1e-3
+    return ok
 
 
 @dataclass
@@ -162,7 +173,7 @@ class HnswFiles:
         assert h is not None
         return np.memmap(self.dir / "data_level0.bin", dtype=np.uint8, mode="r", shape=(n * h.size_data_per_element,))
 
-    def _blocks(self, step: int = BLOCK_SLOTS) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, step: int = BLOCK_SLOTS) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first slot, uint8 rows of shape (k, size_data_per_element)) over the
         readable slots. The rows are a view of one reused buffer (at most BLOCK_BYTES
         plus one slot): copy what you keep."""
@@ -187,31 +198,38 @@ class HnswFiles:
                 if got < want:
                     return  # the file shrank since it was opened
 
-    def slots(self) -> SlotTable:
+    def slots(self, vectors_of: str | None = None) -> SlotTable:
+        """One pass over the slot table. With ``vectors_of`` (the space), also whether each
+        stored vector is usable (``SlotTable.vector_ok``), from the same block reads: the
+        reconciler needs it for every live slot and must not read the file twice."""
         h, n = self.header, self.readable_slots
         if h is None or n == 0:
             empty = np.zeros(0, dtype=bool)
-            return SlotTable(np.zeros(0, dtype=np.uint64), empty, empty)
+            return SlotTable(np.zeros(0, dtype=np.uint64), empty, empty, empty if vectors_of else None)
         labels = np.empty(n, dtype=np.uint64)
         flags = np.empty(n, dtype=np.uint8)
         bad = np.empty(n, dtype=bool)
+        vec_ok = np.empty(n, dtype=bool) if vectors_of else None
         cols = np.arange(h.max_m0)[None, :]
         done = 0
-        for s, rows in self._blocks():
+        for s, rows in self.blocks():
             k = len(rows)
             labels[s : s + k] = rows[:, h.label_offset : h.label_offset + 8].copy().view("<u8").ravel()
             fl = rows[:, 2].copy()
             counts = rows[:, 0:2].copy().view("<u2").ravel()
             # neighbour ids in range
-            nbrs = rows[:, 4 : 4 + 4 * h.max_m0].copy().view("<u4")
+            nbrs = rows[:, 4 : 4 + 4 * h.max_m0].view("<u4")
             bad[s : s + k] = (
                 (counts > h.max_m0)
                 | ((fl & ~np.uint8(DELETE_MARK)) != 0)
                 | ((nbrs >= h.cur_element_count) & (cols < counts[:, None])).any(axis=1)
             )
             flags[s : s + k] = fl
+            if vec_ok is not None:
+                vec_ok[s : s + k] = vectors_usable(rows[:, h.offset_data : h.label_offset].view("<f4"), vectors_of)
             done = s + k
-        return SlotTable(labels[:done], (flags[:done] & DELETE_MARK).astype(bool), bad[:done])
+        return SlotTable(labels[:done], (flags[:done] & DELETE_MARK).astype(bool), bad[:done],
+                         vec_ok[:done] if vec_ok is not None else None)
 
     def vectors(self, slot_idx: np.ndarray) -> np.ndarray:
         """float32 vectors of the given slots (as stored: normalized for cosine)."""
@@ -230,7 +248,10 @@ class HnswFiles:
 
         Each element has a u32 byte count then that many bytes of upper-level links, a
         multiple of (maxM + 1) * 4 and at most maxlevel levels. The walk reads only what
-        the elements use, so a sparse 10^6x bloated file costs nothing.
+        the elements use, so a sparse 10^6x bloated file costs nothing. Most elements
+        have no upper level (a zero count), so it runs in windows of u32 words and jumps
+        from one non-zero count to the next: Python steps only per upper-level element
+        (about 1 in M), not per element.
         """
         h = self.header
         size = self.present.get("link_lists.bin")
@@ -238,40 +259,58 @@ class HnswFiles:
             return 0, None
         unit = h.max_m * 4 + 4
         # walk only the elements data_level0.bin really holds (a header may claim 2**40)
-        off, n = 0, min(h.cur_element_count, self.slots_in_file)
+        n = min(h.cur_element_count, self.slots_in_file)
         if n == 0:
             return 0, None
         if size == 0:
             return 0, f"link_lists.bin is empty for {n} elements"
-        # map no more than n elements can use: a sparse terabyte file costs nothing
+        # look at no more than n elements can use: a sparse terabyte file costs nothing
         size = min(size, n * (4 + max(h.maxlevel, 0) * unit))
-        if size < 4:
-            return 0, "link_lists.bin ends at element 0"
-        with open(self.dir / "link_lists.bin", "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-            for i in range(n):
-                if off + 4 > size:
+        off, i = 0, 0  # byte offset of element i's count
+        with open(self.dir / "link_lists.bin", "rb", buffering=0) as f:
+            fd = f.fileno()
+            while i < n:
+                raw = os.pread(fd, min(size - off, LINK_WINDOW), off)
+                words = len(raw) // 4
+                if words == 0:
                     return off, f"link_lists.bin ends at element {i} of {n}"
-                (ln,) = struct.unpack_from("<I", m, off)
-                if ln % unit or ln // unit > h.maxlevel:
-                    return off, f"link list of element {i} has invalid size {ln}"
-                if i == h.enterpoint_node and ln // unit != h.maxlevel:
-                    return off, f"entry point {i} has {ln // unit} levels, header says {h.maxlevel}"
-                if ln and off + 4 + ln <= size and not _links_ok(m, off + 4, ln // unit, h.max_m, h.cur_element_count):
-                    return off, f"upper-level links of element {i} out of range"
-                off += 4 + ln
-                if off > size:
-                    return off, f"link_lists.bin ends inside element {i} of {n}"
+                w = np.frombuffer(raw, dtype="<u4", count=words)
+                nz = np.flatnonzero(w)
+                p = 0  # word index of element i's count in this window
+                while i < n and p < words:
+                    q = nz[nz.searchsorted(p)] if p <= (nz[-1] if len(nz) else -1) else words
+                    run = min(q - p, n - i)  # elements with no upper level
+                    if h.enterpoint_node in range(i, i + run) and h.maxlevel != 0:
+                        return off + 4 * (p + h.enterpoint_node - i), (
+                            f"entry point {h.enterpoint_node} has 0 levels, header says {h.maxlevel}")
+                    i, p = i + run, p + run
+                    if i >= n or p >= words:
+                        break
+                    ln = int(w[p])
+                    at = off + 4 * p
+                    if ln % unit or ln // unit > h.maxlevel:
+                        return at, f"link list of element {i} has invalid size {ln}"
+                    if i == h.enterpoint_node and ln // unit != h.maxlevel:
+                        return at, f"entry point {i} has {ln // unit} levels, header says {h.maxlevel}"
+                    if at + 4 + ln > size:
+                        return at + 4 + ln, f"link_lists.bin ends inside element {i} of {n}"
+                    links = w[p + 1:p + 1 + ln // 4]
+                    if len(links) < ln // 4:  # the element spans the window's end
+                        links = np.frombuffer(os.pread(fd, ln, at + 4), dtype="<u4")
+                    if not _links_ok(links, ln // unit, h.max_m, h.cur_element_count):
+                        return at, f"upper-level links of element {i} out of range"
+                    i, p = i + 1, p + 1 + ln // 4
+                off += 4 * p
         return off, None
 
 
-def _links_ok(buf: mmap.mmap, off: int, levels: int, max_m: int, count: int) -> bool:
+def _links_ok(words: np.ndarray, levels: int, max_m: int, count: int) -> bool:
     """Each upper level: a u16 neighbour count <= maxM, then maxM u32 ids of which the
     first count must name existing elements (hnswlib follows them without checks)."""
-    a = np.frombuffer(buf, dtype="<u4", count=levels * (max_m + 1), offset=off).reshape(levels, max_m + 1)
+    a = words[:levels * (max_m + 1)].reshape(levels, max_m + 1)
     counts = a[:, 0] & 0xFFFF
     if (counts > max_m).any():
         return False
-    ids = a[:, 1:]
     used = np.arange(max_m)[None, :] < counts[:, None]
-    return not (used & (ids >= count)).any()
+    return not (used & (a[:, 1:] >= count)).any()
 

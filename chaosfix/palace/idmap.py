@@ -60,6 +60,9 @@ class IdMap:
 
     def inverse_problems(self) -> int:
         """How many entries break id_to_label <-> label_to_id being inverse maps."""
+        if len(self.id_to_label) == len(self.label_to_id) and \
+                dict(zip(self.label_to_id.values(), self.label_to_id.keys())) == self.id_to_label:
+            return 0  # the healthy case, compared in C
         bad = sum(1 for i, lab in self.id_to_label.items() if self.label_to_id.get(lab) != i)
         bad += sum(1 for lab, i in self.label_to_id.items() if self.id_to_label.get(i) != lab)
         return bad
@@ -97,8 +100,9 @@ def loads(raw: bytes) -> IdMap:
         isinstance(id_to_label, dict)
         and isinstance(label_to_id, dict)
         and isinstance(total, int)
-        and all(isinstance(k, str) and isinstance(v, int) for k, v in id_to_label.items())
-        and all(isinstance(k, int) and isinstance(v, str) for k, v in label_to_id.items())
+        # types compared in C (a restricted unpickle yields no subclasses; bool is an int)
+        and set(map(type, id_to_label)) <= {str} and set(map(type, id_to_label.values())) <= {int, bool}
+        and set(map(type, label_to_id)) <= {int, bool} and set(map(type, label_to_id.values())) <= {str}
         and (dim is None or isinstance(dim, int))
         and isinstance(id_to_seq, dict)
         and (max_seq is None or isinstance(max_seq, int))

@@ -13,6 +13,8 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -101,6 +103,7 @@ class PalaceSql:
     def __init__(self, db_path: Path, conn: sqlite3.Connection | None = None) -> None:
         """Open read-only, or wrap ``conn`` (the reconciler's own locked connection)."""
         self.path = db_path
+        self.uri: str | None = None  # set when this object opened its own read-only connection
         self.hot_journal = _hot_journal(db_path)
         self.wal_mode = wal_mode(db_path)
         self.owned = conn is None
@@ -137,11 +140,13 @@ class PalaceSql:
                 finally:
                     roll.close()
                 self._scratch = scratch
-                return sqlite3.connect(f"file:{copy.as_posix()}?mode=ro", uri=True, timeout=2.0)
+                self.uri = f"file:{copy.as_posix()}?mode=ro"
+                return sqlite3.connect(self.uri, uri=True, timeout=2.0)
             except (OSError, sqlite3.Error):
                 shutil.rmtree(scratch, ignore_errors=True)
         mode = "immutable=1" if self.hot_journal else "mode=ro"
-        return sqlite3.connect(f"file:{db_path.as_posix()}?{mode}", uri=True, timeout=2.0)
+        self.uri = f"file:{db_path.as_posix()}?{mode}"
+        return sqlite3.connect(self.uri, uri=True, timeout=2.0)
 
     def _open_wal(self, db_path: Path) -> sqlite3.Connection:
         """A WAL-mode file (chromadb never makes one; another tool did): ``mode=ro`` would
@@ -183,6 +188,41 @@ class PalaceSql:
     def generation(self) -> Generation:
         """The chromadb generation that wrote the palace (its migrations table decides)."""
         return detect_generation(self.conn)
+
+    def quick_check_started(self) -> Callable[[], list[str]]:
+        """Start ``quick_check`` and return the call that waits for its result.
+
+        It reads every page of the file, the longest single step of a check. On our own
+        read-only connection it runs on a second connection in a thread (SQLite releases
+        the GIL while it works), so the rest of the check proceeds on the other core. On a
+        borrowed connection (the reconciler's exclusive transaction locks out any other
+        reader) it runs inline. The returned call re-raises what quick_check raised."""
+        if self.uri is None:
+            rows = self.quick_check()
+            return lambda: rows
+        uri, out = self.uri, {}
+
+        def work() -> None:
+            try:
+                conn = sqlite3.connect(uri, uri=True, timeout=2.0)
+                try:
+                    rows = [r[0] for r in conn.execute("PRAGMA quick_check")]
+                finally:
+                    conn.close()
+                out["rows"] = [] if rows == ["ok"] else rows
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                out["error"] = exc
+
+        t = threading.Thread(target=work, name="chaosfix-quick-check", daemon=True)
+        t.start()
+
+        def result() -> list[str]:
+            t.join()
+            if "error" in out:
+                raise out["error"]
+            return out["rows"]
+
+        return result
 
     def collections(self) -> list[CollectionInfo]:
         cols = []
@@ -227,7 +267,10 @@ class PalaceSql:
         """user id -> seq_id of every record row of a METADATA segment."""
         # "+segment_id": a table scan beats the index lookup plus a table hop per row (3x)
         q = "SELECT embedding_id, seq_id FROM embeddings WHERE +segment_id=?"
-        return {eid: decode_seq(seq) or 0 for eid, seq in self.conn.execute(q, (metadata_segment,))}
+        rows = dict(self.conn.execute(q, (metadata_segment,)))  # built in C: 1.x stores plain ints
+        if not set(map(type, rows.values())) <= {int}:  # 0.6's blobs, or damage
+            rows = {eid: decode_seq(seq) or 0 for eid, seq in rows.items()}
+        return rows
 
     def documents(self, metadata_segment: str, ids: list[str] | None = None) -> dict[str, str | None]:
         """user id -> document text (None when the row has no document)."""

@@ -6,6 +6,8 @@ facts. Nothing here raises for damaged data: every problem is recorded as a fact
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,6 +44,14 @@ class CollectionState:
     unsafe_id: str | None = None  # why the collection or segment id is not used as a path
     symlinks: list[str] = field(default_factory=list)  # symlinked segment folder/files: never read
 
+    def drop_index_facts(self) -> None:
+        """Forget the old index's id map and slot table (the largest objects a plan holds)
+        once the new segment is built: verification then reuses their memory instead of
+        adding its own on top (peak RSS)."""
+        self.idmap = None
+        self.slots = None
+        self.__dict__.pop("live_label_slots", None)
+
     # ---- derived facts -------------------------------------------------------------
     @property
     def pending_ids(self) -> set[str]:
@@ -53,45 +63,40 @@ class CollectionState:
         if self.slots is None:
             return {}
         idx = np.flatnonzero(self.slots.live)
-        labels = self.slots.labels[idx]
-        out: dict[int, int] = {}
-        for lab, s in zip(labels.tolist(), idx.tolist()):
-            out.setdefault(lab, s)
-        return out
+        labels, first = np.unique(self.slots.labels[idx], return_index=True)
+        return dict(zip(labels.tolist(), idx[first].tolist()))
 
     def duplicate_labels(self) -> list[int]:
         dups: set[int] = set()
         if self.slots is not None:
-            c = Counter(self.slots.labels[self.slots.live].tolist())
-            dups |= {lab for lab, n in c.items() if n > 1}
+            labels, counts = np.unique(self.slots.labels[self.slots.live], return_counts=True)
+            dups |= set(labels[counts > 1].tolist())
         if self.idmap is not None:
-            c = Counter(self.idmap.id_to_label.values())
-            dups |= {lab for lab, n in c.items() if n > 1}
+            values = self.idmap.id_to_label.values()
+            if len(set(values)) != len(values):
+                dups |= {lab for lab, n in Counter(values).items() if n > 1}
         return sorted(dups)
 
     def sql_only(self) -> list[str]:
         """Rows that search can never find: no live vector, nothing pending to bring one."""
         if self.idmap is None:
             return []
-        live = self.live_label_slots
-        skip = self.pending_ids
-        return sorted(
-            rid for rid in self.sql_rows
-            if rid not in skip and self.idmap.id_to_label.get(rid) not in live
-        )
+        # C-level iterators over 10^5..10^6 rows: no Python bytecode per row
+        rows = list(self.sql_rows)
+        unfound = map(operator.not_, map(self.live_label_slots.__contains__, map(self.idmap.id_to_label.get, rows)))
+        return sorted(set(itertools.compress(rows, unfound)) - self.pending_ids)
 
     def hnsw_only(self) -> list[str]:
         """Mapped ids with no row (phantoms)."""
         if self.idmap is None:
             return []
-        skip = self.pending_ids
-        return sorted(i for i in self.idmap.id_to_label if i not in self.sql_rows and i not in skip)
+        return sorted(self.idmap.id_to_label.keys() - self.sql_rows.keys() - self.pending_ids)
 
     def ghost_labels(self) -> list[int]:
         """Live index labels the map does not know (KeyError on query)."""
         if self.idmap is None:
             return []
-        return sorted(lab for lab in self.live_label_slots if lab not in self.idmap.label_to_id)
+        return sorted(self.live_label_slots.keys() - self.idmap.label_to_id.keys())
 
     @property
     def reflected_seq(self) -> int:
@@ -110,8 +115,7 @@ class CollectionState:
         return sorted({w.id for w in self.pending if w.op == 3 and self.idmap.id_to_label.get(w.id) in gone})
 
     def rows_not_pending(self) -> int:
-        skip = self.pending_ids
-        return sum(1 for r in self.sql_rows if r not in skip)
+        return len(self.sql_rows) - len(self.pending_ids & self.sql_rows.keys())
 
 
 def id_problem(info: CollectionInfo) -> str | None:
@@ -124,8 +128,10 @@ def id_problem(info: CollectionInfo) -> str | None:
     return None
 
 
-def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue]) -> CollectionState:
-    """Read one collection. An id that is not a UUID is recorded and nothing is read by
+def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue],
+               slot_vectors: bool = False) -> CollectionState:
+    """Read one collection (``slot_vectors`` also judges every slot's vector in the same
+    pass, for the reconciler). An id that is not a UUID is recorded and nothing is read by
     it; a symlinked segment folder or file is recorded and the segment is not read."""
     bad_id = id_problem(info)
     if bad_id is not None:
@@ -156,7 +162,7 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
     above = st.vector_seq.value if st.vector_seq is not None else 0
     st.pending = sql.wal(info.id, above=above, with_vectors=False)
     if seg_ok:
-        _read_files(st)
+        _read_files(st, slot_vectors)
     return st
 
 
@@ -177,7 +183,7 @@ def _read_pickle(st: CollectionState) -> None:
         st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
 
 
-def _read_files(st: CollectionState) -> None:
+def _read_files(st: CollectionState, slot_vectors: bool = False) -> None:
     assert st.seg_dir is not None
     files = HnswFiles.open(st.seg_dir)
     st.files = files
@@ -203,7 +209,7 @@ def _read_files(st: CollectionState) -> None:
         st.torn.append("length.bin shorter than the element count")
     if st.info.dimension and h.dim != st.info.dimension and h.cur_element_count:
         st.torn.append(f"index dimension {h.dim} != collection dimension {st.info.dimension}")
-    st.slots = files.slots()
+    st.slots = files.slots(st.info.space if slot_vectors else None)
     nbad = int(st.slots.bad.sum())
     if nbad:
         st.torn.append(f"{nbad} slots with invalid neighbour lists or flags")

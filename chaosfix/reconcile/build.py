@@ -9,6 +9,8 @@ vectors, with the palace's M, ef_construction and space.
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ from chaosfix.reconcile.plan import CollectionPlan
 from chaosfix.reconcile.safety import copy_tree_sparse, fsync_tree
 
 BATCH = 20000
+# hnswlib threads for inserts and queries: every CPU this process may run on (hnswlib's
+# own default, std::thread::hardware_concurrency, ignores affinity and cgroup limits)
+THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _hnswlib():
@@ -47,6 +52,14 @@ def _kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
     return vecs
 
 
+def _early_flush(folder: Path) -> None:
+    """Best-effort head start on the final fsync (which still runs and reports errors)."""
+    try:
+        fsync_tree(folder)
+    except OSError:
+        pass
+
+
 def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = None) -> None:
     st = plan.state
     assert st is not None
@@ -55,11 +68,19 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     dim = plan.dim
     if not dim and plan.vectors:
         dim = len(next(iter(plan.vectors.values())))
+    # the new map first: its transient dicts are freed before hnswlib's index is allocated
+    map_bytes = idmap_mod.dumps(new_map(plan))
     index = hnswlib.Index(space=_space(plan), dim=dim)
+    flushing: threading.Thread | None = None
     if plan.strategy == "incremental":
         assert st.seg_dir is not None
         copy_tree_sparse(st.seg_dir, out_dir)
         (out_dir / idmap_mod.FILENAME).unlink(missing_ok=True)
+        # the copy's pages go to disk while hnswlib loads and inserts (it drops the GIL);
+        # the fsync at the end then only waits for what the persist rewrote
+        flushing = threading.Thread(target=_early_flush, args=(out_dir,), daemon=True)
+        flushing.start()
+        st.drop_index_facts()  # the old map and slot table are done with: free them for the index
         index.load_index(str(out_dir), is_persistent_index=True, max_elements=plan.max_elements)
         for lab in plan.remove_labels:
             index.mark_deleted(lab)
@@ -72,7 +93,8 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
         keep_ids = sorted(plan.keep, key=plan.keep.__getitem__)
         for s in range(0, len(keep_ids), BATCH):
             chunk = keep_ids[s : s + BATCH]
-            index.add_items(_kept_vectors(plan, chunk), np.array([plan.keep[i] for i in chunk], dtype=np.uint64))
+            index.add_items(_kept_vectors(plan, chunk), np.array([plan.keep[i] for i in chunk], dtype=np.uint64),
+                            num_threads=THREADS)
             if progress:
                 progress(f"rebuilding {plan.collection}: kept vectors", s + len(chunk), len(keep_ids))
     new = {**plan.replace, **plan.add}
@@ -80,13 +102,15 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     for s in range(0, len(new_ids), BATCH):
         chunk = new_ids[s : s + BATCH]
         vecs = np.stack([plan.vectors[i] for i in chunk]).astype(np.float32)
-        index.add_items(vecs, np.array([new[i] for i in chunk], dtype=np.uint64))
+        index.add_items(vecs, np.array([new[i] for i in chunk], dtype=np.uint64), num_threads=THREADS)
         if progress:
             progress(f"building {plan.collection}: new vectors", s + len(chunk), len(new_ids))
     index.persist_dirty()
     index.close_file_handles()
     del index
-    (out_dir / idmap_mod.FILENAME).write_bytes(idmap_mod.dumps(new_map(plan)))
+    (out_dir / idmap_mod.FILENAME).write_bytes(map_bytes)
+    if flushing is not None:
+        flushing.join()
     fsync_tree(out_dir)
 
 

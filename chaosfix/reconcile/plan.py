@@ -6,12 +6,15 @@ row, never the other way round (a SQL row is never deleted to make a diff zero).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from chaosfix.check import PALACE_CODES, CheckReport
+from chaosfix.palace.hnsw import vectors_usable
+from chaosfix.palace.idmap import IdMap
 from chaosfix.palace.sql import PalaceSql
 from chaosfix.palace.state import CollectionState
 from chaosfix.reconcile.sources import EMBED, SLOT, WAL, Embedder, embed, latest_wal_vectors, pending_effects
@@ -158,39 +161,34 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     live = st.live_label_slots
     bad = set(st.slots.labels[st.slots.bad].tolist()) if st.slots is not None else set()
     vec_ok = _slot_vectors_ok(st, live)
-    by_label: dict[int, set[str]] = {}
-    for rid, lab in (m.id_to_label.items() if m else ()):
-        by_label.setdefault(lab, set()).add(rid)
     owner: dict[int, str] = {}
-    held: dict[str, int] = {}
-    for lab in sorted(live):
-        if m is None or lab in bad or not vec_ok.get(lab, False):
-            continue
-        cands = by_label.get(lab, set()) | ({m.label_to_id[lab]} if lab in m.label_to_id else set())
-        cands &= target.keys()
-        if len(cands) == 1:
-            rid = cands.pop()
-            if rid not in held:  # an id on two live labels keeps the first
-                owner[lab], held[rid] = rid, lab
+    if m is not None:
+        labs = sorted(live)
+        usable = list(itertools.compress(labs, map(vec_ok.get, labs)))
+        if bad:
+            usable = [lab for lab in usable if lab not in bad]
+        inverse = dict(zip(m.id_to_label.values(), m.id_to_label.keys()))
+        if len(inverse) == len(m.id_to_label) and inverse == m.label_to_id:
+            # the healthy map (one id per label, both maps agree): decided in C
+            rids = list(map(m.label_to_id.get, usable))
+            owner = dict(itertools.compress(zip(usable, rids), map(target.__contains__, rids)))
+        else:
+            owner = _owners_of_damaged_map(m, usable, target)
+    held: dict[str, int] = dict(zip(owner.values(), owner.keys()))
     newer, reset = pending_effects(pending, set(held))
     for rid in reset & held.keys():
         owner.pop(held.pop(rid))
-    plan.remove_labels = sorted(lab for lab in live if lab not in owner)
-    plan.remove_ids = sorted(i for i in (m.id_to_label if m else {}) if i not in target)
+    plan.remove_labels = sorted(live.keys() - owner.keys())
+    plan.remove_ids = sorted(m.id_to_label.keys() - target.keys()) if m else []
 
-    all_slot_labels = st.slots.labels[~st.slots.bad].tolist() if st.slots is not None else []  # deleted too
-    labels_seen = [lab for lab in [*all_slot_labels, *(m.label_to_id if m else {})] if lab < PLAUSIBLE_LABEL]
-    next_label = max([m.total_elements_added if m else 0, *labels_seen, 0]) + 1
+    next_label = max(m.total_elements_added if m else 0, _top_plausible_label(st)) + 1
+    for rid in sorted(held):
+        if rid in newer:
+            plan.replace[rid] = held[rid]
+            plan.vectors[rid], plan.source[rid] = newer[rid], WAL
+    plan.keep = {rid: held[rid] for rid in sorted(held.keys() - newer.keys())}
     missing: list[str] = []
-    for rid in sorted(target):
-        lab = held.get(rid)
-        if lab is not None:
-            if rid in newer:
-                plan.replace[rid] = lab
-                plan.vectors[rid], plan.source[rid] = newer[rid], WAL
-            else:
-                plan.keep[rid] = lab
-            continue
+    for rid in sorted(target.keys() - held.keys()):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)
         if vec is not None:
             plan.vectors[rid], plan.source[rid] = vec, WAL
@@ -216,8 +214,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.reasons.append(f"{len(missing)} rows have no vector source; pass --embedder to rebuild")
         plan.add, plan.replace, plan.vectors, plan.source = {}, {}, {}, {}
         return
-    for rid in plan.keep:
-        plan.source.setdefault(rid, SLOT)
+    plan.source.update(dict.fromkeys(plan.keep, SLOT))  # kept ids are never in add/replace
     plan.total_elements_added = next_label - 1
     slots_total = st.files.header.cur_element_count if (st.files and st.files.header and not st.torn) else 0
     n_final = len(plan.keep) + len(plan.replace) + len(plan.add)
@@ -240,21 +237,56 @@ def _capacity_implausible(h) -> bool:  # noqa: ANN001 - hnsw.Header
     return h.max_elements > sane and h.max_elements * h.size_data_per_element > (256 << 20)
 
 
+def _owners_of_damaged_map(m: IdMap, usable: list[int], target: dict[str, int]) -> dict[int, str]:
+    """live label -> the one SQL id it can be proven to hold, when the two maps disagree or
+    a label has several ids: every id either map names for it, and exactly one a row."""
+    first: dict[int, str] = {}
+    more: dict[int, set[str]] = {}
+    for rid, lab in m.id_to_label.items():
+        if first.setdefault(lab, rid) != rid:
+            more.setdefault(lab, set()).add(rid)
+    owner: dict[int, str] = {}
+    held: set[str] = set()
+    for lab in usable:
+        cands = {first.get(lab), m.label_to_id.get(lab), *more.get(lab, ())} - {None}
+        cands &= target.keys()
+        if len(cands) == 1:
+            rid = cands.pop()
+            if rid not in held:  # an id on two live labels keeps the first
+                owner[lab] = rid
+                held.add(rid)
+    return owner
+
+
+def _top_plausible_label(st: CollectionState) -> int:
+    """The highest label any slot (deleted too) or the map holds, garbage-sized ones aside:
+    new labels start above it, so none is ever reused."""
+    top = 0
+    if st.slots is not None:
+        labs = st.slots.labels[~st.slots.bad]
+        labs = labs[labs < PLAUSIBLE_LABEL]
+        top = int(labs.max()) if len(labs) else 0
+    if st.idmap is not None and st.idmap.label_to_id:
+        mx = max(st.idmap.label_to_id)
+        if mx >= PLAUSIBLE_LABEL:
+            mx = max((lab for lab in st.idmap.label_to_id if lab < PLAUSIBLE_LABEL), default=0)
+        top = max(top, mx)
+    return top
+
+
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:
-    """label -> its stored vector is finite (and unit-norm for cosine, which stores normalized)."""
-    if st.files is None or not live:
+    """label -> its stored vector is finite (and unit-norm for cosine, which stores normalized);
+    judged by the state's one slot pass when it was loaded with ``slot_vectors``."""
+    if st.files is None or st.slots is None or not live:
         return {}
     labels = np.fromiter(live.keys(), dtype=np.uint64, count=len(live))
     slots = np.fromiter(live.values(), dtype=np.int64, count=len(live))
-    ok = np.ones(len(slots), dtype=bool)
-    for s in range(0, len(slots), 65536):
-        v = st.files.vectors(slots[s : s + 65536])
-        fin = np.isfinite(v).all(axis=1)
-        if st.info.space == "cosine":
-            with np.errstate(all="ignore"):
-                # float64 sums without a float64 copy of the block (4x faster than linalg.norm)
-                fin &= np.abs(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)) - 1.0) < 1e-3
-        ok[s : s + 65536] = fin
+    if st.slots.vector_ok is not None:
+        ok = st.slots.vector_ok[slots]
+    else:
+        ok = np.ones(len(slots), dtype=bool)
+        for s in range(0, len(slots), 65536):
+            ok[s : s + 65536] = vectors_usable(st.files.vectors(slots[s : s + 65536]), st.info.space)
     return dict(zip(labels.tolist(), ok.tolist()))
 
 

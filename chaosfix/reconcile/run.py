@@ -34,7 +34,7 @@ from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
 from chaosfix.reconcile.sources import Embedder, load_embedder, memoized
-from chaosfix.reconcile.verify import EF_MAX, Verification, verify_segment
+from chaosfix.reconcile.verify import EF_FIRST, EF_MAX, Verification, verify_segment
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
 
 MARKER = ".chaosfix-txn"
@@ -234,7 +234,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             with PalaceLock(root):
                 rep.notes += [f"removed {n}, a copy an interrupted post-check left" for n in clear_stale_copies(root)]
     first_look = _fingerprint(root)
-    before = check_palace(root, opts.collection)
+    before = check_palace(root, opts.collection, slot_vectors=True)
     _refuse_sql_damage(before, root)
     rep.foreign_sql = _refuse_unsafe(before, root, opts)
     rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
@@ -268,7 +268,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
             # re-plan under the lock if any palace file changed since the first look
             if _fingerprint(root) != first_look:
                 rep.notes.append("the palace changed since the first look: planned again under the lock")
-                before = check_palace(root, opts.collection, conn=conn)
+                before = check_palace(root, opts.collection, conn=conn, slot_vectors=True)
                 _refuse_sql_damage(before, root)
                 rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
                 rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
@@ -294,8 +294,11 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
         rep.timings["total_repair"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         rep.after = check_palace(root, opts.collection)
+        rep.timings["after_check"] = time.perf_counter() - t1
         if opts.chromadb_check:  # under the lock: the copy it makes is ours alone
+            t2 = time.perf_counter()
             rep.chromadb = _post_check(root, rep, opts, progress)
+            rep.timings["chromadb_check"] = time.perf_counter() - t2
         rep.timings["post_verify"] = time.perf_counter() - t1
     return rep
 
@@ -414,6 +417,9 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         build_mod.build(p, out, progress)
         built[p.segment] = out
     fsync_path(root)
+    for p in work:
+        assert p.state is not None
+        p.state.drop_index_facts()  # nothing reads the old map or slots past the build
     rep.timings["build"] = time.perf_counter() - t
     killpoint("built")
     t = time.perf_counter()
@@ -422,8 +428,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         say(f"verifying {p.collection}")
         planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
         v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
-                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef_max=EF_MAX,
-                           progress=progress)
+                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
+                           ef_max=EF_MAX, progress=progress)
         v.unrepaired = len(p.unrepaired)
         v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
         rep.verifications[p.collection] = v
