@@ -184,7 +184,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
 
 
 def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedder: EmbedderSelector,
-               progress: Progress | None, say: Callable[[str], None]) -> ReconcileReport:
+               progress: ProgressFn | None, say: Callable[[str], None]) -> ReconcileReport:
     t0 = time.perf_counter()
     if not opts.dry_run and ((root / MARKER).exists() or (root / LOCK_NAME).exists() or any(
             d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):
