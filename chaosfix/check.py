@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
-from chaosfix.palace import SQLITE_NAME, UUID_RE, PalaceSql, SqlReadError, palace_db, schema_guard
+from chaosfix.palace import SQLITE_NAME, PalaceSql, SqlReadError, palace_db, schema_guard
 from chaosfix.palace.generation import Generation
+from chaosfix.palace.leftovers import human, orphan_dirs, quarantined
 from chaosfix.palace.sql import journal_synced
 from chaosfix.palace.state import (
     PICKLE_MISSING,
@@ -44,7 +45,8 @@ CODES = {
     "QUEUE_RESET": "WAL seq_ids restarted below consumed max_seq_id: writes vanish",
     "LINK_BLOAT": "link_lists.bin far larger than its elements use",
     "SEGMENT_DIR_MISSING": "vector segment folder missing for persisted rows",
-    "SEGMENT_DIR_ORPHAN": "segment-like folder no segment owns",
+    "SEGMENT_DIR_ORPHAN": "segment folder no segment owns (chromadb never reads it): info, with its size",
+    "QUARANTINED": "quarantined copy of a segment (repair tools' .corrupt/.drift/.hnsw-backup, chaosfix backups)",
     "HOT_JOURNAL": "leftover chroma.sqlite3-journal: interrupted transaction",
     "SQLITE_CORRUPT": "chroma.sqlite3 fails to open or PRAGMA quick_check",
     "PENDING": "WAL rows chromadb will replay on open (healthy)",
@@ -52,6 +54,7 @@ CODES = {
     "UNSAFE_ID": "a collection or segment id that is not a UUID (never used as a path)",
     "SYMLINK": "a symlinked segment folder or file (never followed; info for chroma.sqlite3 itself)",
     "WAL_MODE": "chroma.sqlite3 is in SQLite WAL mode (chromadb uses a rollback journal; read without writing)",
+    "STALE_VECTOR": "check --deep: the index holds another vector than the row's document embeds to",
 }
 # findings about the whole palace, never a collection's own repair work
 PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL", "WAL_MODE",
@@ -200,12 +203,18 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
         _collection_findings(st, report)
     if collection is None:
         known = sql.all_segment_ids()
-        orphans = sorted(
-            d.name for d in root.iterdir() if d.is_dir() and UUID_RE.match(d.name) and d.name not in known
-        )
+        orphans = orphan_dirs(root, known)
         if orphans:
-            add(Finding("SEGMENT_DIR_ORPHAN", WARNING, None, None, len(orphans), orphans[:SAMPLE],
-                        "folder owned by no segment (e.g. a deleted collection)"))
+            size = sum(o.allocated for o in orphans)
+            add(Finding("SEGMENT_DIR_ORPHAN", INFO, None, None, len(orphans), [o.segment for o in orphans[:SAMPLE]],
+                        f"{human(size)} on disk in folders no segment owns (left by chromadb after replacing a "
+                        "segment or deleting a collection; never read); --prune-orphan-dirs moves them to the backup"))
+        quar = quarantined(root, backups=False)
+        if quar:
+            size = sum(q.allocated for q in quar)
+            kinds = sorted({q.kind for q in quar})
+            add(Finding("QUARANTINED", INFO, None, None, len(quar), [q.path.name for q in quar[:SAMPLE]],
+                        f"{human(size)} in quarantined segment copies ({', '.join(kinds)}); chromadb never reads them"))
     _queue_findings(sql, seqs, report)
     fmts = sorted({st.idmap.fmt for st in report.states if st.idmap is not None})
     if fmts:
@@ -258,7 +267,9 @@ def _collection_findings(st: CollectionState, report: CheckReport) -> None:
     if st.idmap is not None and st.vector_seq is None:
         add("SEQ_MISSING", 1, [], "index persisted but max_seq_id row missing", WARNING)
     if st.torn:
-        add("TORN", 1, [], "; ".join(st.torn))
+        add("TORN", 1, [], "; ".join(st.torn) + ". Do not open this palace with chromadb before repair: "
+            "chromadb 1.x sizes the index from the torn header, can grow link_lists.bin to hundreds of GB "
+            "(sparse) and crash on the next open; 0.6 fails every read")
     if st.files is not None and st.files.header is not None and not st.torn:
         size = st.files.present.get("link_lists.bin", 0)
         extra = size - st.link_bytes_used
@@ -305,3 +316,28 @@ def summary(st: CollectionState) -> dict:
         "pickle": st.idmap.fmt if st.idmap else st.pickle_status,
         "max_seq_id": st.vector_seq.value if st.vector_seq else None,
     }
+
+
+def deep_findings(sql: PalaceSql, report: CheckReport, embedders) -> dict[str, dict]:  # noqa: ANN001
+    """``check --deep``: re-embed every mapped row and add STALE_VECTOR findings to
+    ``report``. ``embedders`` is a ``chaosfix.embedders.select.EmbedderSelector``.
+    Returns collection -> {id: its document's vector} for the reconciler. Raises
+    OperationalError when a collection has no usable embedder (one line, what helps)."""
+    from chaosfix.deep import stale_vectors
+
+    out: dict[str, dict] = {}
+    for st in report.states:
+        if st.idmap is None or not st.sql_rows:
+            continue
+        choice = embedders.for_collection(sql, st)
+        if choice.embedder is None:
+            raise OperationalError(f"check --deep of {st.info.name}: {choice.refused}")
+        res = stale_vectors(sql, st, getattr(choice.embedder, "__wrapped__", choice.embedder))
+        out[st.info.name] = res.stale
+        if res.stale:
+            report.findings.append(Finding(
+                "STALE_VECTOR", ERROR, st.info.name, st.info.vector_segment, len(res.stale),
+                sorted(res.stale)[:SAMPLE], f"{len(res.stale)} of {res.compared} rows hold another vector than "
+                f"their document embeds to (lowest cosine {res.worst}; {choice.line()}): e.g. an upsert whose "
+                "index flush was lost"))
+    return out

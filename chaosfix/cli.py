@@ -89,6 +89,11 @@ class ChaosfixGroup(click.Group):
             sys.exit(1)
 
 
+def _embedders(given: tuple[str, ...]) -> str | list[str] | None:
+    """--embedder once: that one; repeated: candidates the guard chooses from."""
+    return given[0] if len(given) == 1 else (list(given) or None)
+
+
 def _keep_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--keep DIR: a new or empty folder, checked before any work (usage error otherwise)."""
     from chaosfix.scenario import check_keep_dir
@@ -119,14 +124,21 @@ def main() -> None:
 @main.command()
 @click.argument("palace", metavar="PALACE", type=click.Path())
 @click.option("--collection", metavar="NAME", help="Only this collection.")
+@click.option("--deep", is_flag=True, help="Also re-embed every row and compare with its stored vector (STALE_VECTOR).")
+@click.option("--embedder", metavar="MODULE:ATTR", multiple=True, help="With --deep: as for reconcile.")
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.check/1 JSON object.")
 @_one_line_errors
-def check(palace: str, collection: str | None, as_json: bool) -> int:
+def check(palace: str, collection: str | None, deep: bool, embedder: tuple[str, ...], as_json: bool) -> int:
     """Read-only consistency check of PALACE. Exit 0 consistent, 4 findings, 8 error."""
     from chaosfix.check import check_palace
     from chaosfix.report import render_check
 
-    rep = check_palace(palace, collection)
+    if deep:
+        from chaosfix.deep import deep_check
+
+        rep = deep_check(palace, collection, _embedders(embedder))
+    else:
+        rep = check_palace(palace, collection)
     if as_json:
         _emit_json(rep.to_json())
     else:
@@ -137,7 +149,12 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
 @main.command()
 @click.argument("palace", metavar="PALACE", type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
-@click.option("--embedder", metavar="MODULE:ATTR", help="Embedding function to re-embed rows with no vector anywhere.")
+@click.option("--embedder", metavar="MODULE:ATTR", multiple=True,
+              help="Embedding function for rows with no vector anywhere (default: the palace's own record, "
+                   "its collection config, or chromadb's default model when on disk; 'minilm' names that one). "
+                   "Repeat it to let the guard pick the one that reproduces the palace.")
+@click.option("--deep", is_flag=True, help="Re-embed every row and replace stale vectors (see check --deep).")
+@click.option("--trust-embedder", is_flag=True, help="Use the embedder even if it does not reproduce the palace's vectors.")
 @click.option("--collection", metavar="NAME", help="Only this collection.")
 @click.option("--no-backup", is_flag=True, help="Do not keep the replaced files.")
 @click.option("--strategy", type=click.Choice(["auto", "incremental", "rebuild"]), default="auto", show_default=True,
@@ -152,9 +169,10 @@ def check(palace: str, collection: str | None, as_json: bool) -> int:
               help="Drop triggers/views chromadb never creates (their SQL is saved in the backup) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.reconcile/1 JSON object.")
 @_one_line_errors
-def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str | None, no_backup: bool,
-              strategy: str, verify_mode: str, no_chromadb_check: bool, chromadb_python: str | None,
-              apply_pending: bool, prune_orphan_dirs: bool, drop_foreign_sql: bool, as_json: bool) -> int:
+def reconcile(palace: str, dry_run: bool, embedder: tuple[str, ...], deep: bool, trust_embedder: bool,
+              collection: str | None, no_backup: bool, strategy: str, verify_mode: str, no_chromadb_check: bool,
+              chromadb_python: str | None, apply_pending: bool, prune_orphan_dirs: bool, drop_foreign_sql: bool,
+              as_json: bool) -> int:
     """Repair every fixable finding in PALACE. Exit 0 nothing to do, 1 repaired, 4 left
     unrepaired, 8 error.
 
@@ -162,7 +180,8 @@ def reconcile(palace: str, dry_run: bool, embedder: str | None, collection: str 
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
     from chaosfix.report import render_reconcile
 
-    opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=embedder,
+    opts = ReconcileOptions(collection=collection, dry_run=dry_run, backup=not no_backup, embedder=_embedders(embedder),
+                            trust_embedder=trust_embedder, deep=deep,
                             strategy=strategy, verify_full=verify_mode == "full",
                             chromadb_check=not no_chromadb_check, chromadb_python=chromadb_python,
                             apply_pending=apply_pending,

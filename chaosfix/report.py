@@ -75,6 +75,8 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
         rows.append([p.collection, p.strategy, done, len(p.unrepaired), found])
     out.append(table(["collection", "strategy", "done", "unrepaired", "found"], rows))
     for p in rep.plans:
+        if p.embedder is not None:
+            out.append(f"{p.collection}: {p.embedder.line()}")  # uncut: the chosen embedder or the refusal, whole
         v = rep.verifications.get(p.collection)
         if v is not None:
             out.append(cut(f"{p.collection}: {_verified(v)}", width()))

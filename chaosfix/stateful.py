@@ -389,7 +389,7 @@ class PalaceMachine(CrashMachine):
         from chaosfix.reconcile import ReconcileOptions, reconcile_palace
 
         opts = ReconcileOptions(embedder=HashEmbedder(self.spec.dim), backup=False, chromadb_check=False,
-                                seed=self.spec.seed)
+                                seed=self.spec.seed, deep=True)  # deep: stale vectors of lost upserts too
         try:
             rep = reconcile_palace(self.palace, opts)
         except OperationalError as exc:

@@ -169,6 +169,8 @@ def test_sigkill_mid_persist_is_torn(small_palace, small_spec, major):
     assert rep.codes() == want
     (torn,) = [f for f in rep.findings if f.code == "TORN"]
     assert "link_lists.bin ends at element 300 of 400" in torn.detail
+    assert "Do not open this palace with chromadb before repair" in torn.detail  # and why
+    assert "hundreds of GB" in torn.detail
 
 
 @needs_strace

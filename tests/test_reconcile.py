@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickletools
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -344,15 +345,26 @@ def test_nothing_to_do_is_byte_identical(kind, tmp_path):
 # ---- orphan segment folders: reported, moved to the backup only on request -----------
 
 
-def test_orphan_folder_is_left_with_exit_4_unless_pruned(tmp_path):
+def test_orphan_folder_is_info_with_its_size_and_pruned_on_request(tmp_path):
+    """A folder chromadb left after replacing a segment (e.g. after `mempalace repair`) is
+    never read: info with its size, exit 0; --prune-orphan-dirs moves it to the backup."""
     p = fresh_palace(tmp_path / "palace", SPEC)
     seg = faults.segment_dir(p)
     orphan = p / "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
     shutil.copytree(seg, orphan)
+    quarantine = p / f"{seg.name}.corrupt-20261130-101010"
+    shutil.copytree(seg, quarantine)
     prints = fingerprint(p)
+    rep = check_palace(p)
+    assert rep.consistent and {f.code: f.severity for f in rep.findings} == {
+        "SEGMENT_DIR_ORPHAN": "info", "QUARANTINED": "info"}
+    (f,) = [f for f in rep.findings if f.code == "SEGMENT_DIR_ORPHAN"]
+    assert f.sample == [orphan.name] and re.match(r"[0-9.]+ [KM]B on disk", f.detail), f.detail
+    assert run_cli("check", str(p)).returncode == 0
     code, doc, _ = reconcile(p)
-    assert code == 4 and doc["left"] and "prune-orphan-dirs" in doc["left"][0]
+    assert code == 0 and not doc["left"] and "prune-orphan-dirs" in doc["notes"][0]
     assert fingerprint(p) == prints  # reported, not touched
+    shutil.rmtree(quarantine)  # (quarantined copies are left alone; tests/test_quarantine.py)
     code, doc, _ = reconcile(p, "--prune-orphan-dirs", "--no-chromadb-check")
     assert code == 1 and not orphan.exists()
     assert (Path(doc["backup"]) / orphan.name / "data_level0.bin").is_file()  # moved, not deleted

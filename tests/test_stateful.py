@@ -116,12 +116,13 @@ def test_fixed_crash_program_holds_every_invariant(major):
 # XPASS and fail, so the marker gets removed together with the PalaceMachine restriction).
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="stale vectors: an upsert whose HNSW flush is lost keeps the old vectors of existing ids; "
-                          "check sees SQL ids == index ids, reconcile does nothing, chromadb returns the old "
-                          "embeddings (PalaceMachine.power_cut_ops leaves upsert out until this is detected)")
-def test_known_gap_upsert_under_power_cut_leaves_stale_vectors():
-    replay(_case(_crash({"kind": "lost_persist"}, "upsert", at=7), RECONCILE, REOPEN), log=lambda _m: None)
+def test_upsert_under_power_cut_stale_vectors_are_found_and_replaced(tmp_path):
+    """Was a known gap: an upsert whose HNSW flush is lost keeps the old vectors of
+    existing ids (SQL ids == index ids). ``check --deep`` re-embeds the documents and
+    reports STALE_VECTOR; the machine's reconcile (deep) replaces them, and chromadb then
+    reads every row with its document's embedding."""
+    m = replay(_case(_crash({"kind": "lost_persist"}, "upsert", at=7), RECONCILE, REOPEN), log=lambda _m: None)
+    assert m.repairs == 1
 
 
 def test_kill_mid_persist_of_a_delete_is_reported_and_repaired(major):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +19,11 @@ from chaosfix.palace.hnsw import vectors_usable
 from chaosfix.palace.idmap import IdMap
 from chaosfix.palace.sql import PalaceSql
 from chaosfix.palace.state import CollectionState
-from chaosfix.reconcile.sources import EMBED, SLOT, WAL, Embedder, embed, latest_wal_vectors, pending_effects
+from chaosfix.reconcile.sources import EMBED, QUARANTINE, SLOT, WAL, embed, latest_wal_vectors, pending_effects
+
+# (sql, state) -> an embedder choice (chaosfix.embedders.select.Choice): asked only when
+# some row has no vector in the index or the WAL, so the guard runs only when needed
+EmbedderFor = Callable[[PalaceSql, CollectionState], Any]
 
 PLAUSIBLE_LABEL = 2**48  # labels above this come from garbage bytes, never from hnswlib
 DEFAULT_CAPACITY = 1000
@@ -56,6 +62,7 @@ class CollectionPlan:
     seq_writes: list[SeqWrite] = field(default_factory=list)
     pickle_seq: int | None = None  # 0.4: the vector segment's max_seq_id, kept in the pickle
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
+    embedder: Any = field(default=None, repr=False)  # the Choice made for rows re-embedded
     state: CollectionState | None = field(default=None, repr=False)
 
     @property
@@ -90,6 +97,7 @@ class CollectionPlan:
             "pickle_format": self.fmt,
             "seq_writes": [vars(s) for s in self.seq_writes],
             "pickle_seq": self.pickle_seq,
+            "embedder": self.embedder.to_json() if self.embedder is not None else None,
         }
 
 
@@ -104,8 +112,11 @@ def _seq_encoding(sql: PalaceSql) -> str:
     return sql.generation.seq_encoding
 
 
-def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, embedder: Embedder | None,
-                    strategy: str = "auto", apply_pending: bool = False) -> CollectionPlan:
+def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, embedder: EmbedderFor | None,
+                    strategy: str = "auto", apply_pending: bool = False,
+                    stale: dict[str, np.ndarray] | None = None) -> CollectionPlan:
+    """``stale``: id -> its document's vector, for rows ``check --deep`` found holding
+    another vector (STALE_VECTOR); they are replaced in place."""
     info = st.info
     codes = {k: v for k, v in report.codes(info.name).items() if k not in PALACE_CODES}
     plan = CollectionPlan(info.name, info.vector_segment, codes, state=st)
@@ -117,13 +128,13 @@ def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, em
         return plan  # never persisted: chromadb builds it from the WAL
     index_work = bool(problems - SEQ_CODES) or strategy == "rebuild" or (apply_pending and "PENDING" in codes)
     if index_work:
-        _plan_index(sql, st, plan, embedder, problems, strategy)
+        _plan_index(sql, st, plan, embedder, problems, strategy, stale or {})
     _plan_seqs(sql, st, plan, problems)
     return plan
 
 
-def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embedder: Embedder | None,
-                problems: set[str], strategy: str) -> None:
+def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embedder: EmbedderFor | None,
+                problems: set[str], strategy: str, stale: dict[str, np.ndarray]) -> None:
     m = st.idmap
     rebuild = strategy == "rebuild" or bool(problems & REBUILD_CODES) or m is None
     plan.strategy = "rebuild" if rebuild and strategy != "incremental" else "incremental"
@@ -186,7 +197,10 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         if rid in newer:
             plan.replace[rid] = held[rid]
             plan.vectors[rid], plan.source[rid] = newer[rid], WAL
-    plan.keep = {rid: held[rid] for rid in sorted(held.keys() - newer.keys())}
+        elif rid in stale:  # check --deep: the slot holds another vector than the document's
+            plan.replace[rid] = held[rid]
+            plan.vectors[rid], plan.source[rid] = stale[rid], EMBED
+    plan.keep = {rid: held[rid] for rid in sorted(held.keys() - newer.keys() - stale.keys())}
     missing: list[str] = []
     for rid in sorted(target.keys() - held.keys()):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)
@@ -196,11 +210,26 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
             next_label += 1
         else:
             missing.append(rid)
+    if missing:
+        # quarantined copies of the segment (repair tools' .corrupt/.drift/.hnsw-backup,
+        # chaosfix backups) before re-embedding
+        from chaosfix.reconcile.quarantine import quarantine_vectors
+
+        found, used = quarantine_vectors(st, missing, dim)
+        for rid in missing:
+            if rid in found:
+                plan.vectors[rid], plan.source[rid] = found[rid], QUARANTINE
+                plan.add[rid] = next_label
+                next_label += 1
+        if used:
+            plan.reasons.append(f"{len(found)} vectors from quarantined copies: {', '.join(used)}")
+        missing = [r for r in missing if r not in found]
     if missing and embedder is not None:
         docs = sql.documents(st.info.metadata_segment, missing) if st.info.metadata_segment else {}
         have_doc = [r for r in missing if docs.get(r)]
-        if have_doc:
-            vecs = embed(embedder, [docs[r] for r in have_doc], dim)
+        choice = plan.embedder = embedder(sql, st) if have_doc else None
+        if choice is not None and choice.embedder is not None:
+            vecs = embed(choice.embedder, [docs[r] for r in have_doc], dim)
             for rid, v in zip(have_doc, vecs):
                 plan.vectors[rid], plan.source[rid] = v, EMBED
                 plan.add[rid] = next_label
@@ -211,7 +240,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         # the map is gone and some rows have no other source: their vectors may still sit
         # in unattributable slots, so the index stays as it is until an embedder is given
         plan.strategy = "none"
-        plan.reasons.append(f"{len(missing)} rows have no vector source; pass --embedder to rebuild")
+        why = plan.embedder.line() if plan.embedder is not None else "pass --embedder to rebuild"
+        plan.reasons.append(f"{len(missing)} rows have no vector source; {why}")
         plan.add, plan.replace, plan.vectors, plan.source = {}, {}, {}, {}
         return
     plan.source.update(dict.fromkeys(plan.keep, SLOT))  # kept ids are never in add/replace

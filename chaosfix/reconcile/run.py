@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaosfix.check import CheckReport, check_palace
+from chaosfix.check import CheckReport, check_palace, deep_findings
+from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import ForeignObject
@@ -33,7 +34,7 @@ from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
-from chaosfix.reconcile.sources import Embedder, load_embedder, memoized
+from chaosfix.reconcile.sources import Embedder
 from chaosfix.reconcile.verify import EF_FIRST, EF_MAX, Verification, verify_segment
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
 
@@ -49,7 +50,10 @@ class ReconcileOptions:
     collection: str | None = None
     dry_run: bool = False
     backup: bool = True
-    embedder: str | Embedder | None = None
+    # None: the palace's own record, its chromadb config, or chromadb's default model on disk;
+    # several: the guard picks the one that reproduces the palace
+    embedder: str | Embedder | list | None = None
+    trust_embedder: bool = False  # use the embedder even when the guard says it does not reproduce the palace
     strategy: str = "auto"  # auto | incremental | rebuild
     verify_full: bool = False
     chromadb_check: bool = True
@@ -58,6 +62,7 @@ class ReconcileOptions:
     drop_foreign_sql: bool = False
     chromadb_python: str | None = None  # the application's interpreter, for the chromadb post-check
     chromadb_sample: int = 200  # unrepaired rows the chromadb post-check self-queries
+    deep: bool = False  # re-embed every row and replace stale vectors (STALE_VECTOR)
     sample: int = 1000
     seed: int = 0
 
@@ -219,8 +224,20 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     say = log or (lambda _m: None)
     root = palace_db(path).parent
     rep = ReconcileReport(palace=str(root), dry_run=opts.dry_run)
-    embedder = load_embedder(opts.embedder) if isinstance(opts.embedder, str) else opts.embedder
-    embedder = memoized(embedder) if embedder is not None else None
+    from chaosfix.embedders.resolve import MEMPALACE_MINILM
+
+    for ref in opts.embedder if isinstance(opts.embedder, (list, tuple)) else [opts.embedder]:
+        if isinstance(ref, str) and ":" not in ref and ref.strip().lower() not in MEMPALACE_MINILM:
+            raise OperationalError(f"--embedder {ref!r}: expected MODULE:ATTR, or default/minilm")
+    selector = EmbedderSelector(root, opts.embedder, opts.trust_embedder, seed=opts.seed)
+    try:
+        return _reconcile(root, rep, opts, selector, progress, say)
+    finally:
+        selector.close()
+
+
+def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedder: EmbedderSelector,
+               progress: ProgressFn | None, say: Callable[[str], None]) -> ReconcileReport:
     t0 = time.perf_counter()
     _refuse_links(root)
     if not opts.dry_run and ((root / MARKER).exists() or (root / LOCK_NAME).exists() or any(
@@ -240,8 +257,8 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
     orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
     if orphans and not opts.prune_orphan_dirs:
-        rep.left.append(f"SEGMENT_DIR_ORPHAN: {orphans} folder(s) no segment owns; "
-                        "--prune-orphan-dirs moves them into the backup")
+        rep.notes.append(f"{orphans} segment folder(s) no segment owns left in place (chromadb never reads them); "
+                         "--prune-orphan-dirs moves them into the backup")
     rep.timings["plan"] = time.perf_counter() - t0
     if opts.dry_run or not rep.has_work:
         return rep
@@ -354,12 +371,14 @@ def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, embedder: Embedder | None,
+def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, embedder: EmbedderSelector,
               opts: ReconcileOptions) -> tuple[list[CollectionPlan], int | None, list[str]]:
     """Plans per collection, the WAL floor seq_id (QUEUE_RESET), orphan folders to prune."""
     sql = PalaceSql(root / "chroma.sqlite3", conn)
     try:
-        plans = [plan_collection(sql, st, rep, embedder, opts.strategy, opts.apply_pending) for st in rep.states]
+        stale = deep_findings(sql, rep, embedder) if opts.deep else {}
+        plans = [plan_collection(sql, st, rep, embedder.for_collection, opts.strategy, opts.apply_pending,
+                                 stale.get(st.info.name)) for st in rep.states]
         floor = None
         if "QUEUE_RESET" in rep.codes():
             seqs = [s.value for s in sql.max_seq_ids().values() if not s.poisoned]

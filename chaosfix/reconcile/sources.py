@@ -1,5 +1,6 @@
 """Where a row's vector can come from, in the order the reconciler trusts them:
-live mapped index slots, WAL rows still present, then re-embedding its document."""
+live mapped index slots, WAL rows still present, quarantined copies of the segment,
+then re-embedding its document."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.palace.sql import WalRow
 
 Embedder = Callable[[list[str]], list]
-SLOT, WAL, EMBED = "index", "wal", "embedder"
+SLOT, WAL, QUARANTINE, EMBED = "index", "wal", "quarantine", "embedder"
 
 
 def load_embedder(ref: str) -> Embedder:
@@ -48,6 +49,7 @@ def memoized(embedder: Embedder) -> Embedder:
             cache.update(zip(todo, embedder(todo), strict=True))
         return [cache[d] for d in docs]
 
+    call.__wrapped__ = embedder  # type: ignore[attr-defined]  # check --deep embeds every row: no cache
     return call
 
 
