@@ -188,7 +188,8 @@ def test_table_fits_the_width_and_cuts_with_an_ellipsis() -> None:
     assert cut("self-query misses in the sample", 20) == "self-query misses\u2026"  # at a word boundary
 
 
-def test_chromadb_post_check_reads_as_lines() -> None:
+def test_chromadb_post_check_reads_as_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the lines below are cut to the terminal's width
     res = {"version": "1.5.9", "ok": False, "on": "copy", "errors": ["drawers: 1 rows without an embedding"],
            "collections": {"drawers": {"count": 450, "queried": 220, "repaired": 20, "misses_at_k10": 3,
                                        "unreachable": [], "filtered_queried": 20, "filtered_misses": [],
