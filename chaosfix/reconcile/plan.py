@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chaosfix.check import CheckReport
+from chaosfix.palace.idmap import MAX_TOTAL
 from chaosfix.palace.sql import PalaceSql, SeqValue
 from chaosfix.palace.state import CollectionState
 from chaosfix.reconcile.sources import EMBED, SLOT, WAL, Embedder, embed, latest_wal_vectors, pending_effects
 
-PLAUSIBLE_LABEL = 2**48  # labels above this come from garbage bytes, never from hnswlib
+PLAUSIBLE_LABEL = MAX_TOTAL  # without an id map: labels above this come from garbage bytes
 DEFAULT_CAPACITY = 1000
 REBUILD_CODES = {"TORN", "LINK_BLOAT", "PICKLE_MISSING", "PICKLE_UNREADABLE", "PICKLE_UNSAFE",
                  "SEGMENT_DIR_MISSING", "DUPLICATE_LABEL"}
@@ -51,6 +52,8 @@ class CollectionPlan:
     dim: int = 0  # vector dimension of the index to build
     max_elements: int = DEFAULT_CAPACITY
     seq_writes: list[SeqWrite] = field(default_factory=list)
+    clear_journal: bool = False  # INDEX_AHEAD from a leftover journal, every slot proven: move it aside
+    unrepaired_reason: str = ""
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
     state: CollectionState | None = field(default=None, repr=False)
 
@@ -60,7 +63,7 @@ class CollectionPlan:
 
     @property
     def has_work(self) -> bool:
-        return self.index_changes or bool(self.seq_writes)
+        return self.index_changes or bool(self.seq_writes) or self.clear_journal
 
     def to_json(self) -> dict:
         src: dict[str, int] = {}
@@ -171,15 +174,25 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     plan.remove_ids = sorted(i for i in (m.id_to_label if m else {}) if i not in target)
 
     all_slot_labels = st.slots.labels[~st.slots.bad].tolist() if st.slots is not None else []  # deleted too
-    labels_seen = [lab for lab in [*all_slot_labels, *(m.label_to_id if m else {})] if lab < PLAUSIBLE_LABEL]
-    next_label = max([m.total_elements_added if m else 0, *labels_seen, 0]) + 1
+    # never adopt a label the palace could not have issued (torn-slot garbage), nor a
+    # garbage total_elements_added: chromadb's next add would fail inside its consumer
+    bound = st.label_bound() if m is not None else PLAUSIBLE_LABEL
+    labels_seen = [lab for lab in [*all_slot_labels, *(m.label_to_id if m else {})] if lab <= bound]
+    next_label = max([m.sane_total() if m else 0, *labels_seen, 0]) + 1
     missing: list[str] = []
+    ahead = set(st.index_ahead())
+    stale: list[str] = []  # held labels whose slot holds a rolled-back vector: re-embed
     for rid in sorted(target):
         lab = held.get(rid)
         if lab is not None:
             if rid in newer:
                 plan.replace[rid] = lab
                 plan.vectors[rid], plan.source[rid] = newer[rid], WAL
+            elif rid in ahead and rid in any_wal:  # the committed write's WAL row is still there
+                plan.replace[rid] = lab
+                plan.vectors[rid], plan.source[rid] = any_wal[rid], WAL
+            elif rid in ahead:
+                stale.append(rid)
             else:
                 plan.keep[rid] = lab
             continue
@@ -200,6 +213,18 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
                 plan.add[rid] = next_label
                 next_label += 1
         missing = [r for r in missing if r not in plan.add]
+    if st.written_in_rollback:
+        stale += _rolled_back_slots(sql, st, plan, any_wal, embedder, dim, exclude=set(stale))
+    if stale and embedder is not None:
+        docs = sql.documents(st.info.metadata_segment, stale) if st.info.metadata_segment else {}
+        have_doc = [r for r in stale if docs.get(r)]
+        for rid, v in zip(have_doc, embed(embedder, [docs[r] for r in have_doc], dim) if have_doc else []):
+            plan.replace[rid] = held[rid]
+            plan.vectors[rid], plan.source[rid] = v, EMBED
+    for rid in stale:
+        if rid not in plan.replace:  # no source: the slot stays as it is, and the row is listed
+            plan.keep[rid] = held[rid]
+            missing.append(rid)
     plan.unrepaired = missing
     if m is None and missing and live:
         # the map is gone and some rows have no other source: their vectors may still sit
@@ -222,6 +247,48 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
                                                or m.dimensionality != plan.dimensionality
                                                or m.inverse_problems()):
         plan.strategy = "none"
+
+
+def _rolled_back_slots(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, any_wal: dict,
+                       embedder: Embedder | None, dim: int, exclude: set[str]) -> list[str]:
+    """The index was written by a transaction that rolled back (0.6): compare every kept
+    row's slot vector with its WAL vector, else its re-embedded document; a differing
+    one moves from keep to replace (WAL) or is returned for re-embedding. Without an
+    embedder, rows with no WAL vector cannot be proven and are listed (exit 4)."""
+    if st.files is None or not plan.keep:
+        return []
+    ids = [r for r in plan.keep if r not in exclude]
+    slots = np.array([st.live_label_slots[plan.keep[r]] for r in ids], dtype=np.int64)
+    have = st.files.vectors(slots) if len(slots) else np.zeros((0, dim), dtype=np.float32)
+    docs = sql.documents(st.info.metadata_segment, [r for r in ids if r not in any_wal])         if embedder is not None and st.info.metadata_segment else {}
+    doc_ids = [r for r in ids if r not in any_wal and docs.get(r)]
+    embedded = dict(zip(doc_ids, embed(embedder, [docs[r] for r in doc_ids], dim))) if doc_ids else {}
+    out: list[str] = []
+    unproven = 0
+    for rid, got in zip(ids, have):
+        ref = any_wal.get(rid)
+        ref = embedded.get(rid) if ref is None else ref
+        if ref is None:
+            unproven += 1
+            continue
+        want = np.asarray(ref, dtype=np.float32)
+        if st.info.space == "cosine":
+            want = want / max(float(np.linalg.norm(want)), 1e-12)
+        if np.allclose(got, want, atol=1e-4):
+            continue
+        lab = plan.keep.pop(rid)
+        if rid in any_wal:
+            plan.replace[rid] = lab
+            plan.vectors[rid], plan.source[rid] = any_wal[rid], WAL
+        else:
+            out.append(rid)  # the caller re-embeds it into replace
+    if unproven:
+        plan.unrepaired_reason = (f"{unproven} rows may hold vectors of a rolled-back batch (INDEX_AHEAD); "
+                                  "pass --embedder to check them")
+        plan.reasons.append(plan.unrepaired_reason)
+    else:
+        plan.clear_journal = True  # every slot proven: the journal's evidence is consumed
+    return out
 
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:
