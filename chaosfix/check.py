@@ -34,6 +34,7 @@ CODES = {
     "GHOST_LABEL": "live index labels the id map does not know",
     "DUPLICATE_LABEL": "one label held by several slots or ids",
     "REPLAY_CONFLICT": "pending deletes already applied to the index: chromadb 1.x fails to apply logs",
+    "INDEX_AHEAD": "index holds writes SQL rolled back (0.6 persist before commit): wrong vectors",
     "OFF_BY_ONE": "total_elements_added below the max label, or maps not inverse",
     "DIMENSION_LOST": "0.6 id map without dimensionality (0.6 raises TypeError on every read)",
     "TORN": "index files inconsistent with their header (torn or damaged write)",
@@ -167,11 +168,16 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
     add = report.findings.append
     if sql.hot_journal:
         # A synced header means SQLite must roll back before anyone may write (error);
-        # a zeroed header never reached the db file and SQLite ignores it (warning).
+        # a zeroed header never reached the db file and SQLite ignores it
         hot = journal_synced(sql.path)
-        state = ("rollback pending: synced header, the db file may hold uncommitted pages (read rolled back)"
+        state = ("rollback pending: synced header, the db file may hold uncommitted pages (read rolled back); "
+                 "SQLite rolls it back at the next read-write open (chromadb's start, or reconcile); "
+                 "never copy chroma.sqlite3 without it"
                  if hot else "header never synced: nothing reached chroma.sqlite3")
-        add(Finding("HOT_JOURNAL", ERROR if hot else WARNING, None, None, 1, [],
+        # (info, not a warning: a journal SQLite ignores is no work for anyone, and check's
+        # exit code must agree with reconcile's "nothing to do")
+        # A synced one is a warning, not an error: SQLite's rollback is safe and automatic.
+        add(Finding("HOT_JOURNAL", WARNING if hot else INFO, None, None, 1, [],
                     f"chroma.sqlite3-journal present; {state}"))
     report.generation = sql.generation
     at = len(report.findings)
@@ -200,7 +206,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
         report.states.append(st)
         if info.vector_segment:
             vector_ids.add(info.vector_segment)
-        _collection_findings(st, report)
+        _collection_findings(st, report, sql.schema)
     if collection is None:
         known = sql.all_segment_ids()
         orphans = orphan_dirs(root, known)
@@ -233,7 +239,7 @@ def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
         ))
 
 
-def _collection_findings(st: CollectionState, report: CheckReport) -> None:
+def _collection_findings(st: CollectionState, report: CheckReport, schema: str = "1.x") -> None:
     info = st.info
     seg = info.vector_segment
 
@@ -284,19 +290,36 @@ def _collection_findings(st: CollectionState, report: CheckReport) -> None:
         ghosts = st.ghost_labels()
         add("GHOST_LABEL", len(ghosts), ghosts, "index labels unknown to the id map")
         conflicts = st.replay_conflicts()
+        # chromadb 0.6 replays such a delete without complaint (measured): on a 0.6 palace
+        # it only fails once chromadb 1.x opens it, which is a warning, not an error
         add("REPLAY_CONFLICT", len(conflicts), conflicts,
-            "pending deletes of labels the index already marked deleted: chromadb's replay fails")
+            "pending deletes of labels the index already marked deleted: chromadb 1.x's replay fails"
+            + (" (0.6 palace: 0.6 replays them; 1.x would not)" if schema == "0.6" else ""),
+            WARNING if schema == "0.6" else ERROR)
+        ahead = st.index_ahead()
+        add("INDEX_AHEAD", len(ahead), ahead,
+            "index entries newer than their SQL rows (a persisted batch whose commit rolled back): "
+            "search and get return vectors SQL never kept")
         dups = st.duplicate_labels()
         add("DUPLICATE_LABEL", len(dups), dups, "labels held twice")
         # the map's own labels only: index labels the map lacks are GHOST_LABEL, and the
         # next add reusing a ghost's label overwrites no drawer's vector
         top_label = m.max_label
         inv = m.inverse_problems()
-        if m.total_elements_added < top_label or inv:
+        if m.total_elements_added != m.sane_total():
+            add("OFF_BY_ONE", 1, [], f"total_elements_added={m.total_elements_added} is beyond any label chromadb "
+                "could issue: every later add fails inside chromadb")
+        elif m.total_elements_added < top_label or inv:
             add("OFF_BY_ONE", max(inv, 1), [], f"total_elements_added={m.total_elements_added}, "
                 f"max label={top_label}, {inv} non-inverse map entries")
         if m.fmt == "object" and m.dimensionality is None and m.id_to_label:
             add("DIMENSION_LOST", 1, [], "0.6 id map has dimensionality None: chromadb 0.6 fails every read")
+    if m is not None and st.written_in_rollback and not any(
+            f.severity == ERROR and f.collection == info.name for f in report.findings):
+        # said only when nothing else flags the index: any repair proves every slot anyway
+        add("INDEX_AHEAD", 1, [], "index files written after the leftover journal (0.6 persists before "
+            "commit): they may hold vectors of the rolled-back batch, which chromadb serves; reconcile compares "
+            "every slot with the WAL or, with --embedder, the re-embedded document")
     pend = len(st.pending)
     add("PENDING", pend, sorted(st.pending_ids)[:SAMPLE], "WAL rows chromadb replays on open", INFO)
     report.collections.append(summary(st))

@@ -3,7 +3,8 @@
 Exit codes 0/1/4/8 follow fsck's: check 0 consistent / 4 findings / 8 operational error;
 reconcile 0 nothing to do / 1 repaired / 4 left unrepaired / 8 operational error;
 simulate 0 every expectation held / 4 an expectation failed / 8 operational error;
-2 for every usage error (click's convention; fsck's is 16). With ``--json``, an error is
+explore 0 no bad state / 4 bad states found / 8 operational error.
+and 2 for every usage error (click's convention; fsck's is 16). With ``--json``, an error is
 also printed on stdout as one ``chaosfix.error/1`` object.
 """
 
@@ -250,3 +251,42 @@ def simulate(ctx: click.Context, name: str | None, run_all: bool, seed: int, dra
     else:
         click.echo(render_simulation(results[0]) if name else render_matrix(results))
     return EXIT_OK if all(r.ok for r in results) else EXIT_FINDINGS
+
+
+@main.command()
+@click.option("--workload", "workloads", multiple=True, metavar="NAME|FILE",
+              help="add, delete, upsert, update, mixed, or a workload .toml (repeatable; default: all built-ins).")
+@click.option("--profile", type=click.Choice(["ci", "dev", "nightly", "full"]), default="nightly",
+              show_default=True, help="ci: 2 seeded states per workload; dev: 1 point per class and file; "
+              "nightly: 8 per class and file; full: every point. Power-loss states: all but in ci.")
+@click.option("--sample", type=int, metavar="N", help="N seeded states per syscall class (overrides --profile).")
+@click.option("--class", "classes", multiple=True, help="Only these classes (openat, write, pwrite64, fsync, "
+              "unlink, ..., powerloss).")
+@click.option("--no-power-loss", is_flag=True, help="Only SIGKILL states.")
+@click.option("--at", metavar="POINT", help="Replay one state: CLASS:FILE:N or powerloss:lost|torn:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--keep", type=click.Path(), help="Copy the palace of every bad state into DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.explore/1 JSON object.")
+@_one_line_errors
+def explore(workloads: tuple[str, ...], profile: str, sample: int | None, classes: tuple[str, ...],
+            no_power_loss: bool, at: str | None, seed: int, keep: str | None, as_json: bool) -> int:
+    """Run a workload with the installed chromadb, crash it at every persistence point
+    (SIGKILL at the k-th call of each syscall class on each palace file, counted across
+    threads) and by power loss, and judge every state before and after chaosfix.
+    Exit 0 when no state is missed, a false alarm, a failed repair or data lost, else 4."""
+    from chaosfix.explore.report import render
+    from chaosfix.explore.run import PROFILES, Profile
+    from chaosfix.explore.run import explore as run_explore
+    from chaosfix.explore.workloads import BUILTIN, load
+
+    if at and len(workloads) != 1:
+        raise ChaosfixError("--at replays one state: give exactly one --workload")
+    prof = Profile(sample=sample) if sample is not None else PROFILES[profile]
+    rep = run_explore([load(w, seed) for w in (workloads or BUILTIN)], prof, seed=seed,
+                      power_loss=not no_power_loss, classes=tuple(classes) or None, at=at, keep=keep,
+                      log=lambda m: click.echo(f"chaosfix: {m}", err=True))
+    if as_json:
+        _emit_json(rep.to_json())
+    else:
+        click.echo(render(rep))
+    return EXIT_FINDINGS if rep.bad else EXIT_OK

@@ -599,6 +599,23 @@ def reconciler(palace_factory: PalaceFactory, chaos_seed: int) -> Reconciler:
     return Reconciler(palace_factory, chaos_seed)
 
 
+@pytest.fixture
+def chaos_explore(chaos_seed: int) -> Callable[..., Any]:
+    """Explore a workload's crash states (``chaosfix.explore``): ``rep = chaos_explore("upsert")``
+    then ``assert not rep.bad``. The profile follows ``--chaos-profile`` / ``$CHAOSFIX_PROFILE``
+    (ci: 2 seeded states per workload, dev, nightly, full); a workload is a built-in name,
+    a workload .toml, or a ``chaosfix.explore.workloads.Workload``."""
+    from chaosfix.explore.run import PROFILES, explore
+    from chaosfix.explore.workloads import Workload, load
+
+    def run(*workloads: str | Workload, profile: str | None = None, **kw: Any) -> Any:
+        name = profile or os.environ.get("CHAOSFIX_PROFILE") or "ci"
+        wls = [w if isinstance(w, Workload) else load(w, chaos_seed) for w in workloads]
+        return explore(wls, PROFILES.get(name, PROFILES["ci"]), seed=chaos_seed, **kw)
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------
 # failures: keep palaces, say how to rerun
 

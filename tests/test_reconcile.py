@@ -518,14 +518,30 @@ def test_lock_is_not_shared_after_an_unlink_race(tmp_path, monkeypatch):
         pass
 
 
-def test_refuses_a_hot_journal(tmp_path):
-    """A journal with a synced header means chroma.sqlite3 may hold uncommitted pages: only
-    a rollback by SQLite (chromadb's next open) makes it right, so reconcile refuses."""
+def test_rolls_back_a_hot_journal_in_one_run(tmp_path):
+    """A synced journal means chroma.sqlite3 may hold uncommitted pages. SQLite's own
+    rollback (what chromadb's next open does) is safe, so reconcile does it itself after
+    copying the db and the journal into the backup, then repairs the rest in the same run."""
     p = fresh_palace(tmp_path / "palace", SPEC)
+    rows = sql_rows(p)
     faults.off_by_one(p)
-    faults.leave_hot_journal(p, spill=True)
-    assert_refused(p, "--no-chromadb-check", want="chroma.sqlite3-journal")
-    assert_refused(p, "--dry-run", want="chroma.sqlite3-journal")
+    journal = faults.leave_hot_journal(p, spill=True)
+    hot_db, hot_journal = sha(p / "chroma.sqlite3"), sha(journal)
+    assert check_palace(p).codes().keys() >= {"HOT_JOURNAL", "OFF_BY_ONE"}
+    prints = fingerprint(p)
+    code, doc, err = reconcile(p, "--dry-run")
+    assert code == 1 and doc["journal_rollback"] is True, err
+    assert fingerprint(p) == prints, "the dry run changed something"
+
+    doc = repair(p)
+    assert doc["journal_rollback"] is True and doc["after_consistent"] is True
+    backup = Path(doc["backup"])
+    assert sha(backup / "chroma.sqlite3") == hot_db and sha(backup / "chroma.sqlite3-journal") == hot_journal
+    assert not journal.exists()
+    assert sql_rows(p) == rows
+    assert_consistent(p)
+    assert reconcile(p)[0] == 0
+    assert_judged_by_chromadb(p, rows)
 
 
 @pytest.mark.parametrize("ref, want", [

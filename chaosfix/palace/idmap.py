@@ -41,6 +41,9 @@ class _Unpickler(pickle.Unpickler):
         raise UnsafePickle(f"global {module}.{name} is not allowed")
 
 
+MAX_TOTAL = 2**32  # no chromadb index issues 4 billion labels; a count above came from garbage
+
+
 @dataclass
 class IdMap:
     """The id map in one typed structure, whichever format it came from."""
@@ -57,6 +60,11 @@ class IdMap:
     @property
     def max_label(self) -> int:
         return max(self.label_to_id, default=0)
+
+    def sane_total(self) -> int:
+        """total_elements_added, unless it is beyond anything hnswlib could have counted
+        (MAX_TOTAL): then the map's own highest label."""
+        return self.total_elements_added if 0 <= self.total_elements_added < MAX_TOTAL else self.max_label
 
     def inverse_problems(self) -> int:
         """How many entries break id_to_label <-> label_to_id being inverse maps."""

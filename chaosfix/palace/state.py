@@ -43,6 +43,7 @@ class CollectionState:
     link_bytes_used: int = 0
     unsafe_id: str | None = None  # why the collection or segment id is not used as a path
     symlinks: list[str] = field(default_factory=list)  # symlinked segment folder/files: never read
+    written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
 
     def drop_index_facts(self) -> None:
         """Forget the old index's id map and slot table (the largest objects a plan holds)
@@ -93,10 +94,29 @@ class CollectionState:
         return sorted(self.idmap.id_to_label.keys() - self.sql_rows.keys() - self.pending_ids)
 
     def ghost_labels(self) -> list[int]:
-        """Live index labels the map does not know (KeyError on query)."""
+        """Live index labels the map does not know (KeyError on query), except the ones
+        chromadb's replay of the pending WAL re-issues (``replay_labels``)."""
         if self.idmap is None:
             return []
-        return sorted(self.live_label_slots.keys() - self.idmap.label_to_id.keys())
+        claimed = self.replay_labels() if not self.torn else range(0)  # a torn index is never replayed
+        return sorted(lab for lab in self.live_label_slots.keys() - self.idmap.label_to_id.keys() if lab not in claimed)
+
+    def replay_labels(self) -> range:
+        """The labels chromadb's replay of the pending WAL will issue: one per pending
+        add/upsert of an id the map does not hold, counted up from total_elements_added.
+        A kill after a persist wrote the HNSW files but before the pickle leaves exactly
+        these labels in the index (1.x commits its WAL first): the replay re-adds the same
+        rows under the same labels, overwriting those slots, and chromadb serves the palace
+        correctly, so they are no finding (measured by ``chaosfix explore``)."""
+        m = self.idmap
+        if m is None:
+            return range(0)
+        seen, new = set(m.id_to_label), 0
+        for w in self.pending:
+            if w.op in (0, 2) and w.id not in seen:
+                seen.add(w.id)
+                new += 1
+        return range(m.total_elements_added + 1, m.total_elements_added + 1 + new)
 
     @property
     def reflected_seq(self) -> int:
@@ -114,6 +134,29 @@ class CollectionState:
         gone = set(self.slots.labels[self.slots.deleted].tolist())
         return sorted({w.id for w in self.pending if w.op == 3 and self.idmap.id_to_label.get(w.id) in gone})
 
+    def label_bound(self) -> int:
+        """The highest label this palace could have issued. Labels are issued one by one
+        and never reused, and each new one takes a new slot, so none exceeds the id map's
+        own count plus the slots in data_level0.bin plus the rows still pending. A slot
+        label above it is bytes of a torn write (about 9.4e13 seen in 0.6): adopting it
+        as total_elements_added makes every later chromadb add fail (std::bad_alloc)."""
+        m = self.idmap
+        base = max(m.sane_total(), m.max_label) if m is not None else 0
+        slots = self.files.slots_in_file if self.files is not None and self.files.header is not None else 0
+        return base + slots + len(self.pending)
+
+    def index_ahead(self) -> list[str]:
+        """Ids whose index entry records a later write than their SQL row (0.6's
+        ``id_to_seq_id`` above the row's seq_id): 0.6 persists a batch's index inside the
+        add's transaction, so a kill before the commit rolls SQL back and leaves the index
+        holding the batch's new vectors for existing ids (wrong vectors, silently)."""
+        m = self.idmap
+        if m is None or not m.id_to_seq_id:
+            return []
+        rows = self.sql_rows
+        return sorted(rid for rid, seq in m.id_to_seq_id.items()
+                      if rid in rows and rid in m.id_to_label and isinstance(seq, int) and seq > rows[rid])
+
     def rows_not_pending(self) -> int:
         return len(self.sql_rows) - len(self.pending_ids & self.sql_rows.keys())
 
@@ -126,6 +169,26 @@ def id_problem(info: CollectionInfo) -> str | None:
         if val is not None and not is_uuid(val):
             return f"{what} id {shown(val)} is not a UUID"
     return None
+
+
+def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
+    """chromadb 0.6 persists the index inside the add's transaction, before its commit.
+    A leftover journal means that transaction never committed (SQLite rolls it back);
+    index files written after the journal's last write were written by it, after every
+    SQL change it made, i.e. by its persist: they may hold the batch's vectors for
+    existing ids, which SQL no longer has (nor, once purged, any WAL row)."""
+    journal = Path(str(db_path) + "-journal")
+    try:
+        since = journal.stat().st_mtime_ns
+    except OSError:
+        return False
+    for name in ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin", idmap_mod.FILENAME):
+        try:
+            if (seg_dir / name).stat().st_mtime_ns >= since:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue],
@@ -163,6 +226,8 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
     st.pending = sql.wal(info.id, above=above, with_vectors=False)
     if seg_ok:
         _read_files(st, slot_vectors)
+    if seg_ok and sql.hot_journal and sql.generation.pickle_format == "object":
+        st.written_in_rollback = written_in_rollback(st.seg_dir, sql.path)
     return st
 
 

@@ -16,16 +16,25 @@ import numpy as np
 
 from chaosfix.check import PALACE_CODES, CheckReport
 from chaosfix.palace.hnsw import vectors_usable
-from chaosfix.palace.idmap import IdMap
+from chaosfix.palace.idmap import MAX_TOTAL, IdMap
 from chaosfix.palace.sql import PalaceSql
 from chaosfix.palace.state import CollectionState
-from chaosfix.reconcile.sources import EMBED, QUARANTINE, SLOT, WAL, embed, latest_wal_vectors, pending_effects
+from chaosfix.reconcile.sources import (
+    EMBED,
+    QUARANTINE,
+    SLOT,
+    WAL,
+    Embedder,
+    embed,
+    latest_wal_vectors,
+    pending_effects,
+)
 
 # (sql, state) -> an embedder choice (chaosfix.embedders.select.Choice): asked only when
 # some row has no vector in the index or the WAL, so the guard runs only when needed
 EmbedderFor = Callable[[PalaceSql, CollectionState], Any]
 
-PLAUSIBLE_LABEL = 2**48  # labels above this come from garbage bytes, never from hnswlib
+PLAUSIBLE_LABEL = MAX_TOTAL  # without an id map: labels above this come from garbage bytes
 DEFAULT_CAPACITY = 1000
 REBUILD_CODES = {"TORN", "LINK_BLOAT", "PICKLE_MISSING", "PICKLE_UNREADABLE", "PICKLE_UNSAFE",
                  "SEGMENT_DIR_MISSING", "DUPLICATE_LABEL"}
@@ -61,6 +70,8 @@ class CollectionPlan:
     max_elements: int = DEFAULT_CAPACITY
     seq_writes: list[SeqWrite] = field(default_factory=list)
     pickle_seq: int | None = None  # 0.4: the vector segment's max_seq_id, kept in the pickle
+    clear_journal: bool = False  # INDEX_AHEAD from a leftover journal, every slot proven: move it aside
+    unrepaired_reason: str = ""
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
     embedder: Any = field(default=None, repr=False)  # the Choice made for rows re-embedded
     state: CollectionState | None = field(default=None, repr=False)
@@ -71,7 +82,7 @@ class CollectionPlan:
 
     @property
     def has_work(self) -> bool:
-        return self.index_changes or bool(self.seq_writes)
+        return self.index_changes or bool(self.seq_writes) or self.clear_journal
 
     def to_json(self) -> dict:
         src: dict[str, int] = {}
@@ -192,7 +203,12 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     plan.remove_labels = sorted(live.keys() - owner.keys())
     plan.remove_ids = sorted(m.id_to_label.keys() - target.keys()) if m else []
 
-    next_label = max(m.total_elements_added if m else 0, _top_plausible_label(st)) + 1
+    # never adopt a label the palace could not have issued (torn-slot garbage), nor a
+    # garbage total_elements_added: chromadb's next add would fail inside its consumer
+    bound = st.label_bound() if m is not None else PLAUSIBLE_LABEL
+    next_label = max(m.sane_total() if m else 0, _top_plausible_label(st, bound)) + 1
+    ahead = set(st.index_ahead())
+    rolled_back: list[str] = []  # held labels whose slot holds a rolled-back vector: re-embed
     for rid in sorted(held):
         if rid in newer:
             plan.replace[rid] = held[rid]
@@ -200,7 +216,12 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         elif rid in stale:  # check --deep: the slot holds another vector than the document's
             plan.replace[rid] = held[rid]
             plan.vectors[rid], plan.source[rid] = stale[rid], EMBED
-    plan.keep = {rid: held[rid] for rid in sorted(held.keys() - newer.keys() - stale.keys())}
+        elif rid in ahead and rid in any_wal:  # the committed write's WAL row is still there
+            plan.replace[rid] = held[rid]
+            plan.vectors[rid], plan.source[rid] = any_wal[rid], WAL
+        elif rid in ahead:
+            rolled_back.append(rid)
+    plan.keep = {rid: held[rid] for rid in sorted(held.keys() - plan.replace.keys() - set(rolled_back))}
     missing: list[str] = []
     for rid in sorted(target.keys() - held.keys()):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)
@@ -227,14 +248,40 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     if missing and embedder is not None:
         docs = sql.documents(st.info.metadata_segment, missing) if st.info.metadata_segment else {}
         have_doc = [r for r in missing if docs.get(r)]
-        choice = plan.embedder = embedder(sql, st) if have_doc else None
-        if choice is not None and choice.embedder is not None:
-            vecs = embed(choice.embedder, [docs[r] for r in have_doc], dim)
+        emb = _chosen_embedder(plan, embedder, sql, st) if have_doc else None
+        if emb is not None:
+            vecs = embed(emb, [docs[r] for r in have_doc], dim)
             for rid, v in zip(have_doc, vecs):
                 plan.vectors[rid], plan.source[rid] = v, EMBED
                 plan.add[rid] = next_label
                 next_label += 1
         missing = [r for r in missing if r not in plan.add]
+    if st.written_in_rollback:
+        emb = _chosen_embedder(plan, embedder, sql, st) if embedder is not None else None
+        rolled_back += _rolled_back_slots(sql, st, plan, any_wal, emb, dim, exclude=set(rolled_back))
+    emb = _chosen_embedder(plan, embedder, sql, st) if rolled_back and embedder is not None else None
+    if emb is not None:
+        docs = sql.documents(st.info.metadata_segment, rolled_back) if st.info.metadata_segment else {}
+        have_doc = [r for r in rolled_back if docs.get(r)]
+        for rid, v in zip(have_doc, embed(emb, [docs[r] for r in have_doc], dim) if have_doc else []):
+            plan.replace[rid] = held[rid]
+            plan.vectors[rid], plan.source[rid] = v, EMBED
+    for rid in rolled_back:
+        if rid not in plan.replace:  # no source: the slot stays as it is, and the row is listed
+            plan.keep[rid] = held[rid]
+            missing.append(rid)
+    if st.written_in_rollback:
+        stale += _rolled_back_slots(sql, st, plan, any_wal, embedder, dim, exclude=set(stale))
+    if stale and embedder is not None:
+        docs = sql.documents(st.info.metadata_segment, stale) if st.info.metadata_segment else {}
+        have_doc = [r for r in stale if docs.get(r)]
+        for rid, v in zip(have_doc, embed(embedder, [docs[r] for r in have_doc], dim) if have_doc else []):
+            plan.replace[rid] = held[rid]
+            plan.vectors[rid], plan.source[rid] = v, EMBED
+    for rid in stale:
+        if rid not in plan.replace:  # no source: the slot stays as it is, and the row is listed
+            plan.keep[rid] = held[rid]
+            missing.append(rid)
     plan.unrepaired = missing
     if m is None and missing and live:
         # the map is gone and some rows have no other source: their vectors may still sit
@@ -288,20 +335,72 @@ def _owners_of_damaged_map(m: IdMap, usable: list[int], target: dict[str, int]) 
     return owner
 
 
-def _top_plausible_label(st: CollectionState) -> int:
-    """The highest label any slot (deleted too) or the map holds, garbage-sized ones aside:
-    new labels start above it, so none is ever reused."""
+def _top_plausible_label(st: CollectionState, bound: int) -> int:
+    """The highest label any slot (deleted too) or the map holds, those above ``bound``
+    (what the palace could have issued) aside: new labels start above it, so none is
+    ever reused and no garbage label is adopted."""
     top = 0
     if st.slots is not None:
         labs = st.slots.labels[~st.slots.bad]
-        labs = labs[labs < PLAUSIBLE_LABEL]
+        labs = labs[labs <= bound]
         top = int(labs.max()) if len(labs) else 0
     if st.idmap is not None and st.idmap.label_to_id:
         mx = max(st.idmap.label_to_id)
-        if mx >= PLAUSIBLE_LABEL:
-            mx = max((lab for lab in st.idmap.label_to_id if lab < PLAUSIBLE_LABEL), default=0)
+        if mx > bound:
+            mx = max((lab for lab in st.idmap.label_to_id if lab <= bound), default=0)
         top = max(top, mx)
     return top
+
+
+def _chosen_embedder(plan: CollectionPlan, embedder: EmbedderFor, sql: PalaceSql,
+                     st: CollectionState) -> Embedder | None:
+    """The collection's embedder, chosen (and guarded) once, on first need."""
+    if plan.embedder is None:
+        plan.embedder = embedder(sql, st)
+    return plan.embedder.embedder if plan.embedder is not None else None
+
+
+def _rolled_back_slots(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, any_wal: dict,
+                       embedder: Embedder | None, dim: int, exclude: set[str]) -> list[str]:
+    """The index was written by a transaction that rolled back (0.6): compare every kept
+    row's slot vector with its WAL vector, else its re-embedded document; a differing
+    one moves from keep to replace (WAL) or is returned for re-embedding. Without an
+    embedder, rows with no WAL vector cannot be proven and are listed (exit 4)."""
+    if st.files is None or not plan.keep:
+        return []
+    ids = [r for r in plan.keep if r not in exclude]
+    slots = np.array([st.live_label_slots[plan.keep[r]] for r in ids], dtype=np.int64)
+    have = st.files.vectors(slots) if len(slots) else np.zeros((0, dim), dtype=np.float32)
+    docs = (sql.documents(st.info.metadata_segment, [r for r in ids if r not in any_wal])
+            if embedder is not None and st.info.metadata_segment else {})
+    doc_ids = [r for r in ids if r not in any_wal and docs.get(r)]
+    embedded = dict(zip(doc_ids, embed(embedder, [docs[r] for r in doc_ids], dim))) if doc_ids else {}
+    out: list[str] = []
+    unproven = 0
+    for rid, got in zip(ids, have):
+        ref = any_wal.get(rid)
+        ref = embedded.get(rid) if ref is None else ref
+        if ref is None:
+            unproven += 1
+            continue
+        want = np.asarray(ref, dtype=np.float32)
+        if st.info.space == "cosine":
+            want = want / max(float(np.linalg.norm(want)), 1e-12)
+        if np.allclose(got, want, atol=1e-4):
+            continue
+        lab = plan.keep.pop(rid)
+        if rid in any_wal:
+            plan.replace[rid] = lab
+            plan.vectors[rid], plan.source[rid] = any_wal[rid], WAL
+        else:
+            out.append(rid)  # the caller re-embeds it into replace
+    if unproven:
+        plan.unrepaired_reason = (f"{unproven} rows may hold vectors of a rolled-back batch (INDEX_AHEAD); "
+                                  "pass --embedder to check them")
+        plan.reasons.append(plan.unrepaired_reason)
+    else:
+        plan.clear_journal = True  # every slot proven: the journal's evidence is consumed
+    return out
 
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:

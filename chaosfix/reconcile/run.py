@@ -24,12 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaosfix.check import CheckReport, check_palace, deep_findings
+from chaosfix.check import ERROR, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import ForeignObject
 from chaosfix.palace.sql import PalaceSql, journal_synced
+from chaosfix.palace.state import written_in_rollback
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
@@ -43,6 +44,7 @@ BUILD_PREFIX = ".chaosfix-build-"
 OLD_PREFIX = ".chaosfix-old-"
 FLOOR_ID = "__chaosfix_seq_floor__"
 FOREIGN_SQL_FILE = "foreign-sql.sql"  # dropped triggers/views, to recreate by hand if wanted
+JOURNAL = "chroma.sqlite3-journal"
 
 
 @dataclass
@@ -83,11 +85,12 @@ class ReconcileReport:
     left: list[str] = field(default_factory=list)  # findings deliberately left, with why (exit 4)
     foreign_sql: list[ForeignObject] = field(default_factory=list)  # triggers/views to drop (asked for)
     swapping: bool = field(default=False, repr=False)  # past this point a build folder may hold the old segment
+    journal_rollback: bool = False  # a synced journal is (or, dry run: would be) rolled back first
 
     @property
     def has_work(self) -> bool:
         return (any(p.has_work for p in self.plans) or self.queue_floor is not None or bool(self.prune_dirs)
-                or bool(self.foreign_sql))
+                or bool(self.foreign_sql) or self.journal_rollback)
 
     @property
     def unrepaired(self) -> list[str]:
@@ -107,6 +110,7 @@ class ReconcileReport:
             "exit_code": self.exit_code,
             "plans": [p.to_json() for p in self.plans],
             "queue_floor": self.queue_floor,
+            "journal_rollback": self.journal_rollback,
             "verification": {k: vars(v) for k, v in self.verifications.items()},
             "backup": self.backup,
             "after_consistent": self.after.consistent if self.after else None,
@@ -124,9 +128,6 @@ def _refuse_sql_damage(rep: CheckReport, root: Path) -> None:
     if gen is not None and not gen.known and "SQLITE_CORRUPT" not in codes:
         raise OperationalError(f"{root}: palace written by a chromadb generation chaosfix does not know "
                                f"({gen.evidence[0]}); refusing to write to it")
-    if any(f.code == "HOT_JOURNAL" and f.severity == "error" for f in rep.findings):
-        raise OperationalError(f"{root}: chroma.sqlite3-journal present (interrupted transaction); "
-                               "open the palace with chromadb once to roll it back, then rerun")
     corrupt = next((f for f in rep.findings if f.code == "SQLITE_CORRUPT"), None)
     if corrupt is not None:
         why = corrupt.detail if corrupt.detail.startswith("chromadb's schema") else "PRAGMA quick_check fails"
@@ -250,17 +251,27 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         if stale_copies(root):
             with PalaceLock(root):
                 rep.notes += [f"removed {n}, a copy an interrupted post-check left" for n in clear_stale_copies(root)]
+    # the leftover journal is the evidence of a 0.6 persist inside a rolled-back
+    # transaction (INDEX_AHEAD): note which segments it covers before rolling it back
+    suspects = {d.name for d in root.iterdir() if UUID_RE.match(d.name) and d.is_dir()
+                and written_in_rollback(d, root / "chroma.sqlite3")} if (root / JOURNAL).exists() else set()
+    if (root / JOURNAL).exists() and journal_synced(root / "chroma.sqlite3"):
+        _roll_back_journal(root, rep, opts)
     first_look = _fingerprint(root)
-    before = check_palace(root, opts.collection, slot_vectors=True)
+    before = _check(root, opts, suspects)
     _refuse_sql_damage(before, root)
     rep.foreign_sql = _refuse_unsafe(before, root, opts)
     rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
+    rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
     orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
     if orphans and not opts.prune_orphan_dirs:
         rep.notes.append(f"{orphans} segment folder(s) no segment owns left in place (chromadb never reads them); "
                          "--prune-orphan-dirs moves them into the backup")
     rep.timings["plan"] = time.perf_counter() - t0
-    if opts.dry_run or not rep.has_work:
+    if opts.dry_run or not (any(p.has_work for p in rep.plans) or rep.queue_floor is not None or rep.prune_dirs
+                            or rep.foreign_sql):
+        if rep.journal_rollback and not opts.dry_run:
+            rep.after = check_palace(root, opts.collection)
         return rep
     if opts.chromadb_check and opts.chromadb_python and before.generation is not None:
         from chaosfix.chromadb_probe import plan_post_check
@@ -285,10 +296,12 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             # re-plan under the lock if any palace file changed since the first look
             if _fingerprint(root) != first_look:
                 rep.notes.append("the palace changed since the first look: planned again under the lock")
-                before = check_palace(root, opts.collection, conn=conn, slot_vectors=True)
+                before = _check(root, opts, suspects, conn)
                 _refuse_sql_damage(before, root)
                 rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
                 rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
+                rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
+                rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
             rows_before = schema_guard.RowFingerprint.take(conn)
             _execute(root, conn, rep, opts, progress, say, rows_before)
         except BaseException:
@@ -359,6 +372,55 @@ def _post_check(root: Path, rep: ReconcileReport, opts: ReconcileOptions, progre
                                 progress=progress)
 
 
+def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3.Connection | None = None
+           ) -> CheckReport:
+    rep = check_palace(root, opts.collection, conn=conn, slot_vectors=True)
+    for st in rep.states:
+        if (st.seg_dir is not None and st.seg_dir.name in suspects and st.idmap is not None
+                and st.idmap.fmt == "object"):  # only 0.6 persists inside the transaction
+            if not st.written_in_rollback and not any(f.severity == ERROR and f.collection == st.info.name
+                                                      for f in rep.findings):
+                rep.findings.append(Finding("INDEX_AHEAD", ERROR, st.info.name, st.info.vector_segment, 1, [],
+                                            "index files written by a transaction that rolled back"))
+            st.written_in_rollback = True
+    return rep
+
+
+def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions) -> None:
+    """A synced journal: chroma.sqlite3 may hold pages of a transaction that never
+    committed, and SQLite rolls them back at the next read-write open (chromadb's next
+    start). Do exactly that here, under the lock and with no other process on the
+    palace, after copying the db and the journal into the backup, so one run repairs
+    everything. A kill during SQLite's rollback leaves the journal for the next run."""
+    rep.journal_rollback = True
+    if opts.dry_run:
+        rep.notes.append("would roll back the interrupted transaction in chroma.sqlite3-journal (as SQLite does)")
+        return
+    with PalaceLock(root):
+        holders = other_holders(root)
+        if holders:
+            raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
+        if opts.backup:
+            backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{time.strftime('%Y%m%d-%H%M%S')}")
+            rep.backup = str(backup_dir)
+            for name in ("chroma.sqlite3", JOURNAL):
+                sparse_copy(root / name, backup_dir / name)
+                fsync_path(backup_dir / name)
+            fsync_path(backup_dir)
+        conn = sqlite3.connect(str(root / "chroma.sqlite3"), timeout=1.0)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # SQLite rolls the journal back
+        except sqlite3.Error as exc:
+            raise OperationalError(f"{root}: SQLite could not roll back chroma.sqlite3-journal: {exc}") from None
+        finally:
+            conn.close()
+        if (root / JOURNAL).exists() and journal_synced(root / "chroma.sqlite3"):
+            raise OperationalError(f"{root}: chroma.sqlite3-journal is still hot after SQLite's rollback")
+        fsync_path(root)
+    rep.notes.append("rolled back the interrupted transaction in chroma.sqlite3-journal"
+                     + (f" (db and journal copied to {rep.backup})" if rep.backup else ""))
+
+
 def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
     """(path, size, mtime_ns, inode) of every palace file but our own lock and marker: any
     write by chromadb or another tool changes it, so an unchanged one lets the plan made
@@ -400,8 +462,12 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
     backup_dir = None
-    # pruned folders and dropped SQL always go to a backup
-    if (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql:
+    if rep.backup is not None:  # made by the journal rollback: one backup per run
+        backup_dir = Path(rep.backup)
+        if sql_changes:
+            sparse_copy(root / "chroma.sqlite3", backup_dir / "chroma.sqlite3.rolled-back")
+            fsync_path(backup_dir / "chroma.sqlite3.rolled-back")
+    elif (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql:  # pruned folders and dropped SQL always go to a backup
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
         if sql_changes:
@@ -508,7 +574,7 @@ def _clear_stale_journal(root: Path, backup_dir: Path | None) -> None:
     """A leftover journal with a zeroed header never reached the db and SQLite ignores it
     (hot ones were refused earlier); under our EXCLUSIVE lock it is moved aside so the
     repaired palace carries no HOT_JOURNAL warning."""
-    journal = root / "chroma.sqlite3-journal"
+    journal = root / JOURNAL
     if not journal.exists() or journal_synced(root / "chroma.sqlite3"):
         return
     if backup_dir is not None:

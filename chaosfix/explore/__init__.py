@@ -1,0 +1,1 @@
+"""``chaosfix explore``: every crash state of a workload, judged before and after chaosfix."""

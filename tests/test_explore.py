@@ -1,0 +1,172 @@
+"""chaosfix explore: the tracer counts persistence points across threads, every sampled
+crash state of each workload is judged healthy, healed or repaired (never missed, a false
+alarm, a failed repair or data lost), and the fixes explore drove (rolled-back 0.6
+upserts, garbage labels from torn slots) hold on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+
+import pytest
+from click.testing import CliRunner
+from helpers import HASH_EMBEDDER, SPEC, assert_consistent, assert_judged_by_chromadb, repair, sql_rows
+
+from chaosfix import faults
+from chaosfix.check import check_palace
+from chaosfix.cli import main as cli_main
+from chaosfix.explore import trace as tr
+from chaosfix.explore.run import BAD, Profile, explore
+from chaosfix.explore.workloads import BUILTIN, builtin
+from chaosfix.palace import idmap
+from chaosfix.palace.hnsw import HnswFiles
+from chaosfix.workload import apply_ops, chroma_major, fresh_palace
+
+pytestmark = pytest.mark.skipif(tr.available() is not None, reason=str(tr.available()))
+
+THREADS = """
+import sys, threading
+path = sys.argv[1]
+fh = open(path, "ab", buffering=0)
+go = threading.Barrier(4)
+def writer(tag):
+    go.wait()
+    for _ in range(20):
+        fh.write(tag)
+ts = [threading.Thread(target=writer, args=(t,)) for t in (b"a", b"b", b"c", b"d")]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"""
+
+
+def test_tracer_counts_writes_of_all_threads_on_one_counter(tmp_path):
+    """Four threads append to one file: the k-th write is counted across threads (strace's
+    per-thread `when=k` would stop at the 4k-th), and the k-th never runs."""
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-c", THREADS, str(log)]
+    full = tr.run_traced(cmd, tmp_path)
+    assert full.returncode == 0, full.stderr
+    writes = [p for p in full.points if p.cls == "write" and p.file == "log"]
+    assert [p.n for p in writes] == list(range(1, 81))
+    assert log.stat().st_size == 80
+    log.unlink()
+    for k in (1, 7, 33):
+        t = tr.run_traced(cmd, tmp_path, stop=tr.Point("write", "log", k))
+        assert t.killed and t.stopped_at == tr.Point("write", "log", k)
+        assert log.stat().st_size == k - 1, "exactly the writes before the k-th, from any thread, ran"
+        log.unlink()
+
+
+def test_point_strings_round_trip():
+    p = tr.Point.parse("pwrite64:chroma.sqlite3-journal:12")
+    assert p == tr.Point("pwrite64", "chroma.sqlite3-journal", 12) and tr.Point.parse(p.key()) == p
+    with pytest.raises(ValueError):
+        tr.Point.parse("bogus:x:1")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_sampled_crash_states_are_never_missed_or_damaged(name, chaos_explore, tmp_path):
+    """The profile's states (ci: the workload's persistence points counted, two seeded
+    states of any class, power loss included) replayed and judged."""
+    rep = chaos_explore(name, keep=tmp_path / "keep")
+    assert rep.points[name]["write"] > 0 and rep.points[name]["pwrite64"] > 0
+    assert rep.states and (len(rep.states) == 2 or os.environ.get("CHAOSFIX_PROFILE", "ci") != "ci")
+    assert not rep.bad, "\n".join(f"{s.category}: {s.repro} # {s.reasons}" for s in rep.bad)
+
+
+def test_explore_library_call_takes_a_profile():
+    rep = explore([builtin("add")], Profile(states=1), classes=("fsync",), power_loss=False)
+    assert len(rep.states) == 1 and rep.states[0].cls == "fsync" and not rep.bad
+
+
+def test_cli_replays_one_state_as_json(tmp_path):
+    res = CliRunner().invoke(cli_main, ["explore", "--workload", "add", "--at", "powerloss:lost:1", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["schema"] == "chaosfix.explore/1" and len(doc["states"]) == 1
+    (state,) = doc["states"]
+    assert state["point"] == "powerloss:lost:1" and state["category"] not in BAD
+    assert state["repro"] == "chaosfix explore --workload add --seed 0 --at powerloss:lost:1"
+    bad = CliRunner().invoke(cli_main, ["explore", "--workload", "add", "--at", "nope:x:1"])
+    assert bad.exit_code == 8 and "bad point" in bad.stderr
+
+
+@pytest.mark.skipif(chroma_major() != "0.6", reason="0.6 persists inside the add's transaction")
+def test_rolled_back_upsert_is_found_and_repaired(tmp_path):
+    """0.6 persists a batch's index before SQLite commits: a kill there rolls SQL back and
+    leaves the index with the batch's new vectors for existing ids. check names it
+    (INDEX_AHEAD), reconcile puts back the committed vectors."""
+    spec = SPEC.with_(sync_threshold=100, batch_size=50)
+    p = fresh_palace(tmp_path / "palace", spec)
+    res = apply_ops(p, spec, [{"op": "upsert", "start": 200, "count": 150, "version": 1}],
+                    kill=faults.kill_point("before-commit"))
+    assert res.killed
+    codes = check_palace(p).codes()
+    assert codes.get("INDEX_AHEAD", 0) > 0, codes
+    rows = sql_rows(p)
+    doc = repair(p, "--embedder", HASH_EMBEDDER)
+    assert doc["plans"][0]["replace"] >= codes["INDEX_AHEAD"]
+    assert_consistent(p)
+    assert_judged_by_chromadb(p, rows, spec)  # every row's exact vector, and a new write lands
+
+
+GARBAGE = 94_000_000_000_000  # what a torn 0.6 slot held in the field
+
+
+def test_garbage_label_of_a_torn_slot_is_never_adopted(tmp_path):
+    """A slot whose label is bytes of a torn write: the repair must not take it as the next
+    label (total_elements_added ~9.4e13 makes every later chromadb add fail)."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    rows = sql_rows(p)
+    seg = faults.segment_dir(p)
+    h = HnswFiles.open(seg).header
+    with open(seg / "data_level0.bin", "r+b") as f:
+        f.seek(7 * h.size_data_per_element + h.label_offset)
+        f.write(struct.pack("<Q", GARBAGE))
+    assert check_palace(p).codes().keys() >= {"GHOST_LABEL", "SQL_ONLY"}
+    repair(p, "--embedder", HASH_EMBEDDER)
+    m = idmap.loads(faults.pickle_path(p).read_bytes())
+    assert m.total_elements_added < idmap.MAX_TOTAL and m.total_elements_added == max(m.label_to_id)
+    assert_consistent(p)
+    assert_judged_by_chromadb(p, rows)
+
+
+def test_garbage_total_elements_added_is_found_and_replaced(tmp_path):
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    rows = sql_rows(p)
+    pk = faults.pickle_path(p)
+    m = idmap.loads(pk.read_bytes())
+    want = m.total_elements_added
+    m.total_elements_added = GARBAGE
+    pk.write_bytes(idmap.dumps(m))
+    rep = check_palace(p)
+    assert rep.codes() == {"OFF_BY_ONE": 1} and "every later add fails" in rep.findings[0].detail
+    repair(p, "--embedder", HASH_EMBEDDER)
+    assert idmap.loads(pk.read_bytes()).total_elements_added == want
+    assert_consistent(p)
+    assert_judged_by_chromadb(p, rows)
+
+
+def test_kill_between_hnsw_files_and_pickle_is_not_a_false_alarm():
+    """Found by explore on 1.5.9: killed as the 2nd persist opens the pickle, the index
+    holds labels the old pickle lacks, exactly those chromadb's replay of the pending WAL
+    re-issues; chromadb serves the palace, so check must not report an error (0.6 rolls
+    the batch back instead, then KeyErrors on query: found and repaired)."""
+    rep = explore([builtin("add")], at="openat:segment/index_metadata.pickle:2")
+    (state,) = rep.states
+    assert state.category not in BAD, (state.category, state.reasons, state.check_codes)
+
+
+@pytest.mark.skipif(chroma_major() != "0.6", reason="0.6 persists inside the add's transaction")
+def test_kill_mid_persist_of_an_update_is_found_and_repaired():
+    """Found by explore on 0.6.3 (the ci sample of `update`): killed mid-persist, the
+    transaction rolls back but data_level0.bin already holds the batch's new vectors for
+    existing ids, and the pickle (with id_to_seq_id) was never written. check flags the
+    index files written after the journal (INDEX_AHEAD); reconcile proves every slot
+    against the WAL or the re-embedded document and replaces the wrong ones."""
+    rep = explore([builtin("update")], at="write:segment/data_level0.bin:525")
+    (state,) = rep.states
+    assert "INDEX_AHEAD" in state.check_codes, state.check_codes
+    assert state.category == "repaired", (state.category, state.reasons, state.before, state.after)
