@@ -112,13 +112,13 @@ class PalaceSql:
                 conn = self._open_readonly(db_path)
             self.conn = conn
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.Error as exc:
+            self.columns = {
+                t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
+                for t in ("collections", "collection_metadata", "embeddings_queue", "segments")
+            }
+        except (sqlite3.Error, UnicodeDecodeError) as exc:  # a flipped bit in the schema's text decodes badly
             self._drop_scratch()
-            raise SqlReadError(str(exc)) from exc
-        self.columns = {
-            t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
-            for t in ("collections", "collection_metadata", "embeddings_queue", "segments")
-        }
+            raise SqlReadError(f"{type(exc).__name__}: {exc}" if isinstance(exc, UnicodeDecodeError) else str(exc)) from exc
 
     def _open_readonly(self, db_path: Path) -> sqlite3.Connection:
         """``mode=ro``; with a hot journal, the committed state: a private copy of the file
