@@ -206,7 +206,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
         report.states.append(st)
         if info.vector_segment:
             vector_ids.add(info.vector_segment)
-        _collection_findings(st, report, sql.schema)
+        _collection_findings(st, report, sql.generation.family)
     if collection is None:
         known = sql.all_segment_ids()
         orphans = orphan_dirs(root, known)
