@@ -623,7 +623,7 @@ def test_post_check_failure_is_one_line():
     rep.chromadb = {"ok": False, "error": "RuntimeError: boom\n  more", "trace": "Traceback (most recent call last):\n"
                     "  File \"x\", line 1\nRuntimeError: boom"}
     text = render_reconcile(rep)
-    (line,) = [ln for ln in text.splitlines() if "post-check" in ln]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("chromadb ") and "post-check:" in ln]
     assert line.endswith("post-check: FAILED: RuntimeError: boom more"), line
     assert "Traceback" not in text
 
