@@ -254,18 +254,18 @@ def simulate(ctx: click.Context, name: str | None, run_all: bool, seed: int, dra
 
 
 @main.command()
-@click.option("--workload", "workloads", multiple=True, metavar="NAME|FILE",
-              help="add, delete, upsert, update, mixed, or a workload .toml (repeatable; default: all built-ins).")
+@click.option("--workload", "workloads", multiple=True, metavar="WORKLOAD",
+              help="A built-in name (add, delete, upsert, update, mixed) or a workload .toml (repeatable; default: all built-ins).")
 @click.option("--profile", type=click.Choice(["ci", "dev", "nightly", "full"]), default="nightly",
               show_default=True, help="ci: 2 seeded states per workload; dev: 1 point per class and file; "
               "nightly: 8 per class and file; full: every point. Power-loss states: all but in ci.")
-@click.option("--sample", type=int, metavar="N", help="N seeded states per syscall class (overrides --profile).")
-@click.option("--class", "classes", multiple=True, help="Only these classes (openat, write, pwrite64, fsync, "
+@click.option("--sample", type=click.IntRange(min=1), metavar="N", help="N seeded states per syscall class (overrides --profile).")
+@click.option("--class", "classes", multiple=True, metavar="CLASS", help="Only these classes (openat, write, pwrite64, fsync, "
               "unlink, ..., powerloss).")
 @click.option("--no-power-loss", is_flag=True, help="Only SIGKILL states.")
 @click.option("--at", metavar="POINT", help="Replay one state: CLASS:FILE:N or powerloss:lost|torn:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--keep", type=click.Path(), help="Copy the palace of every bad state into DIR.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="N")
+@click.option("--keep", type=click.Path(), metavar="DIR", help="Copy the palace of every bad state into DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one chaosfix.explore/1 JSON object.")
 @_one_line_errors
 def explore(workloads: tuple[str, ...], profile: str, sample: int | None, classes: tuple[str, ...],
