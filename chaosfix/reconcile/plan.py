@@ -270,18 +270,6 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         if rid not in plan.replace:  # no source: the slot stays as it is, and the row is listed
             plan.keep[rid] = held[rid]
             missing.append(rid)
-    if st.written_in_rollback:
-        stale += _rolled_back_slots(sql, st, plan, any_wal, embedder, dim, exclude=set(stale))
-    if stale and embedder is not None:
-        docs = sql.documents(st.info.metadata_segment, stale) if st.info.metadata_segment else {}
-        have_doc = [r for r in stale if docs.get(r)]
-        for rid, v in zip(have_doc, embed(embedder, [docs[r] for r in have_doc], dim) if have_doc else []):
-            plan.replace[rid] = held[rid]
-            plan.vectors[rid], plan.source[rid] = v, EMBED
-    for rid in stale:
-        if rid not in plan.replace:  # no source: the slot stays as it is, and the row is listed
-            plan.keep[rid] = held[rid]
-            missing.append(rid)
     plan.unrepaired = missing
     if m is None and missing and live:
         # the map is gone and some rows have no other source: their vectors may still sit
