@@ -176,13 +176,20 @@ def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
     A leftover journal means that transaction never committed (SQLite rolls it back);
     index files written after the journal's last write were written by it, after every
     SQL change it made, i.e. by its persist: they may hold the batch's vectors for
-    existing ids, which SQL no longer has (nor, once purged, any WAL row)."""
+    existing ids, which SQL no longer has (nor, once purged, any WAL row). When the
+    persist got as far as the pickle, its ``id_to_seq_id`` names every id the batch
+    wrote, so ``index_ahead`` finds them exactly and no slot needs proving."""
     journal = Path(str(db_path) + "-journal")
     try:
         since = journal.stat().st_mtime_ns
     except OSError:
         return False
-    for name in ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin", idmap_mod.FILENAME):
+    try:
+        if (seg_dir / idmap_mod.FILENAME).stat().st_mtime_ns >= since:
+            return False
+    except OSError:
+        pass
+    for name in ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin"):
         try:
             if (seg_dir / name).stat().st_mtime_ns >= since:
                 return True
