@@ -279,14 +279,10 @@ def test_harmless_foreign_trigger_is_info_and_left_alone(palace: Path):
     assert code == 0, err
 
 
-def test_second_line_authorizer_denies_trigger_when_the_guard_misses(palace: Path, world: Path, monkeypatch):
-    """With the schema guard blinded, SQLite itself refuses the statement that would fire
-    the trigger, the transaction rolls back, and no backup folder is left behind."""
+def _blind_schema_guard(monkeypatch) -> None:
+    """The first line of defence sees no foreign object (to test the ones behind it)."""
     from chaosfix.palace import schema_guard
 
-    _damage_for_sql_writes(palace)
-    sql(palace, TRIGGERS["trigger-on-max_seq_id"])
-    ids0, meta0 = sql_state(palace)
     real = schema_guard.inspect
 
     def blind(conn):
@@ -295,6 +291,16 @@ def test_second_line_authorizer_denies_trigger_when_the_guard_misses(palace: Pat
         return rep
 
     monkeypatch.setattr(schema_guard, "inspect", blind)
+
+
+def test_second_line_authorizer_denies_trigger_when_the_guard_misses(palace: Path, world: Path, monkeypatch):
+    """With the schema guard blinded, SQLite itself refuses the statement that would fire
+    the trigger, the transaction rolls back, and no backup folder is left behind."""
+
+    _damage_for_sql_writes(palace)
+    sql(palace, TRIGGERS["trigger-on-max_seq_id"])
+    ids0, meta0 = sql_state(palace)
+    _blind_schema_guard(monkeypatch)
     code, _, err = reconcile(palace, "--no-chromadb-check")
     assert code == 8 and "not authorized" in err, err
     assert sql_state(palace) == (ids0, meta0)
@@ -310,14 +316,7 @@ def test_second_line_row_fingerprint_rolls_back(palace: Path, monkeypatch):
     _damage_for_sql_writes(palace)
     sql(palace, TRIGGERS["trigger-on-queue"])
     ids0, meta0 = sql_state(palace)
-    real = schema_guard.inspect
-
-    def blind(conn):
-        rep = real(conn)
-        rep.foreign = []
-        return rep
-
-    monkeypatch.setattr(schema_guard, "inspect", blind)
+    _blind_schema_guard(monkeypatch)
     monkeypatch.setattr(schema_guard, "writer_authorizer", lambda drops=frozenset(): (lambda *a: 0))
     code, _, err = reconcile(palace, "--no-chromadb-check")
     assert code == 8 and "differ from the plan" in err and "rolled back" in err, err
