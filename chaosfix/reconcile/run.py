@@ -44,7 +44,7 @@ BUILD_PREFIX = ".chaosfix-build-"
 OLD_PREFIX = ".chaosfix-old-"
 FLOOR_ID = "__chaosfix_seq_floor__"
 FOREIGN_SQL_FILE = "foreign-sql.sql"  # dropped triggers/views, to recreate by hand if wanted
-JOURNAL = "chroma.sqlite3-journal"
+JOURNAL = SQLITE_NAME + "-journal"
 
 
 @dataclass
@@ -192,7 +192,7 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
             notes.append(f"moved leftover {d.name} to {stash}")
     marker = root / MARKER
     if marker.exists():
-        conn = sqlite3.connect(str(root / "chroma.sqlite3"), timeout=1.0)
+        conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # rolls back a hot journal
         finally:
@@ -253,9 +253,10 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                 rep.notes += [f"removed {n}, a copy an interrupted post-check left" for n in clear_stale_copies(root)]
     # the leftover journal is the evidence of a 0.6 persist inside a rolled-back
     # transaction (INDEX_AHEAD): note which segments it covers before rolling it back
+    journal = (root / JOURNAL).exists()
     suspects = {d.name for d in root.iterdir() if UUID_RE.match(d.name) and d.is_dir()
-                and written_in_rollback(d, root / "chroma.sqlite3")} if (root / JOURNAL).exists() else set()
-    if (root / JOURNAL).exists() and journal_synced(root / "chroma.sqlite3"):
+                and written_in_rollback(d, root / SQLITE_NAME)} if journal else set()
+    if journal and journal_synced(root / SQLITE_NAME):
         _roll_back_journal(root, rep, opts)
     first_look = _fingerprint(root)
     before = _check(root, opts, suspects)
@@ -282,7 +283,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         holders = other_holders(root)
         if holders:
             raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
-        conn = sqlite3.connect(str(root / "chroma.sqlite3"), timeout=0.5, isolation_level=None)
+        conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=0.5, isolation_level=None)
         try:
             # nothing a trigger or view would do may run; rows only in max_seq_id/WAL
             conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
@@ -403,18 +404,18 @@ def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions)
         if opts.backup:
             backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{time.strftime('%Y%m%d-%H%M%S')}")
             rep.backup = str(backup_dir)
-            for name in ("chroma.sqlite3", JOURNAL):
+            for name in (SQLITE_NAME, JOURNAL):
                 sparse_copy(root / name, backup_dir / name)
                 fsync_path(backup_dir / name)
             fsync_path(backup_dir)
-        conn = sqlite3.connect(str(root / "chroma.sqlite3"), timeout=1.0)
+        conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # SQLite rolls the journal back
         except sqlite3.Error as exc:
             raise OperationalError(f"{root}: SQLite could not roll back chroma.sqlite3-journal: {exc}") from None
         finally:
             conn.close()
-        if (root / JOURNAL).exists() and journal_synced(root / "chroma.sqlite3"):
+        if (root / JOURNAL).exists() and journal_synced(root / SQLITE_NAME):
             raise OperationalError(f"{root}: chroma.sqlite3-journal is still hot after SQLite's rollback")
         fsync_path(root)
     rep.notes.append("rolled back the interrupted transaction in chroma.sqlite3-journal"
@@ -436,7 +437,7 @@ def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
 def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, embedder: EmbedderSelector,
               opts: ReconcileOptions) -> tuple[list[CollectionPlan], int | None, list[str]]:
     """Plans per collection, the WAL floor seq_id (QUEUE_RESET), orphan folders to prune."""
-    sql = PalaceSql(root / "chroma.sqlite3", conn)
+    sql = PalaceSql(root / SQLITE_NAME, conn)
     try:
         stale = deep_findings(sql, rep, embedder) if opts.deep else {}
         plans = [plan_collection(sql, st, rep, embedder.for_collection, opts.strategy, opts.apply_pending,
@@ -465,8 +466,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     if rep.backup is not None:  # made by the journal rollback: one backup per run
         backup_dir = Path(rep.backup)
         if sql_changes:
-            sparse_copy(root / "chroma.sqlite3", backup_dir / "chroma.sqlite3.rolled-back")
-            fsync_path(backup_dir / "chroma.sqlite3.rolled-back")
+            sparse_copy(root / SQLITE_NAME, backup_dir / (SQLITE_NAME + ".rolled-back"))
+            fsync_path(backup_dir / (SQLITE_NAME + ".rolled-back"))
     elif (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql:  # pruned folders and dropped SQL always go to a backup
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
@@ -575,7 +576,7 @@ def _clear_stale_journal(root: Path, backup_dir: Path | None) -> None:
     (hot ones were refused earlier); under our EXCLUSIVE lock it is moved aside so the
     repaired palace carries no HOT_JOURNAL warning."""
     journal = root / JOURNAL
-    if not journal.exists() or journal_synced(root / "chroma.sqlite3"):
+    if not journal.exists() or journal_synced(root / SQLITE_NAME):
         return
     if backup_dir is not None:
         os.rename(journal, backup_dir / journal.name)
