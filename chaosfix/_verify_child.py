@@ -49,7 +49,9 @@ def _migrations(path: str) -> dict:
 
 
 def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where: dict | None = None) -> list[str]:
-    """ids whose own vector does not return them at any k in ``ks`` (batched queries)."""
+    """ids whose own vector does not return them at any k in ``ks`` (batched queries;
+    each batch becomes Python lists only while it is asked, so 5,000 vectors of 384-d
+    never sit in memory as 2 million float objects)."""
     todo = list(zip(ids, vectors))
     for k in ks:
         k = max(1, min(k, count))
@@ -57,7 +59,7 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
         for s in range(0, len(todo), BATCH):
             chunk = todo[s : s + BATCH]
             kw = {"where": where} if where else {}
-            res = col.query(query_embeddings=[v for _, v in chunk], n_results=k, include=["distances"], **kw)
+            res = col.query(query_embeddings=[v.tolist() for _, v in chunk], n_results=k, include=["distances"], **kw)
             left += [(rid, v) for (rid, v), got in zip(chunk, res["ids"]) if rid not in got]
         todo = left
         if not todo or k >= count:
@@ -66,13 +68,15 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
 
 
 def _get(col, ids: list[str]) -> dict:
-    """id -> (embedding list | None, metadata) for the ids chromadb returns."""
+    """id -> (float32 embedding | None, metadata) for the ids chromadb returns."""
+    import numpy as np
+
     out: dict = {}
     for s in range(0, len(ids), 1000):
         got = col.get(ids=ids[s : s + 1000], include=["embeddings", "metadatas"])
         embs = got["embeddings"]
         for i, rid in enumerate(got["ids"]):
-            emb = None if embs is None or embs[i] is None else [float(x) for x in embs[i]]
+            emb = None if embs is None or embs[i] is None else np.asarray(embs[i], dtype=np.float32)
             out[rid] = (emb, got["metadatas"][i] or {})
     return out
 
@@ -134,8 +138,8 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     if dim:
         rng = np.random.default_rng(seed)
         vec = rng.standard_normal(dim).astype(np.float32)
-        vec = (vec / np.linalg.norm(vec)).tolist()
-        col.add(ids=[PROBE_ID], embeddings=[vec], documents=["chaosfix probe"], metadatas=[{"chaosfix": "probe"}])
+        vec = vec / np.linalg.norm(vec)
+        col.add(ids=[PROBE_ID], embeddings=[vec.tolist()], documents=["chaosfix probe"], metadatas=[{"chaosfix": "probe"}])
         ok = len(col.get(ids=[PROBE_ID])["ids"]) == 1 and not _found(col, [vec], [PROBE_ID], ks, count + 1)
         res["probe_found"] = ok
     step(4)
