@@ -197,6 +197,17 @@ def run_line(r: dict) -> str:
             f"queried {v.get('queried')} unreachable {v.get('unreachable')} ok {v.get('ok')}")
 
 
+def post_check_line(r: dict) -> str:
+    """Where chromadb's post-check spent its time: the copy, the child's import and open,
+    then each step per collection."""
+    pc = r["json"].get("chromadb") or {}
+    sec = pc.get("seconds", {})
+    steps = "; ".join(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in c.get("seconds", {}).items())
+                      for name, c in pc.get("collections", {}).items())
+    return (f"copy {sec.get('copy', 0):.2f} s, chromadb child {sec.get('chromadb', 0):.2f} s "
+            f"(import + open {sec.get('chromadb_start') or 0:.2f} s; {steps})")
+
+
 def field_line(r: dict) -> str:
     st = r["stages"]
     return (f"wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  read {st.get('read', 0):5.2f}  embed {st.get('embed', 0):5.2f}  "
@@ -310,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_chaosfix(broken, work, f"default-{i}")
             runs["default"].append(r)
             log(f"  default command    {run_line(r)}")
+            log(f"    post-check       {post_check_line(r)}")
             if args.strategy:
                 r = run_chaosfix(broken, work, f"strategy-{i}", args.strategy)
                 runs[f"--strategy {args.strategy}"].append(r)
