@@ -316,10 +316,13 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
             add("DIMENSION_LOST", 1, [], "0.6 id map has dimensionality None: chromadb 0.6 fails every read")
     if m is not None and st.written_in_rollback and not any(
             f.severity == ERROR and f.collection == info.name for f in report.findings):
-        # said only when nothing else flags the index: any repair proves every slot anyway
-        add("INDEX_AHEAD", 1, [], "index files written after the leftover journal (0.6 persists before "
-            "commit): they may hold vectors of the rolled-back batch, which chromadb serves; reconcile compares "
-            "every slot with the WAL or, with --embedder, the re-embedded document")
+        # said only when nothing else flags the index: any repair proves every slot anyway.
+        # A warning: the persist may have been killed before any changed vector reached the
+        # file (explore found such states chromadb serves correctly); only the slot-by-slot
+        # proof reconcile makes can tell
+        add("INDEX_AHEAD", 1, [], "data_level0.bin written after the leftover journal (0.6 persists before "
+            "commit): it may hold vectors of the rolled-back batch, which chromadb would serve; reconcile "
+            "compares every slot with the WAL or, with --embedder, the re-embedded document", WARNING)
     pend = len(st.pending)
     add("PENDING", pend, sorted(st.pending_ids)[:SAMPLE], "WAL rows chromadb replays on open", INFO)
     report.collections.append(summary(st))

@@ -174,7 +174,7 @@ def id_problem(info: CollectionInfo) -> str | None:
 def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
     """chromadb 0.6 persists the index inside the add's transaction, before its commit.
     A leftover journal means that transaction never committed (SQLite rolls it back);
-    index files written after the journal's last write were written by it, after every
+    an index file written after the journal's last write was written by it, after every
     SQL change it made, i.e. by its persist: they may hold the batch's vectors for
     existing ids, which SQL no longer has (nor, once purged, any WAL row). When the
     persist got as far as the pickle, its ``id_to_seq_id`` names every id the batch
@@ -189,13 +189,12 @@ def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
             return False
     except OSError:
         pass
-    for name in ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin"):
-        try:
-            if (seg_dir / name).stat().st_mtime_ns >= since:
-                return True
-        except OSError:
-            continue
-    return False
+    # only data_level0.bin holds vectors: a persist killed after rewriting header.bin (the
+    # same bytes, measured on 0.6.3) but before any vector left chromadb serving SQL's view
+    try:
+        return (seg_dir / "data_level0.bin").stat().st_mtime_ns >= since
+    except OSError:
+        return False
 
 
 def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue],

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaosfix.check import ERROR, CheckReport, Finding, check_palace, deep_findings
+from chaosfix.check import ERROR, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
@@ -381,8 +381,8 @@ def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3
                 and st.idmap.fmt == "object"):  # only 0.6 persists inside the transaction
             if not st.written_in_rollback and not any(f.severity == ERROR and f.collection == st.info.name
                                                       for f in rep.findings):
-                rep.findings.append(Finding("INDEX_AHEAD", ERROR, st.info.name, st.info.vector_segment, 1, [],
-                                            "index files written by a transaction that rolled back"))
+                rep.findings.append(Finding("INDEX_AHEAD", WARNING, st.info.name, st.info.vector_segment, 1, [],
+                                            "data_level0.bin written by a transaction that rolled back"))
             st.written_in_rollback = True
     return rep
 
