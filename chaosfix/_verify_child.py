@@ -3,7 +3,8 @@
 Standalone on purpose: it imports only the standard library, numpy and chromadb, so the
 application's own interpreter (``reconcile --chromadb-python PATH``, a venv that has
 chromadb but not chaosfix) can run it by path. Reads its JSON spec from the file named
-by argv[1] and prints one JSON line on stdout; it records what chromadb does and never
+by argv[1] (or, with ``-``, by a line on stdin once chromadb is imported) and prints one
+JSON line on stdout; it records what chromadb does and never
 judges (the parent does, in ``chaosfix.chromadb_probe``). Progress goes to stderr in
 ``chaosfix.progress``'s line format (spelled out here: this file cannot import it).
 
@@ -160,25 +161,37 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
 
 
 def main() -> None:
-    with open(sys.argv[1], encoding="utf-8") as f:
-        spec = json.load(f)
-    out: dict = {"collections": {}}
+    """``_verify_child.py SPEC.json``, or ``_verify_child.py -``: import chromadb first, then
+    read the spec file's path from one stdin line (the parent starts the child while it
+    still repairs, so chromadb's 2-3 s import overlaps the repair); EOF: exit quietly."""
     t0 = time.perf_counter()
+    out: dict = {"collections": {}}
     try:
         import chromadb
         from chromadb.config import Settings
-
-        out["version"] = chromadb.__version__
-        out["migrations_before"] = _migrations(spec["path"])
-        client = chromadb.PersistentClient(path=spec["path"], settings=Settings(anonymized_telemetry=False))
-        out["seconds_start"] = round(time.perf_counter() - t0, 3)  # import chromadb + open the client
-        ks = [int(k) for k in spec.get("ks", [10, 100, 400, 1600])]
-        for name, cspec in spec["collections"].items():
-            try:
-                out["collections"][name] = judge_collection(client, name, cspec, ks, int(spec.get("seed", 0)), spec)
-            except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
-                out["collections"][name] = {"errors": [_err(exc)]}
-        out["migrations_after"] = _migrations(spec["path"])
+    except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
+        chromadb, out["error"] = None, _err(exc)
+    imported = time.perf_counter() - t0
+    where = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "-" else sys.stdin.readline().strip()
+    if not where:
+        os._exit(0)  # the parent had nothing to check after all
+    with open(where, encoding="utf-8") as f:
+        spec = json.load(f)
+    t1 = time.perf_counter()
+    try:
+        if chromadb is not None:
+            out["version"] = chromadb.__version__
+            out["migrations_before"] = _migrations(spec["path"])
+            client = chromadb.PersistentClient(path=spec["path"], settings=Settings(anonymized_telemetry=False))
+            out["seconds_start"] = round(imported + time.perf_counter() - t1, 3)  # import chromadb + open
+            ks = [int(k) for k in spec.get("ks", [10, 100, 400, 1600])]
+            for name, cspec in spec["collections"].items():
+                try:
+                    out["collections"][name] = judge_collection(client, name, cspec, ks, int(spec.get("seed", 0)),
+                                                                spec)
+                except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
+                    out["collections"][name] = {"errors": [_err(exc)]}
+            out["migrations_after"] = _migrations(spec["path"])
     except Exception as exc:  # noqa: BLE001
         out["error"] = _err(exc)
     sys.stdout.write(json.dumps(out) + "\n")

@@ -17,8 +17,10 @@ then panics in its own chromadb). So the post-check:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,11 +118,49 @@ def clear_stale_copies(root: Path) -> list[str]:
     return gone
 
 
+class StartedChild:
+    """The post-check's child started ahead: it imports chromadb (2-3 s) while the repair
+    runs, then waits for its spec on stdin. ``close`` kills it if it was never used; a
+    parent that dies closes its stdin, and the child exits."""
+
+    def __init__(self, python: str | None) -> None:
+        from chaosfix.workload import start_child
+
+        self.python = python
+        self.proc = start_child([python or sys.executable, "-I", str(CHILD), "-"], stdin=True)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def start_post_check(palace_gen: Generation, python: str | None) -> StartedChild | None:
+    """The child for a post-check that will run (None when it would be skipped)."""
+    return None if plan_post_check(palace_gen, python)[1] else StartedChild(python)
+
+
 def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None = None,
-                         seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None) -> dict:
+                         seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None,
+                         started: StartedChild | None = None) -> dict:
     """``{"ok": bool, ...}``: chromadb's judgement of the repaired collections, made on a
     copy; ``{"ok": True, "skipped": why}`` when no chromadb of the palace's generation is
-    at hand."""
+    at hand. ``started``: the child ``start_post_check`` started ahead (closed here)."""
+    try:
+        return _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
+    finally:
+        if started is not None:
+            started.close()
+
+
+def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None, seed: int,
+            timeout: float, progress: ProgressFn | None, started: StartedChild | None) -> dict:
     version, skip = plan_post_check(palace_gen, python)
     if skip:
         return {"ok": True, "skipped": skip, "version": version}
@@ -139,7 +179,7 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
                 c["planned"] = str(copy.parent / f"planned-{len(spec['collections'])}.npy")
                 np.save(c["planned"], np.stack([t.repaired[i] for i in ids]).astype(np.float32))
             spec["collections"][t.name] = c
-        res = _run(spec, copy.parent / "spec.json", python, timeout, progress)
+        res = _run(spec, copy.parent / "spec.json", python, timeout, progress, started)
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
     out = judge(res, {t.name: t for t in targets}, python)
@@ -148,7 +188,8 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     return out
 
 
-def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progress: ProgressFn | None) -> dict:
+def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progress: ProgressFn | None,
+         started: StartedChild | None = None) -> dict:
     """The child, by path with ``-I`` (no PYTHONPATH, no script folder: it cannot import
     chaosfix by accident); its spec in a file (repaired id lists outgrow an argument)."""
     from chaosfix.workload import run_child
@@ -156,7 +197,8 @@ def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progre
     spec_file.write_text(json.dumps(spec))
     try:
         res = run_child(spec, timeout=timeout, progress=progress,
-                        command=[python or sys.executable, "-I", str(CHILD), str(spec_file)])
+                        command=[python or sys.executable, "-I", str(CHILD), str(spec_file)],
+                        started=started.proc if started else None, stdin_line=str(spec_file))
     except RuntimeError as exc:  # timed out
         return {"error": f"chromadb post-check: {exc}"}
     if not res.result:

@@ -87,15 +87,31 @@ def child_command(spec: dict, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "chaosfix._child", json.dumps(spec)]
 
 
+def start_child(cmd: list[str], stdin: bool = False) -> subprocess.Popen:
+    """A child in its own session (killable as a group), output piped, text mode."""
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env(), text=True, start_new_session=True)
+
+
 def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
               kill_after: float | None = None, progress: ProgressFn | None = None,
-              command: list[str] | None = None) -> ChildResult:
+              command: list[str] | None = None, started: subprocess.Popen | None = None,
+              stdin_line: str | None = None) -> ChildResult:
     """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer.
     With ``progress``, the child reports its progress on stderr and it is passed on as it comes.
-    ``command`` runs another child script instead (it gets its spec its own way)."""
-    cmd = (prefix or []) + (command or child_command(spec | {"progress": True} if progress else spec))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
-                            text=True, start_new_session=True)
+    ``command`` runs another child script instead (it gets its spec its own way);
+    ``started`` is one already running (``start_child(stdin=True)``), sent ``stdin_line``."""
+    if started is not None:
+        proc = started
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write((stdin_line or "") + "\n")
+            proc.stdin.close()
+        except OSError:  # it died while waiting: its stderr says why
+            pass
+    else:
+        cmd = (prefix or []) + (command or child_command(spec | {"progress": True} if progress else spec))
+        proc = start_child(cmd)
     out: list[str] = []
     err: list[str] = []
 

@@ -130,3 +130,34 @@ def test_random_time_kills_then_rerun(tmp_path):
     assert -signal.SIGKILL in outcomes, f"no kill landed inside a reconcile ({outcomes}, run takes {took:.2f}s)"
     rerun_and_judge(p, rows, old_seg, BIG, "--strategy", "rebuild")
     assert rows <= header(p).max_elements <= chroma_capacity(rows), "max_elements sized beyond what chromadb would"
+
+
+def _verify_children() -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"_verify_child.py" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_post_check_child_started_ahead_exits_with_a_killed_reconcile(tmp_path, damage_cache):
+    """reconcile starts chromadb's post-check child before the repair (its import overlaps
+    the build); SIGKILLed after the commit, before the post-check, the child must not
+    outlive it: it reads EOF on its stdin and exits."""
+    assert _verify_children() == []
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    rows, old_seg = sql_rows(p), hashes(faults.segment_dir(p))
+    env = child_env() | {"CHAOSFIX_KILL_AT": "committed"}
+    proc = subprocess.Popen([sys.executable, "-m", "chaosfix", "reconcile", str(p), "--json",
+                             "--embedder", HASH_EMBEDDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-500:]
+    deadline = time.monotonic() + 60
+    while _verify_children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _verify_children() == []
+    rerun_and_judge(p, rows, old_seg, PalaceSpec(), "--embedder", HASH_EMBEDDER)

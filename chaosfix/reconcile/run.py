@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chaosfix.check import ERROR, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
@@ -38,6 +39,9 @@ from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_pat
 from chaosfix.reconcile.sources import Embedder
 from chaosfix.reconcile.verify import EF_FIRST, EF_MAX, Verification, verify_segment
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
+
+if TYPE_CHECKING:
+    from chaosfix.chromadb_probe import StartedChild
 
 MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
@@ -279,58 +283,67 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
 
         plan_post_check(before.generation, opts.chromadb_python)  # a bad interpreter is exit 8 before any change
 
-    with PalaceLock(root):
-        holders = other_holders(root)
-        if holders:
-            raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
-        conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=0.5, isolation_level=None)
-        try:
-            # nothing a trigger or view would do may run; rows only in max_seq_id/WAL
-            conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
+    started: StartedChild | None = None  # the post-check's chromadb child, started ahead
+    try:
+        with PalaceLock(root):
+            holders = other_holders(root)
+            if holders:
+                raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
+            conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=0.5, isolation_level=None)
             try:
-                conn.execute("BEGIN EXCLUSIVE")
-            except sqlite3.OperationalError as exc:
-                raise OperationalError(f"{root}: chroma.sqlite3 is busy ({exc}); is chromadb running?") from None
-            create_new(root / MARKER, str(os.getpid()).encode())
-            fsync_path(root)
-            killpoint("locked")
-            # re-plan under the lock if any palace file changed since the first look
-            if _fingerprint(root) != first_look:
-                rep.notes.append("the palace changed since the first look: planned again under the lock")
-                before = _check(root, opts, suspects, conn)
-                _refuse_sql_damage(before, root)
-                rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
-                rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
-                rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
-                rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
-            rows_before = schema_guard.RowFingerprint.take(conn)
-            _execute(root, conn, rep, opts, progress, say, rows_before)
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                # nothing a trigger or view would do may run; rows only in max_seq_id/WAL
+                conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
+                try:
+                    conn.execute("BEGIN EXCLUSIVE")
+                except sqlite3.OperationalError as exc:
+                    raise OperationalError(f"{root}: chroma.sqlite3 is busy ({exc}); is chromadb running?") from None
+                create_new(root / MARKER, str(os.getpid()).encode())
+                fsync_path(root)
+                killpoint("locked")
+                # re-plan under the lock if any palace file changed since the first look
+                if _fingerprint(root) != first_look:
+                    rep.notes.append("the palace changed since the first look: planned again under the lock")
+                    before = _check(root, opts, suspects, conn)
+                    _refuse_sql_damage(before, root)
+                    rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
+                    rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
+                    rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
+                    rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
+                rows_before = schema_guard.RowFingerprint.take(conn)
+                if opts.chromadb_check and before.generation is not None:
+                    from chaosfix.chromadb_probe import start_post_check
+
+                    started = start_post_check(before.generation, opts.chromadb_python)  # imports during the repair
+                _execute(root, conn, rep, opts, progress, say, rows_before)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
+                (root / MARKER).unlink(missing_ok=True)
+                if rep.swapping:  # an exchanged build folder holds the old segment: keep it
+                    _recover_own_leftovers(root, rep.notes)
+                else:
+                    for d in root.iterdir():
+                        if d.name.startswith(BUILD_PREFIX) and not is_link(d):
+                            shutil.rmtree(d, ignore_errors=True)
+                _drop_useless_backup(rep)
+                raise
             conn.close()
             (root / MARKER).unlink(missing_ok=True)
-            if rep.swapping:  # an exchanged build folder holds the old segment: keep it
-                _recover_own_leftovers(root, rep.notes)
-            else:
-                for d in root.iterdir():
-                    if d.name.startswith(BUILD_PREFIX) and not is_link(d):
-                        shutil.rmtree(d, ignore_errors=True)
-            _drop_useless_backup(rep)
-            raise
-        conn.close()
-        (root / MARKER).unlink(missing_ok=True)
-        fsync_path(root)
-        killpoint("committed")
-        rep.timings["total_repair"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        rep.after = check_palace(root, opts.collection)
-        rep.timings["after_check"] = time.perf_counter() - t1
-        if opts.chromadb_check:  # under the lock: the copy it makes is ours alone
-            t2 = time.perf_counter()
-            rep.chromadb = _post_check(root, rep, opts, progress)
-            rep.timings["chromadb_check"] = time.perf_counter() - t2
-        rep.timings["post_verify"] = time.perf_counter() - t1
+            fsync_path(root)
+            killpoint("committed")
+            rep.timings["total_repair"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            rep.after = check_palace(root, opts.collection)
+            rep.timings["after_check"] = time.perf_counter() - t1
+            if opts.chromadb_check:  # under the lock: the copy it makes is ours alone
+                t2 = time.perf_counter()
+                rep.chromadb = _post_check(root, rep, opts, progress, started)
+                rep.timings["chromadb_check"] = time.perf_counter() - t2
+            rep.timings["post_verify"] = time.perf_counter() - t1
+    finally:
+        if started is not None:  # used and closed by the post-check, or never used
+            started.close()
     return rep
 
 
@@ -351,7 +364,8 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
         rep.backup = None
 
 
-def _post_check(root: Path, rep: ReconcileReport, opts: ReconcileOptions, progress: ProgressFn | None) -> dict:
+def _post_check(root: Path, rep: ReconcileReport, opts: ReconcileOptions, progress: ProgressFn | None,
+                started: StartedChild | None = None) -> dict:
     """chromadb's judgement of what changed, on a throwaway copy (never the palace)."""
     import random
 
@@ -370,7 +384,7 @@ def _post_check(root: Path, rep: ReconcileReport, opts: ReconcileOptions, progre
         targets.append(Target(p.collection, st.info.space, repaired, sample,
                               None if st.pending else len(st.sql_rows)))
     return verify_with_chromadb(root, targets, rep.after.generation, opts.chromadb_python, seed=opts.seed,
-                                progress=progress)
+                                progress=progress, started=started)
 
 
 def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3.Connection | None = None
