@@ -275,7 +275,8 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
     if st.torn:
         add("TORN", 1, [], "; ".join(st.torn) + ". Do not open this palace with chromadb before repair: "
             "chromadb 1.x sizes the index from the torn header, can grow link_lists.bin to hundreds of GB "
-            "(sparse) and crash on the next open; 0.6 fails every read")
+            "(sparse) and crash on the next open; 0.6 reads the torn slots' garbage: it fails reads, or serves "
+            "the palace once and segfaults on a later open")
     if st.files is not None and st.files.header is not None and not st.torn:
         size = st.files.present.get("link_lists.bin", 0)
         extra = size - st.link_bytes_used
