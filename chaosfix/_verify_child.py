@@ -3,7 +3,7 @@
 Standalone on purpose: it imports only the standard library, numpy and chromadb, so the
 application's own interpreter (``reconcile --chromadb-python PATH``, a venv that has
 chromadb but not chaosfix) can run it by path. Reads its JSON spec from the file named
-by argv[1] (or, with ``-``, by a line on stdin once chromadb is imported) and prints one
+by argv[1] (or, with ``-``, by a JSON string on one stdin line once chromadb is imported) and prints one
 JSON line on stdout; it records what chromadb does and never
 judges (the parent does, in ``chaosfix.chromadb_probe``). Progress goes to stderr in
 ``chaosfix.progress``'s line format (spelled out here: this file cannot import it).
@@ -172,9 +172,13 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
         chromadb, out["error"] = None, _err(exc)
     imported = time.perf_counter() - t0
-    where = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "-" else sys.stdin.readline().strip()
-    if not where:
-        os._exit(0)  # the parent had nothing to check after all
+    if len(sys.argv) > 1 and sys.argv[1] != "-":
+        where = sys.argv[1]
+    else:  # one JSON string: any path survives (newlines, bytes that are not UTF-8)
+        line = sys.stdin.readline()
+        if not line.strip():
+            os._exit(0)  # the parent had nothing to check after all
+        where = json.loads(line)
     with open(where, encoding="utf-8") as f:
         spec = json.load(f)
     t1 = time.perf_counter()

@@ -155,7 +155,7 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     try:
         return _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
     finally:
-        if started is not None:
+        if started is not None:  # (already closed unless _verify failed before its copy)
             started.close()
 
 
@@ -181,6 +181,8 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
             spec["collections"][t.name] = c
         res = _run(spec, copy.parent / "spec.json", python, timeout, progress, started)
     finally:
+        if started is not None:  # dead before its copy goes (an interrupt mid-run)
+            started.close()
         shutil.rmtree(copy.parent, ignore_errors=True)
     out = judge(res, {t.name: t for t in targets}, python)
     out["seconds"] = {"copy": round(t1 - t0, 2), "chromadb": round(time.perf_counter() - t1, 2),
@@ -198,7 +200,7 @@ def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progre
     try:
         res = run_child(spec, timeout=timeout, progress=progress,
                         command=[python or sys.executable, "-I", str(CHILD), str(spec_file)],
-                        started=started.proc if started else None, stdin_line=str(spec_file))
+                        started=started.proc if started else None, stdin_line=json.dumps(str(spec_file)))
     except RuntimeError as exc:  # timed out
         return {"error": f"chromadb post-check: {exc}"}
     if not res.result:

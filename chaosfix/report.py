@@ -130,8 +130,11 @@ def render_chromadb_check(res: dict) -> list[str]:
            + (" (on a copy)" if res.get("on") else "")]
     for name, c in (res.get("collections") or {}).items():
         parts = [f"count {c['count']}" if "count" in c else "not opened"]
+        if "repaired" in c:
+            parts.append(f"{c['repaired'] - c.get('wrong_vector_count', 0) - c.get('missing_count', 0)} of "
+                         f"{c['repaired']} repaired rows with their planned vector")
         if "queried" in c:
-            parts.append(f"{c['queried']} self-queried ({c.get('repaired', 0)} repaired), "
+            parts.append(f"{c['queried']} self-queried, "
                          f"{c.get('misses_at_k10', 0)} missed at k=10, {len(c.get('unreachable', []))} at k<=1600")
         if c.get("filtered_queried"):
             parts.append(f"{len(c.get('filtered_misses', []))} of {c['filtered_queried']} filtered queries missed")

@@ -107,7 +107,7 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
         try:
             proc.stdin.write((stdin_line or "") + "\n")
             proc.stdin.close()
-        except OSError:  # it died while waiting: its stderr says why
+        except (OSError, ValueError):  # it died while waiting: its stderr says why
             pass
     else:
         cmd = (prefix or []) + (command or child_command(spec | {"progress": True} if progress else spec))

@@ -191,13 +191,14 @@ def test_table_fits_the_width_and_cuts_with_an_ellipsis() -> None:
 def test_chromadb_post_check_reads_as_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # the lines below are cut to the terminal's width
     res = {"version": "1.5.9", "ok": False, "on": "copy", "errors": ["drawers: 1 rows without an embedding"],
-           "collections": {"drawers": {"count": 450, "queried": 220, "repaired": 20, "misses_at_k10": 3,
+           "collections": {"drawers": {"count": 450, "queried": 220, "repaired": 20, "missing_count": 1,
+                                       "misses_at_k10": 3,
                                        "unreachable": [], "filtered_queried": 20, "filtered_misses": [],
                                        "probe_found": True, "errors": []}}}
     lines = render_chromadb_check(res)
     assert lines[0] == "chromadb 1.5.9 post-check: FAILED (on a copy)"
-    assert lines[1] == ("  drawers: count 450, 220 self-queried (20 repaired), 3 missed at k=10, 0 at k<=1600, "
-                        "0 of 20 filtered queries missed, probe write found")
+    assert lines[1] == ("  drawers: count 450, 19 of 20 repaired rows with their planned vector, 220 self-queried, "
+                        "3 missed at k=10, 0 at k<=1600, 0 of 20 filtered queries missed, probe write found")
     assert lines[2].strip() == "error: drawers: 1 rows without an embedding"
     assert not any("{" in line for line in lines)
     broken = render_chromadb_check({"version": "1.5.9", "ok": False, "errors": ["drawers: InternalError: Error finding id"],

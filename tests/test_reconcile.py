@@ -574,6 +574,20 @@ def test_cli_is_one_line_for_not_a_palace(tmp_path):
 
 
 
+def test_post_check_child_started_ahead_takes_any_path(tmp_path):
+    """The child started ahead gets its spec's path on stdin, as one JSON string: a palace
+    path with a newline and leading spaces reaches it whole."""
+    from chaosfix.chromadb_probe import StartedChild, Target, verify_with_chromadb
+
+    p = fresh_palace(tmp_path / "  pal\nace" / "palace", SPEC)
+    gen = check_palace(p).generation
+    some = [drawer(i)[0] for i in range(0, SPEC.drawers, 7)]
+    res = verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some, expect_count=SPEC.drawers)], gen,
+                               started=StartedChild(None))
+    assert res["ok"] is True and res["collections"][COLLECTION]["probe_found"], res
+    assert res["seconds"]["chromadb_start"] is not None
+
+
 def test_chromadb_post_check_can_fail(tmp_path):
     """The post-check's verdict is its own, on a copy: a collection chromadb cannot open fails it."""
     from chaosfix.chromadb_probe import Target, verify_with_chromadb

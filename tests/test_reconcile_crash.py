@@ -132,11 +132,14 @@ def test_random_time_kills_then_rerun(tmp_path):
     assert rows <= header(p).max_elements <= chroma_capacity(rows), "max_elements sized beyond what chromadb would"
 
 
-def _verify_children() -> list[int]:
+def _verify_children(marker: str) -> list[int]:
+    """Post-check children carrying ``marker`` in their environment (tests run in
+    parallel: other reconciles start their own)."""
     out = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"_verify_child.py" in (d / "cmdline").read_bytes():
+            if (d.name.isdigit() and b"_verify_child.py" in (d / "cmdline").read_bytes()
+                    and marker.encode() in (d / "environ").read_bytes()):
                 out.append(int(d.name))
         except OSError:
             continue
@@ -147,17 +150,17 @@ def test_post_check_child_started_ahead_exits_with_a_killed_reconcile(tmp_path, 
     """reconcile starts chromadb's post-check child before the repair (its import overlaps
     the build); SIGKILLed after the commit, before the post-check, the child must not
     outlive it: it reads EOF on its stdin and exits."""
-    assert _verify_children() == []
+    marker = f"CHAOSFIX_TEST_MARK={tmp_path.name}"
     p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
     rows, old_seg = sql_rows(p), hashes(faults.segment_dir(p))
-    env = child_env() | {"CHAOSFIX_KILL_AT": "committed"}
+    env = child_env() | {"CHAOSFIX_KILL_AT": "committed", "CHAOSFIX_TEST_MARK": tmp_path.name}
     proc = subprocess.Popen([sys.executable, "-m", "chaosfix", "reconcile", str(p), "--json",
                              "--embedder", HASH_EMBEDDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err[-500:]
     deadline = time.monotonic() + 60
-    while _verify_children() and time.monotonic() < deadline:
+    while _verify_children(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _verify_children() == []
+    assert _verify_children(marker) == []
     rerun_and_judge(p, rows, old_seg, PalaceSpec(), "--embedder", HASH_EMBEDDER)

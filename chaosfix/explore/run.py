@@ -233,15 +233,25 @@ class Explorer:
             if rrep.after is not None and not rrep.after.consistent:
                 res.after["check"] = sorted(rrep.after.codes())
         res.category = self._categorize(res, errors, infos)
-        if res.category == "known gap":
-            res.category = self._deep(copy, acked, res)
-        shutil.rmtree(copy, ignore_errors=True)
+        try:
+            if res.category == "known gap":
+                res.category = self._deep(copy, acked, res)
+        finally:
+            self._clear(copy)
         return res
+
+    @staticmethod
+    def _clear(palace: Path) -> None:
+        """A state's palace and whatever reconcile left beside it (backups)."""
+        shutil.rmtree(palace, ignore_errors=True)
+        for b in palace.parent.glob(palace.name + ".chaosfix-*"):
+            shutil.rmtree(b, ignore_errors=True)
 
     def _deep(self, palace: Path, acked: int, res: StateResult) -> str:
         """A power-loss state that kept old vectors of rewritten rows, on the untouched
         state: ``check --deep`` must name them (STALE_VECTOR) and one ``reconcile --deep``
-        must leave chromadb serving every row's own vector; else it stays a known gap."""
+        must leave chromadb serving every row's own vector; else it stays a known gap
+        (or is data lost, or a failed repair, like any other reconcile)."""
         from chaosfix.deep import deep_check
         from chaosfix.embedder import HashEmbedder
         from chaosfix.reconcile import ReconcileOptions, reconcile_palace
@@ -250,11 +260,21 @@ class Explorer:
         try:
             found = deep_check(palace, embedder=emb).codes().get("STALE_VECTOR", 0)
             res.check_codes["deep:STALE_VECTOR"] = found
-            rrep = reconcile_palace(palace, ReconcileOptions(embedder=emb, deep=True, chromadb_check=False))
-            after = self.view(palace, acked) if rrep.exit_code == 1 else {"exit": rrep.exit_code}
+            rrep = reconcile_palace(palace, ReconcileOptions(embedder=emb, deep=True, chromadb_check=False,
+                                                             backup=False))
         except ChaosfixError as exc:
-            res.reasons.append(f"check/reconcile --deep: {exc}")
-            return "known gap"
+            res.reasons.append(f"reconcile --deep: {exc}")
+            return "repair failed"
+        except Exception as exc:  # noqa: BLE001 - a bug in chaosfix is a finding here
+            res.reasons.append(f"check/reconcile --deep crashed: {type(exc).__name__}: {exc}")
+            return "repair failed"
+        if rrep.exit_code not in (0, 1):
+            res.reasons.append(f"reconcile --deep exits {rrep.exit_code}: {(rrep.unrepaired + rrep.left)[:2]}")
+            return "repair failed"
+        after = self.view(palace, acked) if rrep.exit_code == 1 else dict(res.before)
+        if after.get("lost"):
+            res.reasons.append(f"acknowledged writes lost by reconcile --deep: {after.get('lost_sample')}")
+            return "data lost"
         if found < res.after.get("stale", 0) or after:
             res.reasons.append(f"--deep: {found} STALE_VECTOR found, chromadb after reconcile --deep: {after}")
             return "known gap"
@@ -347,9 +367,7 @@ class Explorer:
             dest = self.keep / f"{res.workload}-{res.point.replace(':', '_').replace('/', '_')}"
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(palace, dest, symlinks=True)
-        shutil.rmtree(palace, ignore_errors=True)
-        for b in palace.parent.glob(palace.name + ".chaosfix-*"):
-            shutil.rmtree(b, ignore_errors=True)
+        self._clear(palace)
 
 
 def _only_stale(view: dict) -> bool:

@@ -278,12 +278,13 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         if rep.journal_rollback and not opts.dry_run:
             rep.after = check_palace(root, opts.collection)
         return rep
-    if opts.chromadb_check and opts.chromadb_python and before.generation is not None:
-        from chaosfix.chromadb_probe import plan_post_check
-
-        plan_post_check(before.generation, opts.chromadb_python)  # a bad interpreter is exit 8 before any change
-
     started: StartedChild | None = None  # the post-check's chromadb child, started ahead
+    if opts.chromadb_check and before.generation is not None:
+        from chaosfix.chromadb_probe import start_post_check
+
+        # a bad --chromadb-python is exit 8 here, before any change; the child imports
+        # chromadb while the repair runs
+        started = start_post_check(before.generation, opts.chromadb_python)
     try:
         with PalaceLock(root):
             holders = other_holders(root)
@@ -310,10 +311,6 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                     rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
                     rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
                 rows_before = schema_guard.RowFingerprint.take(conn)
-                if opts.chromadb_check and before.generation is not None:
-                    from chaosfix.chromadb_probe import start_post_check
-
-                    started = start_post_check(before.generation, opts.chromadb_python)  # imports during the repair
                 _execute(root, conn, rep, opts, progress, say, rows_before)
             except BaseException:
                 if conn.in_transaction:
