@@ -199,10 +199,11 @@ def run_line(r: dict) -> str:
 
 def post_check_line(r: dict) -> str:
     """Where chromadb's post-check spent its time: the copy, the child's import and open,
-    then each step per collection."""
+    then each step per collection, with the child's peak RSS after it."""
     pc = r["json"].get("chromadb") or {}
     sec = pc.get("seconds", {})
-    steps = "; ".join(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in c.get("seconds", {}).items())
+    steps = "; ".join(f"{name}: " + ", ".join(f"{k} {v:.2f} s ({c.get('peak_rss_mb', {}).get(k, 0):.0f} MB)"
+                                              for k, v in c.get("seconds", {}).items())
                       for name, c in pc.get("collections", {}).items())
     return (f"copy {sec.get('copy', 0):.2f} s, chromadb child {sec.get('chromadb', 0):.2f} s "
             f"(import + open {sec.get('chromadb_start') or 0:.2f} s; {steps})")
