@@ -26,6 +26,7 @@ import sys
 import time
 
 BATCH = 256
+GET_BATCH = 100  # chromadb 1.5.9 keeps ~50 MB after a get of 1000 ids with embeddings, ~13 MB after 100
 FILTERED = 2  # each one a metadata scan plus a query: ~0.3 s at 100k, ~2 s at 500k
 PROBE_ID = "__chaosfix_probe__"
 
@@ -85,8 +86,8 @@ def _get(col, ids: list[str]) -> dict:
     import numpy as np
 
     out: dict = {}
-    for s in range(0, len(ids), 1000):
-        got = col.get(ids=ids[s : s + 1000], include=["embeddings", "metadatas"])
+    for s in range(0, len(ids), GET_BATCH):
+        got = col.get(ids=ids[s : s + GET_BATCH], include=["embeddings", "metadatas"])
         embs = got["embeddings"]
         for i, rid in enumerate(got["ids"]):
             emb = None if embs is None or embs[i] is None else np.asarray(embs[i], dtype=np.float32)
