@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
@@ -81,6 +82,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
         flushing = threading.Thread(target=_early_flush, args=(out_dir,), daemon=True)
         flushing.start()
         st.drop_index_facts()  # the old map and slot table are done with: free them for the index
+        release_freed_memory()
         index.load_index(str(out_dir), is_persistent_index=True, max_elements=plan.max_elements)
         for lab in plan.remove_labels:
             index.mark_deleted(lab)

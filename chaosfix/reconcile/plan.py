@@ -196,7 +196,11 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
             owner = dict(itertools.compress(zip(usable, rids), map(target.__contains__, rids)))
         else:
             owner = _owners_of_damaged_map(m, usable, target)
-    held: dict[str, int] = dict(zip(owner.values(), owner.keys()))
+    # keyed by the SQL rows' own id strings, not the pickle's equal copies: those then go
+    # with the id map before the index loads (42 MB of strings at 500k rows)
+    canon = {k: k for k in target}
+    held: dict[str, int] = {canon.get(rid, rid): lab for lab, rid in owner.items()}
+    del canon
     newer, reset = pending_effects(pending, set(held))
     for rid in reset & held.keys():
         owner.pop(held.pop(rid))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.palace.hnsw import DELETE_MARK, HnswFiles, SlotTable
 from chaosfix.progress import ProgressFn
@@ -136,6 +137,7 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     # the id map (about 300 bytes per row in Python) and the slot table are done with: at
     # 500k rows freeing them before the index loads is 0.2x of data_level0.bin in peak RSS
     del m, slots, live_idx, live_labels, by_label
+    release_freed_memory()
     import hnswlib
 
     h = files.header
