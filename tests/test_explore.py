@@ -186,10 +186,13 @@ def test_persist_killed_before_a_changed_vector_is_not_a_false_alarm(n):
     assert state.category not in BAD, (state.category, state.reasons, state.check_codes)
 
 
-def test_power_loss_stale_vectors_are_found_and_fixed_by_deep():
+@pytest.mark.parametrize("state", ["lost:1", "torn:1"])
+def test_power_loss_stale_vectors_are_found_and_fixed_by_deep(state):
     """Power loss during upserts keeps old vectors of rewritten rows; explore holds
-    ``check --deep`` to finding them and one ``reconcile --deep`` to fixing them."""
-    rep = explore([builtin("upsert")], at="powerloss:lost:1")
+    ``check --deep`` to finding them and one ``reconcile --deep`` to fixing them, in a
+    torn index too (the nightly run on 0.6.3: check --deep skipped torn indexes and 19
+    old vectors stayed)."""
+    rep = explore([builtin("upsert")], at=f"powerloss:{state}")
     (state,) = rep.states
     assert state.category == "repaired", (state.category, state.reasons, state.after)
     if state.after.get("stale"):
