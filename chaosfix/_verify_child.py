@@ -3,8 +3,8 @@
 Standalone on purpose: it imports only the standard library, numpy and chromadb, so the
 application's own interpreter (``reconcile --chromadb-python PATH``, a venv that has
 chromadb but not chaosfix) can run it by path. Reads its JSON spec from the file named
-by argv[1] (or, with ``-``, by a JSON string on one stdin line once chromadb is imported) and prints one
-JSON line on stdout; it records what chromadb does and never
+by argv[1] (or, with ``-``, by a JSON string on one stdin line once chromadb is
+imported) and prints one JSON line on stdout; it records what chromadb does and never
 judges (the parent does, in ``chaosfix.chromadb_probe``). Progress goes to stderr in
 ``chaosfix.progress``'s line format (spelled out here: this file cannot import it).
 
@@ -156,7 +156,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     keys = sorted(distinct, key=lambda k: -len(distinct[k]))
     for rid in have[:FILTERED]:
         meta = got[rid][1]
-        key = next((k for k in keys if k in meta), None)
+        key = next((k for k in keys if isinstance(meta.get(k), (str, int)) and not isinstance(meta[k], bool)), None)
         if key is None:
             continue
         fasked += 1
