@@ -175,7 +175,7 @@ def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
     """chromadb 0.6 persists the index inside the add's transaction, before its commit.
     A leftover journal means that transaction never committed (SQLite rolls it back);
     an index file written after the journal's last write was written by it, after every
-    SQL change it made, i.e. by its persist: they may hold the batch's vectors for
+    SQL change it made, i.e. by its persist: it may hold the batch's vectors for
     existing ids, which SQL no longer has (nor, once purged, any WAL row). When the
     persist got as far as the pickle, its ``id_to_seq_id`` names every id the batch
     wrote, so ``index_ahead`` finds them exactly and no slot needs proving."""
