@@ -23,6 +23,7 @@ from chaosfix.workload import PalaceSpec, apply_ops, cache_dir, copy_palace
 
 MB = 1 << 20
 BASE = 100_000  # a larger palace grows from the cached palace of this size...
+LADDER = (BASE, 500_000)  # ...or from the largest of these already cached below it...
 STEP = 25_000  # ...and every palace is built by this many drawers per chromadb child
 BAR = StderrBar()  # progress of palace builds (minutes) on stderr, when it is a terminal
 
@@ -36,7 +37,8 @@ def cached_template(spec: PalaceSpec, log: Callable[[str], None]) -> Path:
     """The cached palace for ``spec`` (``chaosfix.workload.template``'s cache), built on
     first use by ``STEP`` drawers per chromadb child process: one child building 100k
     drawers on a loaded machine outlives ``chaosfix.workload.run_child``'s 15-minute
-    timeout. Above ``BASE`` drawers it grows from the cached ``BASE``-drawer palace."""
+    timeout. Above ``BASE`` drawers it grows from the largest cached ``LADDER`` palace
+    below it (building the ``BASE``-drawer one first if none is cached)."""
     dest = cache_dir() / spec.key()
     cached = (dest / "chroma.sqlite3").is_file()
     log(f"palace cache: {dest}")
@@ -44,7 +46,12 @@ def cached_template(spec: PalaceSpec, log: Callable[[str], None]) -> Path:
         return dest
     log(f"building the {spec.drawers:,}-drawer palace with chromadb (once; minutes)...")
     t0 = time.perf_counter()
-    base = cached_template(spec.with_(drawers=BASE), log) if spec.drawers > BASE else None
+    base = None
+    if spec.drawers > BASE:
+        below = [n for n in LADDER if n < spec.drawers]
+        size = max([n for n in below if (cache_dir() / spec.with_(drawers=n).key() / "chroma.sqlite3").is_file()],
+                   default=BASE)
+        base = cached_template(spec.with_(drawers=size), log)
     palace = _grow(spec, base, log)
     log(f"palace ready in {time.perf_counter() - t0:.1f} s (built): {palace}")
     return palace
@@ -56,7 +63,7 @@ def _grow(spec: PalaceSpec, base: Path | None, log: Callable[[str], None]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir()))
     try:
         p = copy_palace(base, tmp / "p") if base is not None else tmp / "p"  # else the first add creates it
-        first = BASE if base is not None else 0
+        first = _drawers_in(base) if base is not None else 0
         for start in range(first, spec.drawers, STEP):
             count = min(STEP, spec.drawers - start)
             t = time.perf_counter()
@@ -75,6 +82,15 @@ def _grow(spec: PalaceSpec, base: Path | None, log: Callable[[str], None]) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _drawers_in(palace: Path) -> int:
+    """How many drawers a cached palace holds: its size is in its spec, so read the rows."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(f"file:{palace / 'chroma.sqlite3'}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT count(*) FROM embeddings").fetchone()[0]
 
 
 def chaosfix_command(*args: str | Path) -> list[str]:

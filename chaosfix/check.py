@@ -338,7 +338,7 @@ def summary(st: CollectionState) -> dict:
         "dimension": st.info.dimension,
         "rows": len(st.sql_rows),
         "mapped": len(st.idmap.id_to_label) if st.idmap else None,
-        "live_labels": len(st.live_label_slots) if st.slots is not None else None,
+        "live_labels": len(st.live_labels) if st.slots is not None else None,
         "pending": len(st.pending),
         "pickle": st.idmap.fmt if st.idmap else st.pickle_status,
         "max_seq_id": st.vector_seq.value if st.vector_seq else None,

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from chaosfix import faults
 from chaosfix.check import check_palace
-from chaosfix.palace import idmap
+from chaosfix.palace import idmap, pickle_reader
 from chaosfix.palace.hnsw import HEADER_FMT, parse_header
 from chaosfix.reconcile.run import FOREIGN_SQL_FILE, ReconcileReport
 from chaosfix.report import render_reconcile
@@ -486,6 +486,21 @@ def _memo_long_binput(p: Path) -> None:
     _write_pickle(p, b"\x80\x03}r\x00\x00\x00\x10.")  # memo index 2**28: 4 GB in pickle.loads
 
 
+def _padded_map(p: Path, tail: bytes) -> None:
+    """The real map plus a 5 MiB string under an extra key (so the opcode scan runs in
+    ``pickle_reader.Scan``'s child process), ``tail`` spliced in before the final STOP."""
+    m = _map(p)
+    raw = pickle.dumps({"dimensionality": m.dimensionality, "total_elements_added": m.total_elements_added,
+                        "max_seq_id": None, "id_to_label": m.id_to_label, "label_to_id": m.label_to_id,
+                        "id_to_seq_id": {}, "pad": "x" * (5 << 20)}, protocol=3)
+    assert len(raw) > pickle_reader.CHILD_MIN_BYTES and raw.endswith(b".")
+    _write_pickle(p, raw[:-1] + tail + b".")
+
+
+def _memo_long_binput_after_5mib(p: Path) -> None:
+    _padded_map(p, b"r\x00\x00\x00\x10")  # LONG_BINPUT 2**28 of the finished dict
+
+
 def _memo_put_text(p: Path) -> None:
     _write_pickle(p, b"(dp268435456\n.")
 
@@ -552,6 +567,7 @@ def _claims_10m_sparse(p: Path) -> None:
 BOUNDED = {
     "memo-long-binput-2**28": (_memo_long_binput, "PICKLE_UNREADABLE"),
     "memo-put-text-2**28": (_memo_put_text, "PICKLE_UNREADABLE"),
+    "memo-long-binput-2**28-after-5MiB": (_memo_long_binput_after_5mib, "PICKLE_UNREADABLE"),
     "nesting-200k-deep": (_deep_nesting, "PICKLE_UNREADABLE"),
     "label-100000-digits": (_huge_label, "PICKLE_UNREADABLE"),
     "2MiB-slots-sparse-4GiB": (_sparse_huge_slots, "TORN"),
@@ -586,6 +602,30 @@ def test_small_files_claiming_huge_sizes_stay_bounded(palace: Path, name: str):
     assert "Traceback" not in err and "RecursionError" not in err and "MemoryError" not in err
     assert sql_state(palace) == ids0
     assert check_palace(palace).consistent, check_palace(palace).codes()
+
+
+def test_scan_in_a_child_judges_like_the_inline_scan():
+    """``pickle_reader.Scan`` moves the opcode walk of a large pickle to a child process;
+    its verdict (and message) must be the inline walk's, and a child that cannot run
+    must leave the verdict to the inline walk, never to "passed"."""
+    good = pickle.dumps({"id_to_label": {f"id-{i}": i for i in range(1000)}, "pad": "x" * (5 << 20)}, protocol=3)
+    bad = good[:-1] + b"r\x00\x00\x00\x10."
+    with pytest.raises(pickle_reader.PickleBoundsError) as inline:
+        pickle_reader.scan(bad)
+    with pickle_reader.Scan(good) as scan:
+        assert scan.proc is not None  # the child really ran
+        scan.wait()
+    with pickle_reader.Scan(bad) as scan:
+        assert scan.proc is not None
+        with pytest.raises(pickle_reader.PickleBoundsError) as child:
+            scan.wait()
+    assert str(child.value) == str(inline.value)
+    # a child that dies for its own reasons (here: killed at once) is no verdict
+    scan = pickle_reader.Scan(bad)
+    assert scan.proc is not None
+    scan.proc.kill()
+    with pytest.raises(pickle_reader.PickleBoundsError):
+        scan.wait()
 
 
 def test_implausible_max_elements_makes_auto_rebuild(palace: Path):

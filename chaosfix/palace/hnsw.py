@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,33 +276,65 @@ class HnswFiles:
                 if words == 0:
                     return off, f"link_lists.bin ends at element {i} of {n}"
                 w = np.frombuffer(raw, dtype="<u4", count=words)
-                nz = np.flatnonzero(w)
+                nz = np.flatnonzero(w).tolist()
+                # upper-level elements of this window, their links checked together below
+                found: list[tuple[int, int, int, int]] = []  # (element, byte offset, first word, levels)
                 p = 0  # word index of element i's count in this window
                 while i < n and p < words:
-                    q = nz[nz.searchsorted(p)] if p <= (nz[-1] if len(nz) else -1) else words
+                    k = bisect_left(nz, p)
+                    q = nz[k] if k < len(nz) else words
                     run = min(q - p, n - i)  # elements with no upper level
-                    if h.enterpoint_node in range(i, i + run) and h.maxlevel != 0:
-                        return off + 4 * (p + h.enterpoint_node - i), (
-                            f"entry point {h.enterpoint_node} has 0 levels, header says {h.maxlevel}")
+                    if i <= h.enterpoint_node < i + run and h.maxlevel != 0:
+                        return _first_bad(w, found, h) or (off + 4 * (p + h.enterpoint_node - i), (
+                            f"entry point {h.enterpoint_node} has 0 levels, header says {h.maxlevel}"))
                     i, p = i + run, p + run
                     if i >= n or p >= words:
                         break
                     ln = int(w[p])
                     at = off + 4 * p
+                    problem = None
                     if ln % unit or ln // unit > h.maxlevel:
-                        return at, f"link list of element {i} has invalid size {ln}"
-                    if i == h.enterpoint_node and ln // unit != h.maxlevel:
-                        return at, f"entry point {i} has {ln // unit} levels, header says {h.maxlevel}"
-                    if at + 4 + ln > size:
-                        return at + 4 + ln, f"link_lists.bin ends inside element {i} of {n}"
-                    links = w[p + 1:p + 1 + ln // 4]
-                    if len(links) < ln // 4:  # the element spans the window's end
+                        problem = f"link list of element {i} has invalid size {ln}"
+                    elif i == h.enterpoint_node and ln // unit != h.maxlevel:
+                        problem = f"entry point {i} has {ln // unit} levels, header says {h.maxlevel}"
+                    elif at + 4 + ln > size:
+                        return _first_bad(w, found, h) or (at + 4 + ln, f"link_lists.bin ends inside element {i} of {n}")
+                    elif p + 1 + ln // 4 > words:  # the element spans the window's end: alone
                         links = np.frombuffer(os.pread(fd, ln, at + 4), dtype="<u4")
-                    if not _links_ok(links, ln // unit, h.max_m, h.cur_element_count):
-                        return at, f"upper-level links of element {i} out of range"
+                        if not _links_ok(links, ln // unit, h.max_m, h.cur_element_count):
+                            problem = f"upper-level links of element {i} out of range"
+                    else:
+                        found.append((i, at, p + 1, ln // unit))
+                    if problem is not None:
+                        return _first_bad(w, found, h) or (at, problem)
                     i, p = i + 1, p + 1 + ln // 4
+                bad = _first_bad(w, found, h)
+                if bad is not None:
+                    return bad
                 off += 4 * p
         return off, None
+
+
+def _first_bad(w: np.ndarray, found: list[tuple[int, int, int, int]], h: Header) -> tuple[int, str] | None:
+    """The first of ``found``'s elements whose upper-level links break ``_links_ok``,
+    judged in one numpy pass over all of them (Python steps per element, not per link)."""
+    if not found:
+        return None
+    first = np.array([f[2] for f in found], dtype=np.int64)
+    levels = np.array([f[3] for f in found], dtype=np.int64)
+    width = h.max_m + 1
+    # the first word of every level block of every element
+    within = np.arange(int(levels.sum())) - np.repeat(np.cumsum(levels) - levels, levels)
+    rows = np.repeat(first, levels) + within * width
+    blocks = w[rows[:, None] + np.arange(width)[None, :]]
+    counts = blocks[:, 0] & 0xFFFF
+    used = np.arange(h.max_m)[None, :] < counts[:, None]
+    bad_level = (counts > h.max_m) | (used & (blocks[:, 1:] >= h.cur_element_count)).any(axis=1)
+    if not bad_level.any():
+        return None
+    owner = np.repeat(np.arange(len(found)), levels)
+    e, at, _, _ = found[int(owner[np.flatnonzero(bad_level)[0]])]
+    return at, f"upper-level links of element {e} out of range"
 
 
 def _links_ok(words: np.ndarray, levels: int, max_m: int, count: int) -> bool:

@@ -68,19 +68,25 @@ class IdMap:
 
     def inverse_problems(self) -> int:
         """How many entries break id_to_label <-> label_to_id being inverse maps."""
-        if len(self.id_to_label) == len(self.label_to_id) and \
-                dict(zip(self.label_to_id.values(), self.label_to_id.keys())) == self.id_to_label:
-            return 0  # the healthy case, compared in C
+        a, b = self.id_to_label, self.label_to_id
+        # every id's label maps back to that id, and no label is left over: inverse maps.
+        # (In C; the strings are compared, not hashed: chromadb 1.x pickles two copies.)
+        if len(a) == len(b) and list(map(b.get, a.values())) == list(a):
+            return 0
         bad = sum(1 for i, lab in self.id_to_label.items() if self.label_to_id.get(lab) != i)
         bad += sum(1 for lab, i in self.label_to_id.items() if self.id_to_label.get(i) != lab)
         return bad
 
 
-def loads(raw: bytes) -> IdMap:
+def loads(raw: bytes, scanned: pickle_reader.Scan | None = None) -> IdMap:
     """Parse pickle bytes; raises UnsafePickle or UnreadablePickle, nothing else.
-    The opcode scan runs first so the unpickler's memory stays O(len(raw))."""
+    The opcode scan runs first so the unpickler's memory stays O(len(raw)); ``scanned``
+    is that scan, already started on these very bytes (``pickle_reader.Scan``)."""
     try:
-        pickle_reader.scan(raw)
+        if scanned is not None and scanned.raw is raw:
+            scanned.wait()
+        else:
+            pickle_reader.scan(raw)
     except pickle_reader.PickleBoundsError as exc:
         raise UnreadablePickle(str(exc)) from None
     try:

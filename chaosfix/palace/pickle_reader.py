@@ -7,7 +7,8 @@ opcode stream first (a tight reader over ``pickletools``' opcode table, about 5x
 than ``pickletools.genops``; it never builds an object) and refuses memo indexes beyond
 the file's own length, unknown opcodes and a stream without STOP. Every other opcode
 costs memory in proportion to the bytes that encode it, so after the scan the unpickler
-runs in O(file size). ``check_nesting`` bounds what the loaded value may contain (a
+runs in O(file size). ``Scan`` runs the walk of a large pickle in a child process
+while the caller reads SQL and the HNSW files on the other core. ``check_nesting`` bounds what the loaded value may contain (a
 200k-deep list would make later code hit RecursionError), walking it iteratively.
 """
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 import os
 import pickletools
 import struct
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 MAX_NESTING = 32  # chromadb's maps nest 2 deep
@@ -28,8 +32,79 @@ _STOP, _PUT, _LONG_BINPUT = 0x2E, 0x70, 0x72
 _TWO_LINES = (0x63, 0x69)  # GLOBAL, INST
 
 
+CHILD_MIN_BYTES = 4 << 20  # below this (about 50k ids) the child's start costs more than it saves
+_REFUSED = 3  # the child's exit code for PickleBoundsError (its message on stdout)
+
+
 class PickleBoundsError(ValueError):
     """The pickle is malformed or asks for more than its size justifies."""
+
+
+class Scan:
+    """``scan(raw)`` started now and judged by ``wait()``: in a child process (the walk
+    is pure Python, so a thread would hold the GIL the caller needs) for a pickle of at
+    least ``CHILD_MIN_BYTES``, inline otherwise. The child gets the bytes themselves on
+    stdin, never the path, so it judges exactly what the caller unpickles. If the child
+    cannot run (no interpreter, chaosfix not importable there, a timeout) ``wait`` scans
+    inline: the verdict never depends on the child. Use as a context manager so an
+    exception in between still reaps the child."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.out: dict[str, object] = {}
+        self.thread: threading.Thread | None = None
+        if len(raw) < CHILD_MIN_BYTES:
+            return
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from chaosfix.palace.pickle_reader import _child; _child()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            return
+        self.thread = threading.Thread(target=self._talk, daemon=True)
+        self.thread.start()
+
+    def _talk(self) -> None:
+        assert self.proc is not None
+        try:
+            self.out["stdout"], _ = self.proc.communicate(self.raw, timeout=60 + len(self.raw) / 1e6)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.out["error"] = exc
+
+    def wait(self) -> None:
+        """Return when the pickle passed; raise PickleBoundsError when it did not."""
+        if self.proc is not None and self.thread is not None:
+            self.thread.join()
+            self.close()
+            if self.proc.returncode == 0 and "error" not in self.out:
+                return
+            if self.proc.returncode == _REFUSED:
+                raise PickleBoundsError(bytes(self.out.get("stdout") or b"").decode("utf-8", "replace").strip())
+        scan(self.raw)  # no child, or it failed for its own reasons: judge here
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Scan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _child() -> None:
+    """The child of ``Scan``: scan stdin's bytes; exit 0, or _REFUSED with the reason."""
+    try:
+        scan(sys.stdin.buffer.read())
+    except PickleBoundsError as exc:
+        sys.stdout.write(str(exc))
+        sys.stdout.flush()
+        os._exit(_REFUSED)
+    os._exit(0)
 
 
 def read_bounded(path: Path) -> bytes:

@@ -7,7 +7,6 @@ facts. Nothing here raises for damaged data: every problem is recorded as a fact
 from __future__ import annotations
 
 import itertools
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -51,7 +50,8 @@ class CollectionState:
         adding its own on top (peak RSS)."""
         self.idmap = None
         self.slots = None
-        self.__dict__.pop("live_label_slots", None)
+        for cached in ("live_label_slots", "live_labels", "same_ids"):
+            self.__dict__.pop(cached, None)
 
     # ---- derived facts -------------------------------------------------------------
     @property
@@ -64,14 +64,34 @@ class CollectionState:
         if self.slots is None:
             return {}
         idx = np.flatnonzero(self.slots.live)
-        labels, first = np.unique(self.slots.labels[idx], return_index=True)
-        return dict(zip(labels.tolist(), idx[first].tolist()))
+        labels = self.slots.labels[idx]
+        order = np.argsort(labels, kind="stable")  # equal labels keep slot order: first wins
+        first = _firsts(labels[order])
+        return dict(zip(labels[order][first].tolist(), idx[order][first].tolist()))
+
+    @cached_property
+    def live_labels(self) -> np.ndarray:
+        """The distinct live labels, sorted (uint64): the set operations below run on it in
+        numpy instead of a 10^5..10^6-entry Python dict."""
+        if self.slots is None:
+            return np.zeros(0, dtype=np.uint64)
+        s = np.sort(self.slots.labels[self.slots.live])  # nearly sorted already: slot order
+        return s[_firsts(s)]
+
+    @cached_property
+    def same_ids(self) -> bool:
+        """SQL's ids are exactly the map's (the healthy case), compared once in C."""
+        if self.idmap is None:
+            return False
+        rows, m = self.sql_rows, self.idmap.id_to_label
+        # (equal sizes and rows within the map; a set difference is 2x faster than keys ==)
+        return len(rows) == len(m) and not rows.keys() - m.keys()
 
     def duplicate_labels(self) -> list[int]:
         dups: set[int] = set()
         if self.slots is not None:
-            labels, counts = np.unique(self.slots.labels[self.slots.live], return_counts=True)
-            dups |= set(labels[counts > 1].tolist())
+            s = np.sort(self.slots.labels[self.slots.live])
+            dups |= set(s[1:][s[1:] == s[:-1]].tolist())
         if self.idmap is not None:
             values = self.idmap.id_to_label.values()
             if len(set(values)) != len(values):
@@ -82,14 +102,19 @@ class CollectionState:
         """Rows that search can never find: no live vector, nothing pending to bring one."""
         if self.idmap is None:
             return []
-        # C-level iterators over 10^5..10^6 rows: no Python bytecode per row
-        rows = list(self.sql_rows)
-        unfound = map(operator.not_, map(self.live_label_slots.__contains__, map(self.idmap.id_to_label.get, rows)))
-        return sorted(set(itertools.compress(rows, unfound)) - self.pending_ids)
+        m, rows = self.idmap.id_to_label, self.sql_rows
+        unmapped = set() if self.same_ids else rows.keys() - m.keys()
+        # mapped ids whose label has no live slot, in numpy (labels were range-checked: u64)
+        labels = np.fromiter(m.values(), dtype=np.uint64, count=len(m))
+        dead = ~in_sorted(labels, self.live_labels)
+        unfound = set(itertools.compress(m, dead.tolist())) if dead.any() else set()
+        if unfound and not self.same_ids:
+            unfound &= rows.keys()
+        return sorted((unmapped | unfound) - self.pending_ids)
 
     def hnsw_only(self) -> list[str]:
         """Mapped ids with no row (phantoms)."""
-        if self.idmap is None:
+        if self.idmap is None or self.same_ids:
             return []
         return sorted(self.idmap.id_to_label.keys() - self.sql_rows.keys() - self.pending_ids)
 
@@ -99,7 +124,10 @@ class CollectionState:
         if self.idmap is None:
             return []
         claimed = self.replay_labels() if not self.torn else range(0)  # a torn index is never replayed
-        return sorted(lab for lab in self.live_label_slots.keys() - self.idmap.label_to_id.keys() if lab not in claimed)
+        known = self.idmap.label_to_id
+        live = self.live_labels
+        unknown = live[~in_sorted(live, np.sort(np.fromiter(known, dtype=np.uint64, count=len(known))))]
+        return sorted(lab for lab in unknown.tolist() if lab not in claimed)
 
     def replay_labels(self) -> range:
         """The labels chromadb's replay of the pending WAL will issue: one per pending
@@ -161,6 +189,22 @@ class CollectionState:
         return len(self.sql_rows) - len(self.pending_ids & self.sql_rows.keys())
 
 
+def _firsts(s: np.ndarray) -> np.ndarray:
+    """Mask of the first of each run of equal values in sorted ``s`` (``np.unique`` without
+    its cost: numpy 2's unique hashes, 40x slower here than a sort of nearly sorted labels)."""
+    first = np.ones(len(s), dtype=bool)
+    first[1:] = s[1:] != s[:-1]
+    return first
+
+
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which ``values`` occur in ``sorted_set`` (ascending): a binary search each, no sort."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
 def id_problem(info: CollectionInfo) -> str | None:
     """Why this collection's ids cannot be trusted as names (None when they are UUIDs):
     the vector segment id is a folder name and the collection id a WAL topic suffix."""
@@ -208,11 +252,10 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
                                pending=[], unsafe_id=bad_id)
     vseq = seqs.get(info.vector_segment) if info.vector_segment else None
     mseq = seqs.get(info.metadata_segment) if info.metadata_segment else None
-    rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
     st = CollectionState(
         info=info,
         seg_dir=palace / info.vector_segment if info.vector_segment else None,
-        sql_rows=rows,
+        sql_rows={},
         vector_seq=vseq,
         metadata_seq=mseq,
         pending=[],
@@ -224,33 +267,52 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
     if seg_ok:
         st.symlinks.extend(f"{st.seg_dir.name}/{n}" for n in links_in(st.seg_dir))
         seg_ok = not st.symlinks
-    if seg_ok:
-        _read_pickle(st)
+    raw = _pickle_bytes(st) if seg_ok else None
+    # the pickle's opcode scan (pure Python, ~1 s per 500k ids) runs in a child on the
+    # other core while this one reads SQL's rows and the HNSW files
+    with pickle_reader.Scan(raw or b"") as scan:
+        st.sql_rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
+        if seg_ok:
+            _read_files(st, slot_vectors)
+        if raw is not None:
+            _parse_pickle(st, raw, scan)
     if vseq is None and st.idmap is not None and st.idmap.max_seq_id is not None and sql.generation.vector_seq_in_pickle:
         st.vector_seq = SeqValue(st.idmap.max_seq_id, "pickle")  # 0.4: the pickle holds it
     above = st.vector_seq.value if st.vector_seq is not None else 0
     st.pending = sql.wal(info.id, above=above, with_vectors=False)
-    if seg_ok:
-        _read_files(st, slot_vectors)
     if seg_ok and sql.hot_journal and sql.generation.pickle_format == "object":
         st.written_in_rollback = written_in_rollback(st.seg_dir, sql.path)
     return st
 
 
-def _read_pickle(st: CollectionState) -> None:
+def _pickle_bytes(st: CollectionState) -> bytes | None:
+    """The pickle's bytes, or None with ``pickle_status`` saying why there are none."""
     assert st.seg_dir is not None
     p = st.seg_dir / idmap_mod.FILENAME
     if not p.is_file():
         st.pickle_status = PICKLE_MISSING
-        return
+        return None
     try:
-        st.idmap = idmap_mod.loads(pickle_reader.read_bounded(p))
+        return pickle_reader.read_bounded(p)
+    except (OSError, pickle_reader.PickleBoundsError) as exc:
+        st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
+        return None
+
+
+def _read_pickle(st: CollectionState) -> None:
+    """Read and parse the pickle now (its scan inline): for callers with nothing to overlap."""
+    raw = _pickle_bytes(st)
+    if raw is not None:
+        _parse_pickle(st, raw)
+
+
+def _parse_pickle(st: CollectionState, raw: bytes, scan: pickle_reader.Scan | None = None) -> None:
+    try:
+        st.idmap = idmap_mod.loads(raw, scanned=scan)
         st.pickle_status = PICKLE_OK
     except idmap_mod.UnsafePickle as exc:
         st.pickle_status, st.pickle_error = PICKLE_UNSAFE, str(exc)
     except idmap_mod.UnreadablePickle as exc:
-        st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
-    except (OSError, pickle_reader.PickleBoundsError) as exc:
         st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
 
 
