@@ -24,7 +24,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -148,19 +150,56 @@ def start_post_check(palace_gen: Generation, python: str | None) -> StartedChild
 
 def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None = None,
                          seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None,
-                         started: StartedChild | None = None) -> dict:
+                         started: StartedChild | None = None, meanwhile: Callable[[], None] | None = None) -> dict:
     """``{"ok": bool, ...}``: chromadb's judgement of the repaired collections, made on a
     copy; ``{"ok": True, "skipped": why}`` when no chromadb of the palace's generation is
-    at hand. ``started``: the child ``start_post_check`` started ahead (closed here)."""
+    at hand. ``started``: the child ``start_post_check`` started ahead (closed here).
+    ``meanwhile`` runs in this thread while the copy is made and chromadb works (both
+    mostly wait on the kernel or the child); the targets are judged after it returns, so
+    it may still set their ``expect_count``."""
+    if meanwhile is None:
+        try:
+            res = _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
+        finally:
+            if started is not None:  # (already closed unless _verify failed before its copy)
+                started.close()
+        return _judged(res, targets, python)
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            box["res"] = _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
     try:
-        return _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
-    finally:
-        if started is not None:  # (already closed unless _verify failed before its copy)
-            started.close()
+        meanwhile()
+    except BaseException:
+        if started is not None:
+            started.close()  # the child dies, so the thread returns
+        thread.join()
+        raise
+    thread.join()
+    if started is not None:
+        started.close()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return _judged(box["res"], targets, python)  # type: ignore[arg-type]
+
+
+def _judged(res: dict, targets: list[Target], python: str | None) -> dict:
+    if "skipped" in res:
+        return res
+    out = judge(res, {t.name: t for t in targets}, python)
+    out["seconds"] = res["_seconds"]
+    return out
 
 
 def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None, seed: int,
             timeout: float, progress: ProgressFn | None, started: StartedChild | None) -> dict:
+    """The child's raw record of what chromadb did (``judge`` turns it into a verdict)."""
     version, skip = plan_post_check(palace_gen, python)
     if skip:
         return {"ok": True, "skipped": skip, "version": version}
@@ -184,10 +223,9 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
         if started is not None:  # dead before its copy goes (an interrupt mid-run)
             started.close()
         shutil.rmtree(copy.parent, ignore_errors=True)
-    out = judge(res, {t.name: t for t in targets}, python)
-    out["seconds"] = {"copy": round(t1 - t0, 2), "chromadb": round(time.perf_counter() - t1, 2),
-                      "chromadb_start": res.get("seconds_start")}
-    return out
+    res["_seconds"] = {"copy": round(t1 - t0, 2), "chromadb": round(time.perf_counter() - t1, 2),
+                       "chromadb_start": res.get("seconds_start")}
+    return res
 
 
 def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progress: ProgressFn | None,

@@ -189,8 +189,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         usable = list(itertools.compress(labs, map(vec_ok.get, labs)))
         if bad:
             usable = [lab for lab in usable if lab not in bad]
-        inverse = dict(zip(m.id_to_label.values(), m.id_to_label.keys()))
-        if len(inverse) == len(m.id_to_label) and inverse == m.label_to_id:
+        if not m.inverse_problems():
             # the healthy map (one id per label, both maps agree): decided in C
             rids = list(map(m.label_to_id.get, usable))
             owner = dict(itertools.compress(zip(usable, rids), map(target.__contains__, rids)))
@@ -205,7 +204,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     for rid in reset & held.keys():
         owner.pop(held.pop(rid))
     plan.remove_labels = sorted(live.keys() - owner.keys())
-    plan.remove_ids = sorted(m.id_to_label.keys() - target.keys()) if m else []
+    plan.remove_ids = sorted(m.id_to_label.keys() - target.keys()) if m and not st.same_ids else []
 
     # never adopt a label the palace could not have issued (torn-slot garbage), nor a
     # garbage total_elements_added: chromadb's next add would fail inside its consumer
@@ -213,7 +212,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     next_label = max(m.sane_total() if m else 0, _top_plausible_label(st, bound)) + 1
     ahead = set(st.index_ahead())
     rolled_back: list[str] = []  # held labels whose slot holds a rolled-back vector: re-embed
-    for rid in sorted(held):
+    # only ids with a newer vector, a stale slot or a rolled-back write change (not all 10^5)
+    for rid in sorted(held.keys() & (newer.keys() | stale.keys() | ahead)):
         if rid in newer:
             plan.replace[rid] = held[rid]
             plan.vectors[rid], plan.source[rid] = newer[rid], WAL
@@ -225,7 +225,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
             plan.vectors[rid], plan.source[rid] = any_wal[rid], WAL
         elif rid in ahead:
             rolled_back.append(rid)
-    plan.keep = {rid: held[rid] for rid in sorted(held.keys() - plan.replace.keys() - set(rolled_back))}
+    drop = plan.replace.keys() | set(rolled_back)
+    plan.keep = {rid: lab for rid, lab in held.items() if rid not in drop} if drop else dict(held)  # label order
     missing: list[str] = []
     for rid in sorted(target.keys() - held.keys()):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)

@@ -42,6 +42,7 @@ from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_
 
 if TYPE_CHECKING:
     from chaosfix.chromadb_probe import StartedChild
+    from chaosfix.palace.generation import Generation
 
 MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
@@ -331,12 +332,18 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             killpoint("committed")
             rep.timings["total_repair"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            rep.after = check_palace(root, opts.collection)
-            rep.timings["after_check"] = time.perf_counter() - t1
-            if opts.chromadb_check:  # under the lock: the copy it makes is ours alone
-                t2 = time.perf_counter()
-                rep.chromadb = _post_check(root, rep, opts, progress, started)
-                rep.timings["chromadb_check"] = time.perf_counter() - t2
+
+            def after_check() -> None:
+                rep.after = check_palace(root, opts.collection)
+                rep.timings["after_check"] = time.perf_counter() - t1
+
+            if opts.chromadb_check and before.generation is not None:
+                # under the lock: the copy it makes is ours alone. The read-only check
+                # runs here while chromadb works on the copy in its own process.
+                rep.chromadb = _post_check(root, rep, before.generation, opts, progress, started, after_check)
+                rep.timings["chromadb_check"] = time.perf_counter() - t1
+            else:
+                after_check()
             rep.timings["post_verify"] = time.perf_counter() - t1
     finally:
         if started is not None:  # used and closed by the post-check, or never used
@@ -361,27 +368,36 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
         rep.backup = None
 
 
-def _post_check(root: Path, rep: ReconcileReport, opts: ReconcileOptions, progress: ProgressFn | None,
-                started: StartedChild | None = None) -> dict:
-    """chromadb's judgement of what changed, on a throwaway copy (never the palace)."""
+def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: ReconcileOptions,
+                progress: ProgressFn | None, started: StartedChild | None, after_check: Callable[[], None]) -> dict:
+    """chromadb's judgement of what changed, on a throwaway copy (never the palace), made
+    while ``after_check`` runs. The rows and the sample come from the plans' states
+    (reconcile never writes a row); the expected count from the after-check's, once it
+    has run (the judge reads it last)."""
     import random
 
     from chaosfix.chromadb_probe import Target, verify_with_chromadb
 
-    assert rep.after is not None and rep.after.generation is not None
-    states = {st.info.name: st for st in rep.after.states}
-    targets = []
+    targets: dict[str, Target] = {}
     for p in rep.plans:
-        st = states.get(p.collection)
+        st = p.state
         if not p.has_work or st is None:
             continue
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
         rest = [i for i in st.sql_rows if i not in repaired]
         sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
-        targets.append(Target(p.collection, st.info.space, repaired, sample,
-                              None if st.pending else len(st.sql_rows)))
-    return verify_with_chromadb(root, targets, rep.after.generation, opts.chromadb_python, seed=opts.seed,
-                                progress=progress, started=started)
+        targets[p.collection] = Target(p.collection, st.info.space, repaired, sample)
+
+    def meanwhile() -> None:
+        after_check()
+        assert rep.after is not None
+        for st in rep.after.states:
+            t = targets.get(st.info.name)
+            if t is not None:
+                t.expect_count = None if st.pending else len(st.sql_rows)
+
+    return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
+                                progress=progress, started=started, meanwhile=meanwhile)
 
 
 def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3.Connection | None = None

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 
 from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
+from chaosfix.palace import pickle_reader
 from chaosfix.palace.hnsw import DELETE_MARK, HnswFiles, SlotTable
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.build import THREADS
@@ -60,15 +62,23 @@ def zero_diff(seg_dir: Path, sql_ids: set[str], v: Verification,
               ) -> tuple[HnswFiles, idmap_mod.IdMap, SlotTable] | None:
     """Strict zero-diff from the files as written; returns what it read for the caller to reuse."""
     try:
-        m = idmap_mod.loads((seg_dir / idmap_mod.FILENAME).read_bytes())
-    except (OSError, idmap_mod.UnsafePickle, idmap_mod.UnreadablePickle) as exc:
+        raw = (seg_dir / idmap_mod.FILENAME).read_bytes()
+    except OSError as exc:
         v.fail(f"built id map unreadable: {exc}")
         return None
-    files = HnswFiles.open(seg_dir)
-    if files.header is None:
-        v.fail("built header unreadable")
-        return None
-    slots = files.slots()
+    # the map's opcode scan runs in a child while the slot pass reads data_level0.bin here
+    with pickle_reader.Scan(raw) as scan:
+        files = HnswFiles.open(seg_dir)
+        if files.header is None:
+            v.fail("built header unreadable")
+            return None
+        slots = files.slots()
+        try:
+            m = idmap_mod.loads(raw, scanned=scan)
+        except (idmap_mod.UnsafePickle, idmap_mod.UnreadablePickle) as exc:
+            v.fail(f"built id map unreadable: {exc}")
+            return None
+        del raw
     live = np.sort(slots.labels[slots.live])
     v.ids = len(m.id_to_label)
     if m.id_to_label.keys() != sql_ids:  # a keys view against a set: compared in C, no copy
@@ -116,9 +126,11 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     live_idx = np.flatnonzero(slots.live)
     live_labels = slots.labels[live_idx]
     by_label = np.argsort(live_labels)  # zero-diff held: live labels are unique and mapped
-    rest = sorted(m.id_to_label.keys() - planned.keys())
+    # in the map's own order (fixed by the file: seeded runs repeat), not sorted: at 500k
+    # ids a sort costs more than the sample's queries
+    rest = list(itertools.filterfalse(planned.__contains__, m.id_to_label))
     if not full and len(rest) > sample:
-        rest = random.Random(seed).sample(rest, sample)
+        rest = sorted(random.Random(seed).sample(rest, sample))
     check_ids = sorted(planned) + rest
     if not check_ids:
         return v
