@@ -245,7 +245,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
            runs: dict[str, list[dict]]) -> None:
     level0 = sum(p.stat().st_size for p in index_files(broken))
     f_wall = _med([r["wall"] for r in field])
-    f_rss = max(r["rss"] for r in field)
+    f_rss = max((r["rss"] for r in field), default=float("nan"))
     f_cpu = _med([r["cpu"] for r in field])
     print()
     rows = [
@@ -256,7 +256,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
         ("data_level0.bin / on disk", f"{level0 / MB:.1f} MB / {dir_size(broken) / MB:.1f} MB"),
         ("runs", str(args.runs)),
         ("field rebuild (PR #1276 core)", f"{f_wall:.2f} s wall, {f_cpu:.2f} s cpu, peak RSS {f_rss / MB:.1f} MB "
-                                          f"({f_rss / level0:.2f}x data_level0.bin)"),
+                                          f"({f_rss / level0:.2f}x data_level0.bin)" if field else "not run (--no-field)"),
     ]
     for label, rs in runs.items():
         if not rs:
@@ -334,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 f = run_field(broken, work, f"field-{i}")
                 field.append(f)
                 log(f"  field rebuild      {field_line(f)}")
-        if field:
-            report(args, version, broken, facts, field, runs)
+        report(args, version, broken, facts, field, runs)
         if args.profile:
             profile(broken, work, args.top)
     finally:
