@@ -130,17 +130,29 @@ class StartedChild:
 
         self.python = python
         self.proc = start_child([python or sys.executable, "-I", str(CHILD), "-"], stdin=True)
+        self._lock = threading.Lock()  # the post-check thread and the caller may both end it
+        self._closed = False
+
+    def kill(self) -> None:
+        """SIGKILL its process group (pipes stay open: a reader thread may still be on them)."""
+        with self._lock:
+            if not self._closed and self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
+        """Kill it if still running, reap it, close its pipes; once, from any thread."""
+        self.kill()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                if f is not None:
+                    f.close()
 
 
 def start_post_check(palace_gen: Generation, python: str | None) -> StartedChild | None:
@@ -176,14 +188,15 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     thread.start()
     try:
         meanwhile()
-    except BaseException:
-        if started is not None:
-            started.close()  # the child dies, so the thread returns
+        thread.join()
+    except BaseException:  # (Ctrl-C included) the child dies, so the thread returns and
+        if started is not None:  # removes its copy, here, before the interpreter exits
+            started.kill()
         thread.join()
         raise
-    thread.join()
-    if started is not None:
-        started.close()
+    finally:
+        if started is not None:
+            started.close()
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return _judged(box["res"], targets, python)  # type: ignore[arg-type]

@@ -628,6 +628,25 @@ def test_scan_in_a_child_judges_like_the_inline_scan():
         scan.wait()
 
 
+def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):
+    """check's helper processes (the pickle scan, PRAGMA quick_check) run from the user's
+    current folder, which may be the palace: a ``json.py`` or ``pickletools.py`` there
+    must never be imported by them. The parent runs as the console script does (no
+    current folder on sys.path), so only a child could import the traps."""
+    _padded_map(palace, b"")  # a map of more than 4 MiB: its scan runs in a child
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    marker = tmp_path / "imported.txt"
+    for mod in ("json", "pickletools", "struct", "sqlite3", "numpy"):
+        (trap / f"{mod}.py").write_text(f"open({str(marker)!r}, 'a').write({mod!r} + '\\n')\n")
+    cmd = [sys.executable, "-I", "-c", "import sys; from chaosfix.cli import main; sys.argv[0] = 'chaosfix'; main()",
+           "check", str(palace), "--json"]
+    res = subprocess.run(cmd, cwd=trap, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert res.returncode in (0, 4), res.stderr
+    assert json.loads(res.stdout)["findings"] is not None
+    assert not marker.exists(), marker.read_text()
+
+
 def test_implausible_max_elements_makes_auto_rebuild(palace: Path):
     faults.drop_map_entry(palace, "both")  # one orphan row: incremental work
     _set_header(palace, max_elements=2**40)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickletools
+import signal
 import struct
 import subprocess
 import sys
@@ -45,8 +46,8 @@ class Scan:
     is pure Python, so a thread would hold the GIL the caller needs) for a pickle of at
     least ``CHILD_MIN_BYTES``, inline otherwise. The child gets the bytes themselves on
     stdin, never the path, so it judges exactly what the caller unpickles. If the child
-    cannot run (no interpreter, chaosfix not importable there, a timeout) ``wait`` scans
-    inline: the verdict never depends on the child. Use as a context manager so an
+    cannot run (no interpreter, a timeout, a signal) ``wait`` scans inline: the
+    verdict never depends on the child. Use as a context manager so an
     exception in between still reaps the child."""
 
     def __init__(self, raw: bytes) -> None:
@@ -57,8 +58,10 @@ class Scan:
         if len(raw) < CHILD_MIN_BYTES:
             return
         try:
+            # this file by path under -I: standard library only, nothing from the current
+            # folder (a palace's own json.py) or the environment can stand in for it
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from chaosfix.palace.pickle_reader import _child; _child()"],
+                [sys.executable, "-I", str(Path(__file__).resolve())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             )
         except OSError:
@@ -82,6 +85,8 @@ class Scan:
                 return
             if self.proc.returncode == _REFUSED:
                 raise PickleBoundsError(bytes(self.out.get("stdout") or b"").decode("utf-8", "replace").strip())
+            if self.proc.returncode == -signal.SIGINT:  # Ctrl-C reached the child too: stop, no rescan
+                raise KeyboardInterrupt
         scan(self.raw)  # no child, or it failed for its own reasons: judge here
 
     def close(self) -> None:
@@ -96,8 +101,20 @@ class Scan:
         self.close()
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (a killed check leaves no
+    child reading the palace). Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
 def _child() -> None:
     """The child of ``Scan``: scan stdin's bytes; exit 0, or _REFUSED with the reason."""
+    die_with_parent()
     try:
         scan(sys.stdin.buffer.read())
     except PickleBoundsError as exc:
@@ -180,3 +197,7 @@ def check_nesting(value: object, limit: int = MAX_NESTING) -> None:
         seen.add(id(v))
         items = [x for kv in v.items() for x in kv] if isinstance(v, dict) else list(v)
         todo.extend((x, d + 1) for x in items if isinstance(x, (dict, list, tuple, set, frozenset, int)))
+
+
+if __name__ == "__main__":  # run by path by ``Scan``
+    _child()

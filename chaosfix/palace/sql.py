@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -217,8 +218,10 @@ class PalaceSql:
                 got = json.loads(out)
             except ValueError:
                 got = None
-            if not isinstance(got, dict):  # the child died for its own reasons: ask here
-                return _quick_check_thread(uri)()
+            if not isinstance(got, dict):
+                if proc.returncode == -signal.SIGINT:  # Ctrl-C reached the child too: stop
+                    raise KeyboardInterrupt
+                return _quick_check_thread(uri)()  # the child died for its own reasons: ask here
             if "error" in got:
                 name, msg = got["error"]
                 cls = getattr(sqlite3, str(name), None)
@@ -334,6 +337,11 @@ class PalaceSql:
 
 _QUICK_CHECK = """
 import json, sqlite3, sys
+try:  # Linux: die with the parent (a killed check leaves nobody reading the palace)
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 9)
+except (OSError, AttributeError):
+    pass
 try:
     conn = sqlite3.connect(sys.argv[1], uri=True, timeout=2.0)
     try:
