@@ -17,6 +17,7 @@ then panics in its own chromadb). So the post-check:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -56,6 +57,17 @@ class Target:
     repaired: dict[str, np.ndarray] = field(default_factory=dict)  # id -> planned vector
     sample: list[str] = field(default_factory=list)
     expect_count: int | None = None
+    # the share of self-queries chaosfix's own verification found unreachable in the same
+    # index files (hnswlib's quirk on this graph, each confirmed by brute force)
+    quirk_rate: float = 0.0
+
+
+def unreachable_allowed(n: int, quirk_rate: float) -> int:
+    """How many of ``n`` self-queries may miss at the largest k: hnswlib's known rate, or
+    three times the rate measured on this very graph (a large random-vector graph misses
+    more: 0.4% of 11,000 at 1M drawers), whichever is larger. A repair that left its rows
+    unlinked misses most of them."""
+    return max(2, int(UNREACHABLE_RATE * n), math.ceil(3 * quirk_rate * n))
 
 
 def chromadb_version(python: str | None = None) -> str | None:
@@ -283,9 +295,14 @@ def judge(res: dict, targets: dict[str, Target], python: str | None) -> dict:
             errs.append(f"{name}: {c['missing_count']} rows without an embedding, e.g. {c['missing'][:3]}")
         if c.get("wrong_vector_count"):
             errs.append(f"{name}: {c['wrong_vector_count']} repaired rows with another vector")
-        unreachable = c.get("unreachable", [])
-        if len(unreachable) > int(UNREACHABLE_RATE * c.get("queried", 0)):
-            errs.append(f"{name}: {len(unreachable)} of {c.get('queried')} self-queries miss at k up to {KS[-1]}")
+        # judged apart: the repaired rows, and the untouched sample (what the same chromadb
+        # does on this palace's healthy rows)
+        unreachable = set(c.get("unreachable", []))
+        asked_repaired = min(QUERY_REPAIRED, len(t.repaired))
+        for what, ids, n in (("repaired", unreachable & t.repaired.keys(), asked_repaired),
+                             ("sampled", unreachable - t.repaired.keys(), c.get("queried", 0) - asked_repaired)):
+            if len(ids) > unreachable_allowed(n, t.quirk_rate):
+                errs.append(f"{name}: {len(ids)} of {n} {what} rows' self-queries miss at k up to {KS[-1]}")
         if c.get("filtered_misses"):
             errs.append(f"{name}: filtered queries miss {c['filtered_misses'][:3]}")
         if "errors" in c and not c["errors"] and c.get("probe_found") is False:

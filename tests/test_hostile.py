@@ -647,6 +647,36 @@ def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):
     assert not marker.exists(), marker.read_text()
 
 
+@pytest.mark.parametrize("where", ["thread", "child"])
+def test_quick_check_finds_a_broken_index_page(palace: Path, tmp_path: Path, monkeypatch, where: str):
+    """A b-tree page of an index chaosfix never reads, its page type byte zeroed: only
+    ``PRAGMA quick_check`` sees it. It runs in a thread for a small file and in a child
+    process (run from a folder of traps) for a large one; both must report it."""
+    from chaosfix.palace import sql as sql_mod
+
+    db = palace / "chroma.sqlite3"
+    con = sqlite3.connect(db)
+    try:
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        (page,) = con.execute("SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_embeddings_1' "
+                              "AND pagetype = 'leaf' LIMIT 1").fetchone()
+    finally:
+        con.close()
+    with open(db, "r+b") as f:
+        f.seek((page - 1) * page_size)
+        f.write(b"\x00")
+    monkeypatch.setattr(sql_mod, "QUICK_CHECK_CHILD_BYTES", 0 if where == "child" else 1 << 40)
+    if where == "child":  # the child's own verdict, not the thread's fallback
+        monkeypatch.setattr(sql_mod, "_quick_check_thread", lambda uri: pytest.fail("fell back to the thread"))
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "json.py").write_text("raise SystemExit('imported from the current folder')\n")
+    monkeypatch.chdir(trap)
+    report = check_palace(palace)
+    (f,) = [f for f in report.findings if f.code == "SQLITE_CORRUPT"]
+    assert f.severity == "error" and "quick_check" in f.detail and f.count >= 1 and f.sample, f
+
+
 def test_implausible_max_elements_makes_auto_rebuild(palace: Path):
     faults.drop_map_entry(palace, "both")  # one orphan row: incremental work
     _set_header(palace, max_elements=2**40)

@@ -600,3 +600,25 @@ def test_chromadb_post_check_can_fail(tmp_path):
     assert good["ok"] is True and good["collections"][COLLECTION]["probe_found"], good
     bad = verify_with_chromadb(p, [Target("no-such-collection", "cosine")], gen)
     assert bad["ok"] is False and bad["collections"]["no-such-collection"]["errors"]
+
+
+def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
+    """chromadb's misses at the largest k are judged per group (repaired rows, untouched
+    sample) against hnswlib's known rate or three times the rate chaosfix's own
+    verification measured on the same files: a large random-vector graph's quirks pass
+    (a correct 1M-drawer repair was judged unrepaired), an unlinked repair does not."""
+    from chaosfix.chromadb_probe import Target, judge, unreachable_allowed
+
+    repaired = {f"r{i}": None for i in range(500)}  # (the judge reads only the ids)
+    sample = [f"s{i}" for i in range(200)]
+
+    def verdict(unreachable: list[str], rate: float) -> dict:
+        rec = {"collections": {"c": {"errors": [], "queried": 700, "unreachable": unreachable, "probe_found": True}}}
+        return judge(rec, {"c": Target("c", "cosine", repaired, sample, quirk_rate=rate)}, None)
+
+    quirks = ["r1", "r2", "r3", "r4", "s1"]
+    assert unreachable_allowed(500, 0.0) == 2 and unreachable_allowed(500, 0.004) == 6
+    assert verdict(quirks, 0.004)["ok"]  # 0.4%: what 1M random vectors measure
+    assert not verdict(quirks, 0.0)["ok"]  # a graph that reached everything in verification
+    assert not verdict([f"r{i}" for i in range(300)], 0.004)["ok"]  # repaired rows left unlinked
+    assert not verdict([f"s{i}" for i in range(50)], 0.004)["ok"]  # the repair broke old rows

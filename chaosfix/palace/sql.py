@@ -197,7 +197,8 @@ class PalaceSql:
 
         It reads every page of the file, the longest single step of a check. On our own
         read-only connection it runs in a child process (``_QUICK_CHECK``, standard
-        library only) so the rest of the check proceeds on the other core; a thread would
+        library only; a thread below ``QUICK_CHECK_CHILD_BYTES``) so the rest of the
+        check proceeds on the other core; a thread would
         share SQLite's global allocator mutex with this one's row reads, which then run
         50% slower (measured at 500k rows). If the child cannot run, a thread does it.
         On a borrowed connection (the reconciler's exclusive transaction locks out any
@@ -206,6 +207,12 @@ class PalaceSql:
             rows = self.quick_check()
             return lambda: rows
         uri = self.uri
+        try:
+            small = os.path.getsize(self.path) < QUICK_CHECK_CHILD_BYTES
+        except OSError:
+            small = True
+        if small:  # a process start (~30 ms) costs more than the contention it avoids
+            return _quick_check_thread(uri)
         try:
             proc = subprocess.Popen([sys.executable, "-I", "-c", _QUICK_CHECK, uri],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -335,6 +342,7 @@ class PalaceSql:
 
 
 
+QUICK_CHECK_CHILD_BYTES = 32 << 20  # chroma.sqlite3 of about 30k drawers and up
 _QUICK_CHECK = """
 import json, sqlite3, sys
 try:  # Linux: die with the parent (a killed check leaves nobody reading the palace)

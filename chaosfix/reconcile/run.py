@@ -386,7 +386,9 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
         rest = [i for i in st.sql_rows if i not in repaired]
         sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
-        targets[p.collection] = Target(p.collection, st.info.space, repaired, sample)
+        v = rep.verifications.get(p.collection)
+        rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
+        targets[p.collection] = Target(p.collection, st.info.space, repaired, sample, quirk_rate=rate)
 
     def meanwhile() -> None:
         after_check()

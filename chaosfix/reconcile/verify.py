@@ -11,13 +11,14 @@
    and none at ef=800). A row found at any ef is reachable by search, so starting low
    proves the same and costs a quarter of the query time (cost grows with ef). A miss
    left is confirmed by brute force: a graph that cannot reach a vector that is still
-   its own nearest neighbour is hnswlib's known quirk, tolerated up to a small rate;
-   anything else fails.
+   its own nearest neighbour is hnswlib's known quirk, tolerated up to a small rate (or
+   three times the rate of the untouched sample, this graph's own); anything else fails.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,12 +178,18 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     del index  # the brute force below must not hold a second copy of the index
     if len(miss_rows):
         closer = _closer_than_self(files, space, stored[miss_rows])
+        quirks_in_rest = 0
         for j, n_closer in zip(miss_rows.tolist(), closer.tolist()):
             if n_closer < k:
                 v.unreachable += 1  # still among its own k nearest: the graph's quirk, not corruption
+                quirks_in_rest += j >= n_planned
             else:
                 v.fail(f"self-query of {check_ids[j]} fails even by brute force")
-        if v.unreachable > max(2, UNREACHABLE_RATE * len(check_ids)):
+        # the untouched sample is this graph's own quirk rate (a large random-vector graph
+        # has more: 0.4% at 1M drawers); the repaired rows may not do markedly worse
+        n_rest = len(check_ids) - n_planned
+        base = quirks_in_rest / n_rest if n_rest else 0.0
+        if v.unreachable > max(2, UNREACHABLE_RATE * len(check_ids), math.ceil(3 * base * len(check_ids))):
             v.fail(f"{v.unreachable} of {len(check_ids)} vectors unreachable from themselves")
     return v
 
