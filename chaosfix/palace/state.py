@@ -66,7 +66,7 @@ class CollectionState:
         idx = np.flatnonzero(self.slots.live)
         labels = self.slots.labels[idx]
         order = np.argsort(labels, kind="stable")  # equal labels keep slot order: first wins
-        first = _firsts(labels[order])
+        first = firsts(labels[order])
         return dict(zip(labels[order][first].tolist(), idx[order][first].tolist()))
 
     @cached_property
@@ -76,7 +76,7 @@ class CollectionState:
         if self.slots is None:
             return np.zeros(0, dtype=np.uint64)
         s = np.sort(self.slots.labels[self.slots.live])  # nearly sorted already: slot order
-        return s[_firsts(s)]
+        return s[firsts(s)]
 
     @cached_property
     def same_ids(self) -> bool:
@@ -189,7 +189,7 @@ class CollectionState:
         return len(self.sql_rows) - len(self.pending_ids & self.sql_rows.keys())
 
 
-def _firsts(s: np.ndarray) -> np.ndarray:
+def firsts(s: np.ndarray) -> np.ndarray:
     """Mask of the first of each run of equal values in sorted ``s`` (``np.unique`` without
     its cost: numpy 2's unique hashes, 40x slower here than a sort of nearly sorted labels)."""
     first = np.ones(len(s), dtype=bool)
