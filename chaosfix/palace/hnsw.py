@@ -300,9 +300,10 @@ class HnswFiles:
                     elif at + 4 + ln > size:
                         return _first_bad(w, found, h) or (at + 4 + ln, f"link_lists.bin ends inside element {i} of {n}")
                     elif p + 1 + ln // 4 > words:  # the element spans the window's end: alone
-                        links = np.frombuffer(os.pread(fd, ln, at + 4), dtype="<u4")
-                        if not _links_ok(links, ln // unit, h.max_m, h.cur_element_count):
-                            problem = f"upper-level links of element {i} out of range"
+                        alone = np.frombuffer(os.pread(fd, 4 + ln, at), dtype="<u4")
+                        bad = _first_bad(w, found, h) or _first_bad(alone, [(i, at, 1, ln // unit)], h)
+                        if bad is not None:
+                            return bad
                     else:
                         found.append((i, at, p + 1, ln // unit))
                     if problem is not None:
@@ -316,8 +317,11 @@ class HnswFiles:
 
 
 def _first_bad(w: np.ndarray, found: list[tuple[int, int, int, int]], h: Header) -> tuple[int, str] | None:
-    """The first of ``found``'s elements whose upper-level links break ``_links_ok``,
-    judged in one numpy pass over all of them (Python steps per element, not per link)."""
+    """The first of ``found``'s elements (element, byte offset, first link word in ``w``,
+    levels) whose upper-level links are malformed: each level is a u16 neighbour count
+    <= maxM, then maxM u32 ids of which the first count must name existing elements
+    (hnswlib follows them without checks). One numpy pass over all of them: Python steps
+    per element, not per link."""
     if not found:
         return None
     first = np.array([f[2] for f in found], dtype=np.int64)
@@ -335,15 +339,3 @@ def _first_bad(w: np.ndarray, found: list[tuple[int, int, int, int]], h: Header)
     owner = np.repeat(np.arange(len(found)), levels)
     e, at, _, _ = found[int(owner[np.flatnonzero(bad_level)[0]])]
     return at, f"upper-level links of element {e} out of range"
-
-
-def _links_ok(words: np.ndarray, levels: int, max_m: int, count: int) -> bool:
-    """Each upper level: a u16 neighbour count <= maxM, then maxM u32 ids of which the
-    first count must name existing elements (hnswlib follows them without checks)."""
-    a = words[:levels * (max_m + 1)].reshape(levels, max_m + 1)
-    counts = a[:, 0] & 0xFFFF
-    if (counts > max_m).any():
-        return False
-    used = np.arange(max_m)[None, :] < counts[:, None]
-    return not (used & (a[:, 1:] >= count)).any()
-

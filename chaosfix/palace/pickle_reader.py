@@ -8,8 +8,9 @@ than ``pickletools.genops``; it never builds an object) and refuses memo indexes
 the file's own length, unknown opcodes and a stream without STOP. Every other opcode
 costs memory in proportion to the bytes that encode it, so after the scan the unpickler
 runs in O(file size). ``Scan`` runs the walk of a large pickle in a child process
-while the caller reads SQL and the HNSW files on the other core. ``check_nesting`` bounds what the loaded value may contain (a
-200k-deep list would make later code hit RecursionError), walking it iteratively.
+while the caller reads SQL and the HNSW files on the other core. ``check_nesting``
+bounds what the loaded value may contain (a 200k-deep list would make later code hit
+RecursionError), walking it iteratively.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class Scan:
     least ``CHILD_MIN_BYTES``, inline otherwise. The child gets the bytes themselves on
     stdin, never the path, so it judges exactly what the caller unpickles. If the child
     cannot run (no interpreter, a timeout, a signal) ``wait`` scans inline: the
-    verdict never depends on the child. Use as a context manager so an
-    exception in between still reaps the child."""
+    verdict never depends on the child. Use as a context manager so an exception in
+    between still reaps the child."""
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw

@@ -198,9 +198,9 @@ class PalaceSql:
         It reads every page of the file, the longest single step of a check. On our own
         read-only connection it runs in a child process (``_QUICK_CHECK``, standard
         library only; a thread below ``QUICK_CHECK_CHILD_BYTES``) so the rest of the
-        check proceeds on the other core; a thread would
-        share SQLite's global allocator mutex with this one's row reads, which then run
-        50% slower (measured at 500k rows). If the child cannot run, a thread does it.
+        check proceeds on the other core: a thread would share SQLite's global allocator
+        mutex with this one's row reads, which then run 50% slower (measured at 500k
+        rows). If the child cannot run, a thread does it.
         On a borrowed connection (the reconciler's exclusive transaction locks out any
         other reader) it runs inline. The returned call re-raises what quick_check raised."""
         if self.uri is None:

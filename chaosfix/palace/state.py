@@ -50,7 +50,7 @@ class CollectionState:
         adding its own on top (peak RSS)."""
         self.idmap = None
         self.slots = None
-        for cached in ("live_label_slots", "live_labels", "same_ids"):
+        for cached in ("live_label_slots", "live_sorted", "live_labels", "same_ids"):
             self.__dict__.pop(cached, None)
 
     # ---- derived facts -------------------------------------------------------------
@@ -70,13 +70,17 @@ class CollectionState:
         return dict(zip(labels[order][first].tolist(), idx[order][first].tolist()))
 
     @cached_property
-    def live_labels(self) -> np.ndarray:
-        """The distinct live labels, sorted (uint64): the set operations below run on it in
-        numpy instead of a 10^5..10^6-entry Python dict."""
+    def live_sorted(self) -> np.ndarray:
+        """Every live slot's label, sorted (uint64; nearly sorted already: slot order)."""
         if self.slots is None:
             return np.zeros(0, dtype=np.uint64)
-        s = np.sort(self.slots.labels[self.slots.live])  # nearly sorted already: slot order
-        return s[firsts(s)]
+        return np.sort(self.slots.labels[self.slots.live])
+
+    @cached_property
+    def live_labels(self) -> np.ndarray:
+        """The distinct live labels, sorted: the set operations below run on it in numpy
+        instead of a 10^5..10^6-entry Python dict."""
+        return self.live_sorted[firsts(self.live_sorted)]
 
     @cached_property
     def same_ids(self) -> bool:
@@ -89,9 +93,8 @@ class CollectionState:
 
     def duplicate_labels(self) -> list[int]:
         dups: set[int] = set()
-        if self.slots is not None:
-            s = np.sort(self.slots.labels[self.slots.live])
-            dups |= set(s[1:][s[1:] == s[:-1]].tolist())
+        s = self.live_sorted
+        dups |= set(s[1:][s[1:] == s[:-1]].tolist())
         if self.idmap is not None:
             values = self.idmap.id_to_label.values()
             if len(set(values)) != len(values):
