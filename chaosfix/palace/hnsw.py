@@ -304,6 +304,7 @@ class HnswFiles:
                         bad = _first_bad(w, found, h) or _first_bad(alone, [(i, at, 1, ln // unit)], h)
                         if bad is not None:
                             return bad
+                        found.clear()  # judged: the window's end need not judge them again
                     else:
                         found.append((i, at, p + 1, ln // unit))
                     if problem is not None:

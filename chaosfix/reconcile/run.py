@@ -16,6 +16,7 @@ clears (a hot journal is rolled back only when our marker proves it is ours).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sqlite3
@@ -384,7 +385,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         if not p.has_work or st is None:
             continue
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
-        rest = [i for i in st.sql_rows if i not in repaired]
+        rest = list(itertools.filterfalse(repaired.__contains__, st.sql_rows))  # in C: 10^5..10^6 rows
         sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
         v = rep.verifications.get(p.collection)
         rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
