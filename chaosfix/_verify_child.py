@@ -26,6 +26,7 @@ import sys
 import time
 
 BATCH = 256
+RESULTS_PER_CALL = 25600  # ids per query call's answer (BATCH queries at k=100)
 GET_BATCH = 100  # chromadb 1.5.9 keeps ~50 MB after a get of 1000 ids with embeddings, ~13 MB after 100
 FILTERED = 2  # each one a metadata scan plus a query: ~0.3 s at 100k, ~2 s at 500k
 PROBE_ID = "__chaosfix_probe__"
@@ -70,8 +71,10 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
     for k in ks:
         k = max(1, min(k, count))
         left = []
-        for s in range(0, len(todo), BATCH):
-            chunk = todo[s : s + BATCH]
+        # answers as Python lists: at k=1600, 256 queries would be 400k id strings at once
+        step = max(1, min(BATCH, RESULTS_PER_CALL // k))
+        for s in range(0, len(todo), step):
+            chunk = todo[s : s + step]
             kw = {"where": where} if where else {}
             res = col.query(query_embeddings=[v.tolist() for _, v in chunk], n_results=k, include=["distances"], **kw)
             left += [(rid, v) for (rid, v), got in zip(chunk, res["ids"]) if rid not in got]
@@ -81,18 +84,37 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
     return [rid for rid, _ in todo]
 
 
-def _get(col, ids: list[str]) -> dict:
-    """id -> (float32 embedding | None, metadata) for the ids chromadb returns."""
+def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str], dict]:
+    """Fetch ``ids`` in batches and judge each row as it arrives: ``check(id, embedding)``
+    (the planned-vector test), the ids with no embedding, and per metadata key the distinct
+    string/int values. Only the embeddings and metadata of ``keep`` (the ids to self-query)
+    stay in memory: at 500k drawers the 10,000 repaired rows' arrays and metadata dicts,
+    kept whole, were ~45 MB of the child's peak."""
     import numpy as np
 
-    out: dict = {}
+    kept: dict = {}
+    missing: list[str] = []
+    distinct: dict[str, set] = {}
+    returned: set[str] = set()
     for s in range(0, len(ids), GET_BATCH):
         got = col.get(ids=ids[s : s + GET_BATCH], include=["embeddings", "metadatas"])
         embs = got["embeddings"]
         for i, rid in enumerate(got["ids"]):
-            emb = None if embs is None or embs[i] is None else np.asarray(embs[i], dtype=np.float32)
-            out[rid] = (emb, got["metadatas"][i] or {})
-    return out
+            returned.add(rid)
+            meta = got["metadatas"][i] or {}
+            for k, v in meta.items():
+                if isinstance(v, (str, int)) and not isinstance(v, bool) and not k.startswith("chroma:"):
+                    distinct.setdefault(k, set()).add(v)
+            if embs is None or embs[i] is None:
+                missing.append(rid)
+                continue
+            emb = np.asarray(embs[i], dtype=np.float32)
+            check(rid, emb)
+            if rid in keep:
+                kept[rid] = (emb, meta)
+        del got, embs
+    missing += [r for r in ids if r not in returned]
+    return kept, missing, distinct
 
 
 def _same(a: list, b: list, cosine: bool) -> bool:
@@ -126,20 +148,26 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     count = res["count"] = col.count()  # 1.x loads the index here
     step(1, "open")
     repaired, sample = list(spec.get("repaired", [])), list(spec.get("sample", []))
-    planned = np.load(spec["planned"]) if spec.get("planned") else None
-    got = _get(col, repaired + sample)
-    step(2, "get")
+    # read in place: at 10,000 repaired rows the planned vectors are 15 MB the child need not hold
+    planned = np.load(spec["planned"], mmap_mode="r") if spec.get("planned") else None
+    at = {r: i for i, r in enumerate(repaired)} if planned is not None else {}
     cosine = spec.get("space") == "cosine"
-    missing = [r for r in repaired + sample if r not in got or got[r][0] is None]
-    wrong = [r for i, r in enumerate(repaired)
-             if planned is not None and r in got and got[r][0] is not None and not _same(got[r][0], planned[i], cosine)]
-    res.update(asked=len(repaired) + len(sample), repaired=len(repaired), missing=missing[:20],
-               missing_count=len(missing), wrong_vectors=wrong[:20], wrong_vector_count=len(wrong))
+    wrong: list[str] = []
+
+    def check(rid: str, emb) -> None:
+        i = at.get(rid)
+        if i is not None and not _same(emb, planned[i], cosine):
+            wrong.append(rid)
+
     # chromadb answers a query in ~3 ms whatever k, so it self-queries the ids it is given
     # (a seeded sample of the repaired rows plus the sample): chaosfix's own verification
     # already self-queried every repaired row in the index it built
     asked = spec.get("query", repaired + sample)
-    have = [r for r in asked if r in got and got[r][0] is not None]
+    got, missing, distinct = _get(col, list(dict.fromkeys(repaired + sample)), set(asked), check)
+    step(2, "get")
+    res.update(asked=len(repaired) + len(sample), repaired=len(repaired), missing=missing[:20],
+               missing_count=len(missing), wrong_vectors=wrong[:20], wrong_vector_count=len(wrong))
+    have = [r for r in asked if r in got]
     first = _found(col, [got[r][0] for r in have], have, ks[:1], count)
     res["queried"], res["misses_at_k10"] = len(have), len(first)
     res["unreachable"] = _found(col, [got[r][0] for r in first], first, ks[1:], count) if first else []
@@ -148,11 +176,6 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     fmiss, fasked = [], 0
     # on the key with the most distinct values among the fetched rows: a filter that keeps
     # 100k of 500k rows (a MemPalace "wing") costs seconds in get(where) and the query
-    distinct: dict[str, set] = {}
-    for _emb, meta in got.values():
-        for k, v in meta.items():
-            if isinstance(v, (str, int)) and not isinstance(v, bool) and not k.startswith("chroma:"):
-                distinct.setdefault(k, set()).add(v)
     keys = sorted(distinct, key=lambda k: -len(distinct[k]))
     for rid in have[:FILTERED]:
         meta = got[rid][1]

@@ -602,6 +602,29 @@ def test_chromadb_post_check_can_fail(tmp_path):
     assert bad["ok"] is False and bad["collections"]["no-such-collection"]["errors"]
 
 
+def test_post_check_compares_every_repaired_rows_vector(tmp_path):
+    """chromadb returns each repaired row's embedding, compared with what chaosfix planned
+    as the batches arrive (the child keeps only the self-queried ones): one wrong vector
+    and one row chromadb does not have fail the check, and name the rows."""
+    from chaosfix.chromadb_probe import Target, verify_with_chromadb
+    from chaosfix.embedder import embed_text
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    gen = check_palace(p).generation
+    rows = [drawer(i) for i in range(0, SPEC.drawers, 3)]
+    planned = {rid: embed_text(doc, SPEC.dim) for rid, doc, _ in rows}
+    good = verify_with_chromadb(p, [Target(COLLECTION, "cosine", planned, expect_count=SPEC.drawers)], gen)
+    c = good["collections"][COLLECTION]
+    assert good["ok"] and c["wrong_vector_count"] == 0 and c["missing_count"] == 0, good
+    assert c["queried"] == min(len(planned), 500)
+    wrong = rows[len(rows) // 2][0]
+    planned[wrong] = -planned[wrong]
+    planned["drawer_not_in_the_palace"] = planned[rows[0][0]]
+    bad = verify_with_chromadb(p, [Target(COLLECTION, "cosine", planned, expect_count=SPEC.drawers)], gen)
+    c = bad["collections"][COLLECTION]
+    assert not bad["ok"] and c["wrong_vectors"] == [wrong] and c["missing"] == ["drawer_not_in_the_palace"], bad
+
+
 def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
     """chromadb's misses at the largest k are judged per group (repaired rows, untouched
     sample) against hnswlib's known rate or three times the rate chaosfix's own
