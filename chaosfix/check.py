@@ -313,7 +313,7 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
         elif m.total_elements_added < top_label or inv:
             add("OFF_BY_ONE", max(inv, 1), [], f"total_elements_added={m.total_elements_added}, "
                 f"max label={top_label}, {inv} non-inverse map entries")
-        if m.fmt == "object" and m.dimensionality is None and m.id_to_label:
+        if m.fmt == "object" and m.dimensionality is None and m.count:
             add("DIMENSION_LOST", 1, [], "0.6 id map has dimensionality None: chromadb 0.6 fails every read")
     if m is not None and st.written_in_rollback and not any(
             f.severity == ERROR and f.collection == info.name for f in report.findings):
@@ -337,7 +337,7 @@ def summary(st: CollectionState) -> dict:
         "space": st.info.space,
         "dimension": st.info.dimension,
         "rows": len(st.sql_rows),
-        "mapped": len(st.idmap.id_to_label) if st.idmap else None,
+        "mapped": st.idmap.count if st.idmap else None,
         "live_labels": len(st.live_labels) if st.slots is not None else None,
         "pending": len(st.pending),
         "pickle": st.idmap.fmt if st.idmap else st.pickle_status,

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from chaosfix import faults
 from chaosfix.check import check_palace
-from chaosfix.palace import idmap, pickle_reader
+from chaosfix.palace import idmap, map_child, pickle_reader
 from chaosfix.palace.hnsw import HEADER_FMT, parse_header
 from chaosfix.reconcile.run import FOREIGN_SQL_FILE, ReconcileReport
 from chaosfix.report import render_reconcile
@@ -626,6 +626,50 @@ def test_scan_in_a_child_judges_like_the_inline_scan():
     scan.proc.kill()
     with pytest.raises(pickle_reader.PickleBoundsError):
         scan.wait()
+
+
+def test_map_helper_judges_like_the_inline_read():
+    """check reads a map of 4 MiB or more in a helper process (``map_child``): under a
+    memory cap instead of the opcode scan, it must give the inline read's verdict (a memo
+    bomb unreadable, a foreign global unsafe), the same facts for a sound map, and an
+    exact answer to "are these SQL's ids"; a helper that dies is no verdict at all."""
+    ids = [f"drawer-{i}" for i in range(1000)]
+    m = {"dimensionality": 384, "total_elements_added": 1000, "max_seq_id": None,
+         "id_to_label": {r: i + 1 for i, r in enumerate(ids)}, "label_to_id": {i + 1: r for i, r in enumerate(ids)},
+         "id_to_seq_id": None, "pad": "x" * (5 << 20)}
+    good = pickle.dumps(m, protocol=3)
+    bomb = good[:-1] + b"r\x00\x00\x00\x10."  # LONG_BINPUT 2**28 after 5 MiB: 4 GB, above the cap
+    past = good[:-1] + b"r" + struct.pack("<I", 6_000_000) + b"."  # within the cap, past the file's length
+    unsafe = pickle.dumps({**m, "pad": subprocess.Popen}, protocol=3)
+    assert len(good) >= map_child.MIN_BYTES
+
+    def helper(raw: bytes, blob: str | None):  # noqa: ANN202
+        with map_child.MapFacts(raw) as h:
+            assert h.proc is not None  # the helper really ran
+            h.send_ids(blob)
+            return h.result()
+
+    status, answer, labels = helper(good, "\0".join(reversed(ids)))
+    facts, want_labels = idmap.summarize(idmap.loads(good))
+    assert status == "ok" and answer["facts"] == facts and answer["same_ids"] is True
+    assert labels == want_labels.astype("<u8").tobytes()
+    assert helper(good, "\0".join(ids[:-1] + ["drawer-x"]))[1]["same_ids"] is False
+    assert helper(good, "\0".join(ids + ids[:1]))[1]["same_ids"] is False
+    assert helper(good, None)[1]["same_ids"] is None
+    for raw, exc, status in ((bomb, idmap.UnreadablePickle, "unreadable"), (past, idmap.UnreadablePickle, "unreadable"),
+                             (unsafe, idmap.UnsafePickle, "unsafe")):
+        with pytest.raises(exc) as inline:
+            idmap.loads(raw)
+        got = helper(raw, None)
+        assert got[0] == status, got
+        if raw is bomb:
+            assert got[1]["error"].startswith("MemoryError"), got  # stopped by the cap
+        elif raw is past:
+            assert got[1]["error"] == str(inline.value)  # the memo checked afterwards, as the scan does
+    h = map_child.MapFacts(good)
+    assert h.proc is not None
+    h.proc.kill()
+    assert h.result() is None
 
 
 def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):

@@ -15,6 +15,8 @@ import io
 import pickle
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from chaosfix.palace import pickle_reader
 
 LABEL_LIMIT = 2**64
@@ -42,11 +44,18 @@ class _Unpickler(pickle.Unpickler):
 
 
 MAX_TOTAL = 2**32  # no chromadb index issues 4 billion labels; a count above came from garbage
+_DEFERRED = ("id_to_label", "label_to_id", "id_to_seq_id", "extra")  # what a deferred map reads late
 
 
 @dataclass
 class IdMap:
-    """The id map in one typed structure, whichever format it came from."""
+    """The id map in one typed structure, whichever format it came from.
+
+    A *deferred* map (``deferred``) holds the pickle's bytes and the facts a helper
+    process found in them (``summarize``), and unpickles only when a caller first reads
+    one of its dicts: a healthy check of 500k ids needs the facts, not a million Python
+    strings. Every fact method answers from those facts while the dicts are unread.
+    """
 
     fmt: str  # "object" (0.6) or "dict" (1.x)
     dimensionality: int | None
@@ -57,9 +66,52 @@ class IdMap:
     max_seq_id: int | None = None
     extra: dict = field(default_factory=dict)  # attributes we do not interpret, kept on write
 
+    def __getattr__(self, name: str) -> object:
+        # reached only for a dict a deferred map has not read yet: unpickle it now (the
+        # helper already bounded these bytes, so no second scan)
+        raw = self.__dict__.get("_raw")
+        if name not in _DEFERRED or raw is None:
+            raise AttributeError(name)
+        full = loads(raw, bounded=True)
+        for f in _DEFERRED:
+            setattr(self, f, getattr(full, f))
+        del self.__dict__["_raw"], self.__dict__["_facts"], self.__dict__["_labels"]
+        return getattr(self, name)
+
+    @property
+    def _known(self) -> dict | None:
+        return self.__dict__.get("_facts")
+
+    @property
+    def count(self) -> int:
+        f = self._known
+        return f["count"] if f else len(self.id_to_label)
+
     @property
     def max_label(self) -> int:
-        return max(self.label_to_id, default=0)
+        f = self._known
+        return f["max_label"] if f else max(self.label_to_id, default=0)
+
+    @property
+    def has_seq_map(self) -> bool:
+        f = self._known
+        return f["has_seq_map"] if f else bool(self.id_to_seq_id)
+
+    def labels_unique(self) -> bool:
+        """No label is held by two ids."""
+        f = self._known
+        if f:
+            return f["labels_unique"]
+        values = self.id_to_label.values()
+        return len(set(values)) == len(values)
+
+    def sorted_labels(self) -> np.ndarray:
+        """id_to_label's labels, sorted (uint64: loads range-checked them)."""
+        if self._known:
+            return self.__dict__["_labels"]
+        out = np.fromiter(self.id_to_label.values(), dtype=np.uint64, count=len(self.id_to_label))
+        out.sort()
+        return out
 
     def sane_total(self) -> int:
         """total_elements_added, unless it is beyond anything hnswlib could have counted
@@ -68,6 +120,9 @@ class IdMap:
 
     def inverse_problems(self) -> int:
         """How many entries break id_to_label <-> label_to_id being inverse maps."""
+        f = self._known
+        if f:
+            return f["inverse_problems"]
         a, b = self.id_to_label, self.label_to_id
         # every id's label maps back to that id, and no label is left over: inverse maps.
         # (In C; the strings are compared, not hashed: chromadb 1.x pickles two copies.)
@@ -78,23 +133,54 @@ class IdMap:
         return bad
 
 
-def loads(raw: bytes, scanned: pickle_reader.Scan | None = None) -> IdMap:
+def summarize(m: IdMap) -> tuple[dict, np.ndarray]:
+    """The facts a deferred map answers from, and its sorted labels."""
+    labels = m.sorted_labels()
+    inverse = m.inverse_problems()
+    facts = {"fmt": m.fmt, "dimensionality": m.dimensionality, "total_elements_added": m.total_elements_added,
+             "max_seq_id": m.max_seq_id, "count": m.count, "has_seq_map": m.has_seq_map,
+             # from the sorted labels (inverse maps: label_to_id's keys are these labels)
+             "max_label": int(labels[-1]) if len(labels) and not inverse else m.max_label,
+             "labels_unique": not bool((labels[1:] == labels[:-1]).any()),
+             "inverse_problems": inverse}
+    return facts, labels
+
+
+def deferred(raw: bytes, facts: dict, labels: np.ndarray) -> IdMap:
+    """A map that unpickles ``raw`` on first use of a dict (``raw`` must be the bytes
+    ``facts`` were found in, already bounded by the scan)."""
+    m = object.__new__(IdMap)
+    m.__dict__.update(fmt=facts["fmt"], dimensionality=facts["dimensionality"],
+                      total_elements_added=facts["total_elements_added"], max_seq_id=facts["max_seq_id"],
+                      _raw=raw, _facts=facts, _labels=labels)
+    return m
+
+
+def loads(raw: bytes, scanned: pickle_reader.Scan | None = None, bounded: bool = False,
+          memo_after: bool = False) -> IdMap:
     """Parse pickle bytes; raises UnsafePickle or UnreadablePickle, nothing else.
     The opcode scan runs first so the unpickler's memory stays O(len(raw)); ``scanned``
-    is that scan, already started on these very bytes (``pickle_reader.Scan``)."""
+    is that scan, already started on these very bytes (``pickle_reader.Scan``);
+    ``bounded``: these bytes passed the scan already, or the caller's memory is capped
+    (``map_child``); ``memo_after`` then applies the scan's memo-index bound to the
+    unpickler's memo afterwards, so both ways give the same verdict."""
     try:
         if scanned is not None and scanned.raw is raw:
             scanned.wait()
-        else:
+        elif not bounded:
             pickle_reader.scan(raw)
     except pickle_reader.PickleBoundsError as exc:
         raise UnreadablePickle(str(exc)) from None
     try:
-        obj = _Unpickler(io.BytesIO(raw)).load()
+        unpickler = _Unpickler(io.BytesIO(raw))
+        obj = unpickler.load()
+        top = max(unpickler.memo.copy(), default=0) if memo_after else 0
     except UnsafePickle:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is "unreadable"
         raise UnreadablePickle(f"{type(exc).__name__}: {exc}") from None
+    if top > len(raw):
+        raise UnreadablePickle(f"memo index {top} in a {len(raw)}-byte pickle")
     if isinstance(obj, _PersistentDataStandIn):
         fmt, attrs = "object", dict(vars(obj))
     elif isinstance(obj, dict):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from chaosfix.palace import idmap as idmap_mod
-from chaosfix.palace import pickle_reader
+from chaosfix.palace import map_child, pickle_reader
 from chaosfix.palace.hnsw import HnswFiles, SlotTable
 from chaosfix.palace.sql import CollectionInfo, PalaceSql, SeqValue, WalRow
 from chaosfix.safe_fs import is_link, is_uuid, links_in, shown
@@ -29,7 +29,9 @@ PICKLE_OK, PICKLE_NONE, PICKLE_MISSING, PICKLE_UNREADABLE, PICKLE_UNSAFE = (
 class CollectionState:
     info: CollectionInfo
     seg_dir: Path | None
-    sql_rows: dict[str, int]
+    # user id -> seq_id; the seq_ids are None where nothing reads them (a 1.x dict map
+    # and a sound max_seq_id: ``load_state`` then reads the ids alone)
+    sql_rows: dict[str, int | None]
     vector_seq: SeqValue | None
     metadata_seq: SeqValue | None
     pending: list[WalRow]
@@ -43,6 +45,7 @@ class CollectionState:
     unsafe_id: str | None = None  # why the collection or segment id is not used as a path
     symlinks: list[str] = field(default_factory=list)  # symlinked segment folder/files: never read
     written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
+    map_same_ids: bool | None = None  # the map helper's exact answer to same_ids (None: not asked)
 
     def drop_index_facts(self) -> None:
         """Forget the old index's id map and slot table (the largest objects a plan holds)
@@ -87,6 +90,8 @@ class CollectionState:
         """SQL's ids are exactly the map's (the healthy case), compared once in C."""
         if self.idmap is None:
             return False
+        if self.map_same_ids is not None:
+            return self.map_same_ids
         rows, m = self.sql_rows, self.idmap.id_to_label
         # (equal sizes and rows within the map; a set difference is 2x faster than keys ==)
         return len(rows) == len(m) and not rows.keys() - m.keys()
@@ -95,16 +100,16 @@ class CollectionState:
         dups: set[int] = set()
         s = self.live_sorted
         dups |= set(s[1:][s[1:] == s[:-1]].tolist())
-        if self.idmap is not None:
-            values = self.idmap.id_to_label.values()
-            if len(set(values)) != len(values):
-                dups |= {lab for lab, n in Counter(values).items() if n > 1}
+        if self.idmap is not None and not self.idmap.labels_unique():
+            dups |= {lab for lab, n in Counter(self.idmap.id_to_label.values()).items() if n > 1}
         return sorted(dups)
 
     def sql_only(self) -> list[str]:
         """Rows that search can never find: no live vector, nothing pending to bring one."""
         if self.idmap is None:
             return []
+        if self.same_ids and in_sorted(self.idmap.sorted_labels(), self.live_labels).all():
+            return []  # (the healthy case, answered without the map's dicts)
         m, rows = self.idmap.id_to_label, self.sql_rows
         unmapped = set() if self.same_ids else rows.keys() - m.keys()
         # mapped ids whose label has no live slot, in numpy (labels were range-checked: u64)
@@ -127,9 +132,13 @@ class CollectionState:
         if self.idmap is None:
             return []
         claimed = self.replay_labels() if not self.torn else range(0)  # a torn index is never replayed
-        known = self.idmap.label_to_id
         live = self.live_labels
-        unknown = live[~in_sorted(live, np.sort(np.fromiter(known, dtype=np.uint64, count=len(known))))]
+        if self.idmap.inverse_problems():
+            known = self.idmap.label_to_id
+            mapped = np.sort(np.fromiter(known, dtype=np.uint64, count=len(known)))
+        else:  # inverse maps: label_to_id's keys are id_to_label's labels
+            mapped = self.idmap.sorted_labels()
+        unknown = live[~in_sorted(live, mapped)]
         return sorted(lab for lab in unknown.tolist() if lab not in claimed)
 
     def replay_labels(self) -> range:
@@ -140,7 +149,7 @@ class CollectionState:
         rows under the same labels, overwriting those slots, and chromadb serves the palace
         correctly, so they are no finding (measured by ``chaosfix explore``)."""
         m = self.idmap
-        if m is None:
+        if m is None or not self.pending:
             return range(0)
         seen, new = set(m.id_to_label), 0
         for w in self.pending:
@@ -182,9 +191,9 @@ class CollectionState:
         add's transaction, so a kill before the commit rolls SQL back and leaves the index
         holding the batch's new vectors for existing ids (wrong vectors, silently)."""
         m = self.idmap
-        if m is None or not m.id_to_seq_id:
+        if m is None or not m.has_seq_map:
             return []
-        rows = self.sql_rows
+        rows = self.sql_rows  # (with their seq_ids: load_state reads them for a map that has some)
         return sorted(rid for rid, seq in m.id_to_seq_id.items()
                       if rid in rows and rid in m.id_to_label and isinstance(seq, int) and seq > rows[rid])
 
@@ -271,14 +280,17 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
         st.symlinks.extend(f"{st.seg_dir.name}/{n}" for n in links_in(st.seg_dir))
         seg_ok = not st.symlinks
     raw = _pickle_bytes(st) if seg_ok else None
-    # the pickle's opcode scan (pure Python, ~1 s per 500k ids) runs in a child on the
-    # other core while this one reads SQL's rows and the HNSW files
-    with pickle_reader.Scan(raw or b"") as scan:
-        st.sql_rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
-        if seg_ok:
-            _read_files(st, slot_vectors)
-        if raw is not None:
-            _parse_pickle(st, raw, scan)
+    if raw is not None and len(raw) >= map_child.MIN_BYTES and not slot_vectors:
+        _load_deferred(sql, st, raw)
+    else:
+        # the pickle's opcode scan (pure Python, ~1 s per 500k ids) runs in a child on the
+        # other core while this one reads SQL's rows and the HNSW files
+        with pickle_reader.Scan(raw or b"") as scan:
+            st.sql_rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
+            if seg_ok:
+                _read_files(st, slot_vectors)
+            if raw is not None:
+                _parse_pickle(st, raw, scan)
     if vseq is None and st.idmap is not None and st.idmap.max_seq_id is not None and sql.generation.vector_seq_in_pickle:
         st.vector_seq = SeqValue(st.idmap.max_seq_id, "pickle")  # 0.4: the pickle holds it
     above = st.vector_seq.value if st.vector_seq is not None else 0
@@ -286,6 +298,36 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
     if seg_ok and sql.hot_journal and sql.generation.pickle_format == "object":
         st.written_in_rollback = written_in_rollback(st.seg_dir, sql.path)
     return st
+
+
+def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
+    """check's read of a large map: a helper process bounds and unpickles it and compares
+    its ids with SQL's on the other core, while this one reads SQL's ids (as one string)
+    and the HNSW files; the map stays deferred (``idmap.deferred``) until a finding
+    needs its dicts. The seq_ids are read only where something uses them."""
+    seg = st.info.metadata_segment
+    m_seq = st.metadata_seq
+    ids_only = (seg is not None and sql.generation.pickle_format == "dict"
+                and m_seq is not None and not m_seq.poisoned)
+    with map_child.MapFacts(raw) as helper:
+        blob = sql.id_blob(seg) if ids_only and seg is not None else None
+        helper.send_ids(blob)
+        st.sql_rows = dict.fromkeys(blob.split("\0")) if blob is not None else sql.rows(seg) if seg else {}
+        _read_files(st)
+        got = helper.result()
+    if got is None:  # the helper could not answer: read here
+        _parse_pickle(st, raw)
+    elif got[0] == "ok":
+        _, answer, labels = got
+        st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
+        st.pickle_status = PICKLE_OK
+        st.map_same_ids = answer["same_ids"]
+    else:
+        st.pickle_status = PICKLE_UNSAFE if got[0] == "unsafe" else PICKLE_UNREADABLE
+        st.pickle_error = got[1].get("error") or ""
+    if blob is not None and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
+        st.sql_rows = sql.rows(seg)  # an odd palace: a map that keeps seq_ids, which are compared
+        st.map_same_ids = None
 
 
 def _pickle_bytes(st: CollectionState) -> bytes | None:

@@ -1,0 +1,187 @@
+"""The id map's facts, found by a helper process, so a healthy check never unpickles.
+
+A check of 500k drawers spent half its time turning ``index_metadata.pickle`` into a
+million Python strings and comparing them with SQL's ids, on one core. A helper process
+now does that on the other core, from the very bytes the check read (sent on stdin,
+never the path): it bounds and unpickles them exactly as the check would
+(``idmap.loads``: the opcode scan, then the restricted unpickler) and answers with the
+map's facts (``idmap.summarize``), its sorted labels, and whether its ids are exactly
+SQL's (sent after the pickle as one NUL-joined string, ``PalaceSql.id_blob``). The check
+then holds a deferred map (``idmap.deferred``) that unpickles in-process only when a
+finding needs the ids themselves. If the helper cannot answer (no interpreter, a
+signal, a timeout, garbage on its stdout) the caller reads in-process: the verdict
+never depends on it.
+
+The helper runs this file by path under ``python -I``: nothing from the current folder
+(a palace's own ``json.py``) or the environment is imported; it puts its own package
+root first on ``sys.path`` to import chaosfix from where this file is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+MIN_BYTES = 4 << 20  # below this (about 50k ids) the helper's start costs more than it saves
+_NONE = 2**64 - 1  # "no SQL ids" in place of a length
+_HEAD = struct.Struct("<Q")
+
+
+class MapFacts:
+    """The helper, started on ``raw``; ``send_ids`` then ``result``. A context manager
+    so an exception in between still reaps it."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._ids: bytes | None = None
+        self._ids_ready = threading.Event()
+        self._out: dict[str, object] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.thread: threading.Thread | None = None
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", str(Path(__file__).resolve())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            return
+        self.thread = threading.Thread(target=self._talk, daemon=True)
+        self.thread.start()
+
+    def _talk(self) -> None:
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            with proc.stdin:
+                proc.stdin.write(_HEAD.pack(len(self.raw)))
+                proc.stdin.write(self.raw)
+                self._ids_ready.wait()
+                ids = self._ids
+                proc.stdin.write(_HEAD.pack(_NONE if ids is None else len(ids)))
+                if ids is not None:
+                    proc.stdin.write(ids)
+            self._out["stdout"] = proc.stdout.read()
+            proc.wait()
+        except (OSError, ValueError) as exc:  # the helper died early (a broken pipe)
+            self._out["error"] = exc
+
+    def send_ids(self, blob: str | None) -> None:
+        """SQL's ids for the same collection (``PalaceSql.id_blob``), or None."""
+        self._ids = blob.encode("utf-8") if blob is not None else None
+        self._ids_ready.set()
+
+    def result(self) -> tuple[str, dict, bytes] | None:
+        """("ok", answer, sorted labels as u64 bytes) or ("unsafe" | "unreadable", answer
+        with its "error", b""); None when the helper could not answer."""
+        self._ids_ready.set()  # (no ids sent: the helper must not wait for them)
+        if self.proc is None or self.thread is None:
+            return None
+        self.thread.join(timeout=60 + len(self.raw) / 1e6)
+        self.close()
+        self.thread.join()
+        if self.proc.returncode == -signal.SIGINT:  # Ctrl-C reached the helper too: stop
+            raise KeyboardInterrupt
+        out = self._out.get("stdout")
+        if self.proc.returncode != 0 or "error" in self._out or not isinstance(out, bytes):
+            return None
+        head, sep, rest = out.partition(b"\n")
+        try:
+            answer = json.loads(head)
+            status = answer["status"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not sep or status not in ("ok", "unsafe", "unreadable"):
+            return None
+        if status == "ok" and len(rest) != 8 * answer["facts"]["count"]:
+            return None
+        return status, answer, rest
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> MapFacts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ids_ready.set()
+        self.close()
+
+
+def _read(f, n: int) -> bytes:  # noqa: ANN001 - a binary stream
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def _cap_memory(n: int) -> tuple[int, int] | None:
+    """Cap this process's address space at what unpickling an ``n``-byte map can need
+    (a legitimate one: under 32 bytes per pickle byte, e.g. 1-character ids), so a memo
+    bomb fails with MemoryError instead of taking gigabytes: the C unpickler then needs
+    no pure-Python opcode scan first (1 s at 500k ids). Returns the limit to restore;
+    None where it cannot be set (no /proc, no RLIMIT_AS): the caller scans instead."""
+    try:
+        import resource
+
+        with open("/proc/self/statm", encoding="ascii") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        old = resource.getrlimit(resource.RLIMIT_AS)
+        cap = used + 32 * n + (512 << 20)
+        if old[1] != resource.RLIM_INFINITY:
+            cap = min(cap, old[1])
+        resource.setrlimit(resource.RLIMIT_AS, (cap, old[1]))
+        return old
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+
+
+def _uncap(old: tuple[int, int]) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, old)
+
+
+def _child() -> None:
+    """The helper: read the pickle and SQL's ids from stdin; one JSON line and the
+    sorted labels on stdout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from chaosfix.palace import idmap, pickle_reader
+
+    pickle_reader.die_with_parent()
+    inp = sys.stdin.buffer
+    raw = _read(inp, _HEAD.unpack(_read(inp, 8))[0])
+    cap = _cap_memory(len(raw))
+    try:
+        m = idmap.loads(raw, bounded=cap is not None, memo_after=cap is not None)
+    except idmap.UnsafePickle as exc:
+        answer, labels = {"status": "unsafe", "error": str(exc)}, b""
+    except idmap.UnreadablePickle as exc:
+        answer, labels = {"status": "unreadable", "error": str(exc)}, b""
+    else:
+        if cap is not None:
+            _uncap(cap)  # SQL's ids below are as many as the palace holds, whatever the map's size
+        facts, arr = idmap.summarize(m)
+        n = _HEAD.unpack(_read(inp, 8))[0]
+        same = None
+        if n != _NONE:
+            ids = _read(inp, n).decode("utf-8").split("\0")
+            # equal sizes and no map id missing: the same set (no room for another id)
+            same = len(ids) == facts["count"] and not m.id_to_label.keys() - ids
+        answer, labels = {"status": "ok", "facts": facts, "same_ids": same}, arr.astype("<u8").tobytes()
+    out = sys.stdout.buffer
+    out.write(json.dumps(answer).encode() + b"\n")
+    out.write(labels)
+    out.flush()
+    os._exit(0)  # no teardown of a million objects
+
+
+if __name__ == "__main__":  # run by path by ``MapFacts``
+    _child()
