@@ -47,6 +47,21 @@ class CollectionState:
     written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
     map_same_ids: bool | None = None  # the map helper's exact answer to same_ids (None: not asked)
 
+    def __getattr__(self, name: str) -> object:
+        # reached only for the SQL ids ``_load_deferred`` kept as one string: split on first use
+        blob = self.__dict__.get("_id_blob")
+        if name != "sql_rows" or blob is None:
+            raise AttributeError(name)
+        self.sql_rows = dict.fromkeys(blob.split("\0"))
+        del self.__dict__["_id_blob"]
+        return self.sql_rows
+
+    @property
+    def row_count(self) -> int:
+        """How many SQL rows (without splitting ids that are still one string)."""
+        blob = self.__dict__.get("_id_blob")
+        return blob.count("\0") + 1 if blob is not None else len(self.sql_rows)
+
     def drop_index_facts(self) -> None:
         """Forget the old index's id map and slot table (the largest objects a plan holds)
         once the new segment is built: verification then reuses their memory instead of
@@ -198,6 +213,8 @@ class CollectionState:
                       if rid in rows and rid in m.id_to_label and isinstance(seq, int) and seq > rows[rid])
 
     def rows_not_pending(self) -> int:
+        if not self.pending:
+            return self.row_count
         return len(self.sql_rows) - len(self.pending_ids & self.sql_rows.keys())
 
 
@@ -312,7 +329,11 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
     with map_child.MapFacts(raw) as helper:
         blob = sql.id_blob(seg) if ids_only and seg is not None else None
         helper.send_ids(blob)
-        st.sql_rows = dict.fromkeys(blob.split("\0")) if blob is not None else sql.rows(seg) if seg else {}
+        if blob is not None:  # split only if a finding needs the ids (``__getattr__``)
+            del st.sql_rows
+            st.__dict__["_id_blob"] = blob
+        else:
+            st.sql_rows = sql.rows(seg) if seg else {}
         _read_files(st)
         got = helper.result()
     if got is None:  # the helper could not answer: read here
@@ -326,6 +347,7 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
         st.pickle_status = PICKLE_UNSAFE if got[0] == "unsafe" else PICKLE_UNREADABLE
         st.pickle_error = got[1].get("error") or ""
     if blob is not None and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
+        st.__dict__.pop("_id_blob", None)
         st.sql_rows = sql.rows(seg)  # an odd palace: a map that keeps seq_ids, which are compared
         st.map_same_ids = None
 
