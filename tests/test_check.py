@@ -75,6 +75,22 @@ def test_template_palace_is_consistent(small_palace):
     assert wal_rows(small_palace) == 1  # purged down to its last row
 
 
+def test_check_reads_in_process_when_the_map_helper_cannot_run(small_palace, monkeypatch):
+    """No interpreter for the map helper (here: a missing one) is no verdict: check reads
+    the map itself, scan first, and says what the helper would have said."""
+    import sys
+
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    (st_,) = check_palace(small_palace).states
+    assert "_raw" in st_.idmap.__dict__  # the helper answered: the map is deferred
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    rep = check_palace(small_palace)
+    (st_,) = rep.states
+    assert rep.codes() == {} and "_raw" not in st_.idmap.__dict__ and st_.idmap.count == 300
+    faults.truncate(faults.pickle_path(small_palace), fraction=0.5)
+    assert "PICKLE_UNREADABLE" in check_palace(small_palace).codes()
+
+
 def test_never_persisted_segment_is_healthy(tmp_path):
     spec = PalaceSpec(drawers=50)  # below sync_threshold: no pickle, every row still in the WAL
     p = fresh_palace(tmp_path / "p", spec)
