@@ -28,7 +28,7 @@ from chaosfix.cli import main as cli_main
 from chaosfix.drawers import drawer
 from chaosfix.palace import map_child
 from chaosfix.palace.hnsw import HEADER_SIZE, parse_header
-from chaosfix.workload import PalaceSpec, apply_ops, copy_palace, fresh_palace, template
+from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace, template
 
 needs_strace = pytest.mark.skipif(not faults.strace_available(), reason="strace not installed or ptrace not permitted")
 only_06 = "0.6.x-only kill point: 1.x commits SQL before it persists the index"
@@ -75,6 +75,7 @@ def test_template_palace_is_consistent(small_palace):
     assert wal_rows(small_palace) == 1  # purged down to its last row
 
 
+@pytest.mark.skipif(chroma_major() == "0.6", reason="a 0.6 map is read in-process: every check compares its seq_ids")
 def test_check_reads_in_process_when_the_map_helper_cannot_run(small_palace, monkeypatch):
     """No interpreter for the map helper (here: a missing one) is no verdict: check reads
     the map itself, scan first, and says what the helper would have said."""

@@ -297,7 +297,10 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
         st.symlinks.extend(f"{st.seg_dir.name}/{n}" for n in links_in(st.seg_dir))
         seg_ok = not st.symlinks
     raw = _pickle_bytes(st) if seg_ok else None
-    if raw is not None and len(raw) >= map_child.MIN_BYTES and not slot_vectors:
+    # deferred for check of a 1.x palace; a 0.6 map's seq_ids are compared with SQL's by
+    # every check (``index_ahead``), so it would be unpickled here anyway
+    if (raw is not None and len(raw) >= map_child.MIN_BYTES and not slot_vectors
+            and sql.generation.pickle_format == "dict"):
         _load_deferred(sql, st, raw)
     else:
         # the pickle's opcode scan (pure Python, ~1 s per 500k ids) runs in a child on the
@@ -324,8 +327,7 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
     needs its dicts. The seq_ids are read only where something uses them."""
     seg = st.info.metadata_segment
     m_seq = st.metadata_seq
-    ids_only = (seg is not None and sql.generation.pickle_format == "dict"
-                and m_seq is not None and not m_seq.poisoned)
+    ids_only = seg is not None and m_seq is not None and not m_seq.poisoned
     with map_child.MapFacts(raw) as helper:
         blob = sql.id_blob(seg) if ids_only and seg is not None else None
         helper.send_ids(blob)
