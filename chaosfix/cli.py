@@ -75,6 +75,11 @@ class ChaosfixGroup(click.Group):
     def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
         args = list(sys.argv[1:] if args is None else args)
         extra.pop("standalone_mode", None)
+        for stream in (sys.stdout, sys.stderr):  # a palace's strings (a pickled id may hold a
+            try:  # lone surrogate) are printed escaped, never fail the run
+                stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+            except (AttributeError, ValueError):  # (not a text stream: a test's capture)
+                pass
         try:
             return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except click.UsageError as exc:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sqlite3
 import struct
@@ -656,6 +657,15 @@ def test_map_helper_judges_like_the_inline_read():
     assert helper(good, "\0".join(ids[:-1] + ["drawer-x"]))[1]["same_ids"] is False
     assert helper(good, "\0".join(ids + ids[:1]))[1]["same_ids"] is False
     assert helper(good, None)[1]["same_ids"] is None
+    # a verdict reaches the parent however many ids it is still writing (64 KiB is a pipe)
+    many = "\0".join(f"drawer-{i:0100d}" for i in range(2000))
+    assert helper(unsafe, many)[0] == "unsafe"
+    # a PUT index padded with zeros is 1 to the C unpickler: the scan reads it so too
+    padded = good[:-1] + b"p0000000000000001\n."
+    pickle_reader.scan(padded)
+    assert helper(padded, None)[0] == "ok"
+    with pytest.raises(pickle_reader.PickleBoundsError):
+        pickle_reader.scan(good[:-1] + b"p 0_000_000_009_000_000_000\n.")
     for raw, exc, status in ((bomb, idmap.UnreadablePickle, "unreadable"), (past, idmap.UnreadablePickle, "unreadable"),
                              (unsafe, idmap.UnsafePickle, "unsafe")):
         with pytest.raises(exc) as inline:
@@ -670,6 +680,51 @@ def test_map_helper_judges_like_the_inline_read():
     assert h.proc is not None
     h.proc.kill()
     assert h.result() is None
+
+
+def test_sql_ids_come_from_the_table_not_a_stale_index(palace: Path, monkeypatch):
+    """check's SQL ids read as one string (``PalaceSql.id_blob``) come from a scan of the
+    table, as the per-row read does: an index a damaged file holds stale (here it kept the
+    entry of a deleted row, and ``PRAGMA quick_check`` does not compare index contents)
+    must not hide the row's phantom (found by a review subagent)."""
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)  # the map helper's path too (1.x)
+    db = palace / "chroma.sqlite3"
+
+    def edit(*stmts: tuple[str, tuple], schema: bool = True) -> None:
+        con = sqlite3.connect(db)
+        try:
+            con.execute(f"PRAGMA writable_schema={'ON' if schema else 'OFF'}")
+            for q, args in stmts:
+                con.execute(q, args)
+            con.commit()
+        finally:
+            con.close()
+
+    con = sqlite3.connect(db)
+    tsql = con.execute("SELECT sql FROM sqlite_master WHERE name='embeddings'").fetchone()[0]
+    victim = con.execute("SELECT embedding_id FROM embeddings ORDER BY id LIMIT 1 OFFSET 5").fetchone()[0]
+    con.close()
+    named = "CREATE UNIQUE INDEX emb_u ON embeddings(segment_id, embedding_id)"
+    # the table's UNIQUE clause becomes a named index, which then points elsewhere while the row goes
+    edit(("UPDATE sqlite_master SET sql=? WHERE name='embeddings'",
+          (re.sub(r",\s*UNIQUE\s*\(segment_id, embedding_id\)", "", tsql),)),
+         ("UPDATE sqlite_master SET name='emb_u', sql=? WHERE name='sqlite_autoindex_embeddings_1'", (named,)))
+    edit(("UPDATE sqlite_master SET tbl_name='segments', sql='CREATE UNIQUE INDEX emb_u ON segments(id, type)' "
+          "WHERE name='emb_u'", ()))
+    edit(("DELETE FROM embedding_metadata WHERE id IN (SELECT id FROM embeddings WHERE embedding_id=?)", (victim,)),
+         ("DELETE FROM embeddings WHERE embedding_id=?", (victim,)), schema=False)  # the index is elsewhere now
+    edit(("UPDATE sqlite_master SET tbl_name='embeddings', sql=? WHERE name='emb_u'", (named,)))
+    con = sqlite3.connect(db)
+    seg = con.execute("SELECT id FROM segments WHERE scope='METADATA'").fetchone()[0]
+    assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    table = con.execute("SELECT count(*) FROM embeddings NOT INDEXED WHERE segment_id=?", (seg,)).fetchone()[0]
+    index = con.execute("SELECT count(*) FROM embeddings INDEXED BY emb_u WHERE segment_id=?", (seg,)).fetchone()[0]
+    con.close()
+    assert index == table + 1  # the index still holds the deleted row
+    rep = check_palace(palace)
+    hnsw_only = [f for f in rep.findings if f.code == "HNSW_ONLY"]
+    assert [f.sample for f in hnsw_only] == [[victim]], rep.codes()
+    assert rep.collections[0]["rows"] == table
 
 
 def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):

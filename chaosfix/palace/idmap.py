@@ -90,7 +90,7 @@ class IdMap:
     @property
     def max_label(self) -> int:
         f = self._known
-        return f["max_label"] if f else max(self.label_to_id, default=0)
+        return f["max_label"] if f else int(max(self.label_to_id, default=0))  # (a bool label: an int)
 
     @property
     def has_seq_map(self) -> bool:

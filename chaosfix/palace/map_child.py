@@ -8,9 +8,11 @@ never the path): it bounds and unpickles them exactly as the check would
 map's facts (``idmap.summarize``), its sorted labels, and whether its ids are exactly
 SQL's (sent after the pickle as one NUL-joined string, ``PalaceSql.id_blob``). The check
 then holds a deferred map (``idmap.deferred``) that unpickles in-process only when a
-finding needs the ids themselves. If the helper cannot answer (no interpreter, a
-signal, a timeout, garbage on its stdout) the caller reads in-process: the verdict
-never depends on it.
+finding needs the ids themselves. Any other answer (unsafe, unreadable, or none: no
+interpreter, a signal, a timeout, garbage on its stdout) sends the caller to the
+in-process read (opcode scan, then unpickler), whose verdict stands: the helper only
+ever confirms a sound map, so check and reconcile (which reads in-process) never
+disagree about a hostile one.
 
 The helper runs this file by path under ``python -I``: nothing from the current folder
 (a palace's own ``json.py``) or the environment is imported; it puts its own package
@@ -162,17 +164,19 @@ def _child() -> None:
     try:
         m = idmap.loads(raw, bounded=cap is not None, memo_after=cap is not None)
     except idmap.UnsafePickle as exc:
-        answer, labels = {"status": "unsafe", "error": str(exc)}, b""
+        m, answer = None, {"status": "unsafe", "error": str(exc)}
     except idmap.UnreadablePickle as exc:
-        answer, labels = {"status": "unreadable", "error": str(exc)}, b""
-    else:
-        if cap is not None:
-            _uncap(cap)  # SQL's ids below are as many as the palace holds, whatever the map's size
+        m, answer = None, {"status": "unreadable", "error": str(exc)}
+    if cap is not None:
+        _uncap(cap)  # SQL's ids below are as many as the palace holds, whatever the map's size
+    n = _HEAD.unpack(_read(inp, 8))[0]
+    blob = _read(inp, n) if n != _NONE else None  # read whatever the verdict: the parent is writing it
+    labels = b""
+    if m is not None:
         facts, arr = idmap.summarize(m)
-        n = _HEAD.unpack(_read(inp, 8))[0]
         same = None
-        if n != _NONE:
-            ids = _read(inp, n).decode("utf-8").split("\0")
+        if blob is not None:
+            ids = blob.decode("utf-8").split("\0")
             # equal sizes and no map id missing: the same set (no room for another id)
             same = len(ids) == facts["count"] and not m.id_to_label.keys() - ids
         answer, labels = {"status": "ok", "facts": facts, "same_ids": same}, arr.astype("<u8").tobytes()

@@ -163,8 +163,12 @@ def scan(raw: bytes) -> None:
                 j = raw.index(b"\n", i)
                 if c in _TWO_LINES:  # GLOBAL / INST: "module\nname\n"
                     j = raw.index(b"\n", j + 1)
-                if c == _PUT and (j - i > 12 or int(raw[i:j]) > bound):
-                    raise PickleBoundsError(f"memo index {raw[i:j][:20]!r} in a {n}-byte pickle")
+                if c == _PUT:
+                    arg = raw[i:j]
+                    if len(arg) > 12:  # the C unpickler reads "  0_000001" as 1: so does this
+                        arg = arg.strip().replace(b"_", b"").lstrip(b"+").lstrip(b"0") or b"0"
+                    if len(arg) > 12 or int(arg) > bound:
+                        raise PickleBoundsError(f"memo index {raw[i:j][:20]!r} in a {n}-byte pickle")
                 i = j + 1
             elif a == pickletools.TAKEN_FROM_ARGUMENT1:
                 i += 1 + raw[i]

@@ -47,20 +47,9 @@ class CollectionState:
     written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
     map_same_ids: bool | None = None  # the map helper's exact answer to same_ids (None: not asked)
 
-    def __getattr__(self, name: str) -> object:
-        # reached only for the SQL ids ``_load_deferred`` kept as one string: split on first use
-        blob = self.__dict__.get("_id_blob")
-        if name != "sql_rows" or blob is None:
-            raise AttributeError(name)
-        self.sql_rows = dict.fromkeys(blob.split("\0"))
-        del self.__dict__["_id_blob"]
-        return self.sql_rows
-
     @property
     def row_count(self) -> int:
-        """How many SQL rows (without splitting ids that are still one string)."""
-        blob = self.__dict__.get("_id_blob")
-        return blob.count("\0") + 1 if blob is not None else len(self.sql_rows)
+        return len(self.sql_rows)
 
     def drop_index_facts(self) -> None:
         """Forget the old index's id map and slot table (the largest objects a plan holds)
@@ -321,35 +310,40 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
 
 
 def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
-    """check's read of a large map: a helper process bounds and unpickles it and compares
-    its ids with SQL's on the other core, while this one reads SQL's ids (as one string)
-    and the HNSW files; the map stays deferred (``idmap.deferred``) until a finding
-    needs its dicts. The seq_ids are read only where something uses them."""
+    """check's read of a large 1.x map: a helper process unpickles it and compares its ids
+    with SQL's on the other core, while this one reads SQL's ids (as one string) and the
+    HNSW files; the map stays deferred (``idmap.deferred``) until a finding needs its
+    dicts. The seq_ids are read only where something uses them. Any answer but "sound"
+    is judged again here, by the in-process read (scan, then unpickle), so the verdict
+    on a hostile or broken map is always that read's, as in reconcile."""
     seg = st.info.metadata_segment
     m_seq = st.metadata_seq
     ids_only = seg is not None and m_seq is not None and not m_seq.poisoned
     with map_child.MapFacts(raw) as helper:
         blob = sql.id_blob(seg) if ids_only and seg is not None else None
         helper.send_ids(blob)
-        if blob is not None:  # split only if a finding needs the ids (``__getattr__``)
-            del st.sql_rows
-            st.__dict__["_id_blob"] = blob
+        from_blob = blob is not None
+        if blob is not None:
+            ids = blob.split("\0")
+            del blob
+            st.sql_rows = dict.fromkeys(ids)
+            # an id twice (a table without its UNIQUE index): the helper's answer was
+            # about the list, the findings are about the set
+            exact = len(ids) == len(st.sql_rows)
+            del ids
         else:
             st.sql_rows = sql.rows(seg) if seg else {}
+            exact = False
         _read_files(st)
         got = helper.result()
-    if got is None:  # the helper could not answer: read here
+    if got is None or got[0] != "ok":
         _parse_pickle(st, raw)
-    elif got[0] == "ok":
-        _, answer, labels = got
-        st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
-        st.pickle_status = PICKLE_OK
-        st.map_same_ids = answer["same_ids"]
-    else:
-        st.pickle_status = PICKLE_UNSAFE if got[0] == "unsafe" else PICKLE_UNREADABLE
-        st.pickle_error = got[1].get("error") or ""
-    if blob is not None and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
-        st.__dict__.pop("_id_blob", None)
+        return
+    _, answer, labels = got
+    st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
+    st.pickle_status = PICKLE_OK
+    st.map_same_ids = answer["same_ids"] if exact else None
+    if from_blob and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
         st.sql_rows = sql.rows(seg)  # an odd palace: a map that keeps seq_ids, which are compared
         st.map_same_ids = None
 
