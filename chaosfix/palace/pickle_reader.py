@@ -5,7 +5,9 @@ from costing gigabytes: CPython's unpickler grows its memo table to the index a
 ``LONG_BINPUT``/``PUT`` opcode names (index 2**28 = 4 GB of RSS). ``scan`` walks the
 opcode stream first (a tight reader over ``pickletools``' opcode table, about 5x faster
 than ``pickletools.genops``; it never builds an object) and refuses memo indexes beyond
-the file's own length, unknown opcodes and a stream without STOP. Every other opcode
+the file's own length, ints wider than 64 bits (which would be refused after loading
+anyway, but could first make the unpickler's dicts quadratic: ints collide by design),
+unknown opcodes and a stream without STOP. Every other opcode
 costs memory in proportion to the bytes that encode it, so after the scan the unpickler
 runs in O(file size). ``Scan`` runs the walk of a large pickle in a child process
 while the caller reads SQL and the HNSW files on the other core. ``check_nesting``
@@ -31,6 +33,11 @@ _ARGN: list[int | None] = [None] * 256
 for _op in pickletools.opcodes:
     _ARGN[ord(_op.code)] = _op.arg.n if _op.arg is not None else 0
 _STOP, _PUT, _LONG_BINPUT = 0x2E, 0x70, 0x72
+_INT_TEXT, _LONG_TEXT, _LONG1, _LONG4 = 0x49, 0x4C, 0x8A, 0x8B
+# an int wider than 64 bits is refused after loading (check_nesting) anyway; refused here
+# it cannot first make the unpickler's dicts quadratic (ints collide by design: k*(2**61-1)
+# all hash to 0; 9 bytes or 22 digits allow at most ~1,000 such keys)
+_INT_BYTES, _INT_DIGITS = 9, 24
 _TWO_LINES = (0x63, 0x69)  # GLOBAL, INST
 
 
@@ -163,6 +170,8 @@ def scan(raw: bytes) -> None:
                 j = raw.index(b"\n", i)
                 if c in _TWO_LINES:  # GLOBAL / INST: "module\nname\n"
                     j = raw.index(b"\n", j + 1)
+                if c in (_INT_TEXT, _LONG_TEXT) and j - i > _INT_DIGITS:
+                    raise PickleBoundsError(f"integer of {j - i} digits at byte {i - 1}")
                 if c == _PUT:
                     arg = raw[i:j]
                     if len(arg) > 12:  # the C unpickler reads "  0_000001" as 1: so does this
@@ -171,8 +180,12 @@ def scan(raw: bytes) -> None:
                         raise PickleBoundsError(f"memo index {raw[i:j][:20]!r} in a {n}-byte pickle")
                 i = j + 1
             elif a == pickletools.TAKEN_FROM_ARGUMENT1:
+                if c == _LONG1 and raw[i] > _INT_BYTES:
+                    raise PickleBoundsError(f"integer of {raw[i]} bytes at byte {i - 1}")
                 i += 1 + raw[i]
             elif a in (pickletools.TAKEN_FROM_ARGUMENT4, pickletools.TAKEN_FROM_ARGUMENT4U):
+                if c == _LONG4 and unpack("<I", raw, i)[0] > _INT_BYTES:
+                    raise PickleBoundsError(f"integer of {unpack('<I', raw, i)[0]} bytes at byte {i - 1}")
                 i += 4 + unpack("<I", raw, i)[0]
             else:
                 i += 8 + unpack("<Q", raw, i)[0]
