@@ -336,7 +336,7 @@ def summary(st: CollectionState) -> dict:
         "vector_segment": st.info.vector_segment,
         "space": st.info.space,
         "dimension": st.info.dimension,
-        "rows": st.row_count,
+        "rows": len(st.sql_rows),
         "mapped": st.idmap.count if st.idmap else None,
         "live_labels": len(st.live_labels) if st.slots is not None else None,
         "pending": len(st.pending),

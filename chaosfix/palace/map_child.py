@@ -84,7 +84,9 @@ class MapFacts:
         self._ids_ready.set()  # (no ids sent: the helper must not wait for them)
         if self.proc is None or self.thread is None:
             return None
-        self.thread.join(timeout=60 + len(self.raw) / 1e6)
+        # a sound map unpickles at 40 MB/s here; past this the in-process read (its scan
+        # refuses what can make the unpickler slow, e.g. colliding int keys) is quicker
+        self.thread.join(timeout=10 + len(self.raw) / 2e6)
         self.close()
         self.thread.join()
         if self.proc.returncode == -signal.SIGINT:  # Ctrl-C reached the helper too: stop

@@ -36,7 +36,7 @@ _STOP, _PUT, _LONG_BINPUT = 0x2E, 0x70, 0x72
 _INT_TEXT, _LONG_TEXT, _LONG1, _LONG4 = 0x49, 0x4C, 0x8A, 0x8B
 # an int wider than 64 bits is refused after loading (check_nesting) anyway; refused here
 # it cannot first make the unpickler's dicts quadratic (ints collide by design: k*(2**61-1)
-# all hash to 0; 9 bytes or 22 digits allow at most ~1,000 such keys)
+# all hash to 0; 9 bytes or 24 characters allow at most ~1,000 such keys)
 _INT_BYTES, _INT_DIGITS = 9, 24
 _TWO_LINES = (0x63, 0x69)  # GLOBAL, INST
 

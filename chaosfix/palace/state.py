@@ -47,10 +47,6 @@ class CollectionState:
     written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
     map_same_ids: bool | None = None  # the map helper's exact answer to same_ids (None: not asked)
 
-    @property
-    def row_count(self) -> int:
-        return len(self.sql_rows)
-
     def drop_index_facts(self) -> None:
         """Forget the old index's id map and slot table (the largest objects a plan holds)
         once the new segment is built: verification then reuses their memory instead of
@@ -202,8 +198,6 @@ class CollectionState:
                       if rid in rows and rid in m.id_to_label and isinstance(seq, int) and seq > rows[rid])
 
     def rows_not_pending(self) -> int:
-        if not self.pending:
-            return self.row_count
         return len(self.sql_rows) - len(self.pending_ids & self.sql_rows.keys())
 
 

@@ -397,7 +397,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         for st in rep.after.states:
             t = targets.get(st.info.name)
             if t is not None:
-                t.expect_count = None if st.pending else st.row_count
+                t.expect_count = None if st.pending else len(st.sql_rows)
 
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile)
