@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -44,17 +43,13 @@ class MapFacts:
         self._ids: bytes | None = None
         self._ids_ready = threading.Event()
         self._out: dict[str, object] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
         self.thread: threading.Thread | None = None
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", str(Path(__file__).resolve())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )
-        except OSError:
-            return
-        self.thread = threading.Thread(target=self._talk, daemon=True)
-        self.thread.start()
+        from chaosfix.palace.pickle_reader import spawn_isolated  # (not at the top: this file also runs by path)
+
+        self.proc = spawn_isolated(Path(__file__))
+        if self.proc is not None:
+            self.thread = threading.Thread(target=self._talk, daemon=True)
+            self.thread.start()
 
     def _talk(self) -> None:
         proc = self.proc
@@ -107,9 +102,9 @@ class MapFacts:
         return status, answer, rest
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        from chaosfix.palace.pickle_reader import reap
+
+        reap(self.proc)
 
     def __enter__(self) -> MapFacts:
         return self

@@ -65,17 +65,10 @@ class Scan:
         self.thread: threading.Thread | None = None
         if len(raw) < CHILD_MIN_BYTES:
             return
-        try:
-            # this file by path under -I: standard library only, nothing from the current
-            # folder (a palace's own json.py) or the environment can stand in for it
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", str(Path(__file__).resolve())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )
-        except OSError:
-            return
-        self.thread = threading.Thread(target=self._talk, daemon=True)
-        self.thread.start()
+        self.proc = spawn_isolated(Path(__file__))  # standard library only
+        if self.proc is not None:
+            self.thread = threading.Thread(target=self._talk, daemon=True)
+            self.thread.start()
 
     def _talk(self) -> None:
         assert self.proc is not None
@@ -98,15 +91,31 @@ class Scan:
         scan(self.raw)  # no child, or it failed for its own reasons: judge here
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc)
 
     def __enter__(self) -> Scan:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def spawn_isolated(script: Path) -> subprocess.Popen[bytes] | None:
+    """``script`` run by path under ``python -I``, stdin and stdout piped: nothing from
+    the current folder (a palace's own ``json.py``) or the environment can stand in for
+    what it imports. None when no interpreter runs (the caller then works in-process)."""
+    try:
+        return subprocess.Popen([sys.executable, "-I", str(script.resolve())],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def reap(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kill ``proc`` if it still runs, and wait for it."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def die_with_parent() -> None:
