@@ -27,8 +27,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -104,16 +105,22 @@ def plan_post_check(palace_gen: Generation, python: str | None) -> tuple[str | N
     return version, None
 
 
-def copy_palace(root: Path) -> Path:
+def copy_palace(root: Path, built: Mapping[str, Path] | None = None, skip: Collection[str] = ()) -> Path:
     """A throwaway copy of the palace's SQLite file and segment folders, beside it (the
-    same file system, so a reflink or a kernel copy)."""
+    same file system, so a reflink or a kernel copy). ``built``: segment -> the folder
+    built aside that takes its place in the copy, which is then the palace the swap
+    will make; ``skip``: folders the repair moves out of the palace."""
+    built = built or {}
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
     dst = tmp / "palace"
     dst.mkdir()
     sparse_copy(root / SQLITE_NAME, dst / SQLITE_NAME)
     for d in root.iterdir():
-        if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name):
-            copy_tree_sparse(d, dst / d.name)
+        if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name) and d.name not in skip:
+            copy_tree_sparse(built.get(d.name, d), dst / d.name)
+    for seg, src in built.items():  # a segment whose folder was missing
+        if not (dst / seg).exists():
+            copy_tree_sparse(src, dst / seg)
     return dst
 
 
@@ -174,16 +181,23 @@ def start_post_check(palace_gen: Generation, python: str | None) -> StartedChild
 
 def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None = None,
                          seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None,
-                         started: StartedChild | None = None, meanwhile: Callable[[], None] | None = None) -> dict:
+                         started: StartedChild | None = None, meanwhile: Callable[[], None] | None = None,
+                         built: Mapping[str, Path] | None = None, skip: Collection[str] = (),
+                         prepare: Callable[[Path], None] | None = None) -> dict:
     """``{"ok": bool, ...}``: chromadb's judgement of the repaired collections, made on a
     copy; ``{"ok": True, "skipped": why}`` when no chromadb of the palace's generation is
     at hand. ``started``: the child ``start_post_check`` started ahead (closed here).
-    ``meanwhile`` runs in this thread while the copy is made and chromadb works (both
-    mostly wait on the kernel or the child); the targets are judged after it returns, so
-    it may still set their ``expect_count``."""
+    ``meanwhile`` runs in this thread while the copy is made and chromadb works (the
+    copy waits on the kernel, chromadb on its own process); the targets are judged after
+    it returns, so it may still set their ``expect_count`` and ``quirk_rate``; if it
+    raises, the child is killed and the copy removed. ``built``/``skip``: see
+    ``copy_palace``; ``prepare(db)`` writes the repair's SQL into the copy's database
+    before chromadb opens it."""
+    run = partial(_verify, palace, targets, palace_gen, python, seed, timeout, progress, started, built, skip,
+                   prepare)
     if meanwhile is None:
         try:
-            res = _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
+            res = run()
         finally:
             if started is not None:  # (already closed unless _verify failed before its copy)
                 started.close()
@@ -192,7 +206,7 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
 
     def work() -> None:
         try:
-            box["res"] = _verify(palace, targets, palace_gen, python, seed, timeout, progress, started)
+            box["res"] = run()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
@@ -223,15 +237,19 @@ def _judged(res: dict, targets: list[Target], python: str | None) -> dict:
 
 
 def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None, seed: int,
-            timeout: float, progress: ProgressFn | None, started: StartedChild | None) -> dict:
+            timeout: float, progress: ProgressFn | None, started: StartedChild | None,
+            built: Mapping[str, Path] | None, skip_dirs: Collection[str], prepare: Callable[[Path], None] | None,
+            ) -> dict:
     """The child's raw record of what chromadb did (``judge`` turns it into a verdict)."""
     version, skip = plan_post_check(palace_gen, python)
     if skip:
         return {"ok": True, "skipped": skip, "version": version}
     t0 = time.perf_counter()
-    copy = copy_palace(palace)
+    copy = copy_palace(palace, built, skip_dirs)
     t1 = time.perf_counter()
     try:
+        if prepare is not None:
+            prepare(copy / SQLITE_NAME)
         spec: dict = {"path": str(copy), "ks": KS, "seed": seed, "collections": {}, "progress": progress is not None}
         for t in targets:
             ids = sorted(t.repaired)
@@ -241,7 +259,7 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
             c: dict = {"repaired": ids, "sample": t.sample, "query": asked + t.sample, "space": t.space}
             if ids:
                 c["planned"] = str(copy.parent / f"planned-{len(spec['collections'])}.npy")
-                np.save(c["planned"], np.stack([t.repaired[i] for i in ids]).astype(np.float32))
+                _save_planned(Path(c["planned"]), t.repaired, ids)
             spec["collections"][t.name] = c
         res = _run(spec, copy.parent / "spec.json", python, timeout, progress, started)
     finally:
@@ -251,6 +269,17 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
     res["_seconds"] = {"copy": round(t1 - t0, 2), "chromadb": round(time.perf_counter() - t1, 2),
                        "chromadb_start": res.get("seconds_start")}
     return res
+
+
+def _save_planned(path: Path, vectors: Mapping[str, np.ndarray], ids: list[str], step: int = 1024) -> None:
+    """The planned vectors of ``ids`` as one float32 .npy, written a slice at a time: it is
+    written while the verification holds the index, and one stacked float64 copy of
+    10,000 384-d vectors is 30 MB."""
+    dim = len(vectors[ids[0]])
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (len(ids), dim)})
+        for s in range(0, len(ids), step):
+            f.write(np.asarray([vectors[i] for i in ids[s : s + step]], dtype="<f4").tobytes())
 
 
 def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progress: ProgressFn | None,

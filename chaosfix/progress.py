@@ -13,6 +13,7 @@ stderr, drawn only when stderr is a terminal, so pipes, logs and ``--json`` stay
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import IO
 
@@ -40,7 +41,8 @@ def parse_child_line(line: str) -> tuple[str, int, int] | None:
 class StderrBar:
     """A ``ProgressFn`` drawing one click progress bar per stage on stderr (a terminal only).
 
-    ``say`` prints a log line without tearing a bar that is being drawn."""
+    ``say`` prints a log line without tearing a bar that is being drawn. Thread-safe:
+    reconcile's verification and chromadb's post-check report at the same time."""
 
     def __init__(self, stream: IO[str] | None = None, enabled: bool | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -48,10 +50,15 @@ class StderrBar:
         self._bar = None
         self._key: tuple[str, int] | None = None
         self._pos = 0
+        self._lock = threading.RLock()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled or total <= 0:
             return
+        with self._lock:
+            self._draw(stage, done, total)
+
+    def _draw(self, stage: str, done: int, total: int) -> None:
         import click
 
         if self._key != (stage, total):
@@ -67,12 +74,14 @@ class StderrBar:
 
     def close(self) -> None:
         """End the current bar (its line stays, followed by a newline)."""
-        if self._bar is not None:
-            self._bar.render_finish()
-        self._bar, self._key = None, None
+        with self._lock:
+            if self._bar is not None:
+                self._bar.render_finish()
+            self._bar, self._key = None, None
 
     def say(self, msg: str) -> None:
         import click
 
-        self.close()
-        click.echo(f"chaosfix: {msg}", file=self.stream)
+        with self._lock:
+            self.close()
+            click.echo(f"chaosfix: {msg}", file=self.stream)

@@ -61,7 +61,9 @@ def _early_flush(folder: Path) -> None:
         pass
 
 
-def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = None) -> None:
+def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = None, sync: bool = True) -> None:
+    """Build the plan's segment into ``out_dir``; ``sync=False`` leaves its final fsync
+    to the caller (``safety.Syncing``, before the swap)."""
     st = plan.state
     assert st is not None
     hnswlib = _hnswlib()
@@ -113,7 +115,8 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     (out_dir / idmap_mod.FILENAME).write_bytes(map_bytes)
     if flushing is not None:
         flushing.join()
-    fsync_tree(out_dir)
+    if sync:
+        fsync_tree(out_dir)
 
 
 def new_map(plan: CollectionPlan) -> idmap_mod.IdMap:

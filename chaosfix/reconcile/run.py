@@ -3,11 +3,13 @@
 Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT):
   locked        flock + no other process holds palace files + BEGIN EXCLUSIVE
   backed-up     sqlite backup API copy (only when SQL changes)
-  built         new segment folders built aside and fsynced
-  verified      zero-diff + self-query on every built folder
+  built         new segment folders built aside (their fsync runs on in the background)
+  verified      zero-diff + self-query on every built folder, chromadb's post-check of
+                the palace to be (on a copy), the built folders fsynced
   swapped       renameat2(RENAME_EXCHANGE) new <-> old (atomic per segment)
   old-moved     old folders moved into the backup (or deleted with --no-backup)
-  sql-written   max_seq_id / WAL floor rows written, not yet committed
+  sql-written   dropped foreign triggers/views, max_seq_id / WAL floor rows written (the
+                same writes the post-check made on its copy), not yet committed
   committed     COMMIT; marker removed
 A kill anywhere leaves either the old palace, or the new index with the old SQL (a
 rerun redoes the same plan), plus our own leftovers, which a rerun recognises and
@@ -23,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +39,16 @@ from chaosfix.palace.state import written_in_rollback
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
-from chaosfix.reconcile.safety import LOCK_NAME, PalaceLock, exchange, fsync_path, killpoint, other_holders, sparse_copy
+from chaosfix.reconcile.safety import (
+    LOCK_NAME,
+    PalaceLock,
+    Syncing,
+    exchange,
+    fsync_path,
+    killpoint,
+    other_holders,
+    sparse_copy,
+)
 from chaosfix.reconcile.sources import Embedder
 from chaosfix.reconcile.verify import EF_FIRST, EF_MAX, Verification, verify_segment
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
@@ -313,7 +325,10 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                     rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
                     rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
                 rows_before = schema_guard.RowFingerprint.take(conn)
-                _execute(root, conn, rep, opts, progress, say, rows_before)
+                post_check = None
+                if opts.chromadb_check and before.generation is not None:
+                    post_check = partial(_post_check, root, rep, before.generation, opts, progress, started)
+                _execute(root, conn, rep, opts, progress, say, rows_before, post_check)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -333,19 +348,8 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             killpoint("committed")
             rep.timings["total_repair"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-
-            def after_check() -> None:
-                rep.after = check_palace(root, opts.collection)
-                rep.timings["after_check"] = time.perf_counter() - t1
-
-            if opts.chromadb_check and before.generation is not None:
-                # under the lock: the copy it makes is ours alone. The read-only check
-                # runs here while chromadb works on the copy in its own process.
-                rep.chromadb = _post_check(root, rep, before.generation, opts, progress, started, after_check)
-                rep.timings["chromadb_check"] = time.perf_counter() - t1
-            else:
-                after_check()
-            rep.timings["post_verify"] = time.perf_counter() - t1
+            rep.after = check_palace(root, opts.collection)
+            rep.timings["after_check"] = rep.timings["post_verify"] = time.perf_counter() - t1
     finally:
         if started is not None:  # used and closed by the post-check, or never used
             started.close()
@@ -370,11 +374,13 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
 
 
 def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: ReconcileOptions,
-                progress: ProgressFn | None, started: StartedChild | None, after_check: Callable[[], None]) -> dict:
-    """chromadb's judgement of what changed, on a throwaway copy (never the palace), made
-    while ``after_check`` runs. The rows and the sample come from the plans' states
-    (reconcile never writes a row); the expected count from the after-check's, once it
-    has run (the judge reads it last)."""
+                progress: ProgressFn | None, started: StartedChild | None, verify: Callable[[], None],
+                built: dict[str, Path]) -> dict:
+    """chromadb's judgement of the palace the swap will make: a throwaway copy of it (the
+    built folders in place of the old ones, the repair's SQL written), made and judged
+    by chromadb in its own process while ``verify`` (chaosfix's own verification) runs
+    here. The rows and the sample come from the plans' states (reconcile never writes a
+    row); each collection's quirk rate from its verification, read once it has run."""
     import random
 
     from chaosfix.chromadb_probe import Target, verify_with_chromadb
@@ -387,20 +393,40 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
         rest = list(itertools.filterfalse(repaired.__contains__, st.sql_rows))  # in C: 10^5..10^6 rows
         sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
-        v = rep.verifications.get(p.collection)
-        rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
-        targets[p.collection] = Target(p.collection, st.info.space, repaired, sample, quirk_rate=rate)
+        targets[p.collection] = Target(p.collection, st.info.space, repaired, sample,
+                                       expect_count=_expected_count(p))
 
     def meanwhile() -> None:
-        after_check()
-        assert rep.after is not None
-        for st in rep.after.states:
-            t = targets.get(st.info.name)
-            if t is not None:
-                t.expect_count = None if st.pending else len(st.sql_rows)
+        verify()
+        for name, t in targets.items():
+            v = rep.verifications.get(name)
+            t.quirk_rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
+
+    def prepare(db: Path) -> None:
+        conn = sqlite3.connect(str(db), isolation_level=None)
+        try:
+            conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
+            conn.execute("BEGIN EXCLUSIVE")
+            _write_sql(conn, rep)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OperationalError(f"{root}: the post-check's copy refused the repair's SQL ({exc}); "
+                                   "nothing was changed") from None
+        finally:
+            conn.close()
 
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
-                                progress=progress, started=started, meanwhile=meanwhile)
+                                progress=progress, started=started, meanwhile=meanwhile, built=built,
+                                skip=rep.prune_dirs, prepare=prepare)
+
+
+def _expected_count(p: CollectionPlan) -> int | None:
+    """The count chromadb must report once the repair lands: every SQL row (reconcile
+    never writes one), unless WAL rows stay pending for chromadb to replay."""
+    st = p.state
+    assert st is not None
+    left = st.pending if not p.index_changes else [w for w in st.pending if w.seq_id > st.reflected_seq]
+    return None if left else len(st.sql_rows)
 
 
 def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3.Connection | None = None
@@ -489,7 +515,10 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
 
 def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: ReconcileOptions,
              progress: ProgressFn | None, say: Callable[[str], None], rows_before: schema_guard.RowFingerprint,
-             ) -> None:
+             post_check: Callable[[Callable[[], None], dict[str, Path]], dict] | None = None) -> None:
+    """Backup, build, verify (beside chromadb's post-check on a copy of the palace to be),
+    swap, write the SQL, commit. Every SQL write happens after the swap, in one
+    transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
     backup_dir = None
@@ -513,15 +542,10 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
                     sparse_copy(root / name, backup_dir / name)
                     fsync_path(backup_dir / name)
     _clear_stale_journal(root, backup_dir)
-    # after the stale journal is gone: our own DROPs start a live journal
-    if rep.foreign_sql:
+    if rep.foreign_sql:  # dropped with the other SQL writes, after the swap
         assert backup_dir is not None
         create_new(backup_dir / FOREIGN_SQL_FILE,
                    "".join(f"{o.sql};\n" for o in rep.foreign_sql).encode())
-        for stmt in schema_guard.drop_statements(rep.foreign_sql):
-            conn.execute(stmt)
-        rep.notes.append(f"dropped {len(rep.foreign_sql)} foreign trigger(s)/view(s); their SQL is in "
-                         f"{backup_dir / FOREIGN_SQL_FILE}")
     killpoint("backed-up")
     work = [p for p in rep.plans if p.index_changes]
     built: dict[str, Path] = {}
@@ -530,29 +554,45 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         assert p.segment is not None and is_uuid(p.segment)
         out = ensure_inside(root / f"{BUILD_PREFIX}{p.segment}", root)
         say(f"building {p.collection} ({p.strategy}: +{len(p.add)} ~{len(p.replace)} -{len(p.remove_labels)})")
-        build_mod.build(p, out, progress)
+        build_mod.build(p, out, progress, sync=False)
         built[p.segment] = out
-    fsync_path(root)
+    # on disk before the swap; the verification and the post-check's copy read meanwhile
+    syncing = Syncing(list(built.values()))
     for p in work:
         assert p.state is not None
         p.state.drop_index_facts()  # nothing reads the old map or slots past the build
     rep.timings["build"] = time.perf_counter() - t
     killpoint("built")
     t = time.perf_counter()
-    for p in work:
-        assert p.segment is not None and p.state is not None
-        say(f"verifying {p.collection}")
-        planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
-        v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
-                           planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
-                           ef_max=EF_MAX, progress=progress)
-        v.unrepaired = len(p.unrepaired)
-        v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
-        rep.verifications[p.collection] = v
-        if not v.ok:
-            raise OperationalError(f"verification of the rebuilt {p.collection} failed: {v.problems[0]}; "
+
+    def verify() -> None:
+        for p in work:
+            assert p.segment is not None and p.state is not None
+            say(f"verifying {p.collection}")
+            planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
+            v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
+                               planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
+                               ef_max=EF_MAX, progress=progress)
+            v.unrepaired = len(p.unrepaired)
+            v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
+            rep.verifications[p.collection] = v
+            if not v.ok:
+                raise OperationalError(f"verification of the rebuilt {p.collection} failed: {v.problems[0]}; "
+                                       "nothing was changed")
+        rep.timings["verify"] = time.perf_counter() - t
+
+    if post_check is None:
+        verify()
+    else:
+        # chromadb judges a copy of the palace the swap will make while chaosfix verifies
+        # (the copy and chromadb's open wait on the kernel; the self-queries share the CPUs)
+        rep.chromadb = post_check(verify, built)
+        rep.timings["chromadb_check"] = time.perf_counter() - t
+        if not rep.chromadb.get("ok", False):
+            why = (rep.chromadb.get("errors") or [rep.chromadb.get("error") or "no verdict"])[0]
+            raise OperationalError(f"chromadb's post-check of the repaired palace failed ({str(why)[:300]}); "
                                    "nothing was changed")
-    rep.timings["verify"] = time.perf_counter() - t
+    syncing.wait()
     killpoint("verified")
     rep.swapping = True
     for p in work:
@@ -584,12 +624,10 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     fsync_path(root)  # entries moved out of the palace into the backup
     if backup_dir is not None:
         fsync_path(backup_dir)
-    for p in rep.plans:
-        for w in p.seq_writes:
-            val = w.value.to_bytes(8, "big") if w.encoding == "blob" else w.value
-            conn.execute("INSERT OR REPLACE INTO max_seq_id (segment_id, seq_id) VALUES (?, ?)", (w.segment, val))
-    if rep.queue_floor is not None and rep.queue_floor > 0:
-        _write_queue_floor(conn, rep)
+    _write_sql(conn, rep)
+    if rep.foreign_sql:
+        rep.notes.append(f"dropped {len(rep.foreign_sql)} foreign trigger(s)/view(s); their SQL is in "
+                         f"{Path(rep.backup or '') / FOREIGN_SQL_FILE}")
     killpoint("sql-written")
     # second line of defence: the rows reconcile never writes are exactly as they were
     planned = {w.segment: (w.value.to_bytes(8, "big") if w.encoding == "blob" else w.value)
@@ -599,6 +637,20 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     if wrong:
         raise OperationalError(f"{root}: SQL rows differ from the plan before COMMIT ({wrong[0]}); rolled back")
     conn.execute("COMMIT")
+
+
+def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> None:
+    """Every SQL write of a repair, inside the caller's transaction: the foreign triggers
+    and views asked to be dropped, max_seq_id, the WAL floor. Run on the palace after the
+    swap and, first, on the post-check's copy."""
+    for stmt in schema_guard.drop_statements(rep.foreign_sql):
+        conn.execute(stmt)
+    for p in rep.plans:
+        for w in p.seq_writes:
+            val = w.value.to_bytes(8, "big") if w.encoding == "blob" else w.value
+            conn.execute("INSERT OR REPLACE INTO max_seq_id (segment_id, seq_id) VALUES (?, ?)", (w.segment, val))
+    if rep.queue_floor is not None and rep.queue_floor > 0:
+        _write_queue_floor(conn, rep)
 
 
 def _clear_stale_journal(root: Path, backup_dir: Path | None) -> None:

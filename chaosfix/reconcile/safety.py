@@ -10,6 +10,7 @@ import fcntl
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
@@ -102,6 +103,31 @@ def fsync_tree(folder: Path) -> None:
         if f.is_file():
             fsync_path(f)
     fsync_path(folder)
+
+
+class Syncing:
+    """fsync of folders in a background thread (``fsync_tree`` each, then their parents):
+    a built segment must be on disk before the swap, not before it is verified, so the
+    verification reads it while the kernel writes it out. ``wait`` re-raises its error."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(folders,), daemon=True)
+        self._thread.start()
+
+    def _run(self, folders: list[Path]) -> None:
+        try:
+            for d in folders:
+                fsync_tree(d)
+            for parent in dict.fromkeys(d.parent for d in folders):
+                fsync_path(parent)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, xfs)
