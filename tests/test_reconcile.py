@@ -645,3 +645,80 @@ def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
     assert not verdict(quirks, 0.0)["ok"]  # a graph that reached everything in verification
     assert not verdict([f"r{i}" for i in range(300)], 0.004)["ok"]  # repaired rows left unlinked
     assert not verdict([f"s{i}" for i in range(50)], 0.004)["ok"]  # the repair broke old rows
+
+
+def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):
+    """The post-check's copy is the palace the swap would make: a built folder takes its
+    segment's place (an empty one, whose rows no query finds, fails chromadb's judgement
+    of a palace whose own folder passes), and ``prepare`` writes into the copy's database,
+    never the palace's."""
+    from chaosfix.chromadb_probe import Target, verify_with_chromadb
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    gen = check_palace(p).generation
+    seg = faults.segment_dir(p)
+    some = [drawer(i)[0] for i in range(0, SPEC.drawers, 7)]
+    prints = fingerprint(p)
+    seen: list[Path] = []
+
+    def prepare(db: Path) -> None:
+        seen.append(db)
+        conn = sqlite3.connect(db)
+        conn.execute("PRAGMA user_version = 7")
+        conn.close()
+
+    def judge(built: dict[str, Path]) -> dict:
+        return verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some, expect_count=SPEC.drawers)], gen,
+                                    built=built, prepare=prepare)
+
+    same = tmp_path / "built-same"
+    shutil.copytree(seg, same)
+    assert judge({seg.name: same})["ok"]
+    empty = tmp_path / "built-empty"
+    empty.mkdir()
+    bad = judge({seg.name: empty})
+    assert not bad["ok"], bad
+    assert len(seen) == 2 and all(p not in d.parents for d in seen)
+    assert fingerprint(p) == prints
+    assert not [d for d in tmp_path.iterdir() if ".chaosfix-verify-" in d.name]  # copies removed
+
+
+def test_a_failed_post_check_changes_nothing_and_a_rerun_repairs(tmp_path, damage_cache):
+    """chromadb judges the palace to be before the swap: when its post-check fails (here
+    its child is SIGKILLed, through an --chromadb-python that dies on start), reconcile
+    exits 8 with one line, the palace is as it was (every byte and mtime, no leftover
+    folder or copy), and a rerun repairs it."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    fake = tmp_path / "python-that-dies"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        # the version query (-I -c CODE) runs the real interpreter; the post-check child dies
+        if [ "$2" = "-c" ]; then exec {sys.executable} "$@"; fi
+        kill -9 $$
+        """))
+    fake.chmod(0o755)
+    prints, beside = fingerprint(p), listing(tmp_path)
+    code, doc, err = reconcile(p, "--embedder", HASH_EMBEDDER, "--chromadb-python", str(fake))
+    assert code == 8, err
+    last = err.strip().splitlines()[-1]  # (after the log lines of the stages it went through)
+    assert "post-check" in last and "nothing was changed" in last and "Traceback" not in err, err
+    assert fingerprint(p) == prints, "a failed post-check changed the palace"
+    assert listing(tmp_path) == beside and not [n for n in listing(p) if n.startswith(".chaosfix-")]
+    code, doc, err = reconcile(p, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc and doc["chromadb"]["ok"], err
+    assert_consistent(p)
+
+
+def test_verification_refuses_a_built_map_that_is_not_the_one_written(tmp_path):
+    """The verification skips the opcode scan only for the bytes the build wrote (their
+    SHA-256): other bytes in the built folder fail it."""
+    from chaosfix.reconcile.verify import verify_segment
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    seg = faults.segment_dir(p)
+    ids = set(check_palace(p).states[0].sql_rows)
+    raw = faults.pickle_path(p).read_bytes()
+    good = verify_segment(seg, "cosine", ids, {}, sample=20, map_digest=hashlib.sha256(raw).digest())
+    assert good.ok and good.zero_diff, good.problems
+    bad = verify_segment(seg, "cosine", ids, {}, sample=20, map_digest=hashlib.sha256(raw + b".").digest())
+    assert not bad.ok and "not the one the build wrote" in bad.problems[0]

@@ -289,11 +289,21 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
         # the pickle's opcode scan (pure Python, ~1 s per 500k ids) runs in a child on the
         # other core while this one reads SQL's rows and the HNSW files
         with pickle_reader.Scan(raw or b"") as scan:
-            st.sql_rows = sql.rows(info.metadata_segment) if info.metadata_segment else {}
+            # a 1.x map keeps no seq_ids: SQL's ids alone (as one string: 0.2 s at 500k
+            # rows against 0.5-1 s for the (id, seq_id) rows), re-read with seq_ids below
+            # for an odd map that keeps some
+            blob = sql.id_blob(info.metadata_segment) if (_seqs_unused(st)
+                                                          and sql.generation.pickle_format == "dict") else None
+            from_blob = blob is not None
+            st.sql_rows = (dict.fromkeys(blob.split("\0")) if blob is not None
+                           else sql.rows(info.metadata_segment) if info.metadata_segment else {})
+            del blob
             if seg_ok:
                 _read_files(st, slot_vectors)
             if raw is not None:
                 _parse_pickle(st, raw, scan)
+        if from_blob and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
+            st.sql_rows = sql.rows(info.metadata_segment)
     if vseq is None and st.idmap is not None and st.idmap.max_seq_id is not None and sql.generation.vector_seq_in_pickle:
         st.vector_seq = SeqValue(st.idmap.max_seq_id, "pickle")  # 0.4: the pickle holds it
     above = st.vector_seq.value if st.vector_seq is not None else 0
@@ -311,10 +321,8 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
     is judged again here, by the in-process read (scan, then unpickle), so the verdict
     on a hostile or broken map is always that read's, as in reconcile."""
     seg = st.info.metadata_segment
-    m_seq = st.metadata_seq
-    ids_only = seg is not None and m_seq is not None and not m_seq.poisoned
     with map_child.MapFacts(raw) as helper:
-        blob = sql.id_blob(seg) if ids_only and seg is not None else None
+        blob = sql.id_blob(seg) if _seqs_unused(st) and seg is not None else None
         helper.send_ids(blob)
         from_blob = blob is not None
         if blob is not None:
@@ -340,6 +348,13 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
     if from_blob and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
         st.sql_rows = sql.rows(seg)  # an odd palace: a map that keeps seq_ids, which are compared
         st.map_same_ids = None
+
+
+def _seqs_unused(st: CollectionState) -> bool:
+    """SQL rows' seq_ids are read only for what uses them: ``reflected_seq`` when the
+    metadata segment's max_seq_id is poisoned or missing, a map that keeps seq_ids."""
+    m_seq = st.metadata_seq
+    return st.info.metadata_segment is not None and m_seq is not None and not m_seq.poisoned
 
 
 def _pickle_bytes(st: CollectionState) -> bytes | None:

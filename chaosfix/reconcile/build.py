@@ -9,6 +9,7 @@ vectors, with the palace's M, ef_construction and space.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -113,6 +114,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     index.close_file_handles()
     del index
     (out_dir / idmap_mod.FILENAME).write_bytes(map_bytes)
+    plan.map_digest = hashlib.sha256(map_bytes).digest()  # the verification knows its own map by it
     if flushing is not None:
         flushing.join()
     if sync:

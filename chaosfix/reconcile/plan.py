@@ -59,6 +59,7 @@ class CollectionPlan:
     replace: dict[str, int] = field(default_factory=dict)  # id -> label, vector from the WAL
     add: dict[str, int] = field(default_factory=dict)  # id -> new label
     source: dict[str, str] = field(default_factory=dict)  # id (add/replace) -> index|wal|embedder
+    slot_sourced: int = 0  # kept ids, whose vector stays in its slot (source "index": not listed one by one)
     remove_labels: list[int] = field(default_factory=list)
     remove_ids: list[str] = field(default_factory=list)
     unrepaired: list[str] = field(default_factory=list)
@@ -72,6 +73,7 @@ class CollectionPlan:
     pickle_seq: int | None = None  # 0.4: the vector segment's max_seq_id, kept in the pickle
     clear_journal: bool = False  # INDEX_AHEAD from a leftover journal, every slot proven: move it aside
     unrepaired_reason: str = ""
+    map_digest: bytes | None = None  # SHA-256 of the id map the build wrote
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
     embedder: Any = field(default=None, repr=False)  # the Choice made for rows re-embedded
     state: CollectionState | None = field(default=None, repr=False)
@@ -85,7 +87,7 @@ class CollectionPlan:
         return self.index_changes or bool(self.seq_writes) or self.clear_journal
 
     def to_json(self) -> dict:
-        src: dict[str, int] = {}
+        src: dict[str, int] = {SLOT: self.slot_sourced} if self.slot_sourced else {}
         for s in self.source.values():
             src[s] = src.get(s, 0) + 1
         return {
@@ -197,9 +199,10 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
             owner = _owners_of_damaged_map(m, usable, target)
     # keyed by the SQL rows' own id strings, not the pickle's equal copies: those then go
     # with the id map before the index loads (42 MB of strings at 500k rows)
-    canon = {k: k for k in target}
-    held: dict[str, int] = {canon.get(rid, rid): lab for lab, rid in owner.items()}
-    del canon
+    canon = dict(zip(target, target))
+    rids = owner.values()
+    held: dict[str, int] = dict(zip(map(canon.get, rids, rids), owner))  # in C: canon.get(rid, rid)
+    del canon, rids
     newer, reset = pending_effects(pending, set(held))
     for rid in reset & held.keys():
         owner.pop(held.pop(rid))
@@ -284,7 +287,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.reasons.append(f"{len(missing)} rows have no vector source; {why}")
         plan.add, plan.replace, plan.vectors, plan.source = {}, {}, {}, {}
         return
-    plan.source.update(dict.fromkeys(plan.keep, SLOT))  # kept ids are never in add/replace
+    plan.slot_sourced = len(plan.keep)  # kept ids are never in add/replace
     plan.total_elements_added = next_label - 1
     slots_total = st.files.header.cur_element_count if (st.files and st.files.header and not st.torn) else 0
     n_final = len(plan.keep) + len(plan.replace) + len(plan.add)

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chaosfix.check import ERROR, WARNING, CheckReport, Finding, check_palace, deep_findings
+from chaosfix.check import ERROR, INFO, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
@@ -280,25 +280,35 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
     before = _check(root, opts, suspects)
     _refuse_sql_damage(before, root)
     rep.foreign_sql = _refuse_unsafe(before, root, opts)
-    rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
-    rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
-    orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
-    if orphans and not opts.prune_orphan_dirs:
-        rep.notes.append(f"{orphans} segment folder(s) no segment owns left in place (chromadb never reads them); "
-                         "--prune-orphan-dirs moves them into the backup")
-    rep.timings["plan"] = time.perf_counter() - t0
-    if opts.dry_run or not (any(p.has_work for p in rep.plans) or rep.queue_floor is not None or rep.prune_dirs
-                            or rep.foreign_sql):
-        if rep.journal_rollback and not opts.dry_run:
-            rep.after = check_palace(root, opts.collection)
-        return rep
     started: StartedChild | None = None  # the post-check's chromadb child, started ahead
-    if opts.chromadb_check and before.generation is not None:
+    if (not opts.dry_run and opts.chromadb_check and before.generation is not None
+            and any(f.severity != INFO for f in before.findings)):
         from chaosfix.chromadb_probe import start_post_check
 
         # a bad --chromadb-python is exit 8 here, before any change; the child imports
-        # chromadb while the repair runs
+        # chromadb (2-3 s of a CPU) while the plan is made on one CPU, not beside the
+        # build's two threads
         started = start_post_check(before.generation, opts.chromadb_python)
+    try:
+        rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
+        rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
+        orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
+        if orphans and not opts.prune_orphan_dirs:
+            rep.notes.append(f"{orphans} segment folder(s) no segment owns left in place (chromadb never reads "
+                             "them); --prune-orphan-dirs moves them into the backup")
+        rep.timings["plan"] = time.perf_counter() - t0
+        idle = opts.dry_run or not (any(p.has_work for p in rep.plans) or rep.queue_floor is not None
+                                    or rep.prune_dirs or rep.foreign_sql)
+        if idle and rep.journal_rollback and not opts.dry_run:
+            rep.after = check_palace(root, opts.collection)
+    except BaseException:
+        if started is not None:
+            started.close()
+        raise
+    if idle:
+        if started is not None:
+            started.close()
+        return rep
     try:
         with PalaceLock(root):
             holders = other_holders(root)
@@ -572,7 +582,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
             v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
                                planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
-                               ef_max=EF_MAX, progress=progress)
+                               ef_max=EF_MAX, progress=progress, map_digest=p.map_digest)
             v.unrepaired = len(p.unrepaired)
             v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
             rep.verifications[p.collection] = v
