@@ -186,28 +186,35 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     bad = set(st.slots.labels[st.slots.bad].tolist()) if st.slots is not None else set()
     vec_ok = _slot_vectors_ok(st, live)
     owner: dict[int, str] = {}
+    held: dict[str, int] = {}  # keyed by the SQL rows' own id strings, not the pickle's equal
+    # copies: those then go with the id map before the index loads (42 MB at 500k rows)
+    in_map = -1  # how many SQL ids the map names (counted on the healthy path)
     if m is not None:
         labs = sorted(live)
         usable = list(itertools.compress(labs, map(vec_ok.get, labs)))
         if bad:
             usable = [lab for lab in usable if lab not in bad]
         if not m.inverse_problems():
-            # the healthy map (one id per label, both maps agree): decided in C
-            rids = list(map(m.label_to_id.get, usable))
-            owner = dict(itertools.compress(zip(usable, rids), map(target.__contains__, rids)))
+            # the healthy map (one id per label, both maps agree): each SQL row's own
+            # label, kept when its slot is usable; decided in C, one pass over the ids
+            ok = set(usable)
+            of_row = list(map(m.id_to_label.get, target))
+            held = dict(itertools.compress(zip(target, of_row), map(ok.__contains__, of_row)))
+            in_map = len(of_row) - of_row.count(None)
+            del ok, of_row
+            owner = dict(zip(held.values(), held))
         else:
             owner = _owners_of_damaged_map(m, usable, target)
-    # keyed by the SQL rows' own id strings, not the pickle's equal copies: those then go
-    # with the id map before the index loads (42 MB of strings at 500k rows)
-    canon = dict(zip(target, target))
-    rids = owner.values()
-    held: dict[str, int] = dict(zip(map(canon.get, rids, rids), owner))  # in C: canon.get(rid, rid)
-    del canon, rids
-    newer, reset = pending_effects(pending, set(held))
+            canon = dict(zip(target, target))
+            rids = owner.values()
+            held = dict(zip(map(canon.get, rids, rids), owner))  # in C: canon.get(rid, rid)
+            del canon, rids
+    newer, reset = pending_effects(pending, held.keys())
     for rid in reset & held.keys():
         owner.pop(held.pop(rid))
     plan.remove_labels = sorted(live.keys() - owner.keys())
-    plan.remove_ids = sorted(m.id_to_label.keys() - target.keys()) if m and not st.same_ids else []
+    plan.remove_ids = ([] if m is None or st.same_ids or in_map == len(m.id_to_label)
+                       else sorted(m.id_to_label.keys() - target.keys()))
 
     # never adopt a label the palace could not have issued (torn-slot garbage), nor a
     # garbage total_elements_added: chromadb's next add would fail inside its consumer

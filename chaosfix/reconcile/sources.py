@@ -5,7 +5,7 @@ then re-embedding its document."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 import numpy as np
 
@@ -64,31 +64,39 @@ def latest_wal_vectors(rows: list[WalRow]) -> dict[str, np.ndarray]:
     return out
 
 
-def pending_effects(pending: list[WalRow], existing: set[str]) -> tuple[dict[str, np.ndarray], set[str]]:
+def pending_effects(pending: list[WalRow], existing: Container[str]) -> tuple[dict[str, np.ndarray], set[str]]:
     """Replay pending WAL rows the way chromadb's vector segment would.
 
     Returns (id -> vector the index must end up holding, ids whose current index vector
     is void because a pending delete removed it). An add of an id that already exists
     is ignored, as chromadb ignores it; update and upsert replace the vector.
+    ``existing`` is only asked about (never copied: 500k ids, usually no pending row).
     """
-    present = set(existing)
+    added: set[str] = set()
+    gone: set[str] = set()
+
+    def present(i: str) -> bool:
+        return i in added or (i not in gone and i in existing)
+
     vectors: dict[str, np.ndarray] = {}
     reset: set[str] = set()
     for w in pending:
         if w.op == 3:
             vectors.pop(w.id, None)
-            if w.id in present:
+            if present(w.id):
                 reset.add(w.id)
-            present.discard(w.id)
+            added.discard(w.id)
+            gone.add(w.id)
         elif w.vector is None:
             continue
-        elif w.op == 0 and w.id in present:
+        elif w.op == 0 and present(w.id):
             continue
-        elif w.op == 1 and w.id not in present:
+        elif w.op == 1 and not present(w.id):
             continue
         else:
             vectors[w.id] = w.vector
-            present.add(w.id)
+            added.add(w.id)
+            gone.discard(w.id)
     return vectors, reset
 
 
