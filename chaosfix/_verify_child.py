@@ -201,11 +201,26 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     return res
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when the chaosfix that started it dies (a killed
+    reconcile's rerun removes the copy this child works on). Best effort elsewhere."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(0)
+
+
 def main() -> None:
     """``_verify_child.py SPEC.json``, or ``_verify_child.py -``: import chromadb first, then
     read the spec file's path from one stdin line (the parent starts the child while it
     still repairs, so chromadb's 2-3 s import overlaps the repair); EOF: exit quietly."""
     t0 = time.perf_counter()
+    _die_with_parent()
     out: dict = {"collections": {}}
     try:
         import chromadb

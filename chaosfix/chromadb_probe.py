@@ -114,7 +114,9 @@ def copy_palace(root: Path, built: Mapping[str, Path] | None = None, skip: Colle
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
     dst = tmp / "palace"
     dst.mkdir()
-    sparse_copy(root / SQLITE_NAME, dst / SQLITE_NAME)
+    for name in (SQLITE_NAME, SQLITE_NAME + "-wal"):  # committed pages of a palace in WAL mode
+        if name == SQLITE_NAME or (root / name).is_file():
+            sparse_copy(root / name, dst / name)
     for d in root.iterdir():
         if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name) and d.name not in skip:
             copy_tree_sparse(built.get(d.name, d), dst / d.name)

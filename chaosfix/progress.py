@@ -41,8 +41,10 @@ def parse_child_line(line: str) -> tuple[str, int, int] | None:
 class StderrBar:
     """A ``ProgressFn`` drawing one click progress bar per stage on stderr (a terminal only).
 
-    ``say`` prints a log line without tearing a bar that is being drawn. Thread-safe:
-    reconcile's verification and chromadb's post-check report at the same time."""
+    ``say`` prints a log line without tearing a bar that is being drawn. Thread-safe,
+    one bar at a time: reconcile's verification and chromadb's post-check report at the
+    same time, and a stage another thread reports while a bar is drawn is not shown
+    until that bar ends (switching bars on every call would print a line per call)."""
 
     def __init__(self, stream: IO[str] | None = None, enabled: bool | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -51,6 +53,7 @@ class StderrBar:
         self._key: tuple[str, int] | None = None
         self._pos = 0
         self._lock = threading.RLock()
+        self._thread = 0  # the thread whose stage the bar draws
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled or total <= 0:
@@ -62,10 +65,13 @@ class StderrBar:
         import click
 
         if self._key != (stage, total):
+            if self._bar is not None and self._thread != threading.get_ident():
+                return  # another thread's stage is drawn: this one waits (a new stage from
+                # the same thread means that one is over)
             self.close()
             self._bar = click.progressbar(length=total, label=f"chaosfix: {stage}", file=self.stream,
                                           show_eta=True, show_pos=True, width=30)
-            self._key, self._pos = (stage, total), 0
+            self._key, self._pos, self._thread = (stage, total), 0, threading.get_ident()
         step = max(0, min(done, total) - self._pos)
         self._pos += step
         self._bar.update(step)

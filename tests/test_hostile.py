@@ -255,7 +255,8 @@ def test_foreign_sql_is_refused_then_dropped_on_request(palace: Path, world: Pat
     assert tree(palace) == pal0 and outside(world, palace) == out0
     assert sql_state(palace) == (ids0, meta0)
 
-    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check", "--drop-foreign-sql")
+    # with chromadb's post-check: its copy gets the same DROPs and rows before chromadb opens it
+    code, _, err, _ = run_rss("reconcile", str(palace), "--drop-foreign-sql")
     if name == "view-instead-of-max_seq_id":
         assert code == 8, err  # the table itself is gone: restore it first; nothing dropped
         assert sql_state(palace) == (ids0, meta0)
@@ -452,6 +453,15 @@ def test_wal_frames_are_read_from_a_private_copy(palace: Path, world: Path):
     assert codes_of(doc) == {"WAL_MODE": 1, "HNSW_ONLY": 1}, doc["findings"]  # the -wal's delete is seen
     ids0, meta0 = sql_state(palace)
     assert len(ids0) == SPEC.drawers - 1
+    # chromadb's post-check copies the palace before the swap: the copy carries the
+    # -wal's committed frames (SQL as chaosfix read it, with the delete)
+    from chaosfix.chromadb_probe import copy_palace as post_check_copy
+
+    copy = post_check_copy(palace)
+    try:
+        assert sql_state(copy) == (ids0, meta0)
+    finally:
+        shutil.rmtree(copy.parent)
     code, _, err = reconcile(palace, "--no-chromadb-check")
     assert code == 1, err
     assert sql_state(palace) == (ids0, meta0)

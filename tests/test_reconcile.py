@@ -395,8 +395,11 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
     code, doc, err = reconcile(p, "--dry-run")
     assert code == 4 and doc["exit_code"] == 4
     twin = shutil.copytree(p, tmp_path / "twin", symlinks=True)  # the same partial repair, as text
-    text = CliRunner().invoke(cli_main, ["reconcile", str(twin), "--no-chromadb-check"])
+    # with chromadb's post-check, which judges the palace to be before the swap: the rows
+    # left out are listed (exit 4), not counted against the repair of the rest
+    text = CliRunner().invoke(cli_main, ["reconcile", str(twin)])
     assert text.exit_code == 4 and "zero-diff, self-query ok" not in text.stdout, text.stdout
+    assert re.search(r"chromadb \S+ post-check: ok", text.stdout), text.stdout
     assert f"no zero-diff ({len(orphans)} rows left out)" in text.stdout, text.stdout
     assert f"verdict: partly repaired; left: {len(orphans)} rows with no vector source" in text.stdout
     code, doc, err = reconcile(p, "--no-chromadb-check")
@@ -650,8 +653,9 @@ def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
 def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):
     """The post-check's copy is the palace the swap would make: a built folder takes its
     segment's place (an empty one, whose rows no query finds, fails chromadb's judgement
-    of a palace whose own folder passes), and ``prepare`` writes into the copy's database,
-    never the palace's."""
+    of a palace whose own folder passes), and ``prepare`` writes into the copy's database
+    before chromadb opens it (a row it deletes there is missing to chromadb), never into
+    the palace's."""
     from chaosfix.chromadb_probe import Target, verify_with_chromadb
 
     p = fresh_palace(tmp_path / "palace", SPEC)
@@ -659,26 +663,27 @@ def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp
     seg = faults.segment_dir(p)
     some = [drawer(i)[0] for i in range(0, SPEC.drawers, 7)]
     prints = fingerprint(p)
-    seen: list[Path] = []
 
-    def prepare(db: Path) -> None:
-        seen.append(db)
-        conn = sqlite3.connect(db)
-        conn.execute("PRAGMA user_version = 7")
-        conn.close()
+    def judge(built: dict[str, Path], drop: str | None = None) -> dict:
+        def prepare(db: Path) -> None:
+            if drop is not None:
+                conn = sqlite3.connect(db)
+                conn.execute("DELETE FROM embeddings WHERE embedding_id = ?", (drop,))
+                conn.commit()
+                conn.close()
 
-    def judge(built: dict[str, Path]) -> dict:
-        return verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some, expect_count=SPEC.drawers)], gen,
-                                    built=built, prepare=prepare)
+        return verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some)], gen, built=built,
+                                    prepare=prepare)
 
     same = tmp_path / "built-same"
     shutil.copytree(seg, same)
     assert judge({seg.name: same})["ok"]
+    gone = judge({seg.name: same}, drop=some[3])
+    assert not gone["ok"] and gone["collections"][COLLECTION]["missing"] == [some[3]], gone
     empty = tmp_path / "built-empty"
     empty.mkdir()
     bad = judge({seg.name: empty})
     assert not bad["ok"], bad
-    assert len(seen) == 2 and all(p not in d.parents for d in seen)
     assert fingerprint(p) == prints
     assert not [d for d in tmp_path.iterdir() if ".chaosfix-verify-" in d.name]  # copies removed
 

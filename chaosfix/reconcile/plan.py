@@ -194,21 +194,27 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         usable = list(itertools.compress(labs, map(vec_ok.get, labs)))
         if bad:
             usable = [lab for lab in usable if lab not in bad]
-        if not m.inverse_problems():
-            # the healthy map (one id per label, both maps agree): each SQL row's own
-            # label, kept when its slot is usable; decided in C, one pass over the ids
+        healthy = not m.inverse_problems()  # one id per label, both maps agree
+        of_row = list(map(m.id_to_label.get, target)) if healthy else []
+        if healthy and set(map(type, of_row)) <= {int, type(None)}:
+            # each SQL row's own label (plain ints), kept when its slot is usable: in C,
+            # one pass over the ids, keyed by SQL's strings
             ok = set(usable)
-            of_row = list(map(m.id_to_label.get, target))
             held = dict(itertools.compress(zip(target, of_row), map(ok.__contains__, of_row)))
             in_map = len(of_row) - of_row.count(None)
-            del ok, of_row
             owner = dict(zip(held.values(), held))
+            del ok
         else:
-            owner = _owners_of_damaged_map(m, usable, target)
+            if healthy:  # a label of another type (a bool): the slots' own ints
+                rids = list(map(m.label_to_id.get, usable))
+                owner = dict(itertools.compress(zip(usable, rids), map(target.__contains__, rids)))
+            else:
+                owner = _owners_of_damaged_map(m, usable, target)
             canon = dict(zip(target, target))
             rids = owner.values()
             held = dict(zip(map(canon.get, rids, rids), owner))  # in C: canon.get(rid, rid)
             del canon, rids
+        del of_row
     newer, reset = pending_effects(pending, held.keys())
     for rid in reset & held.keys():
         owner.pop(held.pop(rid))
@@ -236,7 +242,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         elif rid in ahead:
             rolled_back.append(rid)
     drop = plan.replace.keys() | set(rolled_back)
-    plan.keep = {rid: lab for rid, lab in held.items() if rid not in drop} if drop else dict(held)  # label order
+    plan.keep = {rid: lab for rid, lab in held.items() if rid not in drop} if drop else dict(held)
     missing: list[str] = []
     for rid in sorted(target.keys() - held.keys()):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)

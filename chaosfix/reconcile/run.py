@@ -401,7 +401,10 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         if not p.has_work or st is None:
             continue
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
+        left = set(p.unrepaired)  # rows with no vector source: listed (exit 4), not chromadb's to find
         rest = list(itertools.filterfalse(repaired.__contains__, st.sql_rows))  # in C: 10^5..10^6 rows
+        if left:
+            rest = [i for i in rest if i not in left]
         sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
         targets[p.collection] = Target(p.collection, st.info.space, repaired, sample,
                                        expect_count=_expected_count(p))
@@ -425,6 +428,10 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         finally:
             conn.close()
 
+    if started is None:  # (no finding called for it before the plan): started here, so a
+        from chaosfix.chromadb_probe import start_post_check  # failed verification can kill it
+
+        started = start_post_check(gen, opts.chromadb_python)
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
                                 skip=rep.prune_dirs, prepare=prepare)
@@ -432,9 +439,13 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
 
 def _expected_count(p: CollectionPlan) -> int | None:
     """The count chromadb must report once the repair lands: every SQL row (reconcile
-    never writes one), unless WAL rows stay pending for chromadb to replay."""
+    never writes one), unless WAL rows stay pending for chromadb to replay. Unknown
+    (None) when a max_seq_id is poisoned or missing: the pending rows were counted from
+    it, and the repair rewrites it."""
     st = p.state
     assert st is not None
+    if any(s is None or s.poisoned for s in (st.vector_seq, st.metadata_seq)):
+        return None
     left = st.pending if not p.index_changes else [w for w in st.pending if w.seq_id > st.reflected_seq]
     return None if left else len(st.sql_rows)
 
