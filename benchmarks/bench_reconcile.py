@@ -287,7 +287,8 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
                          + f", lock/backup/swap/commit {other:.2f} s, after-check {t['after_check']:.2f} s, "
                          f"interpreter + imports + JSON ~{wall - t['total_repair'] - t['post_verify']:.2f} s"),
             ("  peak RSS reconcile", f"{rss / MB:.1f} MB = {rss / level0:.2f}x data_level0.bin"),
-            ("  peak RSS chromadb child", f"{crss / MB:.1f} MB = {crss / level0:.2f}x data_level0.bin"),
+            ("  peak RSS chromadb child", f"{crss / MB:.1f} MB = {crss / level0:.2f}x data_level0.bin"
+                                          if label != NO_POST else "none (no post-check)"),
             ("  exit / strategy", f"{r0['rc']} / {p.get('strategy')} (after_consistent "
                                   f"{r0['json'].get('after_consistent')}); added {p.get('add')} {p.get('sources')}"),
             ("  verification", f"zero_diff {v.get('zero_diff')}, queried {v.get('queried')} (misses {v.get('misses')}, "
