@@ -175,7 +175,7 @@ def test_verify_child_is_standalone():
     tree = ast.parse(CHILD.read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert mods <= {"__future__", "json", "os", "resource", "sqlite3", "sys", "time", "numpy", "chromadb"}, mods
+    assert mods <= {"__future__", "ctypes", "json", "os", "resource", "sqlite3", "sys", "time", "numpy", "chromadb"}, mods
 
 
 @pytest.mark.releases
