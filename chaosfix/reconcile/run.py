@@ -299,17 +299,10 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         rep.timings["plan"] = time.perf_counter() - t0
         idle = opts.dry_run or not (any(p.has_work for p in rep.plans) or rep.queue_floor is not None
                                     or rep.prune_dirs or rep.foreign_sql)
-        if idle and rep.journal_rollback and not opts.dry_run:
-            rep.after = check_palace(root, opts.collection)
-    except BaseException:
-        if started is not None:
-            started.close()
-        raise
-    if idle:
-        if started is not None:
-            started.close()
-        return rep
-    try:
+        if idle:
+            if rep.journal_rollback and not opts.dry_run:
+                rep.after = check_palace(root, opts.collection)
+            return rep
         with PalaceLock(root):
             holders = other_holders(root)
             if holders:
