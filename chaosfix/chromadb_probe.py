@@ -45,8 +45,8 @@ from chaosfix.reconcile.verify import UNREACHABLE_RATE
 CHILD = Path(__file__).with_name("_verify_child.py")
 COPY_PREFIX = ".chaosfix-verify-"  # <palace parent>/.<palace name>.chaosfix-verify-XXXX
 MAX_REPAIRED = 20000  # repaired rows whose embedding chromadb returns (a seeded sample above this)
-QUERY_REPAIRED = 500  # of those, self-queried through chromadb (chaosfix's verify asks every one)
-KS = [10, 100, 400, 1600]
+QUERY_REPAIRED = 200  # of those, self-queried through chromadb (chaosfix's verify asks every one)
+KS = [10, 100, 400, 1600, 6400]
 
 
 @dataclass
@@ -111,6 +111,11 @@ def copy_palace(root: Path, built: Mapping[str, Path] | None = None, skip: Colle
     built aside that takes its place in the copy, which is then the palace the swap
     will make; ``skip``: folders the repair moves out of the palace."""
     built = built or {}
+    return _add_built(_copy_unbuilt(root, set(built) | set(skip)), built)
+
+
+def _copy_unbuilt(root: Path, leave: Collection[str]) -> Path:
+    """The copy's SQLite file and every segment folder not in ``leave``."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
     dst = tmp / "palace"
     dst.mkdir()
@@ -118,12 +123,55 @@ def copy_palace(root: Path, built: Mapping[str, Path] | None = None, skip: Colle
         if name == SQLITE_NAME or (root / name).is_file():
             sparse_copy(root / name, dst / name)
     for d in root.iterdir():
-        if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name) and d.name not in skip:
-            copy_tree_sparse(built.get(d.name, d), dst / d.name)
-    for seg, src in built.items():  # a segment whose folder was missing
-        if not (dst / seg).exists():
-            copy_tree_sparse(src, dst / seg)
+        if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name) and d.name not in leave:
+            copy_tree_sparse(d, dst / d.name)
     return dst
+
+
+def _add_built(dst: Path, built: Mapping[str, Path]) -> Path:
+    for seg, src in built.items():  # (also a segment whose folder was missing)
+        copy_tree_sparse(src, dst / seg)
+    return dst
+
+
+class EarlyCopy:
+    """The post-check's copy, begun in a thread before the build: the SQLite file and the
+    folders the repair leaves alone are copied while the build works on one CPU (the
+    backup, the map, the segment copy and hnswlib's load are single-threaded), so after
+    the build only the built folders are left to copy. Start it under the repair's lock:
+    nothing writes the palace until the swap. ``take`` hands the copy over (the caller
+    removes it); ``discard`` removes a copy never taken."""
+
+    def __init__(self, root: Path, rebuilt: Collection[str], skip: Collection[str]) -> None:
+        self._root, self._leave = root, set(rebuilt) | set(skip)
+        self._dst: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._dst = _copy_unbuilt(self._root, self._leave)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by take()
+            self._error = exc
+
+    def take(self, built: Mapping[str, Path]) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._dst is not None
+        dst, self._dst = self._dst, None
+        try:
+            return _add_built(dst, built)
+        except BaseException:
+            shutil.rmtree(dst.parent, ignore_errors=True)
+            raise
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._dst is not None:
+            shutil.rmtree(self._dst.parent, ignore_errors=True)
+            self._dst = None
 
 
 def stale_copies(root: Path) -> list[Path]:
@@ -185,7 +233,7 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
                          seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None,
                          started: StartedChild | None = None, meanwhile: Callable[[], None] | None = None,
                          built: Mapping[str, Path] | None = None, skip: Collection[str] = (),
-                         prepare: Callable[[Path], None] | None = None) -> dict:
+                         prepare: Callable[[Path], None] | None = None, early: EarlyCopy | None = None) -> dict:
     """``{"ok": bool, ...}``: chromadb's judgement of the repaired collections, made on a
     copy; ``{"ok": True, "skipped": why}`` when no chromadb of the palace's generation is
     at hand. ``started``: the child ``start_post_check`` started ahead (closed here).
@@ -194,9 +242,10 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     it returns, so it may still set their ``expect_count`` and ``quirk_rate``; if it
     raises, the child is killed and the copy removed. ``built``/``skip``: see
     ``copy_palace``; ``prepare(db)`` writes the repair's SQL into the copy's database
-    before chromadb opens it."""
+    before chromadb opens it; ``early``: the copy begun before the build (made with the
+    same ``skip``), taken here."""
     run = partial(_verify, palace, targets, palace_gen, python, seed, timeout, progress, started, built, skip,
-                   prepare)
+                   prepare, early)
     if meanwhile is None:
         try:
             res = run()
@@ -241,13 +290,13 @@ def _judged(res: dict, targets: list[Target], python: str | None) -> dict:
 def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None, seed: int,
             timeout: float, progress: ProgressFn | None, started: StartedChild | None,
             built: Mapping[str, Path] | None, skip_dirs: Collection[str], prepare: Callable[[Path], None] | None,
-            ) -> dict:
+            early: EarlyCopy | None = None) -> dict:
     """The child's raw record of what chromadb did (``judge`` turns it into a verdict)."""
     version, skip = plan_post_check(palace_gen, python)
     if skip:
         return {"ok": True, "skipped": skip, "version": version}
     t0 = time.perf_counter()
-    copy = copy_palace(palace, built, skip_dirs)
+    copy = early.take(built or {}) if early is not None else copy_palace(palace, built, skip_dirs)
     t1 = time.perf_counter()
     try:
         if prepare is not None:

@@ -75,6 +75,10 @@ class ChaosfixGroup(click.Group):
     def main(self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:
         args = list(sys.argv[1:] if args is None else args)
         extra.pop("standalone_mode", None)
+        # numpy's OpenBLAS starts a thread per CPU that spins after import (0.1 s of a CPU
+        # per process, this one and every child); chaosfix's matrix work is small and
+        # hnswlib, chromadb and the embedders keep their own threads. A user's setting wins.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         for stream in (sys.stdout, sys.stderr):  # a palace's strings (a pickled id may hold a
             try:  # lone surrogate) are printed escaped, never fail the run
                 stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]

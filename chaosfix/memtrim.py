@@ -10,15 +10,15 @@ before hnswlib loads the 840 MB index. A no-op where libc has no ``malloc_trim``
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.cache
 def _trim():  # noqa: ANN202 - a ctypes function or None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        # the process's own symbols, libc's among them: ctypes.util.find_library would run
+        # ``ldconfig -p`` in a subprocess (0.1 s, in the middle of a repair)
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int

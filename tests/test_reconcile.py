@@ -633,16 +633,19 @@ def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
     sample) against hnswlib's known rate or three times the rate chaosfix's own
     verification measured on the same files: a large random-vector graph's quirks pass
     (a correct 1M-drawer repair was judged unrepaired), an unlinked repair does not."""
-    from chaosfix.chromadb_probe import Target, judge, unreachable_allowed
+    from chaosfix.chromadb_probe import QUERY_REPAIRED, Target, judge, unreachable_allowed
 
-    repaired = {f"r{i}": None for i in range(500)}  # (the judge reads only the ids)
+    repaired = {f"r{i}": None for i in range(5000)}  # (the judge reads only the ids)
     sample = [f"s{i}" for i in range(200)]
 
     def verdict(unreachable: list[str], rate: float) -> dict:
-        rec = {"collections": {"c": {"errors": [], "queried": 700, "unreachable": unreachable, "probe_found": True}}}
+        rec = {"collections": {"c": {"errors": [], "queried": QUERY_REPAIRED + 200, "unreachable": unreachable,
+                                     "probe_found": True}}}
         return judge(rec, {"c": Target("c", "cosine", repaired, sample, quirk_rate=rate)}, None)
 
-    quirks = ["r1", "r2", "r3", "r4", "s1"]
+    assert QUERY_REPAIRED == 200
+    quirks = ["r1", "r2", "r3", "s1"]
+    assert unreachable_allowed(200, 0.0) == 2 and unreachable_allowed(200, 0.004) == 3
     assert unreachable_allowed(500, 0.0) == 2 and unreachable_allowed(500, 0.004) == 6
     assert verdict(quirks, 0.004)["ok"]  # 0.4%: what 1M random vectors measure
     assert not verdict(quirks, 0.0)["ok"]  # a graph that reached everything in verification

@@ -164,3 +164,27 @@ def test_post_check_child_started_ahead_exits_with_a_killed_reconcile(tmp_path, 
         time.sleep(0.2)
     assert _verify_children(marker) == []
     rerun_and_judge(p, rows, old_seg, PalaceSpec(), "--embedder", HASH_EMBEDDER)
+
+
+@pytest.mark.parametrize("point", ["backed-up", "built"])
+def test_a_kill_beside_the_post_checks_early_copy_leaves_a_copy_the_rerun_removes(point, tmp_path, damage_cache):
+    """With the post-check on, its copy of the palace (SQLite and the folders the repair
+    leaves alone) is begun under the lock, before the build; SIGKILLed while it exists,
+    the reconcile leaves the copy beside the palace, and the rerun removes it (never the
+    palace's own files) and repairs."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    rows, old_seg = sql_rows(p), hashes(faults.segment_dir(p))
+    env = child_env() | {"CHAOSFIX_KILL_AT": point}
+    proc = subprocess.Popen([sys.executable, "-m", "chaosfix", "reconcile", str(p), "--json",
+                             "--embedder", HASH_EMBEDDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-500:]
+    copies = [d for d in tmp_path.iterdir() if d.name.startswith(".palace.chaosfix-verify-")]
+    assert len(copies) == 1, sorted(x.name for x in tmp_path.iterdir())
+    code, doc, err = reconcile(p, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["chromadb"]["ok"], err
+    assert any("a copy an interrupted post-check left" in n for n in doc["notes"]), doc["notes"]
+    assert not copies[0].exists() and sql_rows(p) == rows
+    assert old_segment_kept(tmp_path, old_seg)
+    assert_consistent(p)

@@ -95,6 +95,9 @@ class SlotTable:
     deleted: np.ndarray  # bool
     bad: np.ndarray  # bool: neighbour count or neighbour ids out of range
     vector_ok: np.ndarray | None = None  # bool: finite (and unit-norm for cosine); when asked for
+    # uint32 (slots, maxM0): level-0 neighbours, unused entries (and ids out of range) set
+    # to the slot count; when asked for
+    links: np.ndarray | None = None
 
     @property
     def live(self) -> np.ndarray:
@@ -199,18 +202,22 @@ class HnswFiles:
                 if got < want:
                     return  # the file shrank since it was opened
 
-    def slots(self, vectors_of: str | None = None) -> SlotTable:
+    def slots(self, vectors_of: str | None = None, links: bool = False) -> SlotTable:
         """One pass over the slot table. With ``vectors_of`` (the space), also whether each
         stored vector is usable (``SlotTable.vector_ok``), from the same block reads: the
-        reconciler needs it for every live slot and must not read the file twice."""
+        reconciler needs it for every live slot and must not read the file twice. With
+        ``links``, also the level-0 neighbour lists (``SlotTable.links``: 128 bytes a slot
+        at M=16, for the verification's reachability pass)."""
         h, n = self.header, self.readable_slots
         if h is None or n == 0:
             empty = np.zeros(0, dtype=bool)
-            return SlotTable(np.zeros(0, dtype=np.uint64), empty, empty, empty if vectors_of else None)
+            return SlotTable(np.zeros(0, dtype=np.uint64), empty, empty, empty if vectors_of else None,
+                             np.zeros((0, h.max_m0 if h is not None else 0), dtype=np.uint32) if links else None)
         labels = np.empty(n, dtype=np.uint64)
         flags = np.empty(n, dtype=np.uint8)
         bad = np.empty(n, dtype=bool)
         vec_ok = np.empty(n, dtype=bool) if vectors_of else None
+        nbr_out = np.empty((n, h.max_m0), dtype=np.uint32) if links else None
         cols = np.arange(h.max_m0)[None, :]
         done = 0
         for s, rows in self.blocks():
@@ -228,9 +235,14 @@ class HnswFiles:
             flags[s : s + k] = fl
             if vec_ok is not None:
                 vec_ok[s : s + k] = vectors_usable(rows[:, h.offset_data : h.label_offset].view("<f4"), vectors_of)
+            if nbr_out is not None:
+                out = nbr_out[s : s + k]
+                out[:] = nbrs
+                out[(cols >= counts[:, None]) | (out >= n)] = n
             done = s + k
         return SlotTable(labels[:done], (flags[:done] & DELETE_MARK).astype(bool), bad[:done],
-                         vec_ok[:done] if vec_ok is not None else None)
+                         vec_ok[:done] if vec_ok is not None else None,
+                         _sentinel(nbr_out[:done], done) if nbr_out is not None else None)
 
     def vectors(self, slot_idx: np.ndarray) -> np.ndarray:
         """float32 vectors of the given slots (as stored: normalized for cosine)."""
@@ -315,6 +327,13 @@ class HnswFiles:
                     return bad
                 off += 4 * p
         return off, None
+
+
+def _sentinel(links: np.ndarray, n: int) -> np.ndarray:
+    """``links`` with every id >= ``n`` set to ``n`` (the file may have shrunk under the pass)."""
+    if len(links) and int(links.max()) > n:
+        links[links > n] = n
+    return links
 
 
 def _first_bad(w: np.ndarray, found: list[tuple[int, int, int, int]], h: Header) -> tuple[int, str] | None:

@@ -54,7 +54,7 @@ from chaosfix.reconcile.verify import EF_FIRST, EF_MAX, Verification, verify_seg
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
 
 if TYPE_CHECKING:
-    from chaosfix.chromadb_probe import StartedChild
+    from chaosfix.chromadb_probe import EarlyCopy, StartedChild
     from chaosfix.palace.generation import Generation
 
 MARKER = ".chaosfix-txn"
@@ -281,6 +281,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
     _refuse_sql_damage(before, root)
     rep.foreign_sql = _refuse_unsafe(before, root, opts)
     started: StartedChild | None = None  # the post-check's chromadb child, started ahead
+    early: EarlyCopy | None = None  # the post-check's copy, begun before the build
     if (not opts.dry_run and opts.chromadb_check and before.generation is not None
             and any(f.severity != INFO for f in before.findings)):
         from chaosfix.chromadb_probe import start_post_check
@@ -330,7 +331,12 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                 rows_before = schema_guard.RowFingerprint.take(conn)
                 post_check = None
                 if opts.chromadb_check and before.generation is not None:
-                    post_check = partial(_post_check, root, rep, before.generation, opts, progress, started)
+                    if started is not None:  # it will run: its copy begins beside the build
+                        from chaosfix.chromadb_probe import EarlyCopy
+
+                        early = EarlyCopy(root, {p.segment for p in rep.plans if p.index_changes and p.segment},
+                                          rep.prune_dirs)
+                    post_check = partial(_post_check, root, rep, before.generation, opts, progress, started, early)
                 _execute(root, conn, rep, opts, progress, say, rows_before, post_check)
             except BaseException:
                 if conn.in_transaction:
@@ -356,6 +362,8 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
     finally:
         if started is not None:  # used and closed by the post-check, or never used
             started.close()
+        if early is not None:  # taken (and removed) by the post-check, or never taken
+            early.discard()
     return rep
 
 
@@ -377,8 +385,8 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
 
 
 def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: ReconcileOptions,
-                progress: ProgressFn | None, started: StartedChild | None, verify: Callable[[], None],
-                built: dict[str, Path]) -> dict:
+                progress: ProgressFn | None, started: StartedChild | None, early: EarlyCopy | None,
+                verify: Callable[[], None], built: dict[str, Path]) -> dict:
     """chromadb's judgement of the palace the swap will make: a throwaway copy of it (the
     built folders in place of the old ones, the repair's SQL written), made and judged
     by chromadb in its own process while ``verify`` (chaosfix's own verification) runs
@@ -427,7 +435,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         started = start_post_check(gen, opts.chromadb_python)
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
-                                skip=rep.prune_dirs, prepare=prepare)
+                                skip=rep.prune_dirs, prepare=prepare, early=early)
 
 
 def _expected_count(p: CollectionPlan) -> int | None:
@@ -586,7 +594,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
             v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
                                planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
-                               ef_max=EF_MAX, progress=progress, map_digest=p.map_digest)
+                               ef_max=EF_MAX, progress=progress, map_digest=p.map_digest, graph=True)
             v.unrepaired = len(p.unrepaired)
             v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
             rep.verifications[p.collection] = v

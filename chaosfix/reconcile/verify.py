@@ -4,15 +4,19 @@
    total_elements_added >= max label; read back with chaosfix's own reader.
 2. stored vectors: every added/replaced label holds the planned vector.
 3. top-k self-query (k=10) of every repaired row and a seeded sample of the rest, at
-   ``ef`` (``EF`` = 200 by default; the reconciler starts at ``EF_FIRST`` = 40); with
-   ``ef_max`` (the reconciler passes ``EF_MAX``) a miss is re-queried at doubling ef up
-   to ``ef_max`` (``recovered``: search depth, not damage: on 100k random 384-d vectors
-   a healthy chromadb-built graph misses ~25% of self-queries at ef=40, ~1% at ef=200
-   and none at ef=800). A row found at any ef is reachable by search, so starting low
-   proves the same and costs a quarter of the query time (cost grows with ef). A miss
-   left is confirmed by brute force: a graph that cannot reach a vector that is still
-   its own nearest neighbour is hnswlib's known quirk, tolerated up to a small rate (or
-   three times the rate of the untouched sample, this graph's own); anything else fails.
+   ``ef`` (``EF`` = 200 by default; the reconciler starts at ``EF_FIRST`` = 40). A miss
+   is search depth, not damage, when a deeper search finds it (on 100k random 384-d
+   vectors a healthy chromadb-built graph misses ~25% of self-queries at ef=40, ~1% at
+   ef=200 and none at ef=800). For cosine and l2 graphs whose every element reaches the
+   entry point, the level-0 graph itself says which rows a search at a high enough ef
+   returns (``chaosfix.palace.reach``: exact, for every row, no distance computed), so
+   misses are settled by it (``recovered``); otherwise (ip, unnormalized vectors, such
+   a graph) with ``ef_max`` (the reconciler passes ``EF_MAX``) a miss is re-queried at
+   doubling ef up to ``ef_max``. A row found at any ef is reachable by search, so
+   starting low proves the same for a quarter of the query time. A miss left is
+   confirmed by brute force: a graph that cannot reach a vector that is still its own
+   nearest neighbour is hnswlib's known quirk, tolerated up to a small rate (or three
+   times the rate of the untouched sample, this graph's own); anything else fails.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.palace import pickle_reader
 from chaosfix.palace.hnsw import DELETE_MARK, HnswFiles, SlotTable
+from chaosfix.palace.reach import level0_reach
 from chaosfix.palace.state import firsts
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.build import THREADS
@@ -50,7 +55,8 @@ class Verification:
     queried: int = 0
     ef: int = 0  # of the first self-query of every checked row
     misses: int = 0  # not in their own top-k at that ef
-    recovered: int = 0  # misses found again at a higher ef (<= ef_max)
+    recovered: int = 0  # misses found again at a higher ef (<= ef_max), or proven found by the graph
+    by_graph: bool = False  # misses were settled by the level-0 graph's reachability, not deeper searches
     unreachable: int = 0
     wrong_vectors: int = 0
     unrepaired: int = 0  # SQL rows left out of the index (no vector source): zero-diff does not hold
@@ -62,11 +68,13 @@ class Verification:
 
 
 def zero_diff(seg_dir: Path, sql_ids: set[str], v: Verification, map_digest: bytes | None = None,
-              ) -> tuple[HnswFiles, idmap_mod.IdMap, SlotTable] | None:
+              graph_of: str | None = None) -> tuple[HnswFiles, idmap_mod.IdMap, SlotTable] | None:
     """Strict zero-diff from the files as written; returns what it read for the caller to
     reuse. ``map_digest``: the SHA-256 of the map the build wrote. Bytes that match it
     are chaosfix's own pickle and skip the opcode scan (1 s of a CPU at 500k ids, which
-    chromadb's post-check needs meanwhile); bytes that do not fail the verification."""
+    chromadb's post-check needs meanwhile); bytes that do not fail the verification.
+    ``graph_of`` (the space): the slot pass also keeps the level-0 links and whether each
+    stored vector is usable, for the reachability proof."""
     try:
         raw = (seg_dir / idmap_mod.FILENAME).read_bytes()
     except OSError as exc:
@@ -82,7 +90,7 @@ def zero_diff(seg_dir: Path, sql_ids: set[str], v: Verification, map_digest: byt
         if files.header is None:
             v.fail("built header unreadable")
             return None
-        slots = files.slots()
+        slots = files.slots(vectors_of=graph_of, links=graph_of is not None)
         try:
             m = idmap_mod.loads(raw, scanned=scan, bounded=ours)
         except (idmap_mod.UnsafePickle, idmap_mod.UnreadablePickle) as exc:
@@ -124,11 +132,15 @@ def _sorted_labels(m: idmap_mod.IdMap) -> np.ndarray | None:
 def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[str, np.ndarray],
                    sample: int = 1000, seed: int = 0, full: bool = False, k: int = K, ef: int = EF,
                    ef_max: int | None = None, progress: ProgressFn | None = None,
-                   map_digest: bytes | None = None) -> Verification:
+                   map_digest: bytes | None = None, graph: bool = False) -> Verification:
     """Zero-diff, planned vectors in place, and self-query (top-``k`` at ``ef``) of planned +
-    sampled rows; misses re-queried at doubling ef up to ``ef_max`` before brute force."""
+    sampled rows; with ``graph`` misses settled by the level-0 graph where it can prove
+    it, else re-queried at doubling ef up to ``ef_max``; then brute force."""
     v = Verification()
-    got = zero_diff(seg_dir, sql_ids, v, map_digest)
+    # cosine (unit vectors) and l2: no other vector is closer to a row than itself, so a
+    # search that reaches a row returns it in its top k (ip promises no such thing)
+    graph = graph and space in ("cosine", "l2")
+    got = zero_diff(seg_dir, sql_ids, v, map_digest, space if graph else None)
     del sql_ids  # the caller passes a temporary: its memory goes to the index below
     if got is None or not v.ok:
         return v
@@ -146,7 +158,16 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     if not check_ids:
         return v
     labels = np.fromiter((m.id_to_label[i] for i in check_ids), dtype=np.uint64, count=len(check_ids))
-    stored = files.vectors(live_idx[by_label[np.searchsorted(live_labels, labels, sorter=by_label)]])
+    check_slots = live_idx[by_label[np.searchsorted(live_labels, labels, sorter=by_label)]]
+    stored = files.vectors(check_slots)
+    # before the index loads (its links are 128 bytes a slot at M=16): which slots a deep
+    # enough search reaches, when every live vector is usable and every slot reaches the entry
+    reached = None
+    if slots.links is not None and slots.vector_ok is not None and bool(slots.vector_ok[live_idx].all()):
+        assert files.header is not None
+        r = level0_reach(slots.links, files.header.enterpoint_node)
+        reached = r.from_entry[check_slots] if r.proves else None
+    slots.links = None
     n_planned = sum(1 for i in check_ids if i in planned)  # planned ids come first
     if n_planned:
         want = np.stack([planned[i] for i in check_ids[:n_planned]]).astype(np.float64)
@@ -178,7 +199,12 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     v.queried = len(check_ids)
     miss_rows = np.flatnonzero(~(found == labels[:, None]).any(axis=1))
     v.misses = len(miss_rows)
-    while len(miss_rows) and ef_max is not None and cur < ef_max:
+    v.by_graph = reached is not None
+    if reached is not None:
+        # a search at ef >= the element count finds exactly the reached rows; the rest no
+        # search can find, however deep: the brute force below judges them
+        miss_rows = miss_rows[~reached[miss_rows]]
+    while len(miss_rows) and ef_max is not None and cur < ef_max and not v.by_graph:
         cur = min(2 * cur, ef_max)
         index.set_ef(cur)
         found, _ = index.knn_query(stored[miss_rows], k=k, num_threads=THREADS)
