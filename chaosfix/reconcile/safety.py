@@ -4,7 +4,6 @@ atomic directory swap."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -143,6 +142,16 @@ def _reflink(src: Path, dst: Path) -> bool:
         return False
 
 
+def reflink(src: Path, dst: Path) -> bool:
+    """``src`` cloned into a new ``dst`` with its times, or False and no ``dst``."""
+    if _reflink(src, dst):
+        st = src.stat()
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return True
+    dst.unlink(missing_ok=True)
+    return False
+
+
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy a file leaving holes for all-zero chunks, so a 10^6x sparse-bloated
     link_lists.bin costs no disk in the copy either (a reflink where possible)."""
@@ -184,11 +193,9 @@ def exchange(a: Path, b: Path) -> bool:
 
     Returns False where the kernel or libc cannot, so the caller falls back to two renames.
     """
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    # the process's own symbols, libc's among them (ctypes.util.find_library would run
+    # ``ldconfig -p`` in a subprocess at the swap)
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if fn is None:
         return False
     at_fdcwd = -100
