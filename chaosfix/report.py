@@ -128,6 +128,8 @@ def render_chromadb_check(res: dict) -> list[str]:
     head = f"chromadb {res.get('version') or '?'} post-check: " + ("ok" if res.get("ok") else "FAILED")
     out = [head + (f": {cut(res['error'], 200)}" if res.get("error") else "")  # never the child's traceback
            + (" (on a copy)" if res.get("on") else "")]
+    from chaosfix.chromadb_probe import KS  # (imported here: check's report never needs it)
+
     for name, c in (res.get("collections") or {}).items():
         parts = [f"count {c['count']}" if "count" in c else "not opened"]
         if "repaired" in c:
@@ -135,7 +137,7 @@ def render_chromadb_check(res: dict) -> list[str]:
                          f"{c['repaired']} repaired rows with their planned vector")
         if "queried" in c:
             parts.append(f"{c['queried']} self-queried, "
-                         f"{c.get('misses_at_k10', 0)} missed at k=10, {len(c.get('unreachable', []))} at k<=1600")
+                         f"{c.get('misses_at_k10', 0)} missed at k=10, {len(c.get('unreachable', []))} at k<={KS[-1]}")
         if c.get("filtered_queried"):
             parts.append(f"{len(c.get('filtered_misses', []))} of {c['filtered_queried']} filtered queries missed")
         if "probe_found" in c:

@@ -198,7 +198,7 @@ def test_chromadb_post_check_reads_as_lines(monkeypatch: pytest.MonkeyPatch) -> 
     lines = render_chromadb_check(res)
     assert lines[0] == "chromadb 1.5.9 post-check: FAILED (on a copy)"
     assert lines[1] == ("  drawers: count 450, 19 of 20 repaired rows with their planned vector, 220 self-queried, "
-                        "3 missed at k=10, 0 at k<=1600, 0 of 20 filtered queries missed, probe write found")
+                        "3 missed at k=10, 0 at k<=6400, 0 of 20 filtered queries missed, probe write found")
     assert lines[2].strip() == "error: drawers: 1 rows without an embedding"
     assert not any("{" in line for line in lines)
     broken = render_chromadb_check({"version": "1.5.9", "ok": False, "errors": ["drawers: InternalError: Error finding id"],

@@ -21,7 +21,7 @@ from chaosfix.check import check_palace
 from chaosfix.palace.hnsw import HnswFiles
 from chaosfix.palace.reach import MAX_ROUNDS, level0_reach
 from chaosfix.reconcile.verify import EF_MAX, verify_segment
-from chaosfix.workload import fresh_palace
+from chaosfix.workload import PalaceSpec, fresh_palace
 
 N, DIM = 3000, 32
 
@@ -128,6 +128,22 @@ def test_a_chain_too_deep_for_the_rounds_proves_nothing_and_stays_fast():
     assert not r.proves and r.from_entry.sum() == MAX_ROUNDS + 1
 
 
+def test_a_graph_deep_only_backwards_is_given_up_within_its_budget():
+    """Shallow forwards (a 31-ary tree from the entry point) but a chain backwards (each
+    element's only way back is its predecessor): the backward pass stops after reading
+    the link table MAX_BACKWARD_READS times, and proves nothing."""
+    n = 300_000
+    links = np.full((n, 32), n, dtype=np.uint32)
+    parents = np.arange(n)
+    for c in range(31):
+        child = parents * 31 + 1 + c
+        ok = child < n
+        links[parents[ok], c] = child[ok]
+    links[1:, 31] = np.arange(0, n - 1)
+    r = level0_reach(links, 0)  # (a pass per chain step would be 300k passes: hours)
+    assert r.from_entry.all() and not r.proves
+
+
 @pytest.mark.parametrize("cut", [2, 3])
 def test_verification_with_and_without_the_graph_agree(tmp_path, cut):
     """On a real palace whose graph lost every link into ``cut`` rows, verified as the
@@ -149,6 +165,43 @@ def test_verification_with_and_without_the_graph_agree(tmp_path, cut):
     assert by_graph.unreachable == by_search.unreachable == cut
     assert by_graph.ok == by_search.ok == (cut <= 2), (by_graph.problems, by_search.problems)
     assert by_graph.problems == by_search.problems
+
+
+def _only_far_in_links(folder: Path, victims: np.ndarray, seed: int = 0) -> None:
+    """Give each victim (its in-links cut) one in-link from a random other element: it
+    stays reachable, but no search near its own vector goes that way."""
+    files = HnswFiles.open(folder)
+    h = files.header
+    mm = np.memmap(folder / "data_level0.bin", dtype=np.uint8, mode="r+",
+                   shape=(h.cur_element_count, h.size_data_per_element))
+    counts = mm[:, 0:2].copy().view("<u2").ravel()
+    free = np.setdiff1d(np.flatnonzero(counts < h.max_m0), victims)  # a slot to spare: no link is lost
+    hosts = np.random.default_rng(seed).choice(free, size=len(victims), replace=False)
+    for x, y in zip(victims.tolist(), hosts.tolist()):
+        count = int(counts[y])
+        mm[y, 4 : 4 + 4 * h.max_m0].view("<u4")[count] = x
+        mm[y, 0:2] = np.frombuffer(np.uint16(count + 1).tobytes(), dtype=np.uint8)
+    mm.flush()
+
+
+def test_a_connected_graph_that_search_cannot_use_fails_the_verification(tmp_path):
+    """Reachability alone is not enough: 150 repaired rows reachable only through one
+    link from a random element are all reachable, yet a self-query near them never finds
+    them, so they miss at ef 40 far more often than the untouched rows and the
+    verification fails."""
+    p = fresh_palace(tmp_path / "palace", PalaceSpec(drawers=2000, sync_threshold=100, batch_size=100))
+    seg = faults.segment_dir(p)
+    st = check_palace(p).states[0]
+    victims = _level0_only(seg)[::10][:150]
+    files = HnswFiles.open(seg)
+    labels = files.slots().labels[victims]
+    planned = dict(zip((st.idmap.label_to_id[int(lab)] for lab in labels), files.vectors(victims)))
+    _cut_in_links(seg, victims)
+    _only_far_in_links(seg, victims)
+    assert _reach(seg).proves and _reach(seg).from_entry.all()
+    v = verify_segment(seg, "cosine", set(st.sql_rows), planned, sample=1000, ef=40, ef_max=EF_MAX, graph=True)
+    assert v.by_graph and v.unreachable == 0
+    assert not v.ok and "far more often than untouched" in v.problems[0], v
 
 
 def test_the_graph_is_not_used_when_a_stored_vector_is_not_a_unit_vector(tmp_path):

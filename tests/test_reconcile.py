@@ -652,6 +652,23 @@ def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
     assert not verdict([f"r{i}" for i in range(300)], 0.004)["ok"]  # repaired rows left unlinked
     assert not verdict([f"s{i}" for i in range(50)], 0.004)["ok"]  # the repair broke old rows
 
+    # a verification that settled its misses by the graph measures the graph's depth only
+    # when chromadb misses more than the known rate allows, and at most once
+    asked = []
+
+    def depth() -> float:
+        asked.append(1)
+        return 0.004
+
+    def verdict_by_graph(unreachable: list[str]) -> dict:
+        rec = {"collections": {"c": {"errors": [], "queried": QUERY_REPAIRED + 200, "unreachable": unreachable,
+                                     "probe_found": True}}}
+        return judge(rec, {"c": Target("c", "cosine", repaired, sample, depth=depth)}, None)
+
+    assert verdict_by_graph(["r1", "s1"])["ok"] and not asked  # within max(2, 0.5%): never measured
+    assert verdict_by_graph(quirks)["ok"] and asked == [1]  # measured once, for both groups
+    assert not verdict_by_graph([f"r{i}" for i in range(300)])["ok"]
+
 
 def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):
     """The post-check's copy is the palace the swap would make: a built folder takes its

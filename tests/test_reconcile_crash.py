@@ -188,3 +188,23 @@ def test_a_kill_beside_the_post_checks_early_copy_leaves_a_copy_the_rerun_remove
     assert not copies[0].exists() and sql_rows(p) == rows
     assert old_segment_kept(tmp_path, old_seg)
     assert_consistent(p)
+
+
+def test_a_kill_while_the_build_holds_a_hard_link_leaves_one_name_of_the_palaces_file(tmp_path, damage_cache):
+    """An incremental build loads data_level0.bin through a hard link to the palace's own
+    file while a copy replaces it. SIGKILLed at that moment, the build folder holds a
+    second name of the live file; the rerun drops it before moving the leftover aside,
+    so afterwards exactly one name remains (the old segment in the backup): nothing can
+    write the palace's bytes through a leftover."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    seg = faults.segment_dir(p)
+    ino = (seg / "data_level0.bin").stat().st_ino
+    proc = spawn_reconcile(p, "--embedder", HASH_EMBEDDER, kill_at="linked")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-500:]
+    assert (p / f".chaosfix-build-{seg.name}" / "data_level0.bin").stat().st_ino == ino  # the link, left
+    code, doc, err = reconcile(p, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 1, err
+    names = [f for f in tmp_path.rglob("data_level0.bin") if f.stat().st_ino == ino]
+    assert len(names) == 1 and ".chaosfix-backup-" in str(names[0]), names
+    assert_consistent(p)

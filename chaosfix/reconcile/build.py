@@ -20,7 +20,7 @@ from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
-from chaosfix.reconcile.safety import fsync_tree, reflink, sparse_copy
+from chaosfix.reconcile.safety import fsync_tree, killpoint, reflink, sparse_copy
 
 BATCH = 20000
 # hnswlib threads for inserts and queries: every CPU this process may run on (hnswlib's
@@ -134,11 +134,12 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
         for f in st.seg_dir.iterdir():  # all but the old map, the big file last
             if f.is_file() and f.name not in (LEVEL0, idmap_mod.FILENAME):
                 sparse_copy(f, out_dir / f.name)
-        level0 = _Level0Copy(st.seg_dir / LEVEL0, out_dir)
         st.drop_index_facts()  # the old map and slot table are done with: free them for the index
         release_freed_memory()
+        level0 = _Level0Copy(st.seg_dir / LEVEL0, out_dir)
         try:
             index.load_index(str(out_dir), is_persistent_index=True, max_elements=plan.max_elements)
+            killpoint("linked")
             level0.settle(index)
         finally:
             level0.abandon()

@@ -3,6 +3,9 @@
 Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT):
   locked        flock + no other process holds palace files + BEGIN EXCLUSIVE
   backed-up     sqlite backup API copy (only when SQL changes)
+  linked        an incremental build's data_level0.bin is still a hard link to the
+                palace's own (hnswlib has loaded it; the copy that replaces the link
+                before any write is on its way)
   built         new segment folders built aside (their fsync runs on in the background)
   verified      zero-diff + self-query on every built folder, chromadb's post-check of
                 the palace to be (on a copy), the built folders fsynced
@@ -129,7 +132,8 @@ class ReconcileReport:
             "plans": [p.to_json() for p in self.plans],
             "queue_floor": self.queue_floor,
             "journal_rollback": self.journal_rollback,
-            "verification": {k: vars(v) for k, v in self.verifications.items()},
+            "verification": {k: {a: b for a, b in vars(v).items() if a != "depth"}
+                             for k, v in self.verifications.items()},
             "backup": self.backup,
             "after_consistent": self.after.consistent if self.after else None,
             "chromadb": self.chromadb,
@@ -204,6 +208,8 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
             os.rename(d, root / seg)  # two-rename fallback interrupted between its renames
             notes.append(f"restored segment {seg} from an interrupted swap")
         else:
+            if prefix == BUILD_PREFIX:
+                _drop_links_to_live(d, root / seg)
             if stash is None:
                 stash = _new_dir(root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
             os.rename(d, stash / d.name)
@@ -218,6 +224,19 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
         marker.unlink()
         notes.append("rolled back an interrupted chaosfix transaction")
     fsync_path(root)
+
+
+def _drop_links_to_live(build: Path, live: Path) -> None:
+    """A build killed between its hard link and the copy replacing it (linked)
+    holds a second name of the live segment's file: drop that name (the palace keeps the
+    file), so nothing can ever write the palace through the leftover or its backup."""
+    for f in build.iterdir():
+        try:
+            a, b = f.stat(follow_symlinks=False), (live / f.name).stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            f.unlink()
 
 
 def _new_dir(base: Path) -> Path:
@@ -415,6 +434,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         for name, t in targets.items():
             v = rep.verifications.get(name)
             t.quirk_rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
+            t.depth = v.depth if v is not None else None  # (graph proof) asked only if chromadb misses
 
     def prepare(db: Path) -> None:
         conn = sqlite3.connect(str(db), isolation_level=None)

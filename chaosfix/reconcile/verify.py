@@ -9,10 +9,15 @@
    vectors a healthy chromadb-built graph misses ~25% of self-queries at ef=40, ~1% at
    ef=200 and none at ef=800). For cosine and l2 graphs whose every element reaches the
    entry point, the level-0 graph itself says which rows a search at a high enough ef
-   returns (``chaosfix.palace.reach``: exact, for every row, no distance computed), so
-   misses are settled by it (``recovered``); otherwise (ip, unnormalized vectors, such
-   a graph) with ``ef_max`` (the reconciler passes ``EF_MAX``) a miss is re-queried at
-   doubling ef up to ``ef_max``. A row found at any ef is reachable by search, so
+   returns (``chaosfix.palace.reach``: for every row, no distance computed), so misses
+   are settled by it (``recovered``). Reachability alone would pass a graph that is
+   connected but useless to search, so the repaired rows may not miss at the first ef
+   markedly more often than the untouched sample; how deep this graph's own rows sit
+   (the share of the sample no search up to ``ef_max`` finds) is measured only when
+   chromadb's post-check misses more than hnswlib's known rate allows
+   (``Verification.depth``). Otherwise (ip, unnormalized vectors,
+   a graph that proves nothing) with ``ef_max`` (the reconciler passes ``EF_MAX``) a
+   miss is re-queried at doubling ef up to ``ef_max``. A row found at any ef is reachable by search, so
    starting low proves the same for a quarter of the query time. A miss left is
    confirmed by brute force: a graph that cannot reach a vector that is still its own
    nearest neighbour is hnswlib's known quirk, tolerated up to a small rate (or three
@@ -25,7 +30,9 @@ import hashlib
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +52,7 @@ EF_FIRST = 40  # the reconciler's first self-query: misses are re-asked at doubl
 EF_MAX = 1600
 UNREACHABLE_RATE = 0.005
 QUERY_BATCH = 2000  # self-queries per hnswlib call: one progress step
+MISS_FLOOR = 10  # repaired rows' misses at the first ef below which no rate is compared
 
 
 @dataclass
@@ -57,6 +65,9 @@ class Verification:
     misses: int = 0  # not in their own top-k at that ef
     recovered: int = 0  # misses found again at a higher ef (<= ef_max), or proven found by the graph
     by_graph: bool = False  # misses were settled by the level-0 graph's reachability, not deeper searches
+    # by_graph: measures, when called, the share of the untouched sample that no search up
+    # to ef_max finds (this graph's depth); not part of the report
+    depth: Callable[[], float] | None = field(default=None, repr=False)
     unreachable: int = 0
     wrong_vectors: int = 0
     unrepaired: int = 0  # SQL rows left out of the index (no vector source): zero-diff does not hold
@@ -91,6 +102,11 @@ def zero_diff(seg_dir: Path, sql_ids: set[str], v: Verification, map_digest: byt
             v.fail("built header unreadable")
             return None
         slots = files.slots(vectors_of=graph_of, links=graph_of is not None)
+        if graph_of is not None:  # the search's way down to level 0 must be sound too
+            problem = files.link_walk()[1]
+            if problem:
+                v.fail(f"built link_lists.bin: {problem}")
+                return None
         try:
             m = idmap_mod.loads(raw, scanned=scan, bounded=ours)
         except (idmap_mod.UnsafePickle, idmap_mod.UnreadablePickle) as exc:
@@ -138,7 +154,8 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     it, else re-queried at doubling ef up to ``ef_max``; then brute force."""
     v = Verification()
     # cosine (unit vectors) and l2: no other vector is closer to a row than itself, so a
-    # search that reaches a row returns it in its top k (ip promises no such thing)
+    # search that reaches a row returns it in its top k (but for k exact duplicates of it,
+    # which are as good an answer); ip promises no such thing
     graph = graph and space in ("cosine", "l2")
     got = zero_diff(seg_dir, sql_ids, v, map_digest, space if graph else None)
     del sql_ids  # the caller passes a temporary: its memory goes to the index below
@@ -200,11 +217,26 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     miss_rows = np.flatnonzero(~(found == labels[:, None]).any(axis=1))
     v.misses = len(miss_rows)
     v.by_graph = reached is not None
+    n_rest = len(check_ids) - n_planned
+
     if reached is not None:
-        # a search at ef >= the element count finds exactly the reached rows; the rest no
-        # search can find, however deep: the brute force below judges them
+        # how deep this graph's own rows sit, measured only if chromadb's post-check asks
+        # (its misses beyond the known rate): the untouched sample's misses climb the ladder
+        deep = miss_rows[miss_rows >= n_planned]
+        if n_rest:
+            v.depth = partial(_deep_rate, seg_dir, space, stored[deep], labels[deep], n_rest, k, cur, ef_max)
+        # the repaired rows may not be found markedly less often than the untouched ones
+        # (a graph that is connected but useless to search would pass reachability alone)
+        if n_planned and n_rest:
+            p_miss = int((miss_rows < n_planned).sum())
+            p_rate, s_rate = p_miss / n_planned, float((miss_rows >= n_planned).sum()) / n_rest
+            if p_miss > max(MISS_FLOOR, (3 * s_rate + 0.02) * n_planned):
+                v.fail(f"repaired rows miss their self-query at ef {v.ef} far more often than untouched "
+                       f"ones ({p_rate:.1%} against {s_rate:.1%})")
+        # a search at ef >= the element count finds every reached row; the rest the brute
+        # force below judges
         miss_rows = miss_rows[~reached[miss_rows]]
-    while len(miss_rows) and ef_max is not None and cur < ef_max and not v.by_graph:
+    while len(miss_rows) and ef_max is not None and cur < ef_max and reached is None:
         cur = min(2 * cur, ef_max)
         index.set_ef(cur)
         found, _ = index.knn_query(stored[miss_rows], k=k, num_threads=THREADS)
@@ -223,11 +255,34 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
                 v.fail(f"self-query of {check_ids[j]} fails even by brute force")
         # the untouched sample is this graph's own quirk rate (a large random-vector graph
         # has more: 0.4% at 1M drawers); the repaired rows may not do markedly worse
-        n_rest = len(check_ids) - n_planned
         base = quirks_in_rest / n_rest if n_rest else 0.0
         if v.unreachable > max(2, UNREACHABLE_RATE * len(check_ids), math.ceil(3 * base * len(check_ids))):
             v.fail(f"{v.unreachable} of {len(check_ids)} vectors unreachable from themselves")
     return v
+
+
+def _deep_rate(seg_dir: Path, space: str, vecs: np.ndarray, labels: np.ndarray, n_rest: int, k: int, ef: int,
+               ef_max: int | None) -> float:
+    """The share of ``n_rest`` sampled rows that self-queries up to ``ef_max`` miss: those
+    that missed at ``ef`` (``vecs``, ``labels``) asked again at doubling ef."""
+    import hnswlib
+
+    if not len(vecs) or ef_max is None:
+        return len(vecs) / n_rest
+    h = HnswFiles.open(seg_dir).header
+    assert h is not None
+    index = hnswlib.Index(space=space, dim=h.dim)
+    index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
+    try:
+        while len(vecs) and ef < ef_max:
+            ef = min(2 * ef, ef_max)
+            index.set_ef(ef)
+            got, _ = index.knn_query(vecs, k=k, num_threads=THREADS)
+            keep = ~(got == labels[:, None]).any(axis=1)
+            vecs, labels = vecs[keep], labels[keep]
+    finally:
+        index.close_file_handles()
+    return len(vecs) / n_rest
 
 
 def _closer_than_self(files: HnswFiles, space: str, q: np.ndarray) -> np.ndarray:
