@@ -15,9 +15,9 @@
    markedly more often than the untouched sample; how deep this graph's own rows sit
    (the share of the sample no search up to ``ef_max`` finds) is measured only when
    chromadb's post-check misses more than hnswlib's known rate allows
-   (``Verification.depth``). Otherwise (ip, unnormalized vectors,
-   a graph that proves nothing) with ``ef_max`` (the reconciler passes ``EF_MAX``) a
-   miss is re-queried at doubling ef up to ``ef_max``. A row found at any ef is reachable by search, so
+   (``Verification.depth``). Otherwise (ip, unnormalized vectors, a graph that proves
+   nothing) with ``ef_max`` (the reconciler passes ``EF_MAX``) a miss is re-queried at
+   doubling ef up to ``ef_max``. A row found at any ef is reachable by search, so
    starting low proves the same for a quarter of the query time. A miss left is
    confirmed by brute force: a graph that cannot reach a vector that is still its own
    nearest neighbour is hnswlib's known quirk, tolerated up to a small rate (or three
