@@ -276,11 +276,13 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
         v, p = r0["ver"], r0["plan"]
         post = t["chromadb_check"] == t["chromadb_check"]  # (NaN: no post-check)
         other = t["total_repair"] - t["plan"] - t["build"] - (t["chromadb_check"] if post else t["verify"])
+        ran = f_wall == f_wall  # (NaN: --no-field)
         rows += [
-            (f"[{label}] wall", f"{wall:.2f} s -> {f_wall / wall:.1f}x the field" + (
-                f" (without the chromadb post-check: {no_cr:.2f} s, {f_wall / no_cr:.1f}x)" if label == "default"
-                else "")),
-            ("  cpu (user+sys)", f"{cpu:.2f} s with the chromadb child -> {f_cpu / cpu:.1f}x less than the field"),
+            (f"[{label}] wall", f"{wall:.2f} s" + (f" -> {f_wall / wall:.1f}x the field" if ran else "") + (
+                f" (without the chromadb post-check: {no_cr:.2f} s" + (f", {f_wall / no_cr:.1f}x" if ran else "") + ")"
+                if label == "default" else "")),
+            ("  cpu (user+sys)", f"{cpu:.2f} s with the chromadb child"
+                                 + (f" -> {f_cpu / cpu:.1f}x less than the field" if ran else "")),
             ("  stages", f"plan {t['plan']:.2f} s (check + plan), build {t['build']:.2f} s, "
                          f"verify {t['verify']:.2f} s"
                          + (f" (beside the chromadb post-check: both done in {t['chromadb_check']:.2f} s)" if post else "")
