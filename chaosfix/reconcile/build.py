@@ -20,7 +20,7 @@ from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
-from chaosfix.reconcile.safety import fsync_tree, killpoint, reflink, sparse_copy
+from chaosfix.reconcile.safety import copy_tree_sparse, fsync_tree, killpoint, reflink, sparse_copy
 
 BATCH = 20000
 # hnswlib threads for inserts and queries: every CPU this process may run on (hnswlib's
@@ -130,10 +130,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     flushing: threading.Thread | None = None
     if plan.strategy == "incremental":
         assert st.seg_dir is not None
-        out_dir.mkdir(parents=True, exist_ok=False)
-        for f in st.seg_dir.iterdir():  # all but the old map, the big file last
-            if f.is_file() and f.name not in (LEVEL0, idmap_mod.FILENAME):
-                sparse_copy(f, out_dir / f.name)
+        copy_tree_sparse(st.seg_dir, out_dir, skip=(LEVEL0, idmap_mod.FILENAME))  # (the big file below)
         st.drop_index_facts()  # the old map and slot table are done with: free them for the index
         release_freed_memory()
         level0 = _Level0Copy(st.seg_dir / LEVEL0, out_dir)

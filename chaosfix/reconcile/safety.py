@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
 from chaosfix.errors import OperationalError
@@ -157,8 +158,7 @@ def sparse_copy(src: Path, dst: Path) -> None:
     link_lists.bin costs no disk in the copy either (a reflink where possible)."""
     st = src.stat()
     size = st.st_size
-    if _reflink(src, dst):
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if reflink(src, dst):
         return
     if getattr(st, "st_blocks", 0) * 512 >= size:  # not sparse: let the kernel copy it
         shutil.copyfile(src, dst)
@@ -178,10 +178,10 @@ def sparse_copy(src: Path, dst: Path) -> None:
     os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
 
 
-def copy_tree_sparse(src: Path, dst: Path) -> None:
+def copy_tree_sparse(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
     dst.mkdir(parents=True, exist_ok=False)
     for f in src.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name not in skip:
             sparse_copy(f, dst / f.name)
 
 

@@ -236,11 +236,8 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
         # a search at ef >= the element count finds every reached row; the rest the brute
         # force below judges
         miss_rows = miss_rows[~reached[miss_rows]]
-    while len(miss_rows) and ef_max is not None and cur < ef_max and reached is None:
-        cur = min(2 * cur, ef_max)
-        index.set_ef(cur)
-        found, _ = index.knn_query(stored[miss_rows], k=k, num_threads=THREADS)
-        miss_rows = miss_rows[~(found == labels[miss_rows, None]).any(axis=1)]
+    else:
+        miss_rows = miss_rows[_still_missed(index, stored[miss_rows], labels[miss_rows], k, cur, ef_max)]
     v.recovered = v.misses - len(miss_rows)
     index.close_file_handles()
     del index  # the brute force below must not hold a second copy of the index
@@ -274,15 +271,24 @@ def _deep_rate(seg_dir: Path, space: str, vecs: np.ndarray, labels: np.ndarray, 
     index = hnswlib.Index(space=space, dim=h.dim)
     index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
     try:
-        while len(vecs) and ef < ef_max:
-            ef = min(2 * ef, ef_max)
-            index.set_ef(ef)
-            got, _ = index.knn_query(vecs, k=k, num_threads=THREADS)
-            keep = ~(got == labels[:, None]).any(axis=1)
-            vecs, labels = vecs[keep], labels[keep]
+        return int(_still_missed(index, vecs, labels, k, ef, ef_max).sum()) / n_rest
     finally:
         index.close_file_handles()
-    return len(vecs) / n_rest
+
+
+def _still_missed(index: object, vecs: np.ndarray, labels: np.ndarray, k: int, ef: int,
+                  ef_max: int | None) -> np.ndarray:
+    """Bool per row: its self-query (missed at ``ef``) still misses when asked again at
+    doubling ef up to ``ef_max``."""
+    left = np.arange(len(vecs))
+    while len(left) and ef_max is not None and ef < ef_max:
+        ef = min(2 * ef, ef_max)
+        index.set_ef(ef)  # type: ignore[attr-defined]
+        got, _ = index.knn_query(vecs[left], k=k, num_threads=THREADS)  # type: ignore[attr-defined]
+        left = left[~(got == labels[left, None]).any(axis=1)]
+    out = np.zeros(len(vecs), dtype=bool)
+    out[left] = True
+    return out
 
 
 def _closer_than_self(files: HnswFiles, space: str, q: np.ndarray) -> np.ndarray:
