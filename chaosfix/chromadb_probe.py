@@ -39,7 +39,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
 from chaosfix.progress import ProgressFn
-from chaosfix.reconcile.safety import copy_tree_sparse, sparse_copy
+from chaosfix.reconcile.safety import Background, copy_tree_sparse, sparse_copy
 from chaosfix.reconcile.verify import UNREACHABLE_RATE
 
 CHILD = Path(__file__).with_name("_verify_child.py")
@@ -154,25 +154,13 @@ class EarlyCopy:
     removes it); ``discard`` removes a copy never taken."""
 
     def __init__(self, root: Path, rebuilt: Collection[str], skip: Collection[str]) -> None:
-        self._root, self._leave = root, set(rebuilt) | set(skip)
         self._stop = threading.Event()
-        self._dst: Path | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._dst = _copy_unbuilt(self._root, self._leave, self._stop)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by take()
-            self._error = exc
+        self._copy = Background(_copy_unbuilt, root, set(rebuilt) | set(skip), self._stop)
+        self._taken = False
 
     def take(self, built: Mapping[str, Path]) -> Path:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._dst is not None
-        dst, self._dst = self._dst, None
+        self._taken = True
+        dst = self._copy.wait()  # (a failed copy removed itself)
         try:
             return _add_built(dst, built)
         except BaseException:
@@ -181,10 +169,12 @@ class EarlyCopy:
 
     def discard(self) -> None:
         self._stop.set()
-        self._thread.join()
-        if self._dst is not None:
-            shutil.rmtree(self._dst.parent, ignore_errors=True)
-            self._dst = None
+        try:
+            dst = self._copy.wait()
+        except BaseException:  # noqa: BLE001 - a failed copy removed itself
+            return
+        if not self._taken:
+            shutil.rmtree(dst.parent, ignore_errors=True)
 
 
 def stale_copies(root: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
-from chaosfix.reconcile.safety import copy_tree_sparse, fsync_tree, killpoint, reflink, sparse_copy
+from chaosfix.reconcile.safety import Background, copy_tree_sparse, fsync_tree, killpoint, reflink, sparse_copy
 
 BATCH = 20000
 # hnswlib threads for inserts and queries: every CPU this process may run on (hnswlib's
@@ -69,8 +69,7 @@ class _Level0Copy:
     def __init__(self, src: Path, out_dir: Path) -> None:
         self.dst = out_dir / LEVEL0
         self.tmp = out_dir / f".{LEVEL0}.copy"
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.copying: Background | None = None
         if reflink(src, self.dst):
             return
         try:
@@ -78,32 +77,28 @@ class _Level0Copy:
         except OSError:
             sparse_copy(src, self.dst)
             return
-        self.thread = threading.Thread(target=self._copy, args=(src,), daemon=True)
-        self.thread.start()
-
-    def _copy(self, src: Path) -> None:
-        try:
-            sparse_copy(src, self.tmp)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by settle()
-            self.error = exc
+        self.copying = Background(sparse_copy, src, self.tmp)
 
     def settle(self, index: object) -> None:
         """Replace the link by the copy (``index``: loaded from the folder, its write
         handles reopened on the copy)."""
-        if self.thread is None:
+        if self.copying is None:
             return
         index.close_file_handles()  # type: ignore[attr-defined]
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        self.copying.wait()
         os.replace(self.tmp, self.dst)
         if self.dst.stat().st_nlink != 1:
             raise OSError(f"{self.dst} is still linked after its copy")
         index.open_file_handles()  # type: ignore[attr-defined]
 
     def abandon(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
+        """Let the copy end before the caller removes the folder (its error, if any, is
+        settle's to raise, or beside the one already raised)."""
+        if self.copying is not None:
+            try:
+                self.copying.wait()
+            except BaseException:  # noqa: BLE001,S110 - see above
+                pass
 
 
 def _early_flush(folder: Path) -> None:

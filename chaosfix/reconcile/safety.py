@@ -10,8 +10,9 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 from chaosfix.errors import OperationalError
 from chaosfix.safe_fs import open_nofollow
@@ -105,29 +106,43 @@ def fsync_tree(folder: Path) -> None:
     fsync_path(folder)
 
 
-class Syncing:
+class Background:
+    """``fn(*args)`` in a daemon thread; ``wait`` joins it, then returns its result or
+    re-raises its error in the caller's thread."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self._error = exc
+
+    def wait(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _fsync_folders(folders: list[Path]) -> None:
+    for d in folders:
+        fsync_tree(d)
+    for parent in dict.fromkeys(d.parent for d in folders):
+        fsync_path(parent)
+
+
+class Syncing(Background):
     """fsync of folders in a background thread (``fsync_tree`` each, then their parents):
     a built segment must be on disk before the swap, not before it is verified, so the
     verification reads it while the kernel writes it out. ``wait`` re-raises its error."""
 
     def __init__(self, folders: list[Path]) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(folders,), daemon=True)
-        self._thread.start()
-
-    def _run(self, folders: list[Path]) -> None:
-        try:
-            for d in folders:
-                fsync_tree(d)
-            for parent in dict.fromkeys(d.parent for d in folders):
-                fsync_path(parent)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
-            self._error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        super().__init__(_fsync_folders, folders)
 
 
 FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, xfs)
