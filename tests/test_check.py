@@ -26,8 +26,9 @@ from chaosfix import faults
 from chaosfix.check import SCHEMA, check_palace
 from chaosfix.cli import main as cli_main
 from chaosfix.drawers import drawer
-from chaosfix.palace import map_child
+from chaosfix.palace import idmap, map_child
 from chaosfix.palace.hnsw import HEADER_SIZE, parse_header
+from chaosfix.palace.state import SqlIds
 from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace, template
 
 needs_strace = pytest.mark.skipif(not faults.strace_available(), reason="strace not installed or ptrace not permitted")
@@ -84,6 +85,9 @@ def test_check_reads_in_process_when_the_map_helper_cannot_run(small_palace, mon
     monkeypatch.setattr(map_child, "MIN_BYTES", 0)
     (st_,) = check_palace(small_palace).states
     assert "_raw" in st_.idmap.__dict__  # the helper answered: the map is deferred
+    # and SQL's ids, the map's: still the one string SQLite built, counted, never split
+    assert isinstance(st_.sql_rows, SqlIds) and st_.sql_rows._rows is None and len(st_.sql_rows) == 300
+    assert sorted(st_.sql_rows) == sorted(st_.idmap.id_to_label)
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     rep = check_palace(small_palace)
     (st_,) = rep.states
@@ -256,6 +260,35 @@ def test_one_map_entry_dropped(small_palace, which, want):
         assert st_.sql_only() == [rid]
     if "GHOST_LABEL" in want:
         assert st_.ghost_labels() == [label]
+
+
+@pytest.mark.parametrize("secret_key", [True, False])
+def test_two_labels_swap_their_ids_in_label_to_id(small_palace, monkeypatch, secret_key):
+    """label_to_id gives two labels each other's id: both dicts keep their sizes and their
+    labels, only two (id, label) pairs differ, and chromadb's queries would return the
+    wrong ids for both. The maps are compared by the ids' keyed hashes, or, when
+    PYTHONHASHSEED made the key known, by the strings (``idmap.SECRET_HASH_KEY``); both
+    must see it (``codes`` also runs the map helper, whose key is always secret)."""
+    monkeypatch.setattr(idmap, "SECRET_HASH_KEY", secret_key)
+    p = faults.pickle_path(small_palace)
+    m = idmap.loads(p.read_bytes())
+    a, b = sorted(m.label_to_id)[100:102]
+    m.label_to_id[a], m.label_to_id[b] = m.label_to_id[b], m.label_to_id[a]
+    p.write_bytes(idmap.dumps(m))
+    assert codes(small_palace) == {"OFF_BY_ONE": 4}  # each side's two pairs
+
+
+@pytest.mark.parametrize("secret_key", [True, False])
+def test_same_id_set_is_exact(monkeypatch, secret_key):
+    """What the map helper answers as same_ids: a permutation of the map's ids, no more."""
+    monkeypatch.setattr(idmap, "SECRET_HASH_KEY", secret_key)
+    m = {f"drawer-{i}": i for i in range(1000)}
+    ids = list(reversed(m))
+    assert idmap.same_id_set(m, ids)
+    assert not idmap.same_id_set(m, ids[:-1] + ["drawer-x"])
+    assert not idmap.same_id_set(m, ids[:-1] + ids[:1])  # one twice, one missing
+    assert not idmap.same_id_set(m, ids + ids[:1])
+    assert not idmap.same_id_set(m, ids[:-1])
 
 
 def test_pickle_deleted(small_palace):

@@ -775,11 +775,12 @@ def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):
     assert not marker.exists(), marker.read_text()
 
 
-@pytest.mark.parametrize("where", ["thread", "child"])
+@pytest.mark.parametrize("where", ["thread", "child", "child-cold"])
 def test_quick_check_finds_a_broken_index_page(palace: Path, tmp_path: Path, monkeypatch, where: str):
     """A b-tree page of an index chaosfix never reads, its page type byte zeroed: only
     ``PRAGMA quick_check`` sees it. It runs in a thread for a small file and in a child
-    process (run from a folder of traps) for a large one; both must report it."""
+    process (run from a folder of traps) for a large one; both must report it. The child
+    reads a file that is not in the page cache once in order first (cold)."""
     from chaosfix.palace import sql as sql_mod
 
     db = palace / "chroma.sqlite3"
@@ -793,8 +794,12 @@ def test_quick_check_finds_a_broken_index_page(palace: Path, tmp_path: Path, mon
     with open(db, "r+b") as f:
         f.seek((page - 1) * page_size)
         f.write(b"\x00")
-    monkeypatch.setattr(sql_mod, "QUICK_CHECK_CHILD_BYTES", 0 if where == "child" else 1 << 40)
-    if where == "child":  # the child's own verdict, not the thread's fallback
+        if where == "child-cold":
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    monkeypatch.setattr(sql_mod, "QUICK_CHECK_CHILD_BYTES", 0 if where.startswith("child") else 1 << 40)
+    if where.startswith("child"):  # the child's own verdict, not the thread's fallback
         monkeypatch.setattr(sql_mod, "_quick_check_thread", lambda uri: pytest.fail("fell back to the thread"))
     trap = tmp_path / "trap"
     trap.mkdir()

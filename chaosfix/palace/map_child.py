@@ -174,8 +174,7 @@ def _child() -> None:
         same = None
         if blob is not None:
             ids = blob.decode("utf-8").split("\0")
-            # equal sizes and no map id missing: the same set (no room for another id)
-            same = len(ids) == facts["count"] and not m.id_to_label.keys() - ids
+            same = idmap.same_id_set(m.id_to_label, ids)
         answer, labels = {"status": "ok", "facts": facts, "same_ids": same}, arr.astype("<u8").tobytes()
     out = sys.stdout.buffer
     out.write(json.dumps(answer).encode() + b"\n")

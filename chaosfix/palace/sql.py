@@ -214,7 +214,7 @@ class PalaceSql:
         if small:  # a process start (~30 ms) costs more than the contention it avoids
             return _quick_check_thread(uri)
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _QUICK_CHECK, uri],
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _QUICK_CHECK, uri, str(self.path)],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         except OSError:
             return _quick_check_thread(uri)
@@ -360,11 +360,26 @@ class PalaceSql:
 
 QUICK_CHECK_CHILD_BYTES = 32 << 20  # chroma.sqlite3 of about 30k drawers and up
 _QUICK_CHECK = """
-import json, sqlite3, sys
+import json, os, sqlite3, sys
 try:  # Linux: die with the parent (a killed check leaves nobody reading the palace)
     import ctypes
     ctypes.CDLL(None).prctl(1, 9)
 except (OSError, AttributeError):
+    pass
+try:  # read the file once in order first: quick_check reads it page by page in b-tree
+    # order, from a cold cache random I/O (3.6 s at 500k rows, against 0.3 s + 1.0 s;
+    # fadvise(WILLNEED) measured no help). Not when it is cached already (RWF_NOWAIT
+    # reads of 64 spread pages all succeed): the copy would be CPU for nothing
+    with open(os.open(sys.argv[2], os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as f:
+        buf = bytearray(1 << 20)
+        size, page = os.fstat(f.fileno()).st_size, memoryview(buf)[:4096]
+        try:
+            cached = all(os.preadv(f.fileno(), [page], size * k // 64, os.RWF_NOWAIT) > 0 for k in range(64))
+        except (OSError, AttributeError):  # not in the cache, or no RWF_NOWAIT here
+            cached = False
+        while not cached and f.readinto(buf):
+            pass
+except OSError:
     pass
 try:
     conn = sqlite3.connect(sys.argv[1], uri=True, timeout=2.0)
