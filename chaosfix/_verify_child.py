@@ -194,7 +194,8 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
         where = {key: meta[key]}
         try:  # (0.6.3 and 1.5.9 answer a k above the filter's matches with fewer ids)
             fmiss += _found(col, [got[rid][0]], [rid], ks, count, where=where)
-        except Exception:  # noqa: BLE001 - some releases refuse it: ask how many match (0.5 s in 0.6 at 100k)
+        except Exception as exc:  # noqa: BLE001 - some releases refuse it: ask how many match (0.5 s in 0.6 at 100k)
+            res["filtered_retried"] = _err(exc)  # (kept in the record: a refusal of anything else shows)
             matching = len(col.get(where=where, include=[])["ids"])
             fmiss += _found(col, [got[rid][0]], [rid], ks, matching, where=where)
     res["filtered_queried"], res["filtered_misses"] = fasked, fmiss

@@ -278,6 +278,61 @@ def test_two_labels_swap_their_ids_in_label_to_id(small_palace, monkeypatch, sec
     assert codes(small_palace) == {"OFF_BY_ONE": 4}  # each side's two pairs
 
 
+def twin(rid: str) -> str:
+    """Another id with the same hash as ``rid`` (of even length, Latin-1) under any key:
+    CPython hashes a string's buffer, and ``rid``'s bytes read two at a time are one
+    two-byte-wide character each ("ab" and "\\u6261" share ``61 62``; little-endian)."""
+    return "".join(chr(ord(rid[i]) | ord(rid[i + 1]) << 8) for i in range(0, len(rid), 2))
+
+
+@pytest.mark.parametrize("secret_key", [True, False])
+@pytest.mark.parametrize("where", ["label_to_id", "both"])
+def test_an_id_swapped_for_its_hash_twin_is_found(small_palace, monkeypatch, secret_key, where):
+    """One id replaced by a crafted id of the same hash (found by a review subagent): in
+    label_to_id only (the halves disagree) or in both halves (the map names an id SQL
+    lacks). The comparisons by hash also compare lengths, so both are still found, in
+    process and in the map helper (``codes`` runs both)."""
+    monkeypatch.setattr(idmap, "SECRET_HASH_KEY", secret_key)
+    p = faults.pickle_path(small_palace)
+    m = idmap.loads(p.read_bytes())
+    victim = next(r for r in sorted(m.id_to_label) if len(r) % 2 == 0)
+    assert hash(twin(victim)) == hash(victim) and twin(victim) != victim
+    label = m.id_to_label[victim]
+    m.label_to_id[label] = twin(victim)
+    if where == "both":
+        m.id_to_label[twin(victim)] = m.id_to_label.pop(victim)
+    p.write_bytes(idmap.dumps(m))
+    want = {"OFF_BY_ONE": 2} if where == "label_to_id" else {"SQL_ONLY": 1, "HNSW_ONLY": 1}
+    assert codes(small_palace) == want
+
+
+@pytest.mark.skipif(chroma_major() == "0.6", reason="a 0.6 map is read in-process, with SQL's seq_ids")
+def test_sql_rows_twice_and_a_map_with_seq_ids_are_read_with_their_seq_ids(small_palace, monkeypatch):
+    """An embeddings table without its UNIQUE clause holding one id twice, and a 1.x map
+    that keeps seq_ids: SQL's ids are read as one string first, and the seq_ids the map's
+    are compared with must then be read too (found by a review subagent: a TypeError)."""
+    import sqlite3
+
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    p = faults.pickle_path(small_palace)
+    m = idmap.loads(p.read_bytes())
+    m.id_to_seq_id = dict.fromkeys(m.id_to_label, 1)
+    p.write_bytes(idmap.dumps(m))
+    con = sqlite3.connect(small_palace / "chroma.sqlite3")
+    con.executescript("""
+        CREATE TABLE e2 (id INTEGER PRIMARY KEY, segment_id TEXT NOT NULL, embedding_id TEXT NOT NULL,
+                         seq_id BLOB NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
+        INSERT INTO e2 SELECT * FROM embeddings; DROP TABLE embeddings; ALTER TABLE e2 RENAME TO embeddings;
+        INSERT INTO embeddings (segment_id, embedding_id, seq_id)
+            SELECT segment_id, embedding_id, seq_id FROM embeddings LIMIT 1;
+    """)
+    con.commit()
+    con.close()
+    rep = check_palace(small_palace)
+    assert "SQLITE_CORRUPT" not in rep.codes(), [f.detail for f in rep.findings]
+    assert rep.collections[0]["rows"] == 300
+
+
 @pytest.mark.parametrize("secret_key", [True, False])
 def test_same_id_set_is_exact(monkeypatch, secret_key):
     """What the map helper answers as same_ids: a permutation of the map's ids, no more."""
@@ -289,6 +344,7 @@ def test_same_id_set_is_exact(monkeypatch, secret_key):
     assert not idmap.same_id_set(m, ids[:-1] + ids[:1])  # one twice, one missing
     assert not idmap.same_id_set(m, ids + ids[:1])
     assert not idmap.same_id_set(m, ids[:-1])
+    assert not idmap.same_id_set({"ab": 1}, ["\u6261"])  # the same hash, not the same id
 
 
 def test_pickle_deleted(small_palace):

@@ -810,6 +810,50 @@ def test_quick_check_finds_a_broken_index_page(palace: Path, tmp_path: Path, mon
     assert f.severity == "error" and "quick_check" in f.detail and f.count >= 1 and f.sample, f
 
 
+def _preread_bytes(db: Path, tmp_path: Path) -> tuple[int, str]:
+    """Bytes the quick_check child reads ahead of quick_check (its ``preadv`` calls but
+    the page-cache probes, seen by strace; quick_check's own reads are ``pread64``), and
+    its verdict line."""
+    from chaosfix.palace import sql as sql_mod
+
+    log = tmp_path / "strace.log"
+    res = subprocess.run([faults.kill.strace_path(), "-f", "-qq", "-e", "trace=preadv,preadv2", "-o", str(log),
+                          sys.executable, "-I", "-c", sql_mod._QUICK_CHECK, f"file:{db}?mode=ro", str(db)],
+                         capture_output=True, text=True, timeout=300)
+    # the reads ahead: not the RWF_NOWAIT probes of whether the file is cached
+    got = [int(m) for m in re.findall(r"preadv2?\((?!.*RWF_NOWAIT).*\) = (\d+)$", log.read_text(), re.M)]
+    return sum(got), res.stdout.strip()
+
+
+@pytest.mark.skipif(not faults.strace_available(), reason="strace not installed or ptrace not permitted")
+def test_quick_check_reads_a_cold_file_ahead_only_as_far_as_sqlite_would(palace: Path, tmp_path: Path):
+    """The quick_check child reads chroma.sqlite3 once in order when it is not in the page
+    cache (quick_check's own reads in b-tree order are random I/O), never more than the
+    pages the header counts: a 4 GiB sparse tail (a hostile or padded file SQLite never
+    reads) is not read either (found by a review subagent: 8 s of kernel time)."""
+    db = palace / "chroma.sqlite3"
+    pages = db.stat().st_size
+
+    def evict() -> None:
+        fd = os.open(db, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    evict()
+    read, verdict = _preread_bytes(db, tmp_path)
+    assert read == pages and verdict == '{"rows": ["ok"]}'
+    with open(db, "r+b") as f:  # a sparse 4 GiB tail, one real page near its end
+        f.truncate(4 << 30)
+        f.seek((4 << 30) * 63 // 64)
+        f.write(b"\x01" * 4096)
+    evict()
+    read, verdict = _preread_bytes(db, tmp_path)
+    assert read <= pages and verdict == '{"rows": ["ok"]}'
+
+
 def test_implausible_max_elements_makes_auto_rebuild(palace: Path):
     faults.drop_map_entry(palace, "both")  # one orphan row: incremental work
     _set_header(palace, max_elements=2**40)

@@ -333,7 +333,7 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
         _read_files(st)
         got = helper.result()
     ok = got is not None and got[0] == "ok"
-    same = None
+    same, from_blob = None, blob is not None
     if blob is not None:
         if ok and got[1]["same_ids"]:
             # the list of ids is a permutation of the map's: as many ids as it has, each once
@@ -346,14 +346,14 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
             same = False if len(ids) == len(st.sql_rows) else None
             del ids
     del blob
-    if not ok:
+    if ok:
+        _, answer, labels = got
+        st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
+        st.pickle_status = PICKLE_OK
+        st.map_same_ids = same
+    else:
         _parse_pickle(st, raw)
-        return
-    _, answer, labels = got
-    st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
-    st.pickle_status = PICKLE_OK
-    st.map_same_ids = same
-    if same is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
+    if from_blob and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
         st.sql_rows = sql.rows(seg)  # an odd palace: a map that keeps seq_ids, which are compared
         st.map_same_ids = None
 
