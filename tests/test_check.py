@@ -333,6 +333,24 @@ def test_sql_rows_twice_and_a_map_with_seq_ids_are_read_with_their_seq_ids(small
     assert rep.collections[0]["rows"] == 300
 
 
+@pytest.mark.parametrize("seed, secret", [("", True), ("random", True), ("0", False), ("123", False)])
+def test_hashes_are_trusted_only_under_a_random_key(seed, secret):
+    """``idmap.SECRET_HASH_KEY``: a PYTHONHASHSEED the interpreter started with makes the
+    key known, even when the variable is gone from ``os.environ`` by the time chaosfix
+    is imported; under ``-I`` (the map helper) the key is always random."""
+    import subprocess
+    import sys
+
+    code = "import os; os.environ.pop('PYTHONHASHSEED', None); from chaosfix.palace import idmap; " \
+           "print(idmap.SECRET_HASH_KEY)"
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(secret)
+    isolated = subprocess.run([sys.executable, "-I", "-c", code], env=env, capture_output=True, text=True,
+                              check=True)
+    assert isolated.stdout.strip() == "True"
+
+
 @pytest.mark.parametrize("secret_key", [True, False])
 def test_same_id_set_is_exact(monkeypatch, secret_key):
     """What the map helper answers as same_ids: a permutation of the map's ids, no more."""

@@ -25,9 +25,26 @@ from chaosfix.palace import pickle_reader
 LABEL_LIMIT = 2**64
 PERSISTENT_DATA = ("chromadb.segment.impl.vector.local_persistent_hnsw", "PersistentData")
 FILENAME = "index_metadata.pickle"
-# str hashes are keyed by a per-process random key unless PYTHONHASHSEED fixed it (``-I``,
-# as map_child runs, ignores the variable): only a secret key makes comparing hashes sound
-SECRET_HASH_KEY = bool(sys.flags.ignore_environment) or os.environ.get("PYTHONHASHSEED", "") in ("", "random")
+
+
+def _hash_key_is_secret() -> bool:
+    """str hashes are keyed by a per-process random key unless PYTHONHASHSEED fixed it at
+    start (``-I``, as map_child runs, ignores the variable): only a secret key makes
+    comparing hashes sound. The start's own environment is read where Linux keeps it
+    (/proc/self/environ), so a variable removed from ``os.environ`` later still counts."""
+    if sys.flags.ignore_environment:
+        return True
+    seeds = [os.environ.get("PYTHONHASHSEED", "")]
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            seeds += [v.split(b"=", 1)[1].decode("ascii", "replace") for v in f.read().split(b"\0")
+                      if v.startswith(b"PYTHONHASHSEED=")]
+    except OSError:
+        pass
+    return all(v in ("", "random") for v in seeds)
+
+
+SECRET_HASH_KEY = _hash_key_is_secret()
 
 
 class UnsafePickle(Exception):
