@@ -118,10 +118,17 @@ def copy_palace(root: Path, built: Mapping[str, Path] | None = None, skip: Colle
     return _add_built(_copy_unbuilt(root, set(built) | set(skip)), built)
 
 
-def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | None = None) -> Path:
-    """The copy's SQLite file and every segment folder not in ``leave`` (removed again if
-    it fails, or when ``stop`` is set between two files)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
+def _copy_folder(root: Path) -> Path:
+    """A new, empty folder for the copy beside the palace (found by ``stale_copies``)."""
+    return Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
+
+
+def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | None = None,
+                  tmp: Path | None = None) -> Path:
+    """The copy's SQLite file and every segment folder not in ``leave``, in ``tmp`` (a new
+    ``_copy_folder`` when None; removed again if the copy fails, or when ``stop`` is set
+    between two files)."""
+    tmp = tmp if tmp is not None else _copy_folder(root)
     dst = tmp / "palace"
     try:
         dst.mkdir()
@@ -155,7 +162,9 @@ class EarlyCopy:
 
     def __init__(self, root: Path, rebuilt: Collection[str], skip: Collection[str]) -> None:
         self._stop = threading.Event()
-        self._copy = Background(_copy_unbuilt, root, set(rebuilt) | set(skip), self._stop)
+        # the folder is made here, under the lock, not in the thread: a kill at any later
+        # point finds it there, for the rerun to remove
+        self._copy = Background(_copy_unbuilt, root, set(rebuilt) | set(skip), self._stop, _copy_folder(root))
         self._taken = False
 
     def take(self, built: Mapping[str, Path]) -> Path:
