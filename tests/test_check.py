@@ -365,6 +365,77 @@ def test_same_id_set_is_exact(monkeypatch, secret_key):
     assert not idmap.same_id_set({"ab": 1}, ["\u6261"])  # the same hash, not the same id
 
 
+def test_a_written_map_is_what_chromadb_itself_unpickles(small_palace):
+    """``idmap.dumps`` writes the palace's own format (0.6: a PersistentData object whose
+    state the C pickler writes behind hand-written opcodes; 1.x: a dict). chromadb's own
+    unpickling, with the real class, reads every field back, ids shared between the two
+    halves as chromadb's own pickle shares them, and chaosfix reads it back the same."""
+    import pickle
+
+    raw = faults.pickle_path(small_palace).read_bytes()
+    m = idmap.loads(raw)
+    m.max_seq_id = m.max_seq_id if m.fmt == "dict" else 7  # 0.6 writes the field only when set
+    out = idmap.dumps(m)
+    theirs = pickle.loads(out)  # noqa: S301 - chaosfix's own output, chromadb's own classes
+    if chroma_major() == "0.6":
+        from chromadb.segment.impl.vector.local_persistent_hnsw import PersistentData
+
+        assert m.fmt == "object" and type(theirs) is PersistentData
+        fields = vars(theirs)
+    else:
+        assert m.fmt == "dict" and type(theirs) is dict
+        fields = theirs
+    assert fields["id_to_label"] == m.id_to_label and fields["label_to_id"] == m.label_to_id
+    assert fields["id_to_seq_id"] == m.id_to_seq_id and fields["max_seq_id"] == m.max_seq_id
+    assert (fields["total_elements_added"], fields["dimensionality"]) == (m.total_elements_added, m.dimensionality)
+    rid, mine = next(iter(fields["id_to_label"])), next(iter(m.id_to_label))
+    shared = m.label_to_id[m.id_to_label[mine]] is mine  # 0.6's own pickle shares them
+    assert (fields["label_to_id"][fields["id_to_label"][rid]] is rid) == shared
+    assert shared or chroma_major() != "0.6"
+    again = idmap.loads(out)
+    assert (again.fmt, again.id_to_label, again.label_to_id, again.id_to_seq_id, again.max_seq_id) == (
+        m.fmt, m.id_to_label, m.label_to_id, m.id_to_seq_id, m.max_seq_id)
+
+
+seq_values = st.one_of(st.integers(-3, 3), st.integers(2**62, 2**64 - 1), st.integers(-(2**64) + 1, -(2**62)),
+                       st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(map_seqs=st.dictionaries(st.sampled_from("abcdef"), seq_values),
+       sql_seqs=st.dictionaries(st.sampled_from("abcdefg"), seq_values),
+       labelled=st.sets(st.sampled_from("abcdef")))
+def test_index_ahead_is_its_definition(map_seqs, sql_seqs, labelled):
+    """``index_ahead`` compares seq_ids in numpy when they fit an int64; whatever the
+    values (wide, negative, bools, ids on one side only), it names exactly the ids whose
+    map seq_id is above their SQL row's and that the map labels."""
+    from chaosfix.palace.state import CollectionState
+
+    m = idmap.IdMap("object", 3, 9, {i: n for n, i in enumerate(sorted(labelled))},
+                    {n: i for n, i in enumerate(sorted(labelled))}, map_seqs, None, {})
+    state = CollectionState.__new__(CollectionState)
+    state.idmap, state.sql_rows = m, sql_seqs
+    want = sorted(rid for rid, seq in map_seqs.items()
+                  if rid in sql_seqs and rid in labelled and isinstance(seq, int) and seq > sql_seqs[rid])
+    assert state.index_ahead() == want
+
+
+@pytest.mark.parametrize("seq", [2**64, -(2**64), [1, [2]], "7"])
+def test_a_seq_id_map_with_a_wide_int_or_a_nested_value_is_refused_or_read_whole(small_palace, seq):
+    """id_to_seq_id's flat str -> int shape is judged in C; anything else (an int wider
+    than 64 bits, a list, a string) still goes through the generic walk, which refuses
+    the wide ints and reads the rest as values."""
+    m = idmap.loads(faults.pickle_path(small_palace).read_bytes())
+    m.id_to_seq_id = dict.fromkeys(m.id_to_label, 1)
+    m.id_to_seq_id[next(iter(m.id_to_label))] = seq
+    out = idmap.dumps(m)
+    if isinstance(seq, int):
+        with pytest.raises(idmap.UnreadablePickle, match="integer of 65 bits"):
+            idmap.loads(out)
+    else:
+        assert idmap.loads(out).id_to_seq_id == m.id_to_seq_id
+
+
 def test_pickle_deleted(small_palace):
     faults.pickle_path(small_palace).unlink()
     assert codes(small_palace) == {"PICKLE_MISSING": 300}

@@ -291,10 +291,25 @@ def loads(raw: bytes, scanned: pickle_reader.Scan | None = None, bounded: bool =
     if bad:
         raise UnreadablePickle(bad)
     try:
-        pickle_reader.check_nesting([dim, max_seq, id_to_seq, attrs])
+        # 0.6's id_to_seq_id is a flat dict of str -> int (100k entries): its types are
+        # compared in C and only its widest int is weighed; the generic walk is 0.15 s
+        if _flat_seq_ids(id_to_seq):
+            pickle_reader.check_nesting([dim, max_seq, attrs])
+        else:
+            pickle_reader.check_nesting([dim, max_seq, id_to_seq, attrs])
     except pickle_reader.PickleBoundsError as exc:
         raise UnreadablePickle(str(exc)) from None
     return IdMap(fmt, dim, total, id_to_label, label_to_id, dict(id_to_seq), max_seq, attrs)
+
+
+def _flat_seq_ids(id_to_seq: dict) -> bool:
+    """True for a dict of str -> int whose ints are all within check_nesting's width."""
+    if not set(map(type, id_to_seq)) <= {str} or not set(map(type, id_to_seq.values())) <= {int, bool}:
+        return False
+    if not id_to_seq:
+        return True
+    bound = 1 << pickle_reader.MAX_INT_BITS
+    return -bound < min(id_to_seq.values()) and max(id_to_seq.values()) < bound
 
 
 def _out_of_range(id_to_label: dict, label_to_id: dict, total: int) -> str | None:
@@ -304,19 +319,6 @@ def _out_of_range(id_to_label: dict, label_to_id: dict, total: int) -> str | Non
             top = max(vals)
             return f"{what} out of range ({top.bit_length()}-bit value)"
     return None
-
-
-class _ObjectPickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Pure-Python pickler that writes the PersistentData class by name."""
-
-    def save_global(self, obj: object, name: str | None = None) -> None:
-        if obj is _PersistentDataStandIn:
-            self.save(PERSISTENT_DATA[0])
-            self.save(PERSISTENT_DATA[1])
-            self.write(pickle.STACK_GLOBAL)
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
 
 
 def dumps(m: IdMap) -> bytes:
@@ -332,18 +334,29 @@ def dumps(m: IdMap) -> bytes:
             **m.extra,
         }
         return pickle.dumps(d, protocol=3)
-    obj = _PersistentDataStandIn()
-    obj.__dict__.update(
-        {
-            "dimensionality": m.dimensionality,
-            "total_elements_added": m.total_elements_added,
-            "id_to_label": m.id_to_label,
-            "label_to_id": m.label_to_id,
-            "id_to_seq_id": m.id_to_seq_id,
-            **({"max_seq_id": m.max_seq_id} if m.max_seq_id is not None else {}),
-            **m.extra,
-        }
-    )
-    buf = io.BytesIO()
-    _ObjectPickler(buf, protocol=5).dump(obj)
-    return buf.getvalue()
+    # the state dict by the C pickler (the pure-Python one, which could write the class
+    # by name without importing chromadb, took 1.3 s at 100k ids), behind the opcodes
+    # that make a PersistentData of it: the class by name, NEWOBJ, then BUILD. The
+    # prefix memoizes nothing, so the state's own memo indices stay right.
+    state = {
+        "dimensionality": m.dimensionality,
+        "total_elements_added": m.total_elements_added,
+        "id_to_label": m.id_to_label,
+        "label_to_id": m.label_to_id,
+        "id_to_seq_id": m.id_to_seq_id,
+        **({"max_seq_id": m.max_seq_id} if m.max_seq_id is not None else {}),
+        **m.extra,
+    }
+    body = pickle.dumps(state, protocol=5)
+    assert body[:2] == b"\x80\x05" and body[-1:] == pickle.STOP
+    # the state's last frame keeps its length: its STOP becomes BUILD, STOP follows it
+    return b"".join((body[:2], _OBJECT_PREFIX, body[2:-1], pickle.BUILD, pickle.STOP))
+
+
+def _short_str(s: str) -> bytes:
+    b = s.encode()
+    return pickle.SHORT_BINUNICODE + bytes([len(b)]) + b
+
+
+_OBJECT_PREFIX = (_short_str(PERSISTENT_DATA[0]) + _short_str(PERSISTENT_DATA[1]) + pickle.STACK_GLOBAL
+                  + pickle.EMPTY_TUPLE + pickle.NEWOBJ)

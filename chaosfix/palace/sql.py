@@ -35,6 +35,15 @@ DOCUMENT_KEY = "chroma:document"
 DOCUMENTS_BY_ID = 20000  # up to this many ids, documents() looks them up by id
 
 
+def _blob_seqs(rows: dict[str, object]) -> dict[str, int] | None:
+    """0.6's seq_ids, every one an 8-byte big-endian blob, decoded at once by numpy (0.3 s
+    per 100k rows one by one); None for anything else (``decode_seq`` judges each)."""
+    seqs = rows.values()
+    if set(map(type, seqs)) != {bytes} or set(map(len, seqs)) != {8}:
+        return None
+    return dict(zip(rows, np.frombuffer(b"".join(seqs), dtype=">u8").tolist()))
+
+
 def decode_seq(value: object) -> int | None:
     """Decode a seq_id in either encoding: 0.6's 8-byte big-endian blob or 1.x's integer."""
     if value is None:
@@ -285,7 +294,7 @@ class PalaceSql:
         q = "SELECT embedding_id, seq_id FROM embeddings WHERE +segment_id=?"
         rows = dict(self.conn.execute(q, (metadata_segment,)))  # built in C: 1.x stores plain ints
         if not set(map(type, rows.values())) <= {int}:  # 0.6's blobs, or damage
-            rows = {eid: decode_seq(seq) or 0 for eid, seq in rows.items()}
+            rows = _blob_seqs(rows) or {eid: decode_seq(seq) or 0 for eid, seq in rows.items()}
         return rows
 
     def id_blob(self, metadata_segment: str) -> str | None:

@@ -196,7 +196,22 @@ class CollectionState:
         if m is None or not m.has_seq_map:
             return []
         rows = self.sql_rows  # (with their seq_ids: load_state reads them for a map that has some)
-        return sorted(rid for rid, seq in m.id_to_seq_id.items()
+        seqs = m.id_to_seq_id
+        # compared at C speed where every seq_id fits an int64 (0.17 s a call at 100k ids
+        # one by one); the loop below is the definition
+        if set(map(type, seqs.values())) <= {int}:
+            n = len(seqs)
+            try:
+                mine = np.fromiter(seqs.values(), dtype=np.int64, count=n)
+                theirs = np.fromiter(map(rows.get, seqs, itertools.repeat(0)), dtype=np.int64, count=n)
+            except (OverflowError, TypeError, ValueError):
+                pass
+            else:
+                there = np.fromiter(map(rows.__contains__, seqs), dtype=bool, count=n)
+                keys = list(seqs)
+                later = np.flatnonzero(there & (mine > theirs)).tolist()
+                return sorted(rid for rid in map(keys.__getitem__, later) if rid in m.id_to_label)
+        return sorted(rid for rid, seq in seqs.items()
                       if rid in rows and rid in m.id_to_label and isinstance(seq, int) and seq > rows[rid])
 
     def rows_not_pending(self) -> int:
