@@ -44,6 +44,7 @@ CODES = {
     "POISONED_SEQ": "max_seq_id above 2**53: new writes never appear",
     "SEQ_MISSING": "persisted vector segment without a max_seq_id row",
     "QUEUE_RESET": "WAL seq_ids restarted below consumed max_seq_id: writes vanish",
+    "STALE_ROWS": "metadata or full-text rows whose record row is gone: the next add fails (1.x) or inherits them (0.6)",
     "LINK_BLOAT": "link_lists.bin far larger than its elements use",
     "SEGMENT_DIR_MISSING": "vector segment folder missing for persisted rows",
     "SEGMENT_DIR_ORPHAN": "segment folder no segment owns (chromadb never reads it): info, with its size",
@@ -58,7 +59,7 @@ CODES = {
     "STALE_VECTOR": "check --deep: the index holds another vector than the row's document embeds to",
 }
 # findings about the whole palace, never a collection's own repair work
-PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL", "WAL_MODE",
+PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "STALE_ROWS", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL", "WAL_MODE",
                 "SYMLINK"}
 
 
@@ -222,6 +223,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
             add(Finding("QUARANTINED", INFO, None, None, len(quar), [q.path.name for q in quar[:SAMPLE]],
                         f"{human(size)} in quarantined segment copies ({', '.join(kinds)}); chromadb never reads them"))
     _queue_findings(sql, seqs, report)
+    _stale_findings(sql, report)
     fmts = sorted({st.idmap.fmt for st in report.states if st.idmap is not None})
     if fmts:
         report.generation.evidence.append("index_metadata.pickle: " + ", ".join(fmts))
@@ -236,6 +238,18 @@ def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
         report.findings.append(Finding(
             "QUEUE_RESET", ERROR, None, None, ahead, [],
             f"next WAL seq_id {wal_max + 1} <= consumed max_seq_id {top}: new writes would be skipped",
+        ))
+
+
+def _stale_findings(sql: PalaceSql, report: CheckReport) -> None:
+    stale = sql.stale_rows()
+    if stale:
+        ids = stale.ids
+        report.findings.append(Finding(
+            "STALE_ROWS", ERROR, None, None, len(ids), [str(i) for i in ids[:SAMPLE]],
+            f"{len(stale.metadata)} record(s)' metadata rows and {len(stale.fulltext)} full-text document(s) outlive "
+            "their embeddings row (deleted behind chromadb's back): a new record that gets the id fails to apply "
+            "(1.x: the collection's writes and count() then fail) or inherits the metadata (0.6)",
         ))
 
 

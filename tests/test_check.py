@@ -472,6 +472,28 @@ def test_sparse_link_lists_bloat(small_palace, factor, want):
     assert codes(small_palace) == want
 
 
+@pytest.mark.parametrize("which", ["newest", "middle"])
+def test_a_record_deleted_in_sql_leaves_stale_rows(small_palace, which):
+    """A record's embeddings row deleted in SQL (by a tool, behind chromadb's back) leaves
+    its metadata rows and full-text document: STALE_ROWS names its embeddings.id, the
+    newest record's (the id chromadb's next add gets) or one in the middle (met once
+    the records above it are deleted), beside the index entry it also left (HNSW_ONLY)."""
+    import sqlite3
+
+    con = sqlite3.connect(small_palace / "chroma.sqlite3")
+    rid = con.execute("SELECT max(id) FROM embeddings" if which == "newest" else
+                      "SELECT id FROM embeddings ORDER BY id LIMIT 1 OFFSET 150").fetchone()[0]
+    con.execute("DELETE FROM embeddings WHERE id = ?", (rid,))
+    con.commit()
+    con.close()
+    rep = check_palace(small_palace)
+    deferred_agrees(small_palace, rep)
+    assert rep.codes() == {"STALE_ROWS": 1, "HNSW_ONLY": 1}
+    stale = next(f for f in rep.findings if f.code == "STALE_ROWS")
+    assert stale.sample == [str(rid)] and stale.collection is None
+    assert "1 record(s)' metadata rows and 1 full-text" in stale.detail
+
+
 def test_emptied_embeddings_queue(small_palace):
     assert faults.empty_queue(small_palace) == 1
     # count = segments whose max_seq_id is ahead of the restarted WAL (vector + metadata)

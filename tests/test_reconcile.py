@@ -547,6 +547,70 @@ def test_rolls_back_a_hot_journal_in_one_run(tmp_path):
     assert_judged_by_chromadb(p, rows)
 
 
+def _delete_newest_record_in_sql(p: Path, metadata_too: bool) -> int:
+    """What a tool that deletes records in SQL does: the newest record's embeddings row
+    (and, if ``metadata_too``, its metadata rows) goes; its full-text document stays."""
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    try:
+        top = con.execute("SELECT max(id) FROM embeddings").fetchone()[0]
+        if metadata_too:
+            con.execute("DELETE FROM embedding_metadata WHERE id = ?", (top,))
+        con.execute("DELETE FROM embeddings WHERE id = ?", (top,))
+        con.commit()
+    finally:
+        con.close()
+    return top
+
+
+@pytest.mark.parametrize("metadata_too", [False, True], ids=["metadata+fulltext-left", "fulltext-left"])
+def test_leftovers_of_a_record_deleted_in_sql_are_deleted_and_the_next_add_lands(metadata_too, tmp_path):
+    """A record deleted in SQL behind chromadb's back leaves rows keyed by its
+    embeddings.id, which chromadb gives the next add: 1.5.9 then fails to apply that add
+    ("Failed to apply logs to the metadata segment"; every later write and count() fail
+    too), 0.6.3 gives the new record the deleted one's metadata. check names STALE_ROWS;
+    reconcile, its chromadb post-check (which adds a record with a document) included,
+    deletes the leftovers only, and chromadb's next add lands with its own metadata."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    top = _delete_newest_record_in_sql(p, metadata_too)
+    rows, meta_rows, leftover = sql_rows(p), _count(p, "embedding_metadata"), _count(p, "embedding_metadata", top)
+    assert leftover == (0 if metadata_too else 4)  # wing, room, n, chroma:document
+    assert check_palace(p).codes() == {"STALE_ROWS": 1, "HNSW_ONLY": 1}
+    prints = fingerprint(p)
+    code, doc, err = reconcile(p, "--dry-run")
+    assert code == 1 and doc["stale_rows"] == {"ids": 1, "metadata": int(not metadata_too), "fulltext": 1}, err
+    assert fingerprint(p) == prints, "the dry run changed something"
+
+    code, doc, err = reconcile(p)
+    assert code == 1 and doc["chromadb"]["ok"] is True, (err, doc and doc["chromadb"])
+    assert sql_rows(p) == rows  # no record row touched
+    assert _count(p, "embedding_metadata") == meta_rows - leftover
+    assert sha(Path(doc["backup"]) / "chroma.sqlite3") == prints["chroma.sqlite3"][0]
+    assert_consistent(p)
+    assert reconcile(p)[0] == 0
+    assert_judged_by_chromadb(p, SPEC.drawers - 1)  # its probe add lands (and has a document)
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    try:
+        got = con.execute("SELECT m.key, coalesce(m.string_value, m.int_value) FROM embedding_metadata m "
+                          "JOIN embeddings e ON e.id = m.id WHERE e.embedding_id = ?",
+                          (drawer(10**9 + 7)[0],)).fetchall()
+        new_id = con.execute("SELECT id FROM embeddings WHERE embedding_id = ?", (drawer(10**9 + 7)[0],)).fetchone()
+    finally:
+        con.close()
+    _, doc_text, meta = drawer(10**9 + 7)
+    assert new_id == (top,)  # the id the leftovers held
+    assert dict(got) == {**meta, "chroma:document": doc_text}  # its own metadata, nothing inherited
+
+
+def _count(p: Path, table: str, rid: int | None = None) -> int:
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    try:
+        if rid is not None:
+            return con.execute(f"SELECT count(*) FROM {table} WHERE id = ?", (rid,)).fetchone()[0]
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        con.close()
+
+
 @pytest.mark.parametrize("ref, want", [
     ("chaosfix.embedder", "expected MODULE:ATTR"),
     ("no_such_module_xyz:Embed", "no_such_module_xyz"),

@@ -48,6 +48,9 @@ REQUIRED = {
     "max_seq_id": {"segment_id", "seq_id"},
 }
 WRITTEN = frozenset({"max_seq_id", "embeddings_queue"})  # the only tables reconcile writes
+# ...and, for STALE_ROWS only, deletes from (a record's leftovers, its embeddings row gone)
+STALE_DELETES = frozenset({"embedding_metadata", "embedding_fulltext_search"})
+FTS_WRITES = frozenset(f"embedding_fulltext_search{s}" for s in FTS_SHADOW)  # FTS5's own bookkeeping
 GUARDED = ("embeddings", "embedding_metadata", "collections", "segments", "collection_metadata")
 
 
@@ -127,19 +130,24 @@ _DROPS = {sqlite3.SQLITE_DROP_TRIGGER, sqlite3.SQLITE_DROP_VIEW, sqlite3.SQLITE_
           sqlite3.SQLITE_DROP_TEMP_VIEW}
 
 
-def writer_authorizer(drops: frozenset[str] = frozenset()):  # noqa: ANN201 - sqlite3 callback
+def writer_authorizer(drops: frozenset[str] = frozenset(), stale: bool = False):  # noqa: ANN201 - sqlite3 callback
     """An authorizer for reconcile's connection: anything a trigger or view would do is
     denied (SQLite compiles trigger programs into the statement, so the statement fails
     before it runs), and rows may be written only in ``max_seq_id`` and
-    ``embeddings_queue``. DROP TRIGGER/VIEW only of ``drops`` (asked for by the user)."""
+    ``embeddings_queue``. DROP TRIGGER/VIEW only of ``drops`` (asked for by the user).
+    ``stale``: rows may also be deleted from ``embedding_metadata`` and chromadb's
+    full-text table, whose FTS5 module then writes its own shadow tables (STALE_ROWS)."""
     low_drops = {d.lower() for d in drops}
+    deletable = STALE_DELETES if stale else frozenset()
+    shadows = FTS_WRITES if stale else frozenset()
 
     def auth(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
         name = (arg1 or "").lower()
         if source is not None:
             return sqlite3.SQLITE_DENY
         if action in _WRITES:
-            ok = name in WRITTEN or name.startswith("sqlite_") or (action == sqlite3.SQLITE_DELETE and name in low_drops)
+            ok = (name in WRITTEN or name.startswith("sqlite_") or name in shadows
+                  or (action == sqlite3.SQLITE_DELETE and (name in low_drops or name in deletable)))
             return sqlite3.SQLITE_OK if ok else sqlite3.SQLITE_DENY
         if action in _DROPS:
             return sqlite3.SQLITE_OK if name in low_drops else sqlite3.SQLITE_DENY
@@ -168,10 +176,22 @@ class RowFingerprint:
         queue = tuple(conn.execute("SELECT count(*), min(seq_id), max(seq_id) FROM embeddings_queue").fetchone())
         return cls(tuple(g), seqs, queue)
 
-    def problems(self, after: RowFingerprint, seq_writes: dict, floor: int | None) -> list[str]:
-        """What differs from the plan: no row of a guarded table may change, max_seq_id
-        may only take the planned values, the WAL may only gain the planned floor row."""
-        out = [f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(self.guarded, after.guarded) if a != b]
+    def problems(self, after: RowFingerprint, seq_writes: dict, floor: int | None,
+                 meta_removed: tuple[int, float] = (0, 0.0)) -> list[str]:
+        """What differs from the plan: no row of a guarded table may change (but for the
+        stale metadata rows removed: ``meta_removed`` is their count and id total),
+        max_seq_id may only take the planned values, the WAL may only gain the planned
+        floor row."""
+        n, total = meta_removed
+        out = []
+        for a, b in zip(self.guarded, after.guarded):
+            if n and a[0] == "embedding_metadata":
+                a = (a[0], a[1] - n)
+            elif n and a[0] == "embedding_metadata ids":  # total(id) drops by theirs; max(id) may drop
+                max_ok = b[2] is None or (a[2] is not None and b[2] <= a[2])
+                a, b = (a[0], a[1] - total, max_ok), (b[0], b[1], True)
+            if a != b:
+                out.append(f"{a[0]}: {a[1:]} -> {b[1:]}")
         want = {**self.seqs, **seq_writes}
         if after.seqs != want:
             out.append(f"max_seq_id rows {len(after.seqs)} differ from the {len(want)} planned")

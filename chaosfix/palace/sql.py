@@ -84,6 +84,29 @@ class WalRow:
 
 
 @dataclass
+class StaleRows:
+    """Rows keyed by a record's ``embeddings.id`` that outlived the record (its embeddings
+    row deleted behind chromadb's back): metadata rows and full-text index documents."""
+
+    metadata: list[int] = field(default_factory=list)  # distinct ids in embedding_metadata
+    fulltext: list[int] = field(default_factory=list)  # rowids in embedding_fulltext_search
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted(set(self.metadata) | set(self.fulltext))
+
+    def __bool__(self) -> bool:
+        return bool(self.metadata or self.fulltext)
+
+
+# the full-text table chromadb (0.5 - 1.5) creates; only this one is read (through its
+# docsize shadow table: no module code runs) and written (through FTS5, which keeps its
+# index right)
+FTS_TABLE = "embedding_fulltext_search"
+FTS_SQL = "CREATE VIRTUAL TABLE embedding_fulltext_search USING fts5(string_value, tokenize='trigram')"
+
+
+@dataclass
 class CollectionInfo:
     id: str
     name: str
@@ -360,6 +383,28 @@ class PalaceSql:
             doc = md.get(DOCUMENT_KEY) if isinstance(md, dict) else None
             out.append(WalRow(seq, int(op), rid, vector, doc, md))
         return out
+
+    def stale_rows(self) -> StaleRows:
+        """Metadata rows and full-text documents whose ``embeddings`` row is gone. chromadb
+        gives a new record the next ``embeddings.id``, so such a row above the last record
+        (a tool that deleted the newest rows in SQL) meets the next add: 1.x then fails to
+        apply its log, and every later write and even count() of the collection fails;
+        0.6 gives the new record the deleted one's metadata. Two scans of covering
+        b-trees with a rowid probe each (0.3 s at 500k drawers)."""
+        meta = [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT id FROM embedding_metadata WHERE id NOT IN (SELECT id FROM embeddings)")]
+        fts: list[int] = []
+        if self.fulltext_known():
+            fts = [r[0] for r in self.conn.execute(
+                f"SELECT id FROM {FTS_TABLE}_docsize WHERE id NOT IN (SELECT id FROM embeddings)")]
+        return StaleRows(meta, fts)
+
+    def fulltext_known(self) -> bool:
+        """The full-text table is chromadb's own FTS5 table with its docsize shadow table."""
+        found = dict(self.conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+            (FTS_TABLE, f"{FTS_TABLE}_docsize")))
+        return " ".join((found.get(FTS_TABLE) or "").split()) == FTS_SQL and f"{FTS_TABLE}_docsize" in found
 
     def wal_max_seq(self) -> int | None:
         row = self.conn.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone()

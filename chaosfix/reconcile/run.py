@@ -37,7 +37,7 @@ from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import ForeignObject
-from chaosfix.palace.sql import PalaceSql, journal_synced
+from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
 from chaosfix.palace.state import written_in_rollback
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
@@ -96,6 +96,7 @@ class ReconcileReport:
     dry_run: bool
     plans: list[CollectionPlan] = field(default_factory=list)
     queue_floor: int | None = None
+    stale: StaleRows | None = None  # leftover metadata/full-text rows to delete (STALE_ROWS)
     verifications: dict[str, Verification] = field(default_factory=dict)
     backup: str | None = None
     after: CheckReport | None = None
@@ -111,7 +112,7 @@ class ReconcileReport:
     @property
     def has_work(self) -> bool:
         return (any(p.has_work for p in self.plans) or self.queue_floor is not None or bool(self.prune_dirs)
-                or bool(self.foreign_sql) or self.journal_rollback)
+                or bool(self.foreign_sql) or bool(self.stale) or self.journal_rollback)
 
     @property
     def unrepaired(self) -> list[str]:
@@ -131,6 +132,8 @@ class ReconcileReport:
             "exit_code": self.exit_code,
             "plans": [p.to_json() for p in self.plans],
             "queue_floor": self.queue_floor,
+            "stale_rows": ({"ids": len(self.stale.ids), "metadata": len(self.stale.metadata),
+                            "fulltext": len(self.stale.fulltext)} if self.stale else None),
             "journal_rollback": self.journal_rollback,
             "verification": {k: {a: b for a, b in vars(v).items() if a != "depth"}
                              for k, v in self.verifications.items()},
@@ -310,7 +313,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         # build's two threads
         started = start_post_check(before.generation, opts.chromadb_python)
     try:
-        rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, None, embedder, opts)
+        rep.plans, rep.queue_floor, rep.prune_dirs, rep.stale = _plan_all(root, before, None, embedder, opts)
         rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
         orphans = before.codes().get("SEGMENT_DIR_ORPHAN", 0)
         if orphans and not opts.prune_orphan_dirs:
@@ -318,7 +321,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                              "them); --prune-orphan-dirs moves them into the backup")
         rep.timings["plan"] = time.perf_counter() - t0
         idle = opts.dry_run or not (any(p.has_work for p in rep.plans) or rep.queue_floor is not None
-                                    or rep.prune_dirs or rep.foreign_sql)
+                                    or rep.prune_dirs or rep.foreign_sql or rep.stale)
         if idle:
             if rep.journal_rollback and not opts.dry_run:
                 rep.after = check_palace(root, opts.collection)
@@ -330,7 +333,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=0.5, isolation_level=None)
             try:
                 # nothing a trigger or view would do may run; rows only in max_seq_id/WAL
-                conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
+                _guard(conn, rep)
                 try:
                     conn.execute("BEGIN EXCLUSIVE")
                 except sqlite3.OperationalError as exc:
@@ -344,9 +347,10 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                     before = _check(root, opts, suspects, conn)
                     _refuse_sql_damage(before, root)
                     rep.foreign_sql = _refuse_unsafe(before, root, opts, conn)
-                    rep.plans, rep.queue_floor, rep.prune_dirs = _plan_all(root, before, conn, embedder, opts)
+                    rep.plans, rep.queue_floor, rep.prune_dirs, rep.stale = _plan_all(root, before, conn, embedder, opts)
                     rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
                     rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
+                _guard(conn, rep)  # (the plan under the lock may differ)
                 rows_before = schema_guard.RowFingerprint.take(conn)
                 post_check = None
                 if opts.chromadb_check and before.generation is not None:
@@ -439,7 +443,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
     def prepare(db: Path) -> None:
         conn = sqlite3.connect(str(db), isolation_level=None)
         try:
-            conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql)))
+            _guard(conn, rep)
             conn.execute("BEGIN EXCLUSIVE")
             _write_sql(conn, rep)
             conn.execute("COMMIT")
@@ -533,8 +537,9 @@ def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
 
 
 def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, embedder: EmbedderSelector,
-              opts: ReconcileOptions) -> tuple[list[CollectionPlan], int | None, list[str]]:
-    """Plans per collection, the WAL floor seq_id (QUEUE_RESET), orphan folders to prune."""
+              opts: ReconcileOptions) -> tuple[list[CollectionPlan], int | None, list[str], StaleRows | None]:
+    """Plans per collection, the WAL floor seq_id (QUEUE_RESET), orphan folders to prune,
+    leftover rows to delete (STALE_ROWS)."""
     sql = PalaceSql(root / SQLITE_NAME, conn)
     try:
         stale = deep_findings(sql, rep, embedder) if opts.deep else {}
@@ -550,7 +555,7 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
             known = sql.all_segment_ids()
             prune = sorted(d.name for d in root.iterdir()
                            if d.is_dir() and UUID_RE.match(d.name) and d.name not in known)
-        return plans, floor, prune
+        return plans, floor, prune, (sql.stale_rows() or None) if "STALE_ROWS" in rep.codes() else None
     finally:
         sql.close()
 
@@ -562,7 +567,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     swap, write the SQL, commit. Every SQL write happens after the swap, in one
     transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sql_changes = any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
+    sql_changes = (any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
+                   or bool(rep.stale))
     backup_dir = None
     if rep.backup is not None:  # made by the journal rollback: one backup per run
         backup_dir = Path(rep.backup)
@@ -666,7 +672,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     fsync_path(root)  # entries moved out of the palace into the backup
     if backup_dir is not None:
         fsync_path(backup_dir)
-    _write_sql(conn, rep)
+    removed = _write_sql(conn, rep)
     if rep.foreign_sql:
         rep.notes.append(f"dropped {len(rep.foreign_sql)} foreign trigger(s)/view(s); their SQL is in "
                          f"{Path(rep.backup or '') / FOREIGN_SQL_FILE}")
@@ -675,16 +681,17 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     planned = {w.segment: (w.value.to_bytes(8, "big") if w.encoding == "blob" else w.value)
                for p in rep.plans for w in p.seq_writes}
     floor = rep.queue_floor if rep.queue_floor else None
-    wrong = rows_before.problems(schema_guard.RowFingerprint.take(conn), planned, floor)
+    wrong = rows_before.problems(schema_guard.RowFingerprint.take(conn), planned, floor, removed)
     if wrong:
         raise OperationalError(f"{root}: SQL rows differ from the plan before COMMIT ({wrong[0]}); rolled back")
     conn.execute("COMMIT")
 
 
-def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> None:
+def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> tuple[int, float]:
     """Every SQL write of a repair, inside the caller's transaction: the foreign triggers
-    and views asked to be dropped, max_seq_id, the WAL floor. Run on the palace after the
-    swap and, first, on the post-check's copy."""
+    and views asked to be dropped, max_seq_id, the WAL floor, the leftover rows of
+    records whose embeddings row is gone. Run on the palace after the swap and, first,
+    on the post-check's copy. Returns the count and id total of the metadata rows deleted."""
     for stmt in schema_guard.drop_statements(rep.foreign_sql):
         conn.execute(stmt)
     for p in rep.plans:
@@ -693,6 +700,26 @@ def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> None:
             conn.execute("INSERT OR REPLACE INTO max_seq_id (segment_id, seq_id) VALUES (?, ?)", (w.segment, val))
     if rep.queue_floor is not None and rep.queue_floor > 0:
         _write_queue_floor(conn, rep)
+    return _delete_stale(conn, rep.stale) if rep.stale else (0, 0.0)
+
+
+def _delete_stale(conn: sqlite3.Connection, stale: StaleRows) -> tuple[int, float]:
+    """Delete the leftovers of records whose embeddings row is gone, each only while that
+    is still so; full-text documents through FTS5 (which removes them from its index)."""
+    n, total = 0, 0.0
+    gone = "NOT IN (SELECT id FROM embeddings)"
+    for rid in stale.metadata:
+        c, t = conn.execute(f"SELECT count(*), total(id) FROM embedding_metadata WHERE id = ? AND id {gone}",
+                            (rid,)).fetchone()
+        conn.execute(f"DELETE FROM embedding_metadata WHERE id = ? AND id {gone}", (rid,))
+        n, total = n + c, total + t
+    conn.executemany(f"DELETE FROM {FTS_TABLE} WHERE rowid = ? AND rowid {gone}", ((r,) for r in stale.fulltext))
+    return n, total
+
+
+def _guard(conn: sqlite3.Connection, rep: ReconcileReport) -> None:
+    """The write transaction's authorizer for this plan (``schema_guard.writer_authorizer``)."""
+    conn.set_authorizer(schema_guard.writer_authorizer(frozenset(o.name for o in rep.foreign_sql), bool(rep.stale)))
 
 
 def _clear_stale_journal(root: Path, backup_dir: Path | None) -> None:
