@@ -59,8 +59,8 @@ CODES = {
     "STALE_VECTOR": "check --deep: the index holds another vector than the row's document embeds to",
 }
 # findings about the whole palace, never a collection's own repair work
-PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "STALE_ROWS", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL", "WAL_MODE",
-                "SYMLINK"}
+PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "STALE_ROWS", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL",
+                "WAL_MODE", "SYMLINK"}
 
 
 @dataclass

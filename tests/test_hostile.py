@@ -472,6 +472,42 @@ def test_wal_frames_are_read_from_a_private_copy(palace: Path, world: Path):
     assert codes_of(assert_check_read_only(palace, rc={0})) == {"WAL_MODE": 1}
 
 
+def _redeclare(db: Path, name: str, sql: str) -> None:
+    """Rewrite one object's declaration in sqlite_master (what a crafted palace can do)."""
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA writable_schema = ON")
+    con.execute("UPDATE sqlite_master SET sql = ? WHERE name = ?", (sql, name))
+    con.commit()
+    con.close()
+
+
+def test_a_crafted_docsize_table_is_not_read_and_odd_leftover_ids_stay_exact(palace: Path):
+    """STALE_ROWS reads the full-text ids from the docsize shadow table only when it is
+    declared exactly as chromadb does: one whose ``id`` is a generated column (found by a
+    review subagent) made a healthy palace report 300 leftovers, a reconcile report
+    deletes that never happened, and, with a costly expression, cost check seconds.
+    Leftover ids that are not integers are not chromadb's (never reported, nothing to
+    crash on); integer ones beyond 2**53 are deleted, and the row fingerprint (taken over
+    the rows of live records) still matches exactly."""
+    db = palace / "chroma.sqlite3"
+    _redeclare(db, "embedding_fulltext_search_docsize",
+               "CREATE TABLE 'embedding_fulltext_search_docsize'(rid INTEGER PRIMARY KEY, sz BLOB, id AS (rid + 100000))")
+    con = sqlite3.connect(db)
+    con.executemany("INSERT INTO embedding_metadata (id, key, string_value) VALUES (?, 'k', 'v')",
+                    [("abc",), (b"\x01\x02",), (2**62 + 1,), (2**62 + 3,)])
+    con.commit()
+    con.close()
+    doc = assert_check_read_only(palace, rc={4})
+    assert codes_of(doc) == {"STALE_ROWS": 2}, doc["findings"]
+    code, rep, err = reconcile(palace, "--no-chromadb-check")
+    assert code == 1 and rep["stale_rows"] == {"ids": 2, "metadata": 2, "fulltext": 0}, err
+    con = sqlite3.connect(db)
+    left = sorted(map(repr, (r[0] for r in con.execute("SELECT id FROM embedding_metadata WHERE key = 'k'"))))
+    con.close()
+    assert left == sorted([repr("abc"), repr(b"\x01\x02")])
+    assert codes_of(assert_check_read_only(palace, rc={0})) == {}
+
+
 # ---- 5. bounded work: sizes are checked against real bytes before allocating ---------------
 
 

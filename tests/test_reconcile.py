@@ -601,6 +601,53 @@ def test_leftovers_of_a_record_deleted_in_sql_are_deleted_and_the_next_add_lands
     assert dict(got) == {**meta, "chroma:document": doc_text}  # its own metadata, nothing inherited
 
 
+_DELETE_COLLECTION_WITH_ARRAYS = """
+import sys, chromadb
+client = chromadb.PersistentClient(path=sys.argv[1])
+col = client.create_collection("scratch", embedding_function=None)
+col.add(ids=["x1", "x2", "x3"], embeddings=[[0.1] * 4] * 3, metadatas=[{"tags": ["a", "b"]}] * 3, documents=["d"] * 3)
+client.delete_collection("scratch")
+"""
+
+
+@pytest.mark.skipif(chroma_major() == "0.6", reason="array metadata is 1.x's (embedding_metadata_array)")
+def test_array_metadata_chromadb_left_behind_is_deleted_and_not_inherited(tmp_path):
+    """chromadb 1.5.9's own delete_collection leaves the deleted records' array metadata
+    (embedding_metadata_array, keyed by embeddings.id; found by a review subagent): the
+    next add gets the id and inherits the tags. check names STALE_ROWS; reconcile deletes
+    them, and chromadb's next add carries its own metadata alone."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    subprocess.run([sys.executable, "-c", _DELETE_COLLECTION_WITH_ARRAYS, str(p)], check=True, env=child_env())
+    assert _count(p, "embedding_metadata_array") == 6  # 3 records x 2 tags, their records gone
+    orphan = {"SEGMENT_DIR_ORPHAN": 1}  # (info: the deleted collection's folder, left by chromadb too)
+    assert check_palace(p).codes() == {"STALE_ROWS": 3, **orphan}
+    code, doc, err = reconcile(p)
+    assert code == 1 and doc["chromadb"]["ok"] is True, (err, doc and doc["chromadb"])
+    assert doc["stale_rows"] == {"ids": 3, "metadata": 3, "fulltext": 0} and doc["backup"]
+    assert _count(p, "embedding_metadata_array") == 0
+    assert check_palace(p).codes() == orphan
+    assert apply_ops(p, SPEC, [{"op": "add", "start": SPEC.drawers, "count": 3}]).ok
+    assert _count(p, "embedding_metadata_array") == 0  # the new records inherited no tags
+
+
+def test_a_full_text_index_that_refuses_the_delete_leaves_its_documents_and_the_rest_is_repaired(tmp_path):
+    """A damaged FTS5 index (quick_check does not read inside it) refuses the delete of a
+    leftover document (found by a review subagent: it failed every SQL write of the run,
+    after the swap, on every rerun). Now the delete runs under a savepoint: the document
+    is left and named (exit 4), the rest of the repair lands."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    _delete_newest_record_in_sql(p, metadata_too=True)
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    con.execute("UPDATE embedding_fulltext_search_data SET block = x'ffffffffffffffffffff' WHERE id = 10")
+    con.commit()
+    con.close()
+    assert check_palace(p).codes() == {"STALE_ROWS": 1, "HNSW_ONLY": 1}
+    code, doc, err = reconcile(p, "--no-chromadb-check")
+    assert code == 4, err
+    assert any(x.startswith("STALE_ROWS: 1 full-text document(s)") for x in doc["left"]), doc["left"]
+    assert check_palace(p).codes() == {"STALE_ROWS": 1}  # the index entry went; the document stayed
+
+
 def _count(p: Path, table: str, rid: int | None = None) -> int:
     con = sqlite3.connect(p / "chroma.sqlite3")
     try:

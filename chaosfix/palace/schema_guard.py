@@ -49,7 +49,8 @@ REQUIRED = {
 }
 WRITTEN = frozenset({"max_seq_id", "embeddings_queue"})  # the only tables reconcile writes
 # ...and, for STALE_ROWS only, deletes from (a record's leftovers, its embeddings row gone)
-STALE_DELETES = frozenset({"embedding_metadata", "embedding_fulltext_search"})
+STALE_DELETES = frozenset({"embedding_metadata", "embedding_metadata_array", "embedding_fulltext_search"})
+STALE_GONE = "typeof(id) = 'integer' AND id NOT IN (SELECT id FROM embeddings)"  # a record's leftover
 FTS_WRITES = frozenset(f"embedding_fulltext_search{s}" for s in FTS_SHADOW)  # FTS5's own bookkeeping
 GUARDED = ("embeddings", "embedding_metadata", "collections", "segments", "collection_metadata")
 
@@ -159,39 +160,36 @@ def writer_authorizer(drops: frozenset[str] = frozenset(), stale: bool = False):
 @dataclass(frozen=True)
 class RowFingerprint:
     """Counts and id sums of the tables reconcile never writes, plus the exact content of
-    ``max_seq_id`` and the WAL's count: compared before COMMIT with what the plan allows."""
+    ``max_seq_id`` and the WAL's count: compared before COMMIT with what the plan allows.
+    Of the metadata tables it deletes leftovers from (STALE_ROWS: ``stale_tables``), the
+    rows of live records (and any id that is not an integer) are fingerprinted, taken
+    the same way before and after: those must not change either."""
 
     guarded: tuple
     seqs: dict
     queue: tuple
 
     @classmethod
-    def take(cls, conn: sqlite3.Connection) -> RowFingerprint:
-        g = [(t, conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in GUARDED]
+    def take(cls, conn: sqlite3.Connection, stale_tables: tuple[str, ...] = ()) -> RowFingerprint:
+        def rows(t: str) -> str:  # (every row, or every row but a record's leftovers)
+            return f"{t} WHERE NOT ({STALE_GONE})" if t in stale_tables else t
+
+        g = [(t, conn.execute(f"SELECT count(*) FROM {rows(t)}").fetchone()[0]) for t in GUARDED]
         g.append(("embeddings ids", *conn.execute(
             "SELECT total(id), max(id), total(length(embedding_id)), total(unicode(embedding_id)) FROM embeddings"
         ).fetchone()))
-        g.append(("embedding_metadata ids", *conn.execute("SELECT total(id), max(id) FROM embedding_metadata").fetchone()))
+        g.append(("embedding_metadata ids",
+                  *conn.execute(f"SELECT total(id), max(id) FROM {rows('embedding_metadata')}").fetchone()))
+        g += [(t, *conn.execute(f"SELECT count(*), total(id), max(id) FROM {rows(t)}").fetchone())
+              for t in stale_tables if t not in GUARDED]
         seqs = {r[0]: r[1] for r in conn.execute("SELECT segment_id, seq_id FROM max_seq_id")}
         queue = tuple(conn.execute("SELECT count(*), min(seq_id), max(seq_id) FROM embeddings_queue").fetchone())
         return cls(tuple(g), seqs, queue)
 
-    def problems(self, after: RowFingerprint, seq_writes: dict, floor: int | None,
-                 meta_removed: tuple[int, float] = (0, 0.0)) -> list[str]:
-        """What differs from the plan: no row of a guarded table may change (but for the
-        stale metadata rows removed: ``meta_removed`` is their count and id total),
-        max_seq_id may only take the planned values, the WAL may only gain the planned
-        floor row."""
-        n, total = meta_removed
-        out = []
-        for a, b in zip(self.guarded, after.guarded):
-            if n and a[0] == "embedding_metadata":
-                a = (a[0], a[1] - n)
-            elif n and a[0] == "embedding_metadata ids":  # total(id) drops by theirs; max(id) may drop
-                max_ok = b[2] is None or (a[2] is not None and b[2] <= a[2])
-                a, b = (a[0], a[1] - total, max_ok), (b[0], b[1], True)
-            if a != b:
-                out.append(f"{a[0]}: {a[1:]} -> {b[1:]}")
+    def problems(self, after: RowFingerprint, seq_writes: dict, floor: int | None) -> list[str]:
+        """What differs from the plan: no row of a guarded table may change, max_seq_id
+        may only take the planned values, the WAL may only gain the planned floor row."""
+        out = [f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(self.guarded, after.guarded) if a != b]
         want = {**self.seqs, **seq_writes}
         if after.seqs != want:
             out.append(f"max_seq_id rows {len(after.seqs)} differ from the {len(want)} planned")

@@ -26,6 +26,7 @@ import numpy as np
 
 from chaosfix.palace.generation import Generation, hnsw_config
 from chaosfix.palace.generation import detect as detect_generation
+from chaosfix.palace.schema_guard import STALE_GONE
 
 POISON_LIMIT = 2**53
 OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
@@ -88,8 +89,9 @@ class StaleRows:
     """Rows keyed by a record's ``embeddings.id`` that outlived the record (its embeddings
     row deleted behind chromadb's back): metadata rows and full-text index documents."""
 
-    metadata: list[int] = field(default_factory=list)  # distinct ids in embedding_metadata
+    metadata: list[int] = field(default_factory=list)  # distinct integer ids in ``tables``
     fulltext: list[int] = field(default_factory=list)  # rowids in embedding_fulltext_search
+    tables: tuple[str, ...] = ()  # the metadata tables of this palace (STALE_TABLES it has)
 
     @property
     def ids(self) -> list[int]:
@@ -99,11 +101,15 @@ class StaleRows:
         return bool(self.metadata or self.fulltext)
 
 
-# the full-text table chromadb (0.5 - 1.5) creates; only this one is read (through its
-# docsize shadow table: no module code runs) and written (through FTS5, which keeps its
-# index right)
+# metadata tables keyed by embeddings.id (1.x adds the array one); read and written only
+# when the palace's own declaration is a plain table with an ``id`` column
+STALE_TABLES = ("embedding_metadata", "embedding_metadata_array")
+# the full-text table chromadb (0.5 - 1.5) creates; only this exact declaration is read
+# (through its docsize shadow table, also exactly chromadb's: no module code or
+# palace expression runs) and written (through FTS5, which keeps its index right)
 FTS_TABLE = "embedding_fulltext_search"
 FTS_SQL = "CREATE VIRTUAL TABLE embedding_fulltext_search USING fts5(string_value, tokenize='trigram')"
+DOCSIZE_SQL = "CREATE TABLE 'embedding_fulltext_search_docsize'(id INTEGER PRIMARY KEY, sz BLOB)"
 
 
 @dataclass
@@ -387,24 +393,31 @@ class PalaceSql:
     def stale_rows(self) -> StaleRows:
         """Metadata rows and full-text documents whose ``embeddings`` row is gone. chromadb
         gives a new record the next ``embeddings.id``, so such a row above the last record
-        (a tool that deleted the newest rows in SQL) meets the next add: 1.x then fails to
-        apply its log, and every later write and even count() of the collection fails;
-        0.6 gives the new record the deleted one's metadata. Two scans of covering
-        b-trees with a rowid probe each (0.3 s at 500k drawers)."""
-        meta = [r[0] for r in self.conn.execute(
-            "SELECT DISTINCT id FROM embedding_metadata WHERE id NOT IN (SELECT id FROM embeddings)")]
+        (a tool that deleted the newest rows in SQL; 1.5.9's own delete_collection leaves
+        its array metadata) meets the next add: 1.x then fails to apply its log, and every
+        later write and even count() of the collection fails (or, for array metadata, the
+        new record inherits it); 0.6 gives the new record the deleted one's metadata.
+        Scans of covering b-trees with a rowid probe each (0.3 s at 500k drawers)."""
+        tables = tuple(t for t in STALE_TABLES if self._plain_table(t))
+        meta = sorted({r[0] for t in tables for r in self.conn.execute(f"SELECT DISTINCT id FROM {t} WHERE {STALE_GONE}")})
         fts: list[int] = []
         if self.fulltext_known():
-            fts = [r[0] for r in self.conn.execute(
-                f"SELECT id FROM {FTS_TABLE}_docsize WHERE id NOT IN (SELECT id FROM embeddings)")]
-        return StaleRows(meta, fts)
+            fts = [r[0] for r in self.conn.execute(f"SELECT id FROM {FTS_TABLE}_docsize WHERE {STALE_GONE}")]
+        return StaleRows(meta, fts, tables)
+
+    def _plain_table(self, name: str) -> bool:
+        """``name`` is a table (not a view or virtual table) with an ``id`` column."""
+        row = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+        if row is None or not str(row[0] or "").upper().lstrip().startswith("CREATE TABLE"):
+            return False
+        return "id" in {str(r[1]).lower() for r in self.conn.execute(f'PRAGMA table_info("{name}")')}
 
     def fulltext_known(self) -> bool:
-        """The full-text table is chromadb's own FTS5 table with its docsize shadow table."""
-        found = dict(self.conn.execute(
+        """The full-text table and its docsize shadow table are declared exactly as chromadb does."""
+        found = {name: " ".join(str(sql or "").split()) for name, sql in self.conn.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
-            (FTS_TABLE, f"{FTS_TABLE}_docsize")))
-        return " ".join((found.get(FTS_TABLE) or "").split()) == FTS_SQL and f"{FTS_TABLE}_docsize" in found
+            (FTS_TABLE, f"{FTS_TABLE}_docsize"))}
+        return found.get(FTS_TABLE) == FTS_SQL and found.get(f"{FTS_TABLE}_docsize") == DOCSIZE_SQL
 
     def wal_max_seq(self) -> int | None:
         row = self.conn.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone()

@@ -36,7 +36,7 @@ from chaosfix.check import ERROR, INFO, WARNING, CheckReport, Finding, check_pal
 from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
-from chaosfix.palace.schema_guard import ForeignObject
+from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
 from chaosfix.palace.state import written_in_rollback
 from chaosfix.progress import ProgressFn
@@ -351,7 +351,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                     rep.left = [x for x in rep.left if "INDEX_AHEAD" not in x]
                     rep.left += [p.unrepaired_reason for p in rep.plans if p.unrepaired_reason]
                 _guard(conn, rep)  # (the plan under the lock may differ)
-                rows_before = schema_guard.RowFingerprint.take(conn)
+                rows_before = schema_guard.RowFingerprint.take(conn, _stale_tables(rep))
                 post_check = None
                 if opts.chromadb_check and before.generation is not None:
                     if started is not None:  # it will run: its copy begins beside the build
@@ -575,7 +575,9 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         if sql_changes:
             sparse_copy(root / SQLITE_NAME, backup_dir / (SQLITE_NAME + ".rolled-back"))
             fsync_path(backup_dir / (SQLITE_NAME + ".rolled-back"))
-    elif (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql:  # pruned folders and dropped SQL always go to a backup
+    elif (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql or rep.stale:
+        # pruned folders, dropped SQL and deleted leftovers (often a record's only
+        # remaining text) always go to a backup
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
         if sql_changes:
@@ -672,7 +674,16 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     fsync_path(root)  # entries moved out of the palace into the backup
     if backup_dir is not None:
         fsync_path(backup_dir)
-    removed = _write_sql(conn, rep)
+    rep.left += _write_sql(conn, rep)
+    if rep.stale:  # what the deletes did, judged by the same query that found them
+        sql = PalaceSql(root / SQLITE_NAME, conn)
+        try:
+            kept = set(sql.stale_rows().ids) & set(rep.stale.ids)
+        finally:
+            sql.close()
+        if kept and not any(x.startswith("STALE_ROWS") for x in rep.left):
+            rep.left.append(f"STALE_ROWS: the leftovers of {len(kept)} deleted record(s) are still there after "
+                            f"their delete (ids {sorted(kept)[:5]})")
     if rep.foreign_sql:
         rep.notes.append(f"dropped {len(rep.foreign_sql)} foreign trigger(s)/view(s); their SQL is in "
                          f"{Path(rep.backup or '') / FOREIGN_SQL_FILE}")
@@ -681,17 +692,17 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     planned = {w.segment: (w.value.to_bytes(8, "big") if w.encoding == "blob" else w.value)
                for p in rep.plans for w in p.seq_writes}
     floor = rep.queue_floor if rep.queue_floor else None
-    wrong = rows_before.problems(schema_guard.RowFingerprint.take(conn), planned, floor, removed)
+    wrong = rows_before.problems(schema_guard.RowFingerprint.take(conn, _stale_tables(rep)), planned, floor)
     if wrong:
         raise OperationalError(f"{root}: SQL rows differ from the plan before COMMIT ({wrong[0]}); rolled back")
     conn.execute("COMMIT")
 
 
-def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> tuple[int, float]:
+def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> list[str]:
     """Every SQL write of a repair, inside the caller's transaction: the foreign triggers
     and views asked to be dropped, max_seq_id, the WAL floor, the leftover rows of
     records whose embeddings row is gone. Run on the palace after the swap and, first,
-    on the post-check's copy. Returns the count and id total of the metadata rows deleted."""
+    on the post-check's copy. Returns what it had to leave, with why."""
     for stmt in schema_guard.drop_statements(rep.foreign_sql):
         conn.execute(stmt)
     for p in rep.plans:
@@ -700,21 +711,41 @@ def _write_sql(conn: sqlite3.Connection, rep: ReconcileReport) -> tuple[int, flo
             conn.execute("INSERT OR REPLACE INTO max_seq_id (segment_id, seq_id) VALUES (?, ?)", (w.segment, val))
     if rep.queue_floor is not None and rep.queue_floor > 0:
         _write_queue_floor(conn, rep)
-    return _delete_stale(conn, rep.stale) if rep.stale else (0, 0.0)
+    return _delete_stale(conn, rep.stale) if rep.stale else []
 
 
-def _delete_stale(conn: sqlite3.Connection, stale: StaleRows) -> tuple[int, float]:
+STALE_CHUNK = 500  # ids per DELETE (bound parameters; SQLite's old limit is 999)
+
+
+def _delete_stale(conn: sqlite3.Connection, stale: StaleRows) -> list[str]:
     """Delete the leftovers of records whose embeddings row is gone, each only while that
-    is still so; full-text documents through FTS5 (which removes them from its index)."""
-    n, total = 0, 0.0
-    gone = "NOT IN (SELECT id FROM embeddings)"
-    for rid in stale.metadata:
-        c, t = conn.execute(f"SELECT count(*), total(id) FROM embedding_metadata WHERE id = ? AND id {gone}",
-                            (rid,)).fetchone()
-        conn.execute(f"DELETE FROM embedding_metadata WHERE id = ? AND id {gone}", (rid,))
-        n, total = n + c, total + t
-    conn.executemany(f"DELETE FROM {FTS_TABLE} WHERE rowid = ? AND rowid {gone}", ((r,) for r in stale.fulltext))
-    return n, total
+    is still so, a set of ids per statement; full-text documents through FTS5 (which
+    removes them from its index), under a savepoint: a damaged full-text index that
+    refuses is reported (and its documents left) instead of failing the repair's other
+    SQL writes."""
+    for t in stale.tables:
+        for s in range(0, len(stale.metadata), STALE_CHUNK):
+            chunk = stale.metadata[s : s + STALE_CHUNK]
+            conn.execute(f"DELETE FROM {t} WHERE id IN ({', '.join('?' * len(chunk))}) AND {STALE_GONE}", chunk)
+    if not stale.fulltext:
+        return []
+    conn.execute("SAVEPOINT stale_fulltext")
+    try:
+        for s in range(0, len(stale.fulltext), STALE_CHUNK):
+            chunk = stale.fulltext[s : s + STALE_CHUNK]
+            conn.execute(f"DELETE FROM {FTS_TABLE} WHERE rowid IN ({', '.join('?' * len(chunk))}) "
+                         "AND rowid NOT IN (SELECT id FROM embeddings)", chunk)
+    except sqlite3.DatabaseError as exc:
+        conn.execute("ROLLBACK TO stale_fulltext")
+        return [f"STALE_ROWS: {len(stale.fulltext)} full-text document(s) of deleted records left: the full-text "
+                f"index refused their delete ({exc}); chromadb's next add that gets one of their ids fails"]
+    finally:
+        conn.execute("RELEASE stale_fulltext")
+    return []
+
+
+def _stale_tables(rep: ReconcileReport) -> tuple[str, ...]:
+    return rep.stale.tables if rep.stale else ()
 
 
 def _guard(conn: sqlite3.Connection, rep: ReconcileReport) -> None:
