@@ -12,7 +12,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.palace import SQLITE_NAME, PalaceSql, SqlReadError, palace_db, schema_guard
 from chaosfix.palace.generation import Generation
 from chaosfix.palace.leftovers import human, orphan_dirs, quarantined
-from chaosfix.palace.sql import journal_synced
+from chaosfix.palace.sql import StaleRows, journal_synced
 from chaosfix.palace.state import (
     PICKLE_MISSING,
     PICKLE_UNREADABLE,
@@ -182,14 +182,17 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
                     f"chroma.sqlite3-journal present; {state}"))
     report.generation = sql.generation
     at = len(report.findings)
-    quick_check = sql.quick_check_started()
+    # the STALE_ROWS scans read the whole metadata b-tree: the quick_check helper runs them
+    _, stale_queries = sql.stale_queries()
+    quick_check = sql.quick_check_started(stale_queries)
     try:
         _collections(sql, root, collection, report, slot_vectors)
     finally:
-        problems = quick_check()  # joined even when the rest failed: it reads the same file
+        problems, answers = quick_check()  # joined even when the rest failed: it reads the same file
         if problems:
             report.findings.insert(at, Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems),
                                                problems[:SAMPLE], "PRAGMA quick_check"))
+    _stale_findings(sql.stale_rows(answers), report)
 
 
 def _collections(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,
@@ -223,7 +226,6 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
             add(Finding("QUARANTINED", INFO, None, None, len(quar), [q.path.name for q in quar[:SAMPLE]],
                         f"{human(size)} in quarantined segment copies ({', '.join(kinds)}); chromadb never reads them"))
     _queue_findings(sql, seqs, report)
-    _stale_findings(sql, report)
     fmts = sorted({st.idmap.fmt for st in report.states if st.idmap is not None})
     if fmts:
         report.generation.evidence.append("index_metadata.pickle: " + ", ".join(fmts))
@@ -241,8 +243,7 @@ def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
         ))
 
 
-def _stale_findings(sql: PalaceSql, report: CheckReport) -> None:
-    stale = sql.stale_rows()
+def _stale_findings(stale: StaleRows, report: CheckReport) -> None:
     if stale:
         ids = stale.ids
         report.findings.append(Finding(

@@ -473,12 +473,27 @@ def test_sparse_link_lists_bloat(small_palace, factor, want):
 
 
 @pytest.mark.parametrize("which", ["newest", "middle"])
-def test_a_record_deleted_in_sql_leaves_stale_rows(small_palace, which):
+@pytest.mark.parametrize("helper", ["child", "thread"])
+def test_a_record_deleted_in_sql_leaves_stale_rows(small_palace, which, helper, monkeypatch):
     """A record's embeddings row deleted in SQL (by a tool, behind chromadb's back) leaves
     its metadata rows and full-text document: STALE_ROWS names its embeddings.id, the
     newest record's (the id chromadb's next add gets) or one in the middle (met once
-    the records above it are deleted), beside the index entry it also left (HNSW_ONLY)."""
+    the records above it are deleted), beside the index entry it also left (HNSW_ONLY).
+    The scans run beside quick_check, in its helper process (large files) or thread; the
+    in-process fallback must not be needed."""
     import sqlite3
+
+    from chaosfix.palace import sql as sql_mod
+
+    monkeypatch.setattr(sql_mod, "QUICK_CHECK_CHILD_BYTES", 0 if helper == "child" else 1 << 40)
+    asked_here = []
+    real = sql_mod.PalaceSql.stale_rows
+
+    def spy(self, answers=()):  # noqa: ANN001,ANN202
+        asked_here.append([a is None for a in answers])
+        return real(self, answers)
+
+    monkeypatch.setattr(sql_mod.PalaceSql, "stale_rows", spy)
 
     con = sqlite3.connect(small_palace / "chroma.sqlite3")
     rid = con.execute("SELECT max(id) FROM embeddings" if which == "newest" else
@@ -487,6 +502,9 @@ def test_a_record_deleted_in_sql_leaves_stale_rows(small_palace, which):
     con.commit()
     con.close()
     rep = check_palace(small_palace)
+    # metadata (1.x: and array metadata) and full-text, each answered by the helper
+    assert len(asked_here) == 1 and len(asked_here[0]) == (2 if chroma_major() == "0.6" else 3)
+    assert not any(asked_here[0])
     deferred_agrees(small_palace, rep)
     assert rep.codes() == {"STALE_ROWS": 1, "HNSW_ONLY": 1}
     stale = next(f for f in rep.findings if f.code == "STALE_ROWS")

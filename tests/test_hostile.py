@@ -840,7 +840,7 @@ def test_quick_check_finds_a_broken_index_page(palace: Path, tmp_path: Path, mon
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     monkeypatch.setattr(sql_mod, "QUICK_CHECK_CHILD_BYTES", 0 if where.startswith("child") else 1 << 40)
     if where.startswith("child"):  # the child's own verdict, not the thread's fallback
-        monkeypatch.setattr(sql_mod, "_quick_check_thread", lambda uri: pytest.fail("fell back to the thread"))
+        monkeypatch.setattr(sql_mod, "_quick_check_thread", lambda uri, also=(): pytest.fail("fell back to the thread"))
     trap = tmp_path / "trap"
     trap.mkdir()
     (trap / "json.py").write_text("raise SystemExit('imported from the current folder')\n")
@@ -884,14 +884,14 @@ def test_quick_check_reads_a_cold_file_ahead_only_as_far_as_sqlite_would(palace:
 
     evict()
     read, verdict = _preread_bytes(db, tmp_path)
-    assert read == pages and verdict == '{"rows": ["ok"]}'
+    assert read == pages and verdict == '{"rows": ["ok"], "also": []}'
     with open(db, "r+b") as f:  # a sparse 4 GiB tail, one real page near its end
         f.truncate(4 << 30)
         f.seek((4 << 30) * 63 // 64)
         f.write(b"\x01" * 4096)
     evict()
     read, verdict = _preread_bytes(db, tmp_path)
-    assert read <= pages and verdict == '{"rows": ["ok"]}'
+    assert read <= pages and verdict == '{"rows": ["ok"], "also": []}'
 
 
 def test_implausible_max_elements_makes_auto_rebuild(palace: Path):

@@ -17,10 +17,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -230,8 +231,11 @@ class PalaceSql:
         """The chromadb generation that wrote the palace (its migrations table decides)."""
         return detect_generation(self.conn)
 
-    def quick_check_started(self) -> Callable[[], list[str]]:
+    def quick_check_started(self, also: Sequence[str] = ()) -> Callable[[], QuickCheck]:
         """Start ``quick_check`` and return the call that waits for its result.
+        ``also``: read-only queries run after it on the same connection, in the same
+        process (their first columns come back as lists; None for one that failed, which
+        the caller then asks itself): check's STALE_ROWS scans, 0.3 s at 500k drawers.
 
         It reads every page of the file, the longest single step of a check. On our own
         read-only connection it runs in a child process (``_QUICK_CHECK``, standard
@@ -242,22 +246,22 @@ class PalaceSql:
         On a borrowed connection (the reconciler's exclusive transaction locks out any
         other reader) it runs inline. The returned call re-raises what quick_check raised."""
         if self.uri is None:
-            rows = self.quick_check()
-            return lambda: rows
+            done = QuickCheck(self.quick_check(), [None] * len(also))
+            return lambda: done
         uri = self.uri
         try:
             small = os.path.getsize(self.path) < QUICK_CHECK_CHILD_BYTES
         except OSError:
             small = True
         if small:  # a process start (~30 ms) costs more than the contention it avoids
-            return _quick_check_thread(uri)
+            return _quick_check_thread(uri, also)
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _QUICK_CHECK, uri, str(self.path)],
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _QUICK_CHECK, uri, str(self.path), json.dumps(also)],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         except OSError:
-            return _quick_check_thread(uri)
+            return _quick_check_thread(uri, also)
 
-        def result() -> list[str]:
+        def result() -> QuickCheck:
             out, _ = proc.communicate()
             try:
                 got = json.loads(out)
@@ -266,7 +270,7 @@ class PalaceSql:
             if not isinstance(got, dict):
                 if proc.returncode == -signal.SIGINT:  # Ctrl-C reached the child too: stop
                     raise KeyboardInterrupt
-                return _quick_check_thread(uri)()  # the child died for its own reasons: ask here
+                return _quick_check_thread(uri, also)()  # the child died for its own reasons: ask here
             if "error" in got:
                 name, msg = got["error"]
                 cls = getattr(sqlite3, str(name), None)
@@ -274,7 +278,11 @@ class PalaceSql:
                     cls = sqlite3.DatabaseError
                 raise cls(str(msg))
             rows = [str(r) for r in got.get("rows", [])]
-            return [] if rows == ["ok"] else rows
+            answers = got.get("also")
+            if not (isinstance(answers, list) and len(answers) == len(also)):
+                answers = [None] * len(also)
+            return QuickCheck([] if rows == ["ok"] else rows,
+                              [a if isinstance(a, list) and all(type(x) is int for x in a) else None for a in answers])
 
         return result
 
@@ -390,20 +398,29 @@ class PalaceSql:
             out.append(WalRow(seq, int(op), rid, vector, doc, md))
         return out
 
-    def stale_rows(self) -> StaleRows:
+    def stale_rows(self, answers: Sequence[list | None] = ()) -> StaleRows:
         """Metadata rows and full-text documents whose ``embeddings`` row is gone. chromadb
         gives a new record the next ``embeddings.id``, so such a row above the last record
         (a tool that deleted the newest rows in SQL; 1.5.9's own delete_collection leaves
         its array metadata) meets the next add: 1.x then fails to apply its log, and every
         later write and even count() of the collection fails (or, for array metadata, the
         new record inherits it); 0.6 gives the new record the deleted one's metadata.
-        Scans of covering b-trees with a rowid probe each (0.3 s at 500k drawers)."""
+        Scans of covering b-trees with a rowid probe each (0.3 s at 500k drawers), so
+        check has them run by its quick_check helper (``stale_queries``, ``answers``)."""
+        tables, queries = self.stale_queries()
+        got = [answers[i] if i < len(answers) and answers[i] is not None else [r[0] for r in self.conn.execute(q)]
+               for i, q in enumerate(queries)]
+        meta = sorted({i for rows in got[: len(tables)] for i in rows})
+        return StaleRows(meta, got[len(tables)] if len(got) > len(tables) else [], tables)
+
+    def stale_queries(self) -> tuple[tuple[str, ...], list[str]]:
+        """The metadata tables to read and the queries ``stale_rows`` runs: one per table,
+        then the full-text one where chromadb's own declarations are found."""
         tables = tuple(t for t in STALE_TABLES if self._plain_table(t))
-        meta = sorted({r[0] for t in tables for r in self.conn.execute(f"SELECT DISTINCT id FROM {t} WHERE {STALE_GONE}")})
-        fts: list[int] = []
+        queries = [f"SELECT DISTINCT id FROM {t} WHERE {STALE_GONE}" for t in tables]
         if self.fulltext_known():
-            fts = [r[0] for r in self.conn.execute(f"SELECT id FROM {FTS_TABLE}_docsize WHERE {STALE_GONE}")]
-        return StaleRows(meta, fts, tables)
+            queries.append(f"SELECT id FROM {FTS_TABLE}_docsize WHERE {STALE_GONE}")
+        return tables, queries
 
     def _plain_table(self, name: str) -> bool:
         """``name`` is a table (not a view or virtual table) with an ``id`` column."""
@@ -466,7 +483,14 @@ except OSError:
 try:
     conn = sqlite3.connect(sys.argv[1], uri=True, timeout=2.0)
     try:
-        print(json.dumps({"rows": [r[0] for r in conn.execute("PRAGMA quick_check")]}))
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        also = []
+        for q in json.loads(sys.argv[3]) if len(sys.argv) > 3 else []:
+            try:
+                also.append([r[0] for r in conn.execute(q)])
+            except sqlite3.Error:
+                also.append(None)
+        print(json.dumps({"rows": rows, "also": also}))
     finally:
         conn.close()
 except sqlite3.Error as exc:
@@ -474,8 +498,9 @@ except sqlite3.Error as exc:
 """
 
 
-def _quick_check_thread(uri: str) -> Callable[[], list[str]]:
-    """``PRAGMA quick_check`` on a second connection in a thread (SQLite drops the GIL)."""
+def _quick_check_thread(uri: str, also: Sequence[str] = ()) -> Callable[[], QuickCheck]:
+    """``PRAGMA quick_check`` (and ``also``) on a second connection in a thread (SQLite
+    drops the GIL)."""
     out: dict = {}
 
     def work() -> None:
@@ -483,22 +508,35 @@ def _quick_check_thread(uri: str) -> Callable[[], list[str]]:
             conn = sqlite3.connect(uri, uri=True, timeout=2.0)
             try:
                 rows = [r[0] for r in conn.execute("PRAGMA quick_check")]
+                answers = [_column(conn, q) for q in also]
             finally:
                 conn.close()
-            out["rows"] = [] if rows == ["ok"] else rows
+            out["done"] = QuickCheck([] if rows == ["ok"] else rows, answers)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             out["error"] = exc
 
     t = threading.Thread(target=work, name="chaosfix-quick-check", daemon=True)
     t.start()
 
-    def result() -> list[str]:
+    def result() -> QuickCheck:
         t.join()
         if "error" in out:
             raise out["error"]
-        return out["rows"]
+        return out["done"]
 
     return result
+
+
+def _column(conn: sqlite3.Connection, q: str) -> list | None:
+    try:
+        return [r[0] for r in conn.execute(q)]
+    except sqlite3.Error:
+        return None
+
+
+class QuickCheck(NamedTuple):
+    problems: list[str]  # quick_check's rows; none when it said "ok"
+    also: list[list | None]  # the ``also`` queries' first columns (None: ask again)
 
 
 JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
