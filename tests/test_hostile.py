@@ -485,14 +485,20 @@ def test_a_crafted_docsize_table_is_not_read_and_odd_leftover_ids_stay_exact(pal
     """STALE_ROWS reads the full-text ids from the docsize shadow table only when it is
     declared exactly as chromadb does: one whose ``id`` is a generated column (found by a
     review subagent) made a healthy palace report 300 leftovers, a reconcile report
-    deletes that never happened, and, with a costly expression, cost check seconds.
+    deletes that never happened, and, with a costly expression, cost check seconds; a
+    metadata table whose ``id`` is generated is not read either.
     Leftover ids that are not integers are not chromadb's (never reported, nothing to
     crash on); integer ones beyond 2**53 are deleted, and the row fingerprint (taken over
     the rows of live records) still matches exactly."""
     db = palace / "chroma.sqlite3"
     _redeclare(db, "embedding_fulltext_search_docsize",
                "CREATE TABLE 'embedding_fulltext_search_docsize'(rid INTEGER PRIMARY KEY, sz BLOB, id AS (rid + 100000))")
+    _redeclare(db, "embedding_metadata_array",  # (1.x; a generated id would run for every row)
+               "CREATE TABLE embedding_metadata_array (rid INTEGER NOT NULL, key TEXT NOT NULL, string_value TEXT, "
+               "int_value INTEGER, float_value REAL, bool_value INTEGER, id AS (rid + 100000))")
     con = sqlite3.connect(db)
+    if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'embedding_metadata_array'").fetchone():
+        con.execute("INSERT INTO embedding_metadata_array (rid, key, string_value) VALUES (1, 'k', 'v')")  # id 100001
     con.executemany("INSERT INTO embedding_metadata (id, key, string_value) VALUES (?, 'k', 'v')",
                     [("abc",), (b"\x01\x02",), (2**62 + 1,), (2**62 + 3,)])
     con.commit()

@@ -416,6 +416,8 @@ class PalaceSql:
     def stale_queries(self) -> tuple[tuple[str, ...], list[str]]:
         """The metadata tables to read and the queries ``stale_rows`` runs: one per table,
         then the full-text one where chromadb's own declarations are found."""
+        if not self._plain_table("embeddings"):
+            return (), []
         tables = tuple(t for t in STALE_TABLES if self._plain_table(t))
         queries = [f"SELECT DISTINCT id FROM {t} WHERE {STALE_GONE}" for t in tables]
         if self.fulltext_known():
@@ -423,11 +425,13 @@ class PalaceSql:
         return tables, queries
 
     def _plain_table(self, name: str) -> bool:
-        """``name`` is a table (not a view or virtual table) with an ``id`` column."""
+        """``name`` is a table (not a view or virtual table) with a stored ``id`` column
+        (not a generated one: a palace's expression would run for every row read)."""
         row = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
         if row is None or not str(row[0] or "").upper().lstrip().startswith("CREATE TABLE"):
             return False
-        return "id" in {str(r[1]).lower() for r in self.conn.execute(f'PRAGMA table_info("{name}")')}
+        cols = {str(r[1]).lower(): r[6] for r in self.conn.execute(f'PRAGMA table_xinfo("{name}")')}
+        return cols.get("id") == 0  # (hidden: 0 stored, 2/3 generated)
 
     def fulltext_known(self) -> bool:
         """The full-text table and its docsize shadow table are declared exactly as chromadb does."""
