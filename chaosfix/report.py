@@ -89,9 +89,9 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
     if rep.queue_floor is not None:
         out.append(f"WAL floor row at seq_id {rep.queue_floor}: new writes get seq_ids above every max_seq_id")
     if rep.stale:
-        out.append(f"leftovers of {len(rep.stale.ids)} record(s) whose embeddings row is gone"
-                   f"{' to delete' if rep.dry_run else ' deleted'}: metadata of {len(rep.stale.metadata)}, "
-                   f"{len(rep.stale.fulltext)} full-text document(s) (the next add would have met them)")
+        out.append(f"{'would delete' if rep.dry_run else 'deleted'} the leftovers of {len(rep.stale.ids)} record(s) "
+                   f"whose embeddings row is gone: the metadata of {len(rep.stale.metadata)}, "
+                   f"{len(rep.stale.fulltext)} full-text document(s); chromadb's next add would have met them")
     out += [f"note: {n}" for n in rep.notes] + [f"left: {n}" for n in rep.left]
     if rep.backup:
         out.append(f"backup: {rep.backup}")
