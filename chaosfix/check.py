@@ -192,7 +192,7 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
         if problems:
             report.findings.insert(at, Finding("SQLITE_CORRUPT", ERROR, None, None, len(problems),
                                                problems[:SAMPLE], "PRAGMA quick_check"))
-    _stale_findings(sql.stale_rows(answers), report)
+    _stale_findings(sql.stale_rows(answers), report, sql.generation)
 
 
 def _collections(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,
@@ -243,15 +243,21 @@ def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
         ))
 
 
-def _stale_findings(stale: StaleRows, report: CheckReport) -> None:
-    if stale:
-        ids = stale.ids
-        report.findings.append(Finding(
-            "STALE_ROWS", ERROR, None, None, len(ids), [str(i) for i in ids[:SAMPLE]],
-            f"{len(stale.metadata)} record(s)' metadata rows and {len(stale.fulltext)} full-text document(s) outlive "
-            "their embeddings row (deleted behind chromadb's back): a new record that gets the id fails to apply "
-            "(1.x: the collection's writes and count() then fail) or inherits the metadata (0.6)",
-        ))
+def _stale_findings(stale: StaleRows, report: CheckReport, gen: Generation) -> None:
+    if not stale:
+        return
+    ids = stale.ids
+    if gen.name == "0.4" and not stale.metadata:
+        # chromadb 0.4 leaves a deleted record's full-text document on every delete, and
+        # its own adds replace such a row: a 0.4 palace's normal state. Once a 1.x opens
+        # the palace (its migrations make it a 1.x palace), they are reported.
+        return
+    report.findings.append(Finding(
+        "STALE_ROWS", ERROR, None, None, len(ids), [str(i) for i in ids[:SAMPLE]],
+        f"{len(stale.metadata)} record(s)' metadata rows and {len(stale.fulltext)} full-text document(s) outlive "
+        "their embeddings row (deleted behind chromadb's back): a new record that gets the id fails to apply "
+        "(1.x: the collection's writes and count() then fail) or inherits the metadata (0.6)",
+    ))
 
 
 def _collection_findings(st: CollectionState, report: CheckReport, schema: str = "1.x") -> None:
