@@ -246,12 +246,12 @@ def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
 def _stale_findings(stale: StaleRows, report: CheckReport, gen: Generation) -> None:
     if not stale:
         return
-    ids = stale.ids
     if gen.name == "0.4" and not stale.metadata:
         # chromadb 0.4 leaves a deleted record's full-text document on every delete, and
         # its own adds replace such a row: a 0.4 palace's normal state. Once a 1.x opens
         # the palace (its migrations make it a 1.x palace), they are reported.
         return
+    ids = stale.ids
     report.findings.append(Finding(
         "STALE_ROWS", ERROR, None, None, len(ids), [str(i) for i in ids[:SAMPLE]],
         f"{len(stale.metadata)} record(s)' metadata rows and {len(stale.fulltext)} full-text document(s) outlive "

@@ -136,8 +136,9 @@ def writer_authorizer(drops: frozenset[str] = frozenset(), stale: bool = False):
     denied (SQLite compiles trigger programs into the statement, so the statement fails
     before it runs), and rows may be written only in ``max_seq_id`` and
     ``embeddings_queue``. DROP TRIGGER/VIEW only of ``drops`` (asked for by the user).
-    ``stale``: rows may also be deleted from ``embedding_metadata`` and chromadb's
-    full-text table, whose FTS5 module then writes its own shadow tables (STALE_ROWS)."""
+    ``stale``: rows may also be deleted from the metadata tables and chromadb's full-text
+    table (``STALE_DELETES``), whose FTS5 module then writes its own shadow tables
+    (STALE_ROWS)."""
     low_drops = {d.lower() for d in drops}
     deletable = STALE_DELETES if stale else frozenset()
     shadows = FTS_WRITES if stale else frozenset()
