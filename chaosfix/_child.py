@@ -180,24 +180,25 @@ def observe(spec: dict) -> dict:
     out["bad_embedding_count"] = len(bad_embeddings)
     # self-query a sample, unfiltered and filtered
     sample = ids[:: max(1, len(ids) // int(spec.get("sample", 50)))] if ids else []
-    misses, fmisses = [], []
+    misses, fmisses, shallow = [], [], []
     for rid in sample:
         try:
             got = col.get(ids=[rid], include=["documents", "metadatas"])
             doc, meta = got["documents"][0], got["metadatas"][0]
             q = embed_text(doc, dim).tolist()
-            res = col.query(query_embeddings=[q], n_results=10)
-            if rid not in res["ids"][0]:
-                misses.append(rid)
-            res = col.query(query_embeddings=[q], n_results=10, where={"wing": meta["wing"]})
-            if rid not in res["ids"][0]:
-                fmisses.append(rid)
+            for where, missed in ((None, misses), ({"wing": meta["wing"]}, fmisses)):
+                found = _self_found(col, q, rid, where, out.get("count") or len(ids))
+                if found is None:
+                    missed.append(rid)
+                elif found > 10:
+                    shallow.append(rid)
         except Exception as exc:  # noqa: BLE001
             out["errors"].append(("query", _err(exc)))
             break
     out["sampled"] = len(sample)
     out["query_misses"] = misses
     out["filtered_misses"] = fmisses
+    out["found_deeper"] = shallow  # missed at k=10, found by a deeper search
     if spec.get("write_probe"):
         pid, pdoc, pmeta = drawer(10**9 + 7, seed)
         try:
@@ -208,6 +209,40 @@ def observe(spec: dict) -> dict:
             out["errors"].append(("probe", _err(exc)))
             out["probe_found"] = False
     return out
+
+
+DEEPER_K = (10, 100, 1600)
+
+
+def _self_found(col, q: list[float], rid: str, where: dict | None, count: int) -> int | None:
+    """The smallest k in ``DEEPER_K`` at which a row's own vector returns it among its
+    true top-10, or None.
+
+    chromadb searches at ef = max(its search ef (10), k), and a healthy graph built by
+    several threads misses a few self-queries at k=10 from run to run (chromadb's own
+    ``ann_accuracy`` invariant tolerates missed neighbours: recall >= 0.95). A row a
+    deeper search returns no farther than the k=10 answer's last is one that answer
+    should have held: search depth. Anything else (no search finds it, or it comes back
+    farther: a stale vector) is a miss. 0.6.3 and 1.5.9 answer a k above a filter's
+    matches with fewer ids; a release that refuses it is asked how many match."""
+    kw = {"where": where} if where else {}
+    bound = float("inf")
+    for k in DEEPER_K:
+        try:
+            res = col.query(query_embeddings=[q], n_results=min(k, count), include=["distances"], **kw)
+        except Exception:  # noqa: BLE001 - see above; a second refusal is the caller's error
+            if not where or k == DEEPER_K[0]:
+                raise
+            matching = len(col.get(where=where, include=[])["ids"])
+            res = col.query(query_embeddings=[q], n_results=max(1, min(k, matching)), include=["distances"], **kw)
+        got, dist = res["ids"][0], res["distances"][0]
+        if rid in got and dist[got.index(rid)] <= bound + 1e-6:
+            return k
+        if k == DEEPER_K[0] and len(got) >= k:
+            bound = float(dist[-1])
+        if k >= count:
+            return None
+    return None
 
 
 def main() -> None:

@@ -277,6 +277,30 @@ def test_assertion_helpers_say_what_differs(palace_factory, crash, small_spec):
         assert_self_query(q)
 
 
+def test_chromadb_self_query_misses_are_rows_no_search_finds_where_they_belong(tmp_path):
+    """The observer asks a k=10 miss again deeper (a healthy graph built by two threads
+    misses a few at chromadb's ef 10): a row returned no farther than the first answer's
+    last is search depth, but a stale vector (a power cut lost an upsert's flush: the
+    index holds the old vectors under the same labels) stays a miss at every depth."""
+    from helpers import SPEC
+
+    from chaosfix import faults
+    from chaosfix.drawers import drawer
+
+    p = workload.fresh_palace(tmp_path / "palace", SPEC)
+    snap = faults.snapshot_segment(p)
+    assert workload.apply_ops(p, SPEC, [{"op": "upsert", "start": 0, "count": 150, "version": 1}]).ok
+    faults.restore_segment(p, snap)
+    obs = workload.observe(p, SPEC, sample=SPEC.drawers)  # every row
+    assert obs["sampled"] == SPEC.drawers and not obs["errors"], obs.get("errors")
+    stale = {drawer(i)[0] for i in range(150)}
+    missed = set(obs["query_misses"])
+    assert len(missed) >= 50 and missed <= stale, sorted(missed - stale)[:5]  # (0.6 replays its pending rows)
+    assert set(obs["filtered_misses"]) <= stale and not set(obs["found_deeper"]) & missed
+    with pytest.raises(AssertionError, match=rf"{len(missed)} of {SPEC.drawers} sampled rows not in their own top-10"):
+        assert_chromadb_consistent(p, SPEC, write_probe=False, sample=SPEC.drawers, check_vectors=False)
+
+
 def test_pending_rows_are_healthy_unless_strict(palace_factory, chroma_child):
     p = palace_factory(drawers=40, dim=16, sync_threshold=20, batch_size=10)
     assert chroma_child.add(p, start=40, count=7).ok
