@@ -20,6 +20,7 @@ from chaosfix import faults
 from chaosfix.check import check_palace
 from chaosfix.palace.hnsw import HnswFiles
 from chaosfix.palace.reach import MAX_ROUNDS, level0_reach
+from chaosfix.reconcile import verify
 from chaosfix.reconcile.verify import EF_MAX, verify_segment
 from chaosfix.workload import PalaceSpec, fresh_palace
 
@@ -187,11 +188,17 @@ def _only_far_in_links(folder: Path, victims: np.ndarray, seed: int = 0) -> None
     mm.flush()
 
 
-def test_a_connected_graph_that_search_cannot_use_fails_the_verification(tmp_path):
+@pytest.mark.parametrize("ef, gate_ef, gate_repaired", [(40, None, None), (10, 40, None), (10, 40, 50)],
+                         ids=["ef-40", "reconciler", "reconciler-50-of-150-compared"])
+def test_a_connected_graph_that_search_cannot_use_fails_the_verification(tmp_path, monkeypatch, ef, gate_ef,
+                                                                          gate_repaired):
     """Reachability alone is not enough: 150 repaired rows reachable only through one
     link from a random element are all reachable, yet a self-query near them never finds
     them, so they miss at ef 40 far more often than the untouched rows and the
-    verification fails."""
+    verification fails (the reconciler asks every row at ef 10 and compares at ef 40, on
+    up to GATE_REPAIRED seeded repaired rows)."""
+    if gate_repaired:
+        monkeypatch.setattr(verify, "GATE_REPAIRED", gate_repaired)
     p = fresh_palace(tmp_path / "palace", PalaceSpec(drawers=2000, sync_threshold=100, batch_size=100))
     seg = faults.segment_dir(p)
     st = check_palace(p).states[0]
@@ -202,9 +209,11 @@ def test_a_connected_graph_that_search_cannot_use_fails_the_verification(tmp_pat
     _cut_in_links(seg, victims)
     _only_far_in_links(seg, victims)
     assert _reach(seg).proves and _reach(seg).from_entry.all()
-    v = verify_segment(seg, "cosine", set(st.sql_rows), planned, sample=1000, ef=40, ef_max=EF_MAX, graph=True)
-    assert v.by_graph and v.unreachable == 0
-    assert not v.ok and "far more often than untouched" in v.problems[0], v
+    v = verify_segment(seg, "cosine", set(st.sql_rows), planned, sample=1000, ef=ef, ef_max=EF_MAX, graph=True,
+                       gate_ef=gate_ef)
+    assert v.by_graph and v.unreachable == 0 and v.ef == ef and v.gate_ef == (gate_ef or 0)
+    assert v.gate_queried == (min(gate_repaired or 150, 150) if gate_ef else 0)
+    assert not v.ok and "at ef 40 far more often than untouched" in v.problems[0], v
 
 
 def test_the_graph_is_not_used_when_a_stored_vector_is_not_a_unit_vector(tmp_path):

@@ -53,7 +53,7 @@ from chaosfix.reconcile.safety import (
     sparse_copy,
 )
 from chaosfix.reconcile.sources import Embedder
-from chaosfix.reconcile.verify import EF_FIRST, EF_MAX, Verification, verify_segment
+from chaosfix.reconcile.verify import EF_FIRST, EF_GATE, EF_MAX, Verification, verify_segment
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
 
 if TYPE_CHECKING:
@@ -622,7 +622,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
             v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
                                planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
-                               ef_max=EF_MAX, progress=progress, map_digest=p.map_digest, graph=True)
+                               ef_max=EF_MAX, progress=progress, map_digest=p.map_digest, graph=True,
+                               gate_ef=EF_GATE)
             v.unrepaired = len(p.unrepaired)
             v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
             rep.verifications[p.collection] = v

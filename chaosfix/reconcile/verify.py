@@ -4,15 +4,18 @@
    total_elements_added >= max label; read back with chaosfix's own reader.
 2. stored vectors: every added/replaced label holds the planned vector.
 3. top-k self-query (k=10) of every repaired row and a seeded sample of the rest, at
-   ``ef`` (``EF`` = 200 by default; the reconciler starts at ``EF_FIRST`` = 40). A miss
+   ``ef`` (``EF`` = 200 by default; the reconciler asks at ``EF_FIRST`` = 10, chromadb's
+   own search ef, the cheapest query that still returns the top 10). A miss
    is search depth, not damage, when a deeper search finds it (on 100k random 384-d
    vectors a healthy chromadb-built graph misses ~25% of self-queries at ef=40, ~1% at
    ef=200 and none at ef=800). For cosine and l2 graphs whose every element reaches the
    entry point, the level-0 graph itself says which rows a search at a high enough ef
    returns (``chaosfix.palace.reach``: for every row, no distance computed), so misses
    are settled by it (``recovered``). Reachability alone would pass a graph that is
-   connected but useless to search, so the repaired rows may not miss at the first ef
-   markedly more often than the untouched sample; how deep this graph's own rows sit
+   connected but useless to search, so the repaired rows may not miss markedly more
+   often than the untouched sample (the reconciler compares them at ``EF_GATE`` = 40,
+   where the sample's own rate leaves the comparison room to fail, on up to
+   ``GATE_REPAIRED`` seeded repaired rows); how deep this graph's own rows sit
    (the share of the sample no search up to ``ef_max`` finds) is measured only when
    chromadb's post-check misses more than hnswlib's known rate allows
    (``Verification.depth``). Otherwise (ip, unnormalized vectors, a graph that proves
@@ -48,7 +51,9 @@ from chaosfix.reconcile.build import THREADS
 
 K = 10
 EF = 200
-EF_FIRST = 40  # the reconciler's first self-query: misses are re-asked at doubling ef
+EF_FIRST = K  # the reconciler's self-query of every checked row: chromadb's own search ef
+EF_GATE = 40  # ...and of the rows the repaired-against-untouched comparison asks
+GATE_REPAIRED = 1000  # repaired rows (seeded) that comparison asks, beside the whole sample
 EF_MAX = 1600
 UNREACHABLE_RATE = 0.005
 QUERY_BATCH = 2000  # self-queries per hnswlib call: one progress step
@@ -63,6 +68,8 @@ class Verification:
     queried: int = 0
     ef: int = 0  # of the first self-query of every checked row
     misses: int = 0  # not in their own top-k at that ef
+    gate_ef: int = 0  # of the repaired-against-untouched comparison's self-queries
+    gate_queried: int = 0  # repaired rows it asked at gate_ef (and the whole sample)
     recovered: int = 0  # misses found again at a higher ef (<= ef_max), or proven found by the graph
     by_graph: bool = False  # misses were settled by the level-0 graph's reachability, not deeper searches
     # by_graph: measures, when called, the share of the untouched sample that no search up
@@ -148,10 +155,15 @@ def _sorted_labels(m: idmap_mod.IdMap) -> np.ndarray | None:
 def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[str, np.ndarray],
                    sample: int = 1000, seed: int = 0, full: bool = False, k: int = K, ef: int = EF,
                    ef_max: int | None = None, progress: ProgressFn | None = None,
-                   map_digest: bytes | None = None, graph: bool = False) -> Verification:
+                   map_digest: bytes | None = None, graph: bool = False, gate_ef: int | None = None
+                   ) -> Verification:
     """Zero-diff, planned vectors in place, and self-query (top-``k`` at ``ef``) of planned +
     sampled rows; with ``graph`` misses settled by the level-0 graph where it can prove
-    it, else re-queried at doubling ef up to ``ef_max``; then brute force."""
+    it, else re-queried at doubling ef up to ``ef_max``; then brute force. ``gate_ef``
+    (above ``ef``): the repaired rows' miss rate is compared with the sample's at that
+    ef, on ``GATE_REPAIRED`` seeded repaired rows and the whole sample (at chromadb's ef
+    10 a quarter to a half of random 384-d vectors miss, and a rate of a third or more
+    would pass any repaired rows; at ef 40 a self-query costs three times as much)."""
     v = Verification()
     # cosine (unit vectors) and l2: no other vector is closer to a row than itself, so a
     # search that reaches a row returns it in its top k (but for k exact duplicates of it,
@@ -207,31 +219,35 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
     k = min(k, n_live)
     cur = v.ef = max(ef, k)  # hnswlib needs ef >= k
-    index.set_ef(cur)
-    found = np.empty((len(stored), k), dtype=np.uint64)
-    for s in range(0, len(stored), QUERY_BATCH):
-        found[s : s + QUERY_BATCH], _ = index.knn_query(stored[s : s + QUERY_BATCH], k=k, num_threads=THREADS)
-        if progress:
-            progress(f"self-queries (top-{k}, ef {cur})", min(s + QUERY_BATCH, len(stored)), len(stored))
+    miss_rows = _self_misses(index, stored, labels, k, cur, progress)
     v.queried = len(check_ids)
-    miss_rows = np.flatnonzero(~(found == labels[:, None]).any(axis=1))
     v.misses = len(miss_rows)
     v.by_graph = reached is not None
     n_rest = len(check_ids) - n_planned
 
     if reached is not None:
+        # the comparison below and the depth: at gate_ef, on a seeded part of the repaired
+        # rows and the whole sample, or on the misses above
+        g_ef, g_rows, g_miss = cur, np.arange(len(check_ids)), miss_rows
+        if gate_ef is not None and gate_ef > cur and n_planned and n_rest:
+            pick = random.Random(seed).sample(range(n_planned), min(GATE_REPAIRED, n_planned))
+            g_ef, g_rows = gate_ef, np.concatenate([np.sort(np.array(pick, dtype=np.int64)),
+                                                    np.arange(n_planned, len(check_ids))])
+            g_miss = g_rows[_self_misses(index, stored[g_rows], labels[g_rows], k, g_ef, progress)]
+            v.gate_ef, v.gate_queried = g_ef, len(pick)
         # how deep this graph's own rows sit, measured only if chromadb's post-check asks
         # (its misses beyond the known rate): the untouched sample's misses climb the ladder
-        deep = miss_rows[miss_rows >= n_planned]
+        deep = g_miss[g_miss >= n_planned]
         if n_rest:
-            v.depth = partial(_deep_rate, seg_dir, space, stored[deep], labels[deep], n_rest, k, cur, ef_max)
+            v.depth = partial(_deep_rate, seg_dir, space, stored[deep], labels[deep], n_rest, k, g_ef, ef_max)
         # the repaired rows may not be found markedly less often than the untouched ones
         # (a graph that is connected but useless to search would pass reachability alone)
-        if n_planned and n_rest:
-            p_miss = int((miss_rows < n_planned).sum())
-            p_rate, s_rate = p_miss / n_planned, float((miss_rows >= n_planned).sum()) / n_rest
-            if p_miss > max(MISS_FLOOR, (3 * s_rate + 0.02) * n_planned):
-                v.fail(f"repaired rows miss their self-query at ef {v.ef} far more often than untouched "
+        n_asked = int((g_rows < n_planned).sum())
+        if n_asked and n_rest:
+            p_miss = int((g_miss < n_planned).sum())
+            p_rate, s_rate = p_miss / n_asked, float((g_miss >= n_planned).sum()) / n_rest
+            if p_miss > max(MISS_FLOOR, (3 * s_rate + 0.02) * n_asked):
+                v.fail(f"repaired rows miss their self-query at ef {g_ef} far more often than untouched "
                        f"ones ({p_rate:.1%} against {s_rate:.1%})")
         # a search at ef >= the element count finds every reached row; the rest the brute
         # force below judges
@@ -256,6 +272,19 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
         if v.unreachable > max(2, UNREACHABLE_RATE * len(check_ids), math.ceil(3 * base * len(check_ids))):
             v.fail(f"{v.unreachable} of {len(check_ids)} vectors unreachable from themselves")
     return v
+
+
+def _self_misses(index: object, vecs: np.ndarray, labels: np.ndarray, k: int, ef: int,
+                 progress: ProgressFn | None) -> np.ndarray:
+    """Rows (indices into ``vecs``) whose top-``k`` self-query at ``ef`` misses them."""
+    index.set_ef(ef)  # type: ignore[attr-defined]
+    found = np.empty((len(vecs), k), dtype=np.uint64)
+    for s in range(0, len(vecs), QUERY_BATCH):
+        found[s : s + QUERY_BATCH], _ = index.knn_query(  # type: ignore[attr-defined]
+            vecs[s : s + QUERY_BATCH], k=k, num_threads=THREADS)
+        if progress:
+            progress(f"self-queries (top-{k}, ef {ef})", min(s + QUERY_BATCH, len(vecs)), len(vecs))
+    return np.flatnonzero(~(found == labels[:, None]).any(axis=1))
 
 
 def _deep_rate(seg_dir: Path, space: str, vecs: np.ndarray, labels: np.ndarray, n_rest: int, k: int, ef: int,
