@@ -293,8 +293,10 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
                                           if label != NO_POST else "none (no post-check)"),
             ("  exit / strategy", f"{r0['rc']} / {p.get('strategy')} (after_consistent "
                                   f"{r0['json'].get('after_consistent')}); added {p.get('add')} {p.get('sources')}"),
-            ("  verification", f"zero_diff {v.get('zero_diff')}, queried {v.get('queried')} (misses {v.get('misses')}, "
-                               f"recovered {v.get('recovered')}, unreachable {v.get('unreachable')}), ok {v.get('ok')}"),
+            ("  verification", f"zero_diff {v.get('zero_diff')}, queried {v.get('queried')} at ef {v.get('ef')} "
+                               f"(misses {v.get('misses')}, recovered {v.get('recovered')}, unreachable "
+                               f"{v.get('unreachable')}), compared at ef {v.get('gate_ef')}: {v.get('gate_queried')} "
+                               f"repaired + the sample, ok {v.get('ok')}"),
         ]
         cr = r0["json"].get("chromadb")
         if cr is not None:
