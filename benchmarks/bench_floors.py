@@ -8,14 +8,17 @@ a fresh interpreter:
 - **hnswlib's own cost** with the installed chroma-hnswlib, one thread: an insert into
   the palace's graph (at its M and ef_construction) and a top-10 self-query at ef 10
   and at ef 40, what a repair of ``--orphans`` rows cannot skip. Their sum over the
-  repair's work (every orphan inserted; every orphan plus a 1,000-row sample
-  self-queried at ef 10; up to 1,000 orphans and the sample again at ef 40) on every CPU
-  is a floor under reconcile's wall time that no code around hnswlib moves.
+  repair's work (every orphan inserted; every orphan and a 1,000-row sample
+  self-queried once: up to 1,000 orphans and the sample at ef 40, the other orphans at
+  ef 10) on every CPU is a floor under reconcile's wall time that no code around hnswlib
+  moves.
 - **reconcile's own memory floor**: an interpreter with numpy, sqlite3, hnswlib and
-  chaosfix's reconcile modules that holds the loaded index (drawers + orphans elements),
-  which the inserts need, and nothing else.
-- **chromadb's own memory floor**: the installed chromadb opens the palace, counts, reads
-  100 rows and self-queries one (what its post-check must do at least).
+  chaosfix's reconcile modules that holds the loaded index, which the inserts need,
+  and nothing else; plus the orphans' slots the inserts fill (room reserved for them
+  costs nothing until written, so their size is added: 1.6 KB a slot at 384-d).
+- **chromadb's own memory floor**: the installed chromadb opens a private copy of the
+  palace (an open writes to ``chroma.sqlite3``), counts, reads 100 rows and self-queries
+  one (what its post-check must do at least).
 - **a cold read**: ``chroma.sqlite3`` and ``data_level0.bin``, which a cold ``check``
   reads whole (``PRAGMA quick_check``, the slot pass), evicted from the page cache and
   read once in order: the disk's part of a cold check.
@@ -31,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +42,7 @@ from _common import MB, cached_template, index_files, print_rows, spec_for
 
 from chaosfix.reconcile.build import THREADS
 from chaosfix.reconcile.verify import GATE_REPAIRED
+from chaosfix.workload import copy_palace
 
 SAMPLE = 1000  # untouched rows reconcile self-queries beside the repaired ones
 
@@ -121,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [_child(HNSWLIB, seg, args.inserts, SAMPLE, args.dim) for _ in range(args.runs)]
     ins = statistics.median(r["insert"] for r in runs)
     q10, q40 = (statistics.median(r[f"q{ef}"] for r in runs) for ef in (10, 40))
-    queried, gated = args.orphans + SAMPLE, min(GATE_REPAIRED, args.orphans) + SAMPLE
+    # reconcile asks each row once: up to GATE_REPAIRED orphans and the sample at ef 40, the other orphans at ef 10
+    gated = min(GATE_REPAIRED, args.orphans) + SAMPLE
+    queried = args.orphans + SAMPLE - gated
     inserts, queries = args.orphans * ins / THREADS, (queried * q10 + gated * q40) / THREADS
     ours = _child(RECONCILE_RSS, seg, args.drawers + args.orphans, args.dim)
+    slots = args.orphans * size // max(1, args.drawers)  # data_level0.bin holds one slot a drawer
+    floor = ours["peak"] + slots
     rows = [
         ("palace", f"{args.drawers:,} drawers, {args.dim}-d cosine, M {runs[0]['M']}, "
                    f"ef_construction {runs[0]['ef_construction']}: {Path(palace).name}"),
@@ -133,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         (f"hnswlib work of the repair on {THREADS} CPU(s)",
          f"{inserts + queries:.2f} s = {args.orphans:,} inserts {inserts:.2f} s + self-queries {queries:.2f} s "
          f"({queried:,} at ef 10, {gated:,} at ef 40)"),
-        ("reconcile's floor RSS", f"{ours['peak'] / MB:.1f} MB = {ours['peak'] / size:.2f}x data_level0.bin "
-                                  f"(interpreter and modules {ours['modules'] / MB:.1f} MB, then the index)"),
+        ("reconcile's floor RSS", f"{floor / MB:.1f} MB = {floor / size:.2f}x data_level0.bin (interpreter and "
+                                  f"modules {ours['modules'] / MB:.1f} MB, the loaded index, the orphans' slots "
+                                  f"{slots / MB:.1f} MB)"),
     ]
     try:
-        ch = _child(CHROMADB_RSS, palace, spec.collection)
+        with tempfile.TemporaryDirectory(dir=Path(palace).parent, prefix=".floors-") as tmp:
+            ch = _child(CHROMADB_RSS, copy_palace(palace, Path(tmp) / "palace"), spec.collection)
         rows.append((f"chromadb {ch['version']}'s own RSS",
                      f"{ch['peak'] / MB:.1f} MB = {ch['peak'] / size:.2f}x data_level0.bin "
                      f"(after import {ch['modules'] / MB:.1f} MB; open, count {ch['count']:,}, get 100, one query)"))

@@ -157,9 +157,12 @@ def assert_chromadb_consistent(palace: str | Path, spec: PalaceSpec | None = Non
 
     Reopen; count == the SQL rows; get() returns every row with its embedding (with
     ``check_vectors``, equal to chaosfix's HashEmbedder vector of its document, which is
-    what palaces built by ``chaosfix.workload`` hold); a sample of rows finds itself by
-    self-query and by a query filtered on its wing; with ``write_probe`` a new drawer is
-    added and found (this changes the palace). Returns chromadb's observations.
+    what palaces built by ``chaosfix.workload`` hold); a sample of rows finds itself in
+    its top 10 by self-query and by a query filtered on its wing (a row only a deeper
+    search returns, no farther than the top 10's last, is search depth: up to 5% of the
+    sample are excused, as chromadb's own ``ann_accuracy`` invariant allows recall
+    0.95); with ``write_probe`` a new drawer is added and found (this changes the
+    palace). Returns chromadb's observations.
     """
     spec = spec or spec_for(palace)
     rep = check_palace(palace, spec.collection)

@@ -301,6 +301,45 @@ def test_chromadb_self_query_misses_are_rows_no_search_finds_where_they_belong(t
         assert_chromadb_consistent(p, SPEC, write_probe=False, sample=SPEC.drawers, check_vectors=False)
 
 
+@pytest.mark.parametrize("damage", ["one-cycle", "one-row-cut-off"])
+def test_chromadb_self_query_misses_of_a_graph_search_cannot_use(tmp_path, damage):
+    """Excusing depth misses must not turn the self-query into a reachability check: a
+    level 0 rewritten as one cycle keeps every row reachable (a search over the whole
+    graph finds each) yet chromadb's top 10 misses most, and they are all misses; a row
+    whose every in-link is cut is a named miss, not a query error (0.6.3's hnswlib
+    refuses a k its search cannot fill)."""
+    import numpy as np
+    from helpers import SPEC
+    from test_reach import _cut_in_links, _level0_only
+
+    from chaosfix import faults
+    from chaosfix.palace.hnsw import HnswFiles
+
+    p = workload.fresh_palace(tmp_path / "palace", SPEC)
+    seg = faults.segment_dir(p)
+    if damage == "one-cycle":
+        h = HnswFiles.open(seg).header
+        mm = np.memmap(seg / "data_level0.bin", dtype=np.uint8, mode="r+",
+                       shape=(h.cur_element_count, h.size_data_per_element))
+        perm = np.random.default_rng(1).permutation(h.cur_element_count)
+        nxt = np.empty(h.cur_element_count, dtype=np.uint32)
+        nxt[perm] = np.roll(perm, -1)
+        mm[:, 0:2] = np.frombuffer(np.uint16(1).tobytes(), dtype=np.uint8)
+        mm[:, 4:8] = nxt.view(np.uint8).reshape(-1, 4)
+        mm.flush()
+        del mm
+    else:
+        _cut_in_links(seg, _level0_only(seg)[5:6])
+    obs = workload.observe(p, SPEC, sample=SPEC.drawers)
+    assert not obs["errors"], obs["errors"]
+    if damage == "one-cycle":
+        assert len(obs["query_misses"]) > SPEC.drawers // 4 and not obs["found_deeper"], len(obs["query_misses"])
+        with pytest.raises(AssertionError, match="sampled rows not in their own top-10"):
+            assert_chromadb_consistent(p, SPEC, write_probe=False, sample=SPEC.drawers)
+    else:
+        assert len(obs["query_misses"]) == 1, obs["query_misses"]
+
+
 def test_pending_rows_are_healthy_unless_strict(palace_factory, chroma_child):
     p = palace_factory(drawers=40, dim=16, sync_threshold=20, batch_size=10)
     assert chroma_child.add(p, start=40, count=7).ok

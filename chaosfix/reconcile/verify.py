@@ -68,8 +68,8 @@ class Verification:
     queried: int = 0
     ef: int = 0  # of the first self-query of every checked row
     misses: int = 0  # not in their own top-k at that ef
-    gate_ef: int = 0  # of the repaired-against-untouched comparison's self-queries
-    gate_queried: int = 0  # repaired rows it asked at gate_ef (and the whole sample)
+    gate_ef: int = 0  # the comparison's rows were asked at this ef instead (0: at ef)
+    gate_queried: int = 0  # repaired rows asked at gate_ef (with the whole sample)
     recovered: int = 0  # misses found again at a higher ef (<= ef_max), or proven found by the graph
     by_graph: bool = False  # misses were settled by the level-0 graph's reachability, not deeper searches
     # by_graph: measures, when called, the share of the untouched sample that no search up
@@ -160,10 +160,11 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     """Zero-diff, planned vectors in place, and self-query (top-``k`` at ``ef``) of planned +
     sampled rows; with ``graph`` misses settled by the level-0 graph where it can prove
     it, else re-queried at doubling ef up to ``ef_max``; then brute force. ``gate_ef``
-    (above ``ef``): the repaired rows' miss rate is compared with the sample's at that
-    ef, on ``GATE_REPAIRED`` seeded repaired rows and the whole sample (at chromadb's ef
-    10 a quarter to a half of random 384-d vectors miss, and a rate of a third or more
-    would pass any repaired rows; at ef 40 a self-query costs three times as much)."""
+    (above ``ef``): ``GATE_REPAIRED`` seeded repaired rows and the whole sample are asked
+    at that ef instead, and the repaired rows' miss rate is compared with the sample's
+    there (at chromadb's ef 10 a quarter to a half of random 384-d vectors miss, and a
+    rate of a third or more would pass any repaired rows; at ef 40 a self-query costs
+    three times as much, so the other repaired rows are asked at ``ef``)."""
     v = Verification()
     # cosine (unit vectors) and l2: no other vector is closer to a row than itself, so a
     # search that reaches a row returns it in its top k (but for k exact duplicates of it,
@@ -219,22 +220,26 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
     k = min(k, n_live)
     cur = v.ef = max(ef, k)  # hnswlib needs ef >= k
-    miss_rows = _self_misses(index, stored, labels, k, cur, progress)
+    n_rest = len(check_ids) - n_planned
+    # each row is asked once: at gate_ef the rows the comparison below needs (a seeded
+    # part of the repaired rows and the whole sample), at ef the other repaired rows
+    at_gate = np.zeros(len(check_ids), dtype=bool)
+    if reached is not None and gate_ef is not None and gate_ef > cur and n_planned and n_rest:
+        pick = random.Random(seed).sample(range(n_planned), min(GATE_REPAIRED, n_planned))
+        at_gate[pick] = at_gate[n_planned:] = True
+        v.gate_ef, v.gate_queried = gate_ef, len(pick)
+    miss_rows = np.empty(0, dtype=np.int64)
+    for rows, at in ((np.flatnonzero(~at_gate), cur), (np.flatnonzero(at_gate), gate_ef)):
+        if len(rows):
+            miss_rows = np.union1d(miss_rows, _self_misses(index, stored, labels, rows, k, at, progress))
     v.queried = len(check_ids)
     v.misses = len(miss_rows)
     v.by_graph = reached is not None
-    n_rest = len(check_ids) - n_planned
 
     if reached is not None:
-        # the comparison below and the depth: at gate_ef, on a seeded part of the repaired
-        # rows and the whole sample, or on the misses above
-        g_ef, g_rows, g_miss = cur, np.arange(len(check_ids)), miss_rows
-        if gate_ef is not None and gate_ef > cur and n_planned and n_rest:
-            pick = random.Random(seed).sample(range(n_planned), min(GATE_REPAIRED, n_planned))
-            g_ef, g_rows = gate_ef, np.concatenate([np.sort(np.array(pick, dtype=np.int64)),
-                                                    np.arange(n_planned, len(check_ids))])
-            g_miss = g_rows[_self_misses(index, stored[g_rows], labels[g_rows], k, g_ef, progress)]
-            v.gate_ef, v.gate_queried = g_ef, len(pick)
+        # the comparison below and the depth: on the rows asked at gate_ef, or on all
+        g_ef, g_rows = (gate_ef, np.flatnonzero(at_gate)) if at_gate.any() else (cur, np.arange(len(check_ids)))
+        g_miss = miss_rows[at_gate[miss_rows]] if at_gate.any() else miss_rows
         # how deep this graph's own rows sit, measured only if chromadb's post-check asks
         # (its misses beyond the known rate): the untouched sample's misses climb the ladder
         deep = g_miss[g_miss >= n_planned]
@@ -274,17 +279,19 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     return v
 
 
-def _self_misses(index: object, vecs: np.ndarray, labels: np.ndarray, k: int, ef: int,
+def _self_misses(index: object, vecs: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int, ef: int,
                  progress: ProgressFn | None) -> np.ndarray:
-    """Rows (indices into ``vecs``) whose top-``k`` self-query at ``ef`` misses them."""
+    """Those of ``rows`` (indices into ``vecs``) whose top-``k`` self-query at ``ef``
+    misses them (a batch of vectors copied at a time: with ``full`` they are every row)."""
     index.set_ef(ef)  # type: ignore[attr-defined]
-    found = np.empty((len(vecs), k), dtype=np.uint64)
-    for s in range(0, len(vecs), QUERY_BATCH):
-        found[s : s + QUERY_BATCH], _ = index.knn_query(  # type: ignore[attr-defined]
-            vecs[s : s + QUERY_BATCH], k=k, num_threads=THREADS)
+    hit = np.empty(len(rows), dtype=bool)
+    for s in range(0, len(rows), QUERY_BATCH):
+        part = rows[s : s + QUERY_BATCH]
+        found, _ = index.knn_query(vecs[part], k=k, num_threads=THREADS)  # type: ignore[attr-defined]
+        hit[s : s + len(part)] = (found == labels[part, None]).any(axis=1)
         if progress:
-            progress(f"self-queries (top-{k}, ef {ef})", min(s + QUERY_BATCH, len(vecs)), len(vecs))
-    return np.flatnonzero(~(found == labels[:, None]).any(axis=1))
+            progress(f"self-queries (top-{k}, ef {ef})", min(s + QUERY_BATCH, len(rows)), len(rows))
+    return rows[~hit]
 
 
 def _deep_rate(seg_dir: Path, space: str, vecs: np.ndarray, labels: np.ndarray, n_rest: int, k: int, ef: int,
