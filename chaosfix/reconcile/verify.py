@@ -51,7 +51,7 @@ from chaosfix.reconcile.build import THREADS
 
 K = 10
 EF = 200
-EF_FIRST = K  # the reconciler's self-query of every checked row: chromadb's own search ef
+EF_FIRST = K  # the reconciler's self-query of the repaired rows: chromadb's own search ef
 EF_GATE = 40  # ...and of the rows the repaired-against-untouched comparison asks
 GATE_REPAIRED = 1000  # repaired rows (seeded) that comparison asks, beside the whole sample
 EF_MAX = 1600
@@ -66,8 +66,8 @@ class Verification:
     zero_diff: bool = False
     ids: int = 0
     queried: int = 0
-    ef: int = 0  # of the first self-query of every checked row
-    misses: int = 0  # not in their own top-k at that ef
+    ef: int = 0  # of the self-query of every checked row not asked at gate_ef
+    misses: int = 0  # not in their own top-k when asked (at ef or gate_ef)
     gate_ef: int = 0  # the comparison's rows were asked at this ef instead (0: at ef)
     gate_queried: int = 0  # repaired rows asked at gate_ef (with the whole sample)
     recovered: int = 0  # misses found again at a higher ef (<= ef_max), or proven found by the graph
@@ -319,9 +319,7 @@ def _still_missed(index: object, vecs: np.ndarray, labels: np.ndarray, k: int, e
     left = np.arange(len(vecs))
     while len(left) and ef_max is not None and ef < ef_max:
         ef = min(2 * ef, ef_max)
-        index.set_ef(ef)  # type: ignore[attr-defined]
-        got, _ = index.knn_query(vecs[left], k=k, num_threads=THREADS)  # type: ignore[attr-defined]
-        left = left[~(got == labels[left, None]).any(axis=1)]
+        left = _self_misses(index, vecs, labels, left, k, ef, None)
     out = np.zeros(len(vecs), dtype=bool)
     out[left] = True
     return out
