@@ -198,7 +198,7 @@ def observe(spec: dict) -> dict:
             break
     # a few are search depth (chromadb's own ann_accuracy invariant allows recall 0.95);
     # more say the graph is no use to chromadb's search, and all of them are misses
-    allowed = max(2, int(DEEPER_SHARE * len(sample)))
+    allowed = int(DEEPER_SHARE * len(sample))  # (none of a sample under 20: it proves little)
     for later, missed in zip(deeper, (misses, fmisses)):
         if len(later) > allowed:
             missed += later
@@ -220,7 +220,7 @@ def observe(spec: dict) -> dict:
 
 
 DEEPER_K = (10, 100, 1600)
-DEEPER_SHARE = 0.05  # of the sample, excused as search depth (at least 2)
+DEEPER_SHARE = 0.05  # of the sample, excused as search depth
 
 
 def _self_found(col, q: list[float], rid: str, where: dict | None, count: int) -> int | None:

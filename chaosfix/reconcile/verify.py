@@ -228,6 +228,8 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
         pick = random.Random(seed).sample(range(n_planned), min(GATE_REPAIRED, n_planned))
         at_gate[pick] = at_gate[n_planned:] = True
         v.gate_ef, v.gate_queried = gate_ef, len(pick)
+        if at_gate.all():  # (1,000 repaired rows or fewer: every row is asked at gate_ef)
+            v.ef = gate_ef
     miss_rows = np.empty(0, dtype=np.int64)
     for rows, at in ((np.flatnonzero(~at_gate), cur), (np.flatnonzero(at_gate), gate_ef)):
         if len(rows):
