@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MB, cached_template, index_files, print_rows, spec_for
+from _common import MB, cached_template, evict, index_files, print_rows, spec_for
 
 from chaosfix.reconcile.build import THREADS
 from chaosfix.reconcile.verify import GATE_REPAIRED
@@ -97,12 +97,8 @@ def _child(code: str, *args: object) -> dict:
 
 def cold_read(files: list[Path]) -> tuple[int, float]:
     """Bytes and seconds to read ``files`` once in order, 8 MB at a time, from cold."""
-    for f in files:  # (posix_fadvise DONTNEED: read-only, as bench_check.py's evict)
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    for folder in {f.parent for f in files}:
+        evict(folder)
     n, t = 0, time.perf_counter()
     for f in files:
         with open(f, "rb", buffering=0) as fh:

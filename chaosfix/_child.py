@@ -244,9 +244,9 @@ def _self_found(col, q: list[float], rid: str, where: dict | None, count: int) -
         except Exception:  # noqa: BLE001 - see above (at k=10 the caller's error)
             if k == DEEPER_K[0]:
                 raise
+            if not where:
+                return None
             try:
-                if not where:
-                    return None
                 matching = len(col.get(where=where, include=[])["ids"])
                 res = col.query(query_embeddings=[q], n_results=max(1, min(k, matching)), include=["distances"],
                                 **kw)
