@@ -140,9 +140,13 @@ def cached_broken(spec: PalaceSpec, base: Path, orphans: int) -> tuple[Path, dic
 
 
 def fresh_copy(broken: Path, work: Path, name: str) -> Path:
+    """A private copy of the broken palace, on disk before the run starts: a copy left
+    dirty in the page cache (1.3 GB at 500k drawers) is written back during the run, and
+    every fsync of the repair then waits behind it (stage times varied by 20%)."""
     dst = work / name
     copy_palace(broken, dst)
     (dst / FACTS).unlink(missing_ok=True)
+    os.sync()
     return dst
 
 

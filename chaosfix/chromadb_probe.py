@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from chaosfix.errors import OperationalError
+from chaosfix.filecopy import copy_tree_sparse, sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
 from chaosfix.progress import ProgressFn
-from chaosfix.reconcile.safety import Background, copy_tree_sparse, sparse_copy
+from chaosfix.reconcile.safety import Background
 from chaosfix.reconcile.verify import UNREACHABLE_RATE
 
 CHILD = Path(__file__).with_name("_verify_child.py")
@@ -245,7 +246,8 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
                          seed: int = 0, timeout: float = 1800, progress: ProgressFn | None = None,
                          started: StartedChild | None = None, meanwhile: Callable[[], None] | None = None,
                          built: Mapping[str, Path] | None = None, skip: Collection[str] = (),
-                         prepare: Callable[[Path], None] | None = None, early: EarlyCopy | None = None) -> dict:
+                         prepare: Callable[[Path], None] | None = None, early: EarlyCopy | None = None,
+                         handed: threading.Event | None = None) -> dict:
     """``{"ok": bool, ...}``: chromadb's judgement of the repaired collections, made on a
     copy; ``{"ok": True, "skipped": why}`` when no chromadb of the palace's generation is
     at hand. ``started``: the child ``start_post_check`` started ahead (closed here).
@@ -255,15 +257,20 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     raises, the child is killed and the copy removed. ``built``/``skip``: see
     ``copy_palace``; ``prepare(db)`` writes the repair's SQL into the copy's database
     before chromadb opens it; ``early``: the copy begun before the build (made with the
-    same ``skip``), taken here."""
+    same ``skip``), taken here; ``handed``: set once chromadb's child has its spec (or
+    there will be none), so ``meanwhile`` can wait for it before it loads an index
+    (chroma-hnswlib holds the GIL for a whole load, which stalled the copy and the
+    hand-over behind it by up to 3 s at 500k drawers)."""
     run = partial(_verify, palace, targets, palace_gen, python, seed, timeout, progress, started, built, skip,
-                   prepare, early)
+                   prepare, early, handed)
     if meanwhile is None:
         try:
             res = run()
         finally:
             if started is not None:  # (already closed unless _verify failed before its copy)
                 started.close()
+            if handed is not None:
+                handed.set()
         return _judged(res, targets, python)
     box: dict[str, object] = {}
 
@@ -272,6 +279,9 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
             box["res"] = run()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
+        finally:
+            if handed is not None:  # (also when the post-check was skipped or failed)
+                handed.set()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -302,7 +312,7 @@ def _judged(res: dict, targets: list[Target], python: str | None) -> dict:
 def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python: str | None, seed: int,
             timeout: float, progress: ProgressFn | None, started: StartedChild | None,
             built: Mapping[str, Path] | None, skip_dirs: Collection[str], prepare: Callable[[Path], None] | None,
-            early: EarlyCopy | None = None) -> dict:
+            early: EarlyCopy | None = None, handed: threading.Event | None = None) -> dict:
     """The child's raw record of what chromadb did (``judge`` turns it into a verdict)."""
     version, skip = plan_post_check(palace_gen, python)
     if skip:
@@ -324,7 +334,8 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
                 c["planned"] = str(copy.parent / f"planned-{len(spec['collections'])}.npy")
                 _save_planned(Path(c["planned"]), t.repaired, ids)
             spec["collections"][t.name] = c
-        res = _run(spec, copy.parent / "spec.json", python, timeout, progress, started)
+        res = _run(spec, copy.parent / "spec.json", python, timeout, progress, started,
+                   handed.set if handed is not None else None)
     finally:
         if started is not None:  # dead before its copy goes (an interrupt mid-run)
             started.close()
@@ -346,7 +357,7 @@ def _save_planned(path: Path, vectors: Mapping[str, np.ndarray], ids: list[str],
 
 
 def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progress: ProgressFn | None,
-         started: StartedChild | None = None) -> dict:
+         started: StartedChild | None = None, on_sent: Callable[[], None] | None = None) -> dict:
     """The child, by path with ``-I`` (no PYTHONPATH, no script folder: it cannot import
     chaosfix by accident); its spec in a file (repaired id lists outgrow an argument)."""
     from chaosfix.workload import run_child
@@ -355,7 +366,8 @@ def _run(spec: dict, spec_file: Path, python: str | None, timeout: float, progre
     try:
         res = run_child(spec, timeout=timeout, progress=progress,
                         command=[python or sys.executable, "-I", str(CHILD), str(spec_file)],
-                        started=started.proc if started else None, stdin_line=json.dumps(str(spec_file)))
+                        started=started.proc if started else None, stdin_line=json.dumps(str(spec_file)),
+                        on_sent=on_sent)
     except RuntimeError as exc:  # timed out
         return {"error": f"chromadb post-check: {exc}"}
     if not res.result:

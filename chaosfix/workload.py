@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -96,11 +97,12 @@ def start_child(cmd: list[str], stdin: bool = False) -> subprocess.Popen:
 def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
               kill_after: float | None = None, progress: ProgressFn | None = None,
               command: list[str] | None = None, started: subprocess.Popen | None = None,
-              stdin_line: str | None = None) -> ChildResult:
+              stdin_line: str | None = None, on_sent: Callable[[], None] | None = None) -> ChildResult:
     """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer.
     With ``progress``, the child reports its progress on stderr and it is passed on as it comes.
     ``command`` runs another child script instead (it gets its spec its own way);
-    ``started`` is one already running (``start_child(stdin=True)``), sent ``stdin_line``."""
+    ``started`` is one already running (``start_child(stdin=True)``), sent ``stdin_line``;
+    ``on_sent`` is called once the child has its work (then it needs nothing from here)."""
     if started is not None:
         proc = started
         assert proc.stdin is not None
@@ -112,6 +114,8 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
     else:
         cmd = (prefix or []) + (command or child_command(spec | {"progress": True} if progress else spec))
         proc = start_child(cmd)
+    if on_sent is not None:
+        on_sent()
     out: list[str] = []
     err: list[str] = []
 

@@ -161,9 +161,10 @@ def _child() -> None:
     """The helper: read the pickle and SQL's ids from stdin; one JSON line and the
     sorted labels on stdout."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from chaosfix.palace import idmap, pickle_reader
+    from chaosfix.filecopy import die_with_parent
+    from chaosfix.palace import idmap
 
-    pickle_reader.die_with_parent()
+    die_with_parent()
     inp = sys.stdin.buffer
     raw = _read(inp, _HEAD.unpack(_read(inp, 8))[0])
     cap = _cap_memory(len(raw))

@@ -118,19 +118,11 @@ def reap(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies (a killed check leaves no
-    child reading the palace). Elsewhere a no-op."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
-
-
 def _child() -> None:
     """The child of ``Scan``: scan stdin's bytes; exit 0, or _REFUSED with the reason."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # (run by path: chaosfix's own root)
+    from chaosfix.filecopy import die_with_parent
+
     die_with_parent()
     try:
         scan(sys.stdin.buffer.read())

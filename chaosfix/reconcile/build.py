@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from chaosfix.filecopy import CopyProcess, copy_tree_sparse, reflink, sparse_copy
 from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
-from chaosfix.reconcile.safety import Background, copy_tree_sparse, fsync_tree, killpoint, reflink, sparse_copy
+from chaosfix.reconcile.safety import fsync_tree, killpoint
 
 BATCH = 20000
 # hnswlib threads for inserts and queries: every CPU this process may run on (hnswlib's
@@ -60,16 +61,17 @@ LEVEL0 = "data_level0.bin"
 class _Level0Copy:
     """The build folder's data_level0.bin (0.8 GB at 500k drawers), copied while hnswlib
     loads the index instead of before: the folder first holds a hard link to the palace's
-    own file, which the load only reads; a thread copies the file beside it meanwhile,
-    and ``settle`` (after the load, with the index's write handles closed) renames the
-    copy over the link. hnswlib writes the folder's files only in ``persist_dirty``, so
+    own file, which the load only reads; a child process copies the file beside it
+    meanwhile (a thread stalled on the GIL, which the load holds throughout), and
+    ``settle`` (after the load, with the index's write handles closed) renames the copy
+    over the link. hnswlib writes the folder's files only in ``persist_dirty``, so
     nothing is ever written through the link. Where a reflink works, or hard links do
     not, the file is simply copied first."""
 
     def __init__(self, src: Path, out_dir: Path) -> None:
         self.dst = out_dir / LEVEL0
         self.tmp = out_dir / f".{LEVEL0}.copy"
-        self.copying: Background | None = None
+        self.copying: CopyProcess | None = None
         if reflink(src, self.dst):
             return
         try:
@@ -77,7 +79,7 @@ class _Level0Copy:
         except OSError:
             sparse_copy(src, self.dst)
             return
-        self.copying = Background(sparse_copy, src, self.tmp)
+        self.copying = CopyProcess(src, self.tmp)
 
     def settle(self, index: object) -> None:
         """Replace the link by the copy (``index``: loaded from the folder, its write

@@ -25,6 +25,7 @@ import itertools
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 from chaosfix.check import ERROR, INFO, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
 from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
+from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
@@ -50,7 +52,6 @@ from chaosfix.reconcile.safety import (
     fsync_path,
     killpoint,
     other_holders,
-    sparse_copy,
 )
 from chaosfix.reconcile.sources import Embedder
 from chaosfix.reconcile.verify import EF_FIRST, EF_GATE, EF_MAX, Verification, verify_segment
@@ -409,7 +410,7 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
 
 def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: ReconcileOptions,
                 progress: ProgressFn | None, started: StartedChild | None, early: EarlyCopy | None,
-                verify: Callable[[], None], built: dict[str, Path]) -> dict:
+                verify: Callable[[Callable[[], None]], None], built: dict[str, Path]) -> dict:
     """chromadb's judgement of the palace the swap will make: a throwaway copy of it (the
     built folders in place of the old ones, the repair's SQL written), made and judged
     by chromadb in its own process while ``verify`` (chaosfix's own verification) runs
@@ -433,8 +434,10 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         targets[p.collection] = Target(p.collection, st.info.space, repaired, sample,
                                        expect_count=_expected_count(p))
 
+    handed = threading.Event()  # chromadb's child has its spec: the verification may load its index
+
     def meanwhile() -> None:
-        verify()
+        verify(handed.wait)
         for name, t in targets.items():
             v = rep.verifications.get(name)
             t.quirk_rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
@@ -459,7 +462,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         started = start_post_check(gen, opts.chromadb_python)
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
-                                skip=rep.prune_dirs, prepare=prepare, early=early)
+                                skip=rep.prune_dirs, prepare=prepare, early=early, handed=handed)
 
 
 def _expected_count(p: CollectionPlan) -> int | None:
@@ -615,7 +618,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     killpoint("built")
     t = time.perf_counter()
 
-    def verify() -> None:
+    def verify(before_load: Callable[[], None] | None = None) -> None:
         for p in work:
             assert p.segment is not None and p.state is not None
             say(f"verifying {p.collection}")
@@ -623,7 +626,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
                                planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
                                ef_max=EF_MAX, progress=progress, map_digest=p.map_digest, graph=True,
-                               gate_ef=EF_GATE)
+                               gate_ef=EF_GATE, before_load=before_load)
             v.unrepaired = len(p.unrepaired)
             v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
             rep.verifications[p.collection] = v

@@ -1,5 +1,5 @@
-"""File-system safety for repairs: exclusive access, sparse-aware copies, fsync, and an
-atomic directory swap."""
+"""File-system safety for repairs: exclusive access, fsync, background work, and an
+atomic directory swap (copies that keep holes: ``chaosfix.filecopy``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import ctypes
 import errno
 import fcntl
 import os
-import shutil
 import signal
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from chaosfix.errors import OperationalError
 from chaosfix.safe_fs import open_nofollow
 
 LOCK_NAME = ".chaosfix.lock"
-CHUNK = 1 << 20
 
 
 def killpoint(name: str) -> None:
@@ -143,61 +141,6 @@ class Syncing(Background):
 
     def __init__(self, folders: list[Path]) -> None:
         super().__init__(_fsync_folders, folders)
-
-
-FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, xfs)
-
-
-def _reflink(src: Path, dst: Path) -> bool:
-    """Clone ``src`` into ``dst`` where the file system can: instant and costs no disk."""
-    try:
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
-            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
-        return True
-    except OSError:
-        return False
-
-
-def reflink(src: Path, dst: Path) -> bool:
-    """``src`` cloned into a new ``dst`` with its times, or False and no ``dst``."""
-    if _reflink(src, dst):
-        st = src.stat()
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return True
-    dst.unlink(missing_ok=True)
-    return False
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy a file leaving holes for all-zero chunks, so a 10^6x sparse-bloated
-    link_lists.bin costs no disk in the copy either (a reflink where possible)."""
-    st = src.stat()
-    size = st.st_size
-    if reflink(src, dst):
-        return
-    if getattr(st, "st_blocks", 0) * 512 >= size:  # not sparse: let the kernel copy it
-        shutil.copyfile(src, dst)
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return
-    zero = bytes(CHUNK)
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        while True:
-            buf = fi.read(CHUNK)
-            if not buf:
-                break
-            if buf == zero[: len(buf)]:
-                fo.seek(len(buf), os.SEEK_CUR)
-            else:
-                fo.write(buf)
-        fo.truncate(size)
-    os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
-
-
-def copy_tree_sparse(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
-    dst.mkdir(parents=True, exist_ok=False)
-    for f in src.iterdir():
-        if f.is_file() and f.name not in skip:
-            sparse_copy(f, dst / f.name)
 
 
 _RENAME_EXCHANGE = 2

@@ -1,0 +1,188 @@
+"""Copies of palace files that keep their holes, and the same copy in a child process.
+
+A palace's files may be sparse (a link_lists.bin bloated 10^6x by chromadb 1.x, or a
+copy that left holes for zero pages): a copy must neither write nor read the holes, or a
+300 GB apparent size costs 300 GB. Where the file system can clone (btrfs, xfs), a
+reflink costs nothing at all.
+
+``CopyProcess`` runs ``sparse_copy`` in a child: chroma-hnswlib's ``load_index`` holds
+the GIL for the whole load (2.4 s at 500k drawers), so a copy thread meant to overlap it
+stalled at its first Python step until the load was over. Run by path
+(``python -I filecopy.py SRC DST``), this module imports nothing but the standard
+library.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Collection
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, xfs)
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Clone ``src`` into ``dst`` where the file system can: instant and costs no disk."""
+    try:
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
+        return True
+    except OSError:
+        return False
+
+
+def reflink(src: Path, dst: Path) -> bool:
+    """``src`` cloned into a new ``dst`` with its times, or False and no ``dst``."""
+    if _reflink(src, dst):
+        st = src.stat()
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return True
+    dst.unlink(missing_ok=True)
+    return False
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy a file keeping its holes, so a 10^6x sparse-bloated link_lists.bin costs no
+    disk (nor reads) in the copy either (a reflink where possible)."""
+    st = src.stat()
+    size = st.st_size
+    if reflink(src, dst):
+        return
+    if getattr(st, "st_blocks", 0) * 512 >= size:  # not sparse: let the kernel copy it
+        shutil.copyfile(src, dst)
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        if not _copy_extents(fi.fileno(), fo.fileno(), size):
+            _copy_nonzero_chunks(fi, fo)
+        fo.truncate(size)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_extents(fi: int, fo: int, size: int) -> bool:
+    """Copy the first ``size`` bytes' data extents (``SEEK_DATA``/``SEEK_HOLE``), each by
+    the kernel, leaving the holes unwritten. False, with nothing written, where the file
+    system shows no hole in a file whose blocks say it has some (no ``SEEK_HOLE``: it
+    then reports one extent). A palace's 438 MB chroma.sqlite3 with one 4 KiB hole went
+    through the zero-chunk loop below in 3.4 s of a thread, beside the build's inserts."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        return False
+    try:
+        if os.lseek(fi, 0, seek_hole) >= size:
+            return False
+    except OSError:
+        return False
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fi, pos, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data past pos: the rest is a hole
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fi, start, seek_hole), size)
+        _copy_range(fi, fo, start, end - start)
+        pos = end
+    return True
+
+
+def _copy_range(fi: int, fo: int, off: int, n: int) -> None:
+    """``n`` bytes at ``off`` to the same offset: ``copy_file_range`` (in the kernel), else
+    pread/pwrite. Stops early where the source ends (it shrank meanwhile)."""
+    kernel = hasattr(os, "copy_file_range")
+    while n > 0:
+        if kernel:
+            try:
+                k = os.copy_file_range(fi, fo, min(n, 1 << 30), off, off)
+            except OSError:  # e.g. across file systems on an old kernel: copy it here
+                kernel = False
+                continue
+        else:
+            k = os.pwrite(fo, os.pread(fi, min(n, CHUNK), off), off)
+        if k == 0:
+            return
+        off, n = off + k, n - k
+
+
+def _copy_nonzero_chunks(fi, fo) -> None:  # noqa: ANN001 - binary files
+    """The copy where the file system cannot name the holes: every chunk read, all-zero
+    ones skipped."""
+    fi.seek(0)  # (the SEEK_HOLE probe moved the descriptor's offset)
+    fo.seek(0)
+    zero = bytes(CHUNK)
+    while True:
+        buf = fi.read(CHUNK)
+        if not buf:
+            break
+        if buf == zero[: len(buf)]:
+            fo.seek(len(buf), os.SEEK_CUR)
+        else:
+            fo.write(buf)
+
+
+def copy_tree_sparse(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
+    dst.mkdir(parents=True, exist_ok=False)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip:
+            sparse_copy(f, dst / f.name)
+
+
+class CopyProcess:
+    """``sparse_copy(src, dst)`` in a child process started now; ``wait`` joins it and
+    raises OSError (its last stderr line) if it failed. Where no child can start, the
+    copy is made here and now instead. The child dies with the thread that started it
+    (Linux), so a killed repair leaves no copy writing into a build folder its rerun
+    makes again."""
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.src = src
+        try:
+            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-I", str(Path(__file__).resolve()), str(src), str(dst)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError:
+            self.proc = None
+            sparse_copy(src, dst)
+
+    def wait(self) -> None:
+        if self.proc is None:
+            return
+        _, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            lines = err.decode("utf-8", "replace").strip().splitlines()
+            raise OSError(f"copy of {self.src} failed: {lines[-1] if lines else f'exit {self.proc.returncode}'}")
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the thread that started it ends (a killed
+    check or repair leaves no helper reading the palace or writing a build folder).
+    Elsewhere a no-op. Standard library only: the helpers run by path call it first."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+if __name__ == "__main__":  # run by path by ``CopyProcess``
+    die_with_parent()
+    try:
+        sparse_copy(Path(sys.argv[1]), Path(sys.argv[2]))
+    except OSError as exc:
+        sys.stderr.write(f"{exc}\n")
+        os._exit(1)

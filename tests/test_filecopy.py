@@ -1,0 +1,150 @@
+"""Copies that keep a palace file's holes (``chaosfix.filecopy``), in this process and
+in the child process the build copies data_level0.bin with. Real files on the test's
+own file system; where it cannot report holes (no SEEK_HOLE) the zero-chunk fallback
+is what runs, and the same assertions hold."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chaosfix import filecopy
+
+MB = 1 << 20
+
+
+def _blocks(p: Path) -> int:
+    return p.stat().st_blocks * 512
+
+
+def _holey(p: Path, apparent: int, data: dict[int, bytes]) -> Path:
+    """A file of ``apparent`` bytes holding ``data`` at its offsets, holes elsewhere."""
+    with open(p, "wb") as f:
+        for off, buf in data.items():
+            f.seek(off)
+            f.write(buf)
+        f.truncate(apparent)
+    return p
+
+
+def _bytes_read() -> int | None:
+    """This process's bytes read by read-like calls (Linux ``/proc/self/io`` rchar)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _same_content(a: Path, b: Path, at: dict[int, bytes]) -> None:
+    assert a.stat().st_size == b.stat().st_size
+    with open(b, "rb") as f:
+        for off, buf in at.items():
+            f.seek(off)
+            assert f.read(len(buf)) == buf
+        f.seek(0)
+        assert f.read(4096) == (at.get(0, b"") + bytes(4096))[:4096]
+
+
+def test_a_sparse_file_is_copied_by_its_data_not_its_apparent_size(tmp_path: Path):
+    """64 GiB apparent, 2 MiB of data: the copy writes (and reads) only the data, so it
+    takes milliseconds and no disk, where reading every chunk would read 64 GiB."""
+    data = {0: os.urandom(MB), 40 << 30: os.urandom(MB), (64 << 30) - 4096: b"\x01" * 4096}
+    src = _holey(tmp_path / "link_lists.bin", 64 << 30, data)
+    if _blocks(src) >= src.stat().st_size:
+        pytest.skip("this file system does not keep holes")
+    dst = tmp_path / "copy.bin"
+    read_before = _bytes_read()
+    filecopy.sparse_copy(src, dst)
+    _same_content(src, dst, data)
+    assert _blocks(dst) < 16 * MB
+    if read_before is not None:  # bytes this process read through read(2): the data, not the holes
+        assert _bytes_read() - read_before < 256 * MB
+    assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
+
+
+def test_an_almost_dense_file_copies_whole(tmp_path: Path):
+    """One 4 KiB hole in a 24 MiB file (a palace's chroma.sqlite3 after a copy that
+    skipped a zero page) takes the sparse path: every byte still arrives."""
+    body = os.urandom(24 * MB)
+    src = tmp_path / "chroma.sqlite3"
+    src.write_bytes(body)
+    with open(src, "r+b") as f:  # punch one page: rewrite the file around a hole
+        f.truncate(8 * MB)
+        f.seek(8 * MB + 4096)
+        f.write(body[8 * MB + 4096 :])
+    want = body[: 8 * MB] + bytes(4096) + body[8 * MB + 4096 :]
+    dst = tmp_path / "copy.sqlite3"
+    filecopy.sparse_copy(src, dst)
+    assert dst.read_bytes() == want
+
+
+@pytest.mark.parametrize("way", ["extents", "zero-chunks"])
+def test_both_ways_of_copying_give_the_same_bytes(tmp_path: Path, way: str):
+    """The extent copy and the fallback (every chunk read, all-zero ones skipped) agree,
+    a tail hole included; the fallback also starts from byte 0 after a hole probe."""
+    data = {0: os.urandom(3 * MB + 17), 9 * MB: os.urandom(MB)}
+    src = _holey(tmp_path / "src.bin", 16 * MB, data)
+    dst = tmp_path / "dst.bin"
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        if way == "extents":
+            if not filecopy._copy_extents(fi.fileno(), fo.fileno(), src.stat().st_size):
+                pytest.skip("this file system does not report holes")
+        else:
+            os.lseek(fi.fileno(), 5 * MB, os.SEEK_SET)  # where a SEEK_HOLE probe may leave it
+            filecopy._copy_nonzero_chunks(fi, fo)
+        fo.truncate(src.stat().st_size)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_the_copy_process_copies_and_reports_a_failure_in_one_line(tmp_path: Path):
+    src = tmp_path / "data_level0.bin"
+    src.write_bytes(os.urandom(3 * MB))
+    dst = tmp_path / "copy.bin"
+    c = filecopy.CopyProcess(src, dst)
+    assert c.proc is not None  # a child, not a thread: the GIL cannot stall it
+    c.wait()
+    assert dst.read_bytes() == src.read_bytes()
+    bad = filecopy.CopyProcess(tmp_path / "missing.bin", tmp_path / "nowhere.bin")
+    with pytest.raises(OSError) as exc:
+        bad.wait()
+    assert "missing.bin" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_copy_process_dies_with_its_parent(tmp_path: Path):
+    """A repair SIGKILLed mid-build must leave no copy still writing into the build
+    folder its rerun makes again: the child gets SIGKILL with its parent (Linux)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    fifo = tmp_path / "never-ends"
+    os.mkfifo(fifo)  # the child blocks reading it, forever
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from chaosfix.filecopy import CopyProcess;"
+         "c = CopyProcess(Path(sys.argv[1]), Path(sys.argv[2])); print(c.proc.pid, flush=True); time.sleep(60)",
+         str(fifo), str(tmp_path / "out.bin")], stdout=subprocess.PIPE, text=True, cwd=tmp_path)  # (the installed chaosfix)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)  # (its prctl is the first thing it does)
+    os.kill(child, 0)  # running, blocked on the fifo
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init, or a zombie of the dead parent: either way not running
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    pytest.fail("the copy process outlived its parent")
