@@ -347,8 +347,8 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
 
 def _save_planned(path: Path, vectors: Mapping[str, np.ndarray], ids: list[str], step: int = 1024) -> None:
     """The planned vectors of ``ids`` as one float32 .npy, written a slice at a time: it is
-    written while the verification holds the index, and one stacked float64 copy of
-    10,000 384-d vectors is 30 MB."""
+    written while the verification reads the built folder, and one stacked float64 copy
+    of 10,000 384-d vectors is 30 MB."""
     dim = len(vectors[ids[0]])
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (len(ids), dim)})

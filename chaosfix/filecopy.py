@@ -69,7 +69,8 @@ def sparse_copy(src: Path, dst: Path) -> None:
 
 def _copy_extents(fi: int, fo: int, size: int) -> bool:
     """Copy the first ``size`` bytes' data extents (``SEEK_DATA``/``SEEK_HOLE``), each by
-    the kernel, leaving the holes unwritten. False, with nothing written, where the file
+    the kernel, leaving the holes unwritten (zeros written as data stay data: only the
+    holes cost nothing to keep). False, with nothing written, where the file
     system shows no hole in a file whose blocks say it has some (no ``SEEK_HOLE``: it
     then reports one extent). A palace's 438 MB chroma.sqlite3 with one 4 KiB hole went
     through the zero-chunk loop below in 3.4 s of a thread, beside the build's inserts."""
@@ -91,7 +92,14 @@ def _copy_extents(fi: int, fo: int, size: int) -> bool:
             raise
         if start >= size:
             break
-        end = min(os.lseek(fi, start, seek_hole), size)
+        try:
+            end = min(os.lseek(fi, start, seek_hole), size)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # the file shrank below start since SEEK_DATA
+        if end <= start:  # a file system that contradicts itself: copy the rest as data
+            end = size
         _copy_range(fi, fo, start, end - start)
         pos = end
     return True
@@ -99,19 +107,23 @@ def _copy_extents(fi: int, fo: int, size: int) -> bool:
 
 def _copy_range(fi: int, fo: int, off: int, n: int) -> None:
     """``n`` bytes at ``off`` to the same offset: ``copy_file_range`` (in the kernel), else
-    pread/pwrite. Stops early where the source ends (it shrank meanwhile)."""
+    pread/pwrite. Stops early where the source ends (it shrank meanwhile): only an empty
+    pread says so, since a kernel copy may also answer 0 for "not here"."""
     kernel = hasattr(os, "copy_file_range")
     while n > 0:
         if kernel:
             try:
                 k = os.copy_file_range(fi, fo, min(n, 1 << 30), off, off)
             except OSError:  # e.g. across file systems on an old kernel: copy it here
+                k = 0
+            if k == 0:
                 kernel = False
                 continue
         else:
-            k = os.pwrite(fo, os.pread(fi, min(n, CHUNK), off), off)
-        if k == 0:
-            return
+            buf = os.pread(fi, min(n, CHUNK), off)
+            if not buf:
+                return
+            k = os.pwrite(fo, buf, off)
         off, n = off + k, n - k
 
 
@@ -138,51 +150,77 @@ def copy_tree_sparse(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
             sparse_copy(f, dst / f.name)
 
 
+COPY_FAILED = 3  # the child's exit code when sparse_copy itself failed (its error on stderr)
+
+
 class CopyProcess:
-    """``sparse_copy(src, dst)`` in a child process started now; ``wait`` joins it and
-    raises OSError (its last stderr line) if it failed. Where no child can start, the
-    copy is made here and now instead. The child dies with the thread that started it
-    (Linux), so a killed repair leaves no copy writing into a build folder its rerun
-    makes again."""
+    """``sparse_copy(src, dst)`` in a child process started now. ``wait`` joins it (again
+    and again: the outcome is kept) and raises OSError, one line, if the copy failed; a
+    child that could not run at all (no ctypes, an interpreter that is not Python) has
+    the copy made here instead, as where no child can start. The child dies with the
+    thread that started it (Linux), so a killed repair leaves no copy writing into a
+    build folder its rerun makes again; ``cancel`` stops it."""
 
     def __init__(self, src: Path, dst: Path) -> None:
-        self.src = src
+        self.src, self.dst = src, dst
+        self._error: OSError | None = None
+        self._done = False
         try:
             self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-I", str(Path(__file__).resolve()), str(src), str(dst)],
+                [sys.executable, "-I", str(Path(__file__).resolve()), str(os.getpid()), str(src), str(dst)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError:
             self.proc = None
-            sparse_copy(src, dst)
 
     def wait(self) -> None:
-        if self.proc is None:
-            return
-        _, err = self.proc.communicate()
-        if self.proc.returncode != 0:
-            lines = err.decode("utf-8", "replace").strip().splitlines()
-            raise OSError(f"copy of {self.src} failed: {lines[-1] if lines else f'exit {self.proc.returncode}'}")
+        if not self._done:
+            self._done = True
+            if self.proc is not None:
+                _, err = self.proc.communicate()
+                code = self.proc.returncode
+            else:
+                err, code = b"", None
+            if code == COPY_FAILED:
+                lines = err.decode("utf-8", "replace").strip().splitlines()
+                self._error = OSError(f"copy of {str(self.src)!r} failed: {lines[-1] if lines else 'no reason given'}")
+            elif code != 0:
+                try:
+                    sparse_copy(self.src, self.dst)
+                except OSError as exc:
+                    self._error = exc
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Stop the copy (the caller removes what it wrote)."""
+        if self.proc is not None and not self._done:
+            self._done = True
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate()
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Linux: this process gets SIGKILL when the thread that started it ends (a killed
     check or repair leaves no helper reading the palace or writing a build folder).
-    Elsewhere a no-op. Standard library only: the helpers run by path call it first."""
-    parent = os.getppid()
+    ``parent``: the starter's pid as it passed it; a child started by a process that
+    has died meanwhile exits at once (else it is told of the death of init). Elsewhere
+    a no-op. Standard library only: the helpers run by path call it first."""
+    parent = os.getppid() if parent is None else parent
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ImportError):
         return
     if os.getppid() != parent:  # the parent died before the prctl
         os._exit(1)
 
 
-if __name__ == "__main__":  # run by path by ``CopyProcess``
-    die_with_parent()
+if __name__ == "__main__":  # run by path by ``CopyProcess``: PARENT_PID SRC DST
+    die_with_parent(int(sys.argv[1]))
     try:
-        sparse_copy(Path(sys.argv[1]), Path(sys.argv[2]))
+        sparse_copy(Path(sys.argv[2]), Path(sys.argv[3]))
     except OSError as exc:
         sys.stderr.write(f"{exc}\n")
-        os._exit(1)
+        os._exit(COPY_FAILED)

@@ -103,6 +103,33 @@ def test_both_ways_of_copying_give_the_same_bytes(tmp_path: Path, way: str):
     assert dst.read_bytes() == src.read_bytes()
 
 
+@pytest.mark.parametrize("answer", ["zero", "exdev"])
+def test_a_kernel_copy_that_stops_short_is_finished_by_hand(tmp_path: Path, monkeypatch, answer: str):
+    """copy_file_range may answer 0 before the end (not only at EOF) or refuse mid-file
+    (EXDEV, EINVAL): the rest is copied with pread/pwrite, not left as zeros."""
+    if not hasattr(os, "copy_file_range"):
+        pytest.skip("no copy_file_range here")
+    data = {0: os.urandom(MB), 4 * MB: os.urandom(MB)}
+    src = _holey(tmp_path / "src.bin", 8 * MB, data)
+    real, calls = os.copy_file_range, []
+
+    def flaky(*args):  # the kernel's answer, wrong from the second call on
+        calls.append(args)
+        if len(calls) == 1:
+            return real(args[0], args[1], min(args[2], 64 << 10), *args[3:])  # a short first copy
+        if answer == "zero":
+            return 0
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", flaky)
+    dst = tmp_path / "dst.bin"
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        if not filecopy._copy_extents(fi.fileno(), fo.fileno(), src.stat().st_size):
+            pytest.skip("this file system does not report holes")
+        fo.truncate(src.stat().st_size)
+    assert len(calls) >= 2 and dst.read_bytes() == src.read_bytes()
+
+
 def test_the_copy_process_copies_and_reports_a_failure_in_one_line(tmp_path: Path):
     src = tmp_path / "data_level0.bin"
     src.write_bytes(os.urandom(3 * MB))
@@ -111,28 +138,41 @@ def test_the_copy_process_copies_and_reports_a_failure_in_one_line(tmp_path: Pat
     assert c.proc is not None  # a child, not a thread: the GIL cannot stall it
     c.wait()
     assert dst.read_bytes() == src.read_bytes()
-    bad = filecopy.CopyProcess(tmp_path / "missing.bin", tmp_path / "nowhere.bin")
-    with pytest.raises(OSError) as exc:
-        bad.wait()
-    assert "missing.bin" in str(exc.value) and "\n" not in str(exc.value)
+    c.wait()  # (again: the outcome is kept)
+    bad = filecopy.CopyProcess(tmp_path / "missing\nname.bin", tmp_path / "nowhere.bin")
+    for _ in range(2):
+        with pytest.raises(OSError) as exc:
+            bad.wait()
+        assert "missing" in str(exc.value) and "\n" not in str(exc.value)
+    slow = filecopy.CopyProcess(_fifo(tmp_path / "never-ends"), tmp_path / "out.bin")
+    slow.cancel()  # a copy that would never end is stopped and reaped
+    assert slow.proc is not None and slow.proc.returncode is not None
 
 
-def test_the_copy_process_dies_with_its_parent(tmp_path: Path):
+def _fifo(p: Path) -> Path:
+    os.mkfifo(p)  # a reader blocks on it forever
+    return p
+
+
+@pytest.mark.parametrize("when", ["while-copying", "at-once"])
+def test_the_copy_process_dies_with_its_parent(tmp_path: Path, when: str):
     """A repair SIGKILLed mid-build must leave no copy still writing into the build
-    folder its rerun makes again: the child gets SIGKILL with its parent (Linux)."""
+    folder its rerun makes again: the child gets SIGKILL with its parent (Linux), and a
+    child whose parent died before it could ask for that exits by itself."""
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
-    fifo = tmp_path / "never-ends"
-    os.mkfifo(fifo)  # the child blocks reading it, forever
+    fifo = _fifo(tmp_path / "never-ends")  # the child blocks reading it, forever
+    then = "os.kill(os.getpid(), 9)" if when == "at-once" else "time.sleep(60)"
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from chaosfix.filecopy import CopyProcess;"
-         "c = CopyProcess(Path(sys.argv[1]), Path(sys.argv[2])); print(c.proc.pid, flush=True); time.sleep(60)",
+        [sys.executable, "-c", "import os, sys, time; from pathlib import Path; from chaosfix.filecopy import CopyProcess;"
+         f"c = CopyProcess(Path(sys.argv[1]), Path(sys.argv[2])); print(c.proc.pid, flush=True); {then}",
          str(fifo), str(tmp_path / "out.bin")], stdout=subprocess.PIPE, text=True, cwd=tmp_path)  # (the installed chaosfix)
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
-    time.sleep(0.5)  # (its prctl is the first thing it does)
-    os.kill(child, 0)  # running, blocked on the fifo
-    parent.send_signal(signal.SIGKILL)
+    if when == "while-copying":
+        time.sleep(0.5)  # (its prctl is the first thing it does)
+        os.kill(child, 0)  # running, blocked on the fifo
+        parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

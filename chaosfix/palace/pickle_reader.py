@@ -118,12 +118,21 @@ def reap(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
+def _filecopy():  # noqa: ANN202 - the module
+    """``chaosfix/filecopy.py`` loaded by its path, standard library only: this child runs
+    by path with ``-I`` and keeps ``sys.path`` as it is (the standard library first)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_chaosfix_filecopy", Path(__file__).resolve().parents[1] / "filecopy.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _child() -> None:
     """The child of ``Scan``: scan stdin's bytes; exit 0, or _REFUSED with the reason."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # (run by path: chaosfix's own root)
-    from chaosfix.filecopy import die_with_parent
-
-    die_with_parent()
+    _filecopy().die_with_parent()
     try:
         scan(sys.stdin.buffer.read())
     except PickleBoundsError as exc:

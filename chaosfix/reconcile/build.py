@@ -79,7 +79,7 @@ class _Level0Copy:
         except OSError:
             sparse_copy(src, self.dst)
             return
-        self.copying = CopyProcess(src, self.tmp)
+        self.copying = CopyProcess(self.dst, self.tmp)  # (from the link: it pins the inode the load reads)
 
     def settle(self, index: object) -> None:
         """Replace the link by the copy (``index``: loaded from the folder, its write
@@ -94,13 +94,10 @@ class _Level0Copy:
         index.open_file_handles()  # type: ignore[attr-defined]
 
     def abandon(self) -> None:
-        """Let the copy end before the caller removes the folder (its error, if any, is
-        settle's to raise, or beside the one already raised)."""
+        """Stop a copy still running before the caller removes the folder (after
+        ``settle`` there is none; its error, if any, was settle's to raise)."""
         if self.copying is not None:
-            try:
-                self.copying.wait()
-            except BaseException:  # noqa: BLE001,S110 - see above
-                pass
+            self.copying.cancel()
 
 
 def _early_flush(folder: Path) -> None:

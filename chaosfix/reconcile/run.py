@@ -565,7 +565,8 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
 
 def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: ReconcileOptions,
              progress: ProgressFn | None, say: Callable[[str], None], rows_before: schema_guard.RowFingerprint,
-             post_check: Callable[[Callable[[], None], dict[str, Path]], dict] | None = None) -> None:
+             post_check: Callable[[Callable[[Callable[[], None]], None], dict[str, Path]], dict] | None = None
+             ) -> None:
     """Backup, build, verify (beside chromadb's post-check on a copy of the palace to be),
     swap, write the SQL, commit. Every SQL write happens after the swap, in one
     transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
