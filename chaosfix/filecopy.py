@@ -8,8 +8,8 @@ reflink costs nothing at all.
 ``CopyProcess`` runs ``sparse_copy`` in a child: chroma-hnswlib's ``load_index`` holds
 the GIL for the whole load (2.4 s at 500k drawers), so a copy thread meant to overlap it
 stalled at its first Python step until the load was over. Run by path
-(``python -I filecopy.py SRC DST``), this module imports nothing but the standard
-library.
+(``python -I filecopy.py PARENT_PID SRC DST``), this module imports nothing but the
+standard library.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Collection
@@ -144,6 +145,7 @@ def _copy_nonzero_chunks(fi, fo) -> None:  # noqa: ANN001 - binary files
 
 
 def copy_tree_sparse(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
+    """A new folder ``dst`` with ``src``'s files (not its subfolders), but ``skip``."""
     dst.mkdir(parents=True, exist_ok=False)
     for f in src.iterdir():
         if f.is_file() and f.name not in skip:
@@ -174,12 +176,13 @@ class CopyProcess:
 
     def wait(self) -> None:
         if not self._done:
-            self._done = True
+            err, code = b"", None
             if self.proc is not None:
                 _, err = self.proc.communicate()
                 code = self.proc.returncode
-            else:
-                err, code = b"", None
+            self._done = True
+            if code == -signal.SIGINT:  # Ctrl-C reached the child too: stop
+                raise KeyboardInterrupt
             if code == COPY_FAILED:
                 lines = err.decode("utf-8", "replace").strip().splitlines()
                 self._error = OSError(f"copy of {str(self.src)!r} failed: {lines[-1] if lines else 'no reason given'}")

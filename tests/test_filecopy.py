@@ -147,6 +147,13 @@ def test_the_copy_process_copies_and_reports_a_failure_in_one_line(tmp_path: Pat
     slow = filecopy.CopyProcess(_fifo(tmp_path / "never-ends"), tmp_path / "out.bin")
     slow.cancel()  # a copy that would never end is stopped and reaped
     assert slow.proc is not None and slow.proc.returncode is not None
+    stopped = filecopy.CopyProcess(tmp_path / "never-ends", tmp_path / "out2.bin")
+    time.sleep(0.5)
+    assert stopped.proc is not None
+    stopped.proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the whole process group
+    with pytest.raises(KeyboardInterrupt):
+        stopped.wait()
+    assert not (tmp_path / "out2.bin").exists()  # (no copy made here instead)
 
 
 def _fifo(p: Path) -> Path:
