@@ -147,13 +147,29 @@ def test_the_copy_process_copies_and_reports_a_failure_in_one_line(tmp_path: Pat
     slow = filecopy.CopyProcess(_fifo(tmp_path / "never-ends"), tmp_path / "out.bin")
     slow.cancel()  # a copy that would never end is stopped and reaped
     assert slow.proc is not None and slow.proc.returncode is not None
-    stopped = filecopy.CopyProcess(tmp_path / "never-ends", tmp_path / "out2.bin")
+
+
+def test_ctrl_c_that_stops_the_copy_child_stops_its_caller(tmp_path: Path):
+    """Ctrl-C reaches the whole process group: a copy child it stopped raises
+    KeyboardInterrupt in the caller, which makes no copy in-process instead. (In a
+    caller of its own: pytest-xdist's workers ignore SIGINT, and so would the child.)"""
+    fifo = _fifo(tmp_path / "never-ends")
+    code = ("import signal, sys; from pathlib import Path; signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+            "from chaosfix.filecopy import CopyProcess\n"
+            "c = CopyProcess(Path(sys.argv[1]), Path(sys.argv[2])); print(c.proc.pid, flush=True)\n"
+            "try:\n    c.wait()\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
+    caller = subprocess.Popen([sys.executable, "-c", code, str(fifo), str(tmp_path / "out.bin")],
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)  # (the installed chaosfix)
+    assert caller.stdout is not None
+    child = int(caller.stdout.readline())
     time.sleep(0.5)
-    assert stopped.proc is not None
-    stopped.proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the whole process group
-    with pytest.raises(KeyboardInterrupt):
-        stopped.wait()
-    assert not (tmp_path / "out2.bin").exists()  # (no copy made here instead)
+    os.kill(child, signal.SIGINT)
+    try:
+        out, _ = caller.communicate(timeout=30)
+    finally:
+        caller.kill()
+    assert out.strip() == "interrupted"
+    assert not (tmp_path / "out.bin").exists()
 
 
 def _fifo(p: Path) -> Path:
