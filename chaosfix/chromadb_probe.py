@@ -261,16 +261,22 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     there will be none), so ``meanwhile`` can wait for it before it loads an index
     (chroma-hnswlib holds the GIL for a whole load, which stalled the copy and the
     hand-over behind it by up to 3 s at 500k drawers)."""
-    run = partial(_verify, palace, targets, palace_gen, python, seed, timeout, progress, started, built, skip,
-                   prepare, early, handed)
+    verify = partial(_verify, palace, targets, palace_gen, python, seed, timeout, progress, started, built, skip,
+                     prepare, early, handed)
+
+    def run() -> dict:
+        try:
+            return verify()
+        finally:
+            if handed is not None:  # (also when the post-check was skipped or failed)
+                handed.set()
+
     if meanwhile is None:
         try:
             res = run()
         finally:
             if started is not None:  # (already closed unless _verify failed before its copy)
                 started.close()
-            if handed is not None:
-                handed.set()
         return _judged(res, targets, python)
     box: dict[str, object] = {}
 
@@ -279,9 +285,6 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
             box["res"] = run()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
-        finally:
-            if handed is not None:  # (also when the post-check was skipped or failed)
-                handed.set()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()

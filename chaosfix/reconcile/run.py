@@ -65,6 +65,7 @@ MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
 OLD_PREFIX = ".chaosfix-old-"
 FLOOR_ID = "__chaosfix_seq_floor__"
+Verify = Callable[[Callable[[], None]], None]  # the repair's own verification: (wait before an index loads) -> None
 FOREIGN_SQL_FILE = "foreign-sql.sql"  # dropped triggers/views, to recreate by hand if wanted
 JOURNAL = SQLITE_NAME + "-journal"
 
@@ -410,7 +411,7 @@ def _drop_useless_backup(rep: ReconcileReport) -> None:
 
 def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: ReconcileOptions,
                 progress: ProgressFn | None, started: StartedChild | None, early: EarlyCopy | None,
-                verify: Callable[[Callable[[], None]], None], built: dict[str, Path]) -> dict:
+                verify: Verify, built: dict[str, Path]) -> dict:
     """chromadb's judgement of the palace the swap will make: a throwaway copy of it (the
     built folders in place of the old ones, the repair's SQL written), made and judged
     by chromadb in its own process while ``verify`` (chaosfix's own verification) runs
@@ -565,8 +566,7 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
 
 def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: ReconcileOptions,
              progress: ProgressFn | None, say: Callable[[str], None], rows_before: schema_guard.RowFingerprint,
-             post_check: Callable[[Callable[[Callable[[], None]], None], dict[str, Path]], dict] | None = None
-             ) -> None:
+             post_check: Callable[[Verify, dict[str, Path]], dict] | None = None) -> None:
     """Backup, build, verify (beside chromadb's post-check on a copy of the palace to be),
     swap, write the SQL, commit. Every SQL write happens after the swap, in one
     transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
