@@ -20,6 +20,7 @@ searches with ef = max(ef, k)): only a row still missing at the largest k is rep
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -85,10 +86,10 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
     return [rid for rid, _ in todo]
 
 
-def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str], dict]:
+def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str]]:
     """Fetch ``ids`` in batches and judge each row as it arrives: ``check(id, embedding)``
-    (the planned-vector test), the ids with no embedding, and per metadata key the distinct
-    string/int values of ``keep``'s rows. Only ``keep`` (the ids to self-query) is fetched
+    (the planned-vector test) and the ids with no embedding. Only ``keep`` (the ids to
+    self-query) is fetched
     with its metadata, and only its embeddings and metadata stay in memory: at 500k
     drawers the 10,000 repaired rows' arrays and metadata dicts, kept whole, were ~45 MB
     of the child's peak, and the metadata of rows nobody queries doubled chromadb 0.6's
@@ -97,7 +98,6 @@ def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str], d
 
     kept: dict = {}
     missing: list[str] = []
-    distinct: dict[str, set] = {}
     returned: set[str] = set()
     with_meta = [r for r in ids if r in keep]
     plain = [r for r in ids if r not in keep]
@@ -110,9 +110,6 @@ def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str], d
             for i, rid in enumerate(got["ids"]):
                 returned.add(rid)
                 meta = (metas[i] if metas is not None else None) or {}
-                for k, v in meta.items():
-                    if isinstance(v, (str, int)) and not isinstance(v, bool) and not k.startswith("chroma:"):
-                        distinct.setdefault(k, set()).add(v)
                 if embs is None or embs[i] is None:
                     missing.append(rid)
                     continue
@@ -122,7 +119,36 @@ def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str], d
                     kept[rid] = (emb, meta)
             del got, embs, metas
     missing += [r for r in ids if r not in returned]
-    return kept, missing, distinct
+    return kept, missing
+
+
+def _where_for(meta: dict, metas: list[dict], count: int) -> dict | None:
+    """A ``where`` that keeps the row with metadata ``meta`` and that chromadb answers fast:
+    about ``4 * sqrt(count)`` matches, judged by how many of ``metas`` (the self-queried
+    rows, a seeded sample) it keeps. Both ends are slow in chromadb 0.6: a filter keeping
+    one row walks the whole graph with a Python check per node (0.11 s at 100k drawers),
+    and every match's id comes back from SQL (20% of 100k rows: 0.25 s); an int value is
+    never served by an index there (0.26 s for one row at 100k), so strings come first."""
+    usable = {k: v for k, v in meta.items()
+              if isinstance(v, (str, int)) and not isinstance(v, bool) and not k.startswith("chroma:")}
+    pool = {k: v for k, v in usable.items() if isinstance(v, str)} or usable
+    if not pool:
+        return None
+
+    def kept(c: dict) -> int:
+        return sum(all(type(m.get(k)) is type(v) and m.get(k) == v for k, v in c.items()) for m in metas)
+
+    def estimate(c: dict) -> float:  # a value seen once in the sample may be the row's own
+        n = kept(c)
+        return count * n / len(metas) if n >= 2 and metas else 1.0
+
+    cands = [{k: v} for k, v in pool.items()]
+    narrow = {k: v for k, v in pool.items() if kept({k: v}) < len(metas) / 2}
+    if len(narrow) >= 2:
+        cands.append(narrow)
+    target = 4 * math.sqrt(max(count, 1))
+    best = min(cands, key=lambda c: (abs(math.log(estimate(c) / target)), len(c)))
+    return best if len(best) == 1 else {"$and": [{k: v} for k, v in best.items()]}
 
 
 def _same(a: list, b: list, cosine: bool) -> bool:
@@ -171,7 +197,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     # (a seeded sample of the repaired rows plus the sample): chaosfix's own verification
     # already self-queried every repaired row in the index it built
     asked = spec.get("query", repaired + sample)
-    got, missing, distinct = _get(col, list(dict.fromkeys(repaired + sample)), set(asked), check)
+    got, missing = _get(col, list(dict.fromkeys(repaired + sample)), set(asked), check)
     step(2, "get")
     res.update(asked=len(repaired) + len(sample), repaired=len(repaired), missing=missing[:20],
                missing_count=len(missing), wrong_vectors=wrong[:20], wrong_vector_count=len(wrong))
@@ -182,16 +208,12 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     step(3, "self_query")
     # a filtered query per queried row (up to FILTERED): the metadata path chromadb 1.x fails on for orphans
     fmiss, fasked = [], 0
-    # on the key with the most distinct values among the fetched rows: a filter that keeps
-    # 100k of 500k rows (a MemPalace "wing") costs seconds in get(where) and the query
-    keys = sorted(distinct, key=lambda k: -len(distinct[k]))
+    metas = [got[r][1] for r in have]
     for rid in have[:FILTERED]:
-        meta = got[rid][1]
-        key = next((k for k in keys if isinstance(meta.get(k), (str, int)) and not isinstance(meta[k], bool)), None)
-        if key is None:
+        where = _where_for(got[rid][1], metas, count)
+        if where is None:
             continue
         fasked += 1
-        where = {key: meta[key]}
         try:  # (0.6.3 and 1.5.9 answer a k above the filter's matches with fewer ids)
             fmiss += _found(col, [got[rid][0]], [rid], ks, count, where=where)
         except Exception as exc:  # noqa: BLE001 - some releases refuse it: ask how many match (0.5 s in 0.6 at 100k)

@@ -52,6 +52,18 @@ def test_installed_package_carries_the_catalogue() -> None:
     assert {s.name for s in catalogue().values()} >= {"partial-flush", "migrated-06"}
 
 
+def test_children_started_from_the_checkout_import_the_wheel() -> None:
+    """Tests start ``python -c`` and ``-m`` children in the working folder, which tox sets to
+    the checkout, and Python puts that folder first on sys.path: without tox's
+    ``PYTHONSAFEPATH=1`` every such child ran the source tree instead of the wheel."""
+    if not under_tox():
+        pytest.skip("outside tox the checkout may be what is installed (pip install -e .)")
+    r = subprocess.run([sys.executable, "-c", "import chaosfix; print(chaosfix.__file__)"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not Path(r.stdout.strip()).resolve().is_relative_to(ROOT), r.stdout
+
+
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     assert SCRIPT.is_file(), f"no installed chaosfix script beside {sys.executable}"
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=900)

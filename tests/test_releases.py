@@ -175,7 +175,26 @@ def test_verify_child_is_standalone():
     tree = ast.parse(CHILD.read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert mods <= {"__future__", "ctypes", "json", "os", "resource", "sqlite3", "sys", "time", "numpy", "chromadb"}, mods
+    assert mods <= {"__future__", "ctypes", "json", "math", "os", "resource", "sqlite3", "sys", "time", "numpy", "chromadb"}, mods
+
+
+@pytest.mark.releases
+def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
+    """The post-check's filter keeps about 4 sqrt(count) rows, judged on the sampled rows'
+    metadata: one row makes chromadb 0.6 walk the whole graph, a wing of 20% makes it read
+    20% of the ids from SQL, an int value is read by a scan there, so strings first."""
+    from chaosfix import _verify_child as child
+    from chaosfix.drawers import drawer
+
+    metas = [drawer(i)[2] for i in range(400)]  # wing (5 values), room (7), n (unique int)
+    row = metas[3]
+    assert child._where_for(row, metas, 100_000) == {"$and": [{"wing": row["wing"]}, {"room": row["room"]}]}
+    assert child._where_for({"n": 7, "flag": True}, [{"n": i, "flag": True} for i in range(400)], 100_000) == {"n": 7}
+    assert child._where_for({"flag": True, "chroma:document": "x"}, metas, 100_000) is None
+    half = [{"kind": "a" if i % 2 else "b", "file": f"f{i}"} for i in range(400)]  # 50% or one row each
+    assert child._where_for(half[1], half, 100_000) == {"kind": "a"}
+    tenth = [{"kind": f"k{i % 10}", "file": f"f{i // 4}"} for i in range(400)]  # 10% or 4 rows per 400
+    assert child._where_for(tenth[0], tenth, 100_000) == {"file": "f0"}
 
 
 @pytest.mark.releases
