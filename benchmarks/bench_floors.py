@@ -16,6 +16,9 @@ a fresh interpreter:
   chaosfix's reconcile modules that holds the loaded index, which the inserts need,
   and nothing else; plus the orphans' slots the inserts fill (room reserved for them
   costs nothing until written, so their size is added: 1.6 KB a slot at 384-d).
+- **the verification's own memory**: ``verify_segment`` alone in a fresh interpreter with
+  reconcile's modules (zero-diff against the map's ids, ``--orphans`` + 1,000 rows
+  self-queried), on a copy: what a verification in a process of its own would cost.
 - **chromadb's own memory floor**: the installed chromadb opens a private copy of the
   palace (an open writes to ``chroma.sqlite3``), counts, reads 100 rows and self-queries
   one (what its post-check must do at least).
@@ -72,6 +75,21 @@ mods = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 idx = hnswlib.Index(space="cosine", dim=int(sys.argv[3]))
 idx.load_index(sys.argv[1], is_persistent_index=True, max_elements=int(sys.argv[2]))
 print(json.dumps({"modules": mods * 1024, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+VERIFY_RSS = r"""
+import json, resource, sys
+from pathlib import Path
+import chaosfix.cli, chaosfix.reconcile.run  # what reconcile imports
+from chaosfix.palace import idmap
+from chaosfix.reconcile.verify import EF_FIRST, EF_GATE, EF_MAX, verify_segment
+mods = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+seg = Path(sys.argv[1])
+ids = set(idmap.loads((seg / idmap.FILENAME).read_bytes()).id_to_label)  # a healthy palace: its SQL ids
+v = verify_segment(seg, "cosine", ids, {}, sample=int(sys.argv[2]), ef=EF_FIRST, ef_max=EF_MAX, graph=True,
+                   gate_ef=EF_GATE)
+print(json.dumps({"modules": mods * 1024, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "ok": v.ok}))
 """
 
 CHROMADB_RSS = r"""
@@ -144,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:
         with tempfile.TemporaryDirectory(dir=Path(palace).parent, prefix=".floors-") as tmp:
-            ch = _child(CHROMADB_RSS, copy_palace(palace, Path(tmp) / "palace"), spec.collection)
+            copy = copy_palace(palace, Path(tmp) / "palace")
+            ver = _child(VERIFY_RSS, Path(copy) / seg.name, args.orphans + SAMPLE)
+            rows.append(("the verification alone",
+                         f"{ver['peak'] / MB:.1f} MB = {ver['peak'] / size:.2f}x data_level0.bin (after imports "
+                         f"{ver['modules'] / MB:.1f} MB; zero-diff and {args.orphans + SAMPLE:,} self-queries in a "
+                         f"fresh interpreter, ok {ver['ok']})"))
+            ch = _child(CHROMADB_RSS, copy, spec.collection)
         rows.append((f"chromadb {ch['version']}'s own RSS",
                      f"{ch['peak'] / MB:.1f} MB = {ch['peak'] / size:.2f}x data_level0.bin "
                      f"(after import {ch['modules'] / MB:.1f} MB; open, count {ch['count']:,}, get 100, one query)"))
