@@ -232,3 +232,39 @@ def test_the_graph_is_not_used_when_a_stored_vector_is_not_a_unit_vector(tmp_pat
     mm.flush()
     v = verify_segment(seg, "cosine", ids, {}, sample=50, ef=10, ef_max=EF_MAX, graph=True)
     assert not v.by_graph
+
+
+@pytest.mark.parametrize("pick", ["scattered", "dense", "run", "shuffled-with-repeats", "one", "none"])
+def test_vectors_are_read_in_the_callers_order(tmp_path: Path, pick: str) -> None:
+    """``HnswFiles.vectors`` reads scattered slots one by one and dense ones in blocks (never
+    through a memmap); both give each asked slot's stored vector, in the caller's order."""
+    vecs = _index(tmp_path)
+    files = HnswFiles.open(tmp_path)
+    h = files.header
+    rng = np.random.default_rng(3)
+    slots = {"scattered": rng.choice(N, 40, replace=False), "dense": rng.choice(N, N // 2, replace=False),
+             "run": np.arange(1000, 1700), "shuffled-with-repeats": rng.integers(0, N, 5000),
+             "one": np.array([N - 1]), "none": np.zeros(0, dtype=np.int64)}[pick]
+    got = files.vectors(slots)
+    raw = np.fromfile(tmp_path / "data_level0.bin", dtype=np.uint8)[: N * h.size_data_per_element]
+    want = raw.reshape(N, -1)[slots, h.offset_data : h.label_offset].copy().view("<f4").reshape(len(slots), DIM)
+    assert got.shape == (len(slots), DIM) and np.array_equal(got, want)
+    labels = raw.reshape(N, -1)[slots, h.label_offset : h.label_offset + 8].copy().view("<u8").ravel()
+    unit = vecs[labels.astype(np.int64)] / np.linalg.norm(vecs[labels.astype(np.int64)], axis=1, keepdims=True)
+    assert np.allclose(got, unit, atol=1e-6)  # cosine stores each row normalized
+    with pytest.raises(IndexError):
+        files.vectors(np.array([0, N]))
+
+
+@pytest.mark.parametrize("pick", ["scattered", "dense"])
+def test_vectors_of_a_file_that_shrank_is_an_error(tmp_path: Path, pick: str) -> None:
+    """A file cut short after its size was read: an error, never zeros for the lost slots."""
+    _index(tmp_path)
+    files = HnswFiles.open(tmp_path)
+    h = files.header
+    assert files.readable_slots == N  # sized when opened and first read: it shrinks only after
+    with open(tmp_path / "data_level0.bin", "r+b") as f:
+        f.truncate((N // 2) * h.size_data_per_element)
+    slots = np.array([0, N - 1]) if pick == "scattered" else np.arange(N // 4, N)
+    with pytest.raises(OSError, match="shrank"):
+        files.vectors(slots)

@@ -5,7 +5,7 @@ blocks of ``BLOCK_SLOTS`` slots with plain sequential reads into one reused buff
 checking a 500k-element index touches each slot once and holds only labels, flags and
 a block in memory. (A memmap over the whole file would leave every page it touched in
 the process's RSS: for 100k 384-d elements, 160 MB on top of the rest.) Vectors are
-read through a memmap, only when asked for.
+read (never memory-mapped) only when asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ FILES = ("header.bin", "data_level0.bin", "length.bin", "link_lists.bin")
 DELETE_MARK = 0x01
 BLOCK_SLOTS = 8192  # 8192 * 1676 bytes (384-d) = 13.7 MB per block
 BLOCK_BYTES = 16 << 20  # and never more than this per block, whatever the slot size
+DENSE = 8  # vectors(): slots wanted at least one in this many apart are read in blocks
 # bounds no healthy index exceeds, checked before any allocation sized by the header:
 # hnswlib's internal ids are u32, chromadb's M is small, embeddings stay below 64k dims
 MAX_ELEMENTS = 2**32
@@ -169,26 +170,22 @@ class HnswFiles:
     def readable_slots(self) -> int:
         return 0 if self.header is None else min(self.header.cur_element_count, self.slots_in_file)
 
-    def _memmap(self) -> np.ndarray | None:
-        n = self.readable_slots
-        if n == 0:
-            return None
-        h = self.header
-        assert h is not None
-        return np.memmap(self.dir / "data_level0.bin", dtype=np.uint8, mode="r", shape=(n * h.size_data_per_element,))
-
-    def blocks(self, step: int = BLOCK_SLOTS) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, step: int = BLOCK_SLOTS, start: int = 0, stop: int | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first slot, uint8 rows of shape (k, size_data_per_element)) over the
-        readable slots. The rows are a view of one reused buffer (at most BLOCK_BYTES
-        plus one slot): copy what you keep."""
+        readable slots (those in [start, stop)). The rows are a view of one reused buffer
+        (at most BLOCK_BYTES plus one slot): copy what you keep."""
         h, n = self.header, self.readable_slots
-        if h is None or n == 0:
+        if stop is not None:
+            n = min(n, stop)
+        if h is None or n <= start:
             return
         size = h.size_data_per_element
         step = max(1, min(step, BLOCK_BYTES // size))
-        buf = np.empty(min(step, n) * size, dtype=np.uint8)
+        buf = np.empty(min(step, n - start) * size, dtype=np.uint8)
         with open(self.dir / "data_level0.bin", "rb", buffering=0) as f:
-            for s in range(0, n, step):
+            f.seek(start * size)
+            for s in range(start, n, step):
                 want = min(step, n - s) * size
                 view, got = memoryview(buf)[:want], 0
                 while got < want:
@@ -245,15 +242,42 @@ class HnswFiles:
                          _sentinel(nbr_out[:done], done) if nbr_out is not None else None)
 
     def vectors(self, slot_idx: np.ndarray) -> np.ndarray:
-        """float32 vectors of the given slots (as stored: normalized for cosine)."""
-        h, mm = self.header, self._memmap()
-        if mm is None or h is None:
+        """float32 vectors of the given slots (as stored: normalized for cosine), in their
+        order. Read, never memory-mapped: a page fault on a mapped file maps its cached
+        neighbours too (fault-around, 64 KB), so 6,000 slots scattered over a 160 MB file
+        put nearly all of it in the process's RSS (the verification's peak at 100k drawers,
+        above the index it then loads). Scattered slots are read one by one; a run where at
+        least one slot in ``DENSE`` is wanted is read in blocks, in file order."""
+        h, n = self.header, self.readable_slots
+        if h is None or n == 0:
             return np.zeros((0, 0), dtype=np.float32)
-        rows = mm.reshape(self.readable_slots, h.size_data_per_element)
+        slot_idx = np.asarray(slot_idx, dtype=np.int64).reshape(-1)
         out = np.empty((len(slot_idx), h.dim), dtype=np.float32)
-        for s in range(0, len(slot_idx), 65536):
-            sel = slot_idx[s : s + 65536]
-            out[s : s + len(sel)] = rows[sel, h.offset_data : h.label_offset].copy().view("<f4")
+        if not len(slot_idx):
+            return out
+        order = np.argsort(slot_idx, kind="stable")
+        wanted = slot_idx[order]
+        first, last = int(wanted[0]), int(wanted[-1])
+        if first < 0 or last >= n:
+            raise IndexError(f"slot {first if first < 0 else last} outside the {n} readable slots")
+        lo, hi, size = h.offset_data, h.label_offset, h.size_data_per_element
+        if (last - first + 1) > DENSE * len(wanted):
+            with open(self.dir / "data_level0.bin", "rb", buffering=0) as f:
+                fd = f.fileno()
+                for j, slot in zip(order.tolist(), wanted.tolist()):
+                    raw = os.pread(fd, hi - lo, slot * size + lo)
+                    if len(raw) != hi - lo:
+                        raise OSError(f"{self.dir / 'data_level0.bin'} shrank while it was read")
+                    out[j] = np.frombuffer(raw, dtype="<f4")
+            return out
+        at = 0
+        for s, rows in self.blocks(start=first, stop=last + 1):
+            end = int(np.searchsorted(wanted, s + len(rows), side="left"))
+            if end > at:
+                out[order[at:end]] = rows[wanted[at:end] - s, lo:hi].view("<f4")
+                at = end
+        if at < len(wanted):
+            raise OSError(f"{self.dir / 'data_level0.bin'} shrank while it was read")
         return out
 
     def link_walk(self) -> tuple[int, str | None]:
