@@ -80,7 +80,11 @@ def child_env() -> dict[str, str]:
     env.update(ANONYMIZED_TELEMETRY="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                CHROMA_TELEMETRY="False")
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    # never an empty entry ("root:" when PYTHONPATH was unset): Python reads it as the
+    # current folder, which may be the palace, and a json.py there would run in the child
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, *env.get("PYTHONPATH", "").split(os.pathsep)) if p)
+    # and `python -m` puts the current folder first on sys.path too (3.11+ honours this)
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 

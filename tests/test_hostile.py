@@ -821,6 +821,24 @@ def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):
     assert not marker.exists(), marker.read_text()
 
 
+def test_the_embedder_child_ignores_the_current_folder(tmp_path: Path, monkeypatch):
+    """The embedder server (``python -m chaosfix.embedders.server``) starts in the user's
+    current folder, which may be the palace: ``-m`` puts that folder first on sys.path,
+    so a ``json.py`` there ran in it until ``child_env`` set PYTHONSAFEPATH. The test
+    environment's own PYTHONSAFEPATH (tox) is removed: the child's protection is its own."""
+    from chaosfix.embedders.server import ChildEmbedder
+
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    marker = tmp_path / "imported.txt"
+    (trap / "json.py").write_text(f"open({str(marker)!r}, 'a').write('json')\n")
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    monkeypatch.chdir(trap)
+    child = ChildEmbedder({"kind": "chromadb", "config": {"name": "default", "config": {}}}, "chromadb default")
+    child.close()  # (a child that imported the trap has no json.loads: it dies, and this raises)
+    assert not marker.exists(), "the embedder child imported json.py from the current folder"
+
+
 @pytest.mark.parametrize("where", ["thread", "child", "child-cold"])
 def test_quick_check_finds_a_broken_index_page(palace: Path, tmp_path: Path, monkeypatch, where: str):
     """A b-tree page of an index chaosfix never reads, its page type byte zeroed: only

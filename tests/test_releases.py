@@ -195,6 +195,10 @@ def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
     assert child._where_for(half[1], half, 100_000) == {"kind": "a"}
     tenth = [{"kind": f"k{i % 10}", "file": f"f{i // 4}"} for i in range(400)]  # 10% or 4 rows per 400
     assert child._where_for(tenth[0], tenth, 100_000) == {"file": "f0"}
+    # keys 1.x refuses in a where (0.6 stored them), an empty key, an empty collection
+    assert child._where_for({"$x": "a", "": "b", "room": "r"}, [{"room": "r"}] * 4, 100) == {"room": "r"}
+    assert child._where_for({"$x": "a"}, [{"$x": "a"}], 100) is None
+    assert child._where_for({"wing": "w"}, [{"wing": "w"}] * 3, 0) == {"wing": "w"}
 
 
 @pytest.mark.releases

@@ -11,11 +11,13 @@ read (never memory-mapped) only when asked for.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -170,6 +172,16 @@ class HnswFiles:
     def readable_slots(self) -> int:
         return 0 if self.header is None else min(self.header.cur_element_count, self.slots_in_file)
 
+    def _level0(self) -> BinaryIO:
+        """data_level0.bin opened for reading: never through a symlink, never a FIFO or
+        device swapped in after the folder was listed (which could block or never end)."""
+        path = self.dir / "data_level0.bin"
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{path}: not a regular file")
+        return open(fd, "rb", buffering=0)
+
     def blocks(self, step: int = BLOCK_SLOTS, start: int = 0, stop: int | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first slot, uint8 rows of shape (k, size_data_per_element)) over the
@@ -183,7 +195,7 @@ class HnswFiles:
         size = h.size_data_per_element
         step = max(1, min(step, BLOCK_BYTES // size))
         buf = np.empty(min(step, n - start) * size, dtype=np.uint8)
-        with open(self.dir / "data_level0.bin", "rb", buffering=0) as f:
+        with self._level0() as f:
             f.seek(start * size)
             for s in range(start, n, step):
                 want = min(step, n - s) * size
@@ -251,7 +263,13 @@ class HnswFiles:
         h, n = self.header, self.readable_slots
         if h is None or n == 0:
             return np.zeros((0, 0), dtype=np.float32)
-        slot_idx = np.asarray(slot_idx, dtype=np.int64).reshape(-1)
+        slot_idx = np.asarray(slot_idx).reshape(-1)
+        if slot_idx.dtype.kind not in "iu" and len(slot_idx):  # a mask or floats: a caller's bug
+            raise IndexError(f"slot numbers must be integers, not {slot_idx.dtype}")
+        slot_idx = slot_idx.astype(np.int64)
+        lo, hi, size = h.offset_data, h.label_offset, h.size_data_per_element
+        if not 0 <= lo < hi <= size or hi - lo != 4 * h.dim:
+            raise ValueError(f"{self.dir / 'header.bin'}: vectors at bytes {lo}..{hi} of a {size}-byte slot")
         out = np.empty((len(slot_idx), h.dim), dtype=np.float32)
         if not len(slot_idx):
             return out
@@ -260,9 +278,8 @@ class HnswFiles:
         first, last = int(wanted[0]), int(wanted[-1])
         if first < 0 or last >= n:
             raise IndexError(f"slot {first if first < 0 else last} outside the {n} readable slots")
-        lo, hi, size = h.offset_data, h.label_offset, h.size_data_per_element
         if (last - first + 1) > DENSE * len(wanted):
-            with open(self.dir / "data_level0.bin", "rb", buffering=0) as f:
+            with self._level0() as f:
                 fd = f.fileno()
                 for j, slot in zip(order.tolist(), wanted.tolist()):
                     raw = os.pread(fd, hi - lo, slot * size + lo)

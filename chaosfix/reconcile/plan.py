@@ -423,8 +423,10 @@ def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, boo
         ok = st.slots.vector_ok[slots]
     else:
         ok = np.ones(len(slots), dtype=bool)
+        order = np.argsort(slots)  # in file order: each chunk is one run of the file, read once
         for s in range(0, len(slots), 65536):
-            ok[s : s + 65536] = vectors_usable(st.files.vectors(slots[s : s + 65536]), st.info.space)
+            part = order[s : s + 65536]
+            ok[part] = vectors_usable(st.files.vectors(slots[part]), st.info.space)
     return dict(zip(labels.tolist(), ok.tolist()))
 
 
