@@ -89,11 +89,10 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
 def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str]]:
     """Fetch ``ids`` in batches and judge each row as it arrives: ``check(id, embedding)``
     (the planned-vector test) and the ids with no embedding. Only ``keep`` (the ids to
-    self-query) is fetched
-    with its metadata, and only its embeddings and metadata stay in memory: at 500k
-    drawers the 10,000 repaired rows' arrays and metadata dicts, kept whole, were ~45 MB
-    of the child's peak, and the metadata of rows nobody queries doubled chromadb 0.6's
-    time (1.5 s against 0.6 s for 5,200 rows at 100k)."""
+    self-query) is fetched with its metadata, and only its embeddings and metadata stay in
+    memory: at 500k drawers the 10,000 repaired rows' arrays and metadata dicts, kept
+    whole, were ~45 MB of the child's peak, and the metadata of rows nobody queries
+    doubled chromadb 0.6's time (1.5 s against 0.6 s for 5,200 rows at 100k)."""
     import numpy as np
 
     kept: dict = {}

@@ -823,9 +823,10 @@ def test_check_children_ignore_the_current_folder(palace: Path, tmp_path: Path):
 
 def test_the_embedder_child_ignores_the_current_folder(tmp_path: Path, monkeypatch):
     """The embedder server (``python -m chaosfix.embedders.server``) starts in the user's
-    current folder, which may be the palace: ``-m`` puts that folder first on sys.path,
-    so a ``json.py`` there ran in it until ``child_env`` set PYTHONSAFEPATH. The test
-    environment's own PYTHONSAFEPATH (tox) is removed: the child's protection is its own."""
+    current folder, which may be the palace. A ``json.py`` there ran in it twice over:
+    ``child_env`` left an empty entry in PYTHONPATH (the current folder) and ``-m`` puts
+    that folder first on sys.path. The test environment's own PYTHONSAFEPATH (tox) is
+    removed: the child's protection is its own."""
     from chaosfix.embedders.server import ChildEmbedder
 
     trap = tmp_path / "trap"
