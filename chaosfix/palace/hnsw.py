@@ -159,11 +159,8 @@ class HnswFiles:
             self.level0_data = size
             if size:
                 try:
-                    fd = os.open(self.dir / "data_level0.bin", os.O_RDONLY | os.O_NOFOLLOW)
-                    try:
-                        self.level0_data = min(size, os.lseek(fd, 0, os.SEEK_HOLE))
-                    finally:
-                        os.close(fd)
+                    with self._level0() as f:
+                        self.level0_data = min(size, os.lseek(f.fileno(), 0, os.SEEK_HOLE))
                 except OSError:
                     pass
         return self.level0_data
