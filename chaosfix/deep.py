@@ -41,8 +41,11 @@ def stale_vectors(sql: PalaceSql, st: CollectionState, embedder: Embedder, thres
     # that read fine): every readable, well-formed slot is compared; malformed ones are
     # the structural repair's
     bad = set(np.flatnonzero(st.slots.bad).tolist()) if st.torn else set()
-    pairs = sorted((rid, live[lab]) for rid, lab in m.id_to_label.items()
-                   if rid in st.sql_rows and rid not in pend and lab in live and live[lab] not in bad)
+    # in slot order: each batch's vectors are then one short run of data_level0.bin, read
+    # in blocks (the kernel reads ahead), not hundreds of scattered reads from a cold file
+    pairs = sorted(((rid, live[lab]) for rid, lab in m.id_to_label.items()
+                    if rid in st.sql_rows and rid not in pend and lab in live and live[lab] not in bad),
+                   key=lambda p: (p[1], p[0]))
     dim = files.header.dim if files.header else 0
     worst = 1.0
     for s in range(0, len(pairs), BATCH):
