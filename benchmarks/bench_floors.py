@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under PYTHONSAFEPATH=1
 from _common import MB, cached_template, evict, index_files, print_rows, spec_for
 
 from chaosfix.reconcile.build import THREADS

@@ -46,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also under PYTHONSAFEPATH=1
 from _common import (
     BAR,
     MB,
