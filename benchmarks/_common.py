@@ -103,13 +103,16 @@ def chaosfix_command(*args: str | Path) -> list[str]:
 # Runs the chaosfix command line in this interpreter and, at exit, writes its own peak RSS
 # and that of the children it waited for (the chromadb post-check child) to the file
 # named by $CHAOSFIX_BENCH_RUSAGE: os.wait4 on the command alone folds both into one.
+# Also the memory each side first touched (minor page faults, 4 KB each): on a VM whose
+# host takes freed pages back, touching fresh memory is a cost of its own (bench_floors).
 _RUSAGE_WRAPPER = """
 import atexit, json, os, resource, sys
 def _dump():
     k = 1 if sys.platform == "darwin" else 1024
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(os.environ["CHAOSFIX_BENCH_RUSAGE"], "w") as f:
-        json.dump({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * k,
-                   "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * k}, f)
+        json.dump({"self": me.ru_maxrss * k, "children": kids.ru_maxrss * k,
+                   "self_faults": me.ru_minflt, "children_faults": kids.ru_minflt}, f)
 atexit.register(_dump)
 sys.argv = ["chaosfix", *sys.argv[1:]]
 from chaosfix.cli import main

@@ -22,6 +22,12 @@ a fresh interpreter:
 - **chromadb's own memory floor**: the installed chromadb opens a private copy of the
   palace (an open writes to ``chroma.sqlite3``), counts, reads 100 rows and self-queries
   one (what its post-check must do at least).
+- **fresh memory**: a process that fills 1 GB of new memory, once after the machine has
+  sat idle for a few seconds and once right after another process freed as much. On a
+  virtual machine whose host takes a guest's freed pages back (virtio-balloon free page
+  reporting), the first is several times the second: every index a run loads, every
+  page-cache copy it writes, pays it, so ``bench_reconcile.py``'s "memory first touched"
+  times this rate bounds what the machine, not the code, adds to a run.
 - **a cold read**: ``chroma.sqlite3`` and ``data_level0.bin``, which a cold ``check``
   reads whole (``PRAGMA quick_check``, the slot pass), evicted from the page cache and
   read once in order: the disk's part of a cold check.
@@ -48,6 +54,7 @@ from chaosfix.reconcile.build import THREADS
 from chaosfix.reconcile.verify import GATE_REPAIRED
 from chaosfix.workload import copy_palace
 
+GB = 1 << 30
 SAMPLE = 1000  # untouched rows reconcile self-queries beside the repaired ones
 
 HNSWLIB = r"""
@@ -105,6 +112,16 @@ col.query(query_embeddings=[[float(x) for x in got["embeddings"][0]]], n_results
 print(json.dumps({"modules": mods * 1024, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "count": n, "version": chromadb.__version__}))
 """
+
+
+TOUCH = """
+import json, sys, time
+import numpy as np
+t = time.perf_counter()
+a = np.ones(int(sys.argv[1]), dtype=np.uint8)  # every page written once
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+IDLE = 5.0  # seconds: free page reporting hands freed memory back to the host after 2 s
 
 
 def _child(code: str, *args: object) -> dict:
@@ -175,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"(after import {ch['modules'] / MB:.1f} MB; open, count {ch['count']:,}, get 100, one query)"))
     except subprocess.CalledProcessError as exc:
         rows.append(("chromadb's own RSS", f"not measured: {exc.stderr.strip().splitlines()[-1:]}"))
+    time.sleep(IDLE)
+    cold = _child(TOUCH, GB)["seconds"]
+    warm = _child(TOUCH, GB)["seconds"]
+    rows.append(("fresh memory, 1 GB written", f"{cold:.2f} s after {IDLE:.0f} s idle, {warm:.2f} s right after "
+                                               "another process freed as much"))
     if hasattr(os, "posix_fadvise"):
         n, secs = cold_read([Path(palace) / "chroma.sqlite3", level0])
         rows.append(("cold read, chroma.sqlite3 + data_level0.bin", f"{n / MB:.0f} MB in {secs:.2f} s "

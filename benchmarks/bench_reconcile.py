@@ -67,6 +67,7 @@ EMBEDDER = "chaosfix.embedder:HashEmbedder"
 NO_POST = "--no-chromadb-check"
 RECIPE = "sqlonly-v1"  # bump when the way the broken palace is made changes
 FACTS = "bench-facts.json"
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def log(msg: str) -> None:
@@ -177,6 +178,7 @@ def run_chaosfix(broken: Path, work: Path, name: str, strategy: str | None = Non
         ver = rep.get("verification", {}).get(plan.get("collection"), {})
         return {"name": name, "wall": r.wall, "cpu": r.cpu, "rss": usage.get("self", r.rss),
                 "child_rss": usage.get("children", 0),
+                "touched": (usage.get("self_faults", 0) * PAGE, usage.get("children_faults", 0) * PAGE),
                 "rc": r.rc, "json": rep, "timings": rep.get("timings", {}), "plan": plan, "ver": ver}
     finally:
         _cleanup(work, name)
@@ -296,6 +298,9 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
             ("  peak RSS reconcile", f"{rss / MB:.1f} MB = {rss / level0:.2f}x data_level0.bin"),
             ("  peak RSS chromadb child", f"{crss / MB:.1f} MB = {crss / level0:.2f}x data_level0.bin"
                                           if label != NO_POST else "none (no post-check)"),
+            ("  memory first touched", "reconcile {:.0f} MB, its children {:.0f} MB (minor page faults; "
+                                       "bench_floors.py times a GB of it)".format(
+                                           *(_med([r["touched"][i] for r in rs]) / MB for i in (0, 1)))),
             ("  exit / strategy", f"{r0['rc']} / {p.get('strategy')} (after_consistent "
                                   f"{r0['json'].get('after_consistent')}); added {p.get('add')} {p.get('sources')}"),
             ("  verification", f"zero_diff {v.get('zero_diff')}, queried {v.get('queried')} at ef {v.get('ef')} "
