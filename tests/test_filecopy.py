@@ -69,6 +69,32 @@ def test_a_sparse_file_is_copied_by_its_data_not_its_apparent_size(tmp_path: Pat
     assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
 
 
+def test_the_source_is_flushed_before_its_holes_are_trusted(tmp_path: Path):
+    """OpenZFS 2.2.0/2.2.1 named a file's dirty data a hole (openzfs/zfs#15526): the copy
+    fsyncs its source before the first SEEK_HOLE/SEEK_DATA, seen by strace on a real
+    copy of a sparse file written just before (its pages still dirty)."""
+    from chaosfix.faults import strace_available
+    from chaosfix.faults.kill import strace_path
+
+    if not strace_available():
+        pytest.skip("strace not installed or ptrace not permitted")
+    data = {0: os.urandom(MB), 8 * MB: os.urandom(MB)}
+    src = _holey(tmp_path / "link_lists.bin", 64 * MB, data)
+    if _blocks(src) >= src.stat().st_size:
+        pytest.skip("this file system does not keep holes")
+    dst, log = tmp_path / "copy.bin", tmp_path / "trace"
+    code = "import sys; from chaosfix import filecopy; filecopy.sparse_copy(*map(__import__('pathlib').Path, sys.argv[1:]))"
+    subprocess.run([strace_path(), "-f", "-e", "trace=openat,fsync,lseek", "-o", str(log), sys.executable, "-c", code,
+                    str(src), str(dst)], check=True, timeout=60)
+    calls = log.read_text().splitlines()
+    opened = next(ln for ln in calls if "openat(" in ln and str(src) in ln and "O_RDONLY" in ln)
+    fd = opened.rsplit("=", 1)[1].strip()
+    flush = next(i for i, ln in enumerate(calls) if f"fsync({fd})" in ln)
+    probe = next(i for i, ln in enumerate(calls) if f"lseek({fd}," in ln and ("SEEK_HOLE" in ln or "SEEK_DATA" in ln))
+    assert flush < probe, "\n".join(calls[-20:])
+    _same_content(src, dst, data)
+
+
 def test_an_almost_dense_file_copies_whole(tmp_path: Path):
     """One 4 KiB hole in a 24 MiB file (a palace's chroma.sqlite3 after a copy that
     skipped a zero page) takes the sparse path: every byte still arrives."""
