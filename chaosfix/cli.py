@@ -61,6 +61,9 @@ def _one_line_errors(fn: Callable[..., int]) -> Callable[..., None]:
         except BrokenPipeError:  # `chaosfix scenarios | head`: the reader left, nothing to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(EXIT_OPERATIONAL)
+        except OSError as exc:  # the system refused: its words and the file, not "internal error"
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}", EXIT_OPERATIONAL, as_json)
         except Exception as exc:  # noqa: BLE001 - never a traceback
             msg = str(exc).splitlines()[0] if str(exc) else ""
             _fail(f"internal error: {type(exc).__name__}: {msg}", EXIT_OPERATIONAL, as_json)

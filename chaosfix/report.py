@@ -93,6 +93,8 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
                    f"whose embeddings row is gone: the metadata of {len(rep.stale.metadata)}, "
                    f"{len(rep.stale.fulltext)} full-text document(s); chromadb's next add would have met them")
     out += [f"note: {n}" for n in rep.notes] + [f"left: {n}" for n in rep.left]
+    if rep.refusal:
+        out.append(f"a real run would refuse: {rep.refusal}")
     if rep.backup:
         out.append(f"backup: {rep.backup}")
     if rep.chromadb is not None:
@@ -110,6 +112,8 @@ def _verified(v) -> str:  # noqa: ANN001 - Verification
 
 def _reconcile_verdict(rep) -> str:  # noqa: ANN001
     would = "would " if rep.dry_run else ""
+    if rep.refusal:
+        return "would refuse (see above)"
     if rep.exit_code == 0:
         return "nothing to do"
     if rep.exit_code == 1:

@@ -21,6 +21,7 @@ clears (a hot journal is rolled back only when our marker proves it is ours).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import shutil
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from chaosfix.check import ERROR, INFO, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
-from chaosfix.errors import EXIT_OK, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
+from chaosfix.errors import EXIT_OK, EXIT_OPERATIONAL, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
 from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
@@ -43,6 +44,7 @@ from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
 from chaosfix.palace.state import written_in_rollback
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
+from chaosfix.reconcile import space
 from chaosfix.reconcile.plan import CollectionPlan, plan_collection
 from chaosfix.reconcile.safety import (
     LOCK_NAME,
@@ -110,6 +112,7 @@ class ReconcileReport:
     foreign_sql: list[ForeignObject] = field(default_factory=list)  # triggers/views to drop (asked for)
     swapping: bool = field(default=False, repr=False)  # past this point a build folder may hold the old segment
     journal_rollback: bool = False  # a synced journal is (or, dry run: would be) rolled back first
+    refusal: str | None = None  # dry run: why a real run would refuse (exit 8), e.g. no room for the repair
 
     @property
     def has_work(self) -> bool:
@@ -122,6 +125,8 @@ class ReconcileReport:
 
     @property
     def exit_code(self) -> int:
+        if self.refusal:
+            return EXIT_OPERATIONAL
         if self.unrepaired or self.left or (self.chromadb is not None and not self.chromadb.get("ok", False)):
             return EXIT_UNREPAIRED
         return EXIT_REPAIRED if self.has_work else EXIT_OK
@@ -145,6 +150,7 @@ class ReconcileReport:
             "timings": self.timings,
             "notes": self.notes,
             "left": self.left,
+            "refusal": self.refusal,
             "foreign_sql_dropped": [o.describe() for o in self.foreign_sql],
         }
 
@@ -322,12 +328,20 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             rep.notes.append(f"{orphans} segment folder(s) no segment owns left in place (chromadb never reads "
                              "them); --prune-orphan-dirs moves them into the backup")
         rep.timings["plan"] = time.perf_counter() - t0
-        idle = opts.dry_run or not (any(p.has_work for p in rep.plans) or rep.queue_floor is not None
-                                    or rep.prune_dirs or rep.foreign_sql or rep.stale)
-        if idle:
+        work = bool(any(p.has_work for p in rep.plans) or rep.queue_floor is not None or rep.prune_dirs
+                    or rep.foreign_sql or rep.stale)
+        # (a dry run starts no post-check child: it asks whether one would run)
+        short = _short_of_space(root, rep, opts, post_check=started is not None or (
+            opts.dry_run and opts.chromadb_check and before.generation is not None
+            and _post_check_runs(before.generation, opts))) if work else None
+        if short and opts.dry_run:
+            rep.refusal = short
+        if opts.dry_run or not work:
             if rep.journal_rollback and not opts.dry_run:
                 rep.after = check_palace(root, opts.collection)
             return rep
+        if short:
+            raise OperationalError(short)
         with PalaceLock(root):
             holders = other_holders(root)
             if holders:
@@ -363,7 +377,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                                           rep.prune_dirs)
                     post_check = partial(_post_check, root, rep, before.generation, opts, progress, started, early)
                 _execute(root, conn, rep, opts, progress, say, rows_before, post_check)
-            except BaseException:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 conn.close()
@@ -375,6 +389,8 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                         if d.name.startswith(BUILD_PREFIX) and not is_link(d):
                             shutil.rmtree(d, ignore_errors=True)
                 _drop_useless_backup(rep)
+                if isinstance(exc, OSError):  # a full disk, a file system gone read-only
+                    raise OperationalError(_stopped_by(root, exc, rep.swapping)) from None
                 raise
             conn.close()
             (root / MARKER).unlink(missing_ok=True)
@@ -390,6 +406,40 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         if early is not None:  # taken (and removed) by the post-check, or never taken
             early.discard()
     return rep
+
+
+def _stopped_by(root: Path, exc: OSError, swapped: bool) -> str:
+    """One line for an OSError that stopped a repair: the file, the system's words, and
+    what state the palace is in."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    why = exc.strerror or str(exc)
+    state = ("the swap had begun: run reconcile again to finish it" if swapped
+             else "nothing was changed")
+    hint = " (free some space beside the palace and run it again)" if exc.errno == errno.ENOSPC else ""
+    return f"{root}: the repair stopped: {where}{why}; {state}{hint}"
+
+
+def _post_check_runs(gen: Generation, opts: ReconcileOptions) -> bool:
+    """A real run would run chromadb's post-check (a dry run starts no child to tell)."""
+    from chaosfix.chromadb_probe import plan_post_check
+
+    return plan_post_check(gen, opts.chromadb_python)[1] is None
+
+
+def _sql_changes(rep: ReconcileReport) -> bool:
+    """The repair writes chroma.sqlite3 (and so backs it up first)."""
+    return (any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
+            or bool(rep.stale))
+
+
+def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, post_check: bool) -> str | None:
+    """The refusal's text when the palace's file system cannot hold what the repair
+    writes (``space``), else None."""
+    sql_changes = _sql_changes(rep)
+    sql_backup = sql_changes and (opts.backup or bool(rep.prune_dirs) or bool(rep.foreign_sql) or bool(rep.stale))
+    if not (any(p.index_changes for p in rep.plans) or sql_backup):
+        return None
+    return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs))
 
 
 def _drop_useless_backup(rep: ReconcileReport) -> None:
@@ -571,8 +621,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     swap, write the SQL, commit. Every SQL write happens after the swap, in one
     transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sql_changes = (any(p.seq_writes for p in rep.plans) or rep.queue_floor is not None or bool(rep.foreign_sql)
-                   or bool(rep.stale))
+    sql_changes = _sql_changes(rep)
     backup_dir = None
     if rep.backup is not None:  # made by the journal rollback: one backup per run
         backup_dir = Path(rep.backup)
