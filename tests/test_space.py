@@ -23,20 +23,21 @@ from chaosfix.workload import child_env
 CLI = [sys.executable, "-c", "from chaosfix.cli import main; main()"]
 
 
-def _usage(p: Path) -> int:
-    return sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())
+def _size(p: Path) -> int:
+    """Bytes of ``p``'s files as ``_in_small_fs`` copies them: whole (``--sparse=never``)."""
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def _in_small_fs(palace: Path, mnt: Path, size: int, *args: str) -> list[dict]:
-    """``chaosfix reconcile --json ARGS`` (each args tuple in turn) on a copy of ``palace``
-    on a tmpfs of ``size`` bytes mounted at ``mnt`` in a mount namespace of its own; the
+    """``chaosfix reconcile --json ARGS`` (each args tuple in turn) on a dense copy of
+    ``palace`` (every zero written, as a copy that kept no holes) on a tmpfs of ``size`` bytes mounted at ``mnt`` in a mount namespace of its own; the
     JSON answers, or a skip where this machine lets no test mount one."""
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("unshare (util-linux) not installed")
     mnt.mkdir()
     cmd = [f"mount -t tmpfs -o size={size} chaosfix-test {shlex.quote(str(mnt))}",
-           f"cp -a {shlex.quote(str(palace))} {shlex.quote(str(mnt / 'p'))}"]
+           f"cp -a --sparse=never {shlex.quote(str(palace))} {shlex.quote(str(mnt / 'p'))}"]
     for a in args:
         run = shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", *a.split()])
         cmd.append(f"{run} || true")
@@ -60,15 +61,15 @@ def test_no_room_for_the_repair_is_refused_before_anything_is_written(tmp_path: 
     refuse with the figures (exit 8), nothing is left beside the palace; on a tmpfs with
     room the same palace is repaired (the estimate does not refuse what fits)."""
     p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
-    size = _usage(p) + (1 << 20)
+    size = _size(p) + (1 << 20)
     dry, real, listing = _in_small_fs(p, tmp_path / "small", size, f"--dry-run --embedder {HASH_EMBEDDER}",
                                       f"--embedder {HASH_EMBEDDER}")
     assert dry["exit_code"] == 8 and "not enough free space" in (dry["refusal"] or ""), dry
     assert real["exit_code"] == 8 and "not enough free space for the repair" in real["error"], real
-    assert "nothing was changed" in real["error"] and "MB beside the palace" in real["error"]
+    assert "nothing was changed" in real["error"] and "MB on the palace's file system" in real["error"]
     left = listing["listing"]
     assert "chaosfix-backup" not in left and "chaosfix-build" not in left and "chaosfix-verify" not in left, left
-    ok, _ = _in_small_fs(p, tmp_path / "roomy", _usage(p) * 4 + (16 << 20), f"--embedder {HASH_EMBEDDER}")[:2]
+    ok, _ = _in_small_fs(p, tmp_path / "roomy", _size(p) * 4 + (16 << 20), f"--embedder {HASH_EMBEDDER}")[:2]
     assert ok["exit_code"] == 1 and ok["after_consistent"] is True, ok
 
 
@@ -94,3 +95,43 @@ def test_enospc_in_the_build_leaves_the_palace_as_it_was(tmp_path: Path, damage_
     code, _, err = reconcile(p, "--embedder", HASH_EMBEDDER, "--no-chromadb-check")
     assert code == 1, err
     assert_consistent(p)
+
+
+def test_a_densely_bloated_link_lists_is_not_counted_against_its_rebuild(tmp_path: Path, damage_cache: Path) -> None:
+    """LINK_BLOAT with its zeros written out (a copy or restore that did not keep the
+    holes): the rebuild never copies the old folder, so 24 MiB of zeros must not be
+    counted twice against a file system with 16 MiB to spare, where the repair fits."""
+    p = damaged_palace("link-bloat-300x", tmp_path / "palace", damage_cache)
+    links = faults.segment_file(p, "link_lists.bin")
+    with open(links, "r+b") as f:  # 24 MiB of bloat (written whole by the dense copy)
+        f.truncate(24 << 20)
+    ok = _in_small_fs(p, tmp_path / "tight", _size(p) + (16 << 20), f"--embedder {HASH_EMBEDDER}")[0]
+    assert ok["exit_code"] == 1 and ok["after_consistent"] is True, ok
+    assert ok["plans"][0]["strategy"] == "rebuild", ok["plans"]
+
+
+def test_a_palace_that_is_a_mount_point_is_repaired_with_its_backup_beside_it(tmp_path: Path,
+                                                                              damage_cache: Path) -> None:
+    """A palace on a file system of its own (a container volume): the old segment goes to
+    the backup in the parent, another file system, by copy and removal instead of a
+    rename (which fails with EXDEV there); a rerun has nothing to do."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) not installed")
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    mnt = tmp_path / "vol"
+    mnt.mkdir()
+    q = shlex.quote
+    run = shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", "--embedder", HASH_EMBEDDER])
+    script = "; ".join([f"mount -t tmpfs -o size=64m parent {q(str(mnt))}", f"mkdir {q(str(mnt / 'p'))}",
+                        f"mount -t tmpfs -o size=64m palace {q(str(mnt / 'p'))}",
+                        f"cp -a {q(str(p))}/. {q(str(mnt / 'p'))}/", f"{run} || true", "echo ==", f"{run} || true",
+                        f"ls -a {q(str(mnt))}/*chaosfix-backup-*/ >&2"])
+    r = subprocess.run([unshare, "-rm", "sh", "-ec", script], capture_output=True, text=True, timeout=300,
+                       env=child_env())
+    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "unshare failed" in r.stderr):
+        pytest.skip(f"no mount namespace here: {r.stderr.strip()[-200:]}")
+    first, second = (json.loads(part) for part in r.stdout.split("==\n"))
+    assert first["exit_code"] == 1 and first["after_consistent"] is True, (first, r.stderr[-1500:])
+    assert second["exit_code"] == 0, second
+    assert faults.segment_dir(p).name in r.stderr, r.stderr[-1500:]  # the old segment, in the backup

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from chaosfix.check import ERROR, INFO, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
-from chaosfix.errors import EXIT_OK, EXIT_OPERATIONAL, EXIT_REPAIRED, EXIT_UNREPAIRED, OperationalError
+from chaosfix.errors import EXIT_OK, EXIT_OPERATIONAL, EXIT_REPAIRED, EXIT_UNREPAIRED, ChaosfixError, OperationalError
 from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
@@ -53,6 +53,7 @@ from chaosfix.reconcile.safety import (
     exchange,
     fsync_path,
     killpoint,
+    move_out,
     other_holders,
 )
 from chaosfix.reconcile.sources import Embedder
@@ -223,7 +224,7 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
                 _drop_links_to_live(d, root / seg)
             if stash is None:
                 stash = _new_dir(root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(d, stash / d.name)
+            move_out(d, stash / d.name)
             notes.append(f"moved leftover {d.name} to {stash}")
     marker = root / MARKER
     if marker.exists():
@@ -330,10 +331,10 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         rep.timings["plan"] = time.perf_counter() - t0
         work = bool(any(p.has_work for p in rep.plans) or rep.queue_floor is not None or rep.prune_dirs
                     or rep.foreign_sql or rep.stale)
-        # (a dry run starts no post-check child: it asks whether one would run)
-        short = _short_of_space(root, rep, opts, post_check=started is not None or (
-            opts.dry_run and opts.chromadb_check and before.generation is not None
-            and _post_check_runs(before.generation, opts))) if work else None
+        # (the child is started ahead only when a finding called for it before the plan)
+        post = started is not None or (opts.chromadb_check and before.generation is not None
+                                       and _post_check_runs(before.generation, opts))
+        short = _short_of_space(root, rep, opts, post) if work else None
         if short and opts.dry_run:
             rep.refusal = short
         if opts.dry_run or not work:
@@ -389,7 +390,8 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                         if d.name.startswith(BUILD_PREFIX) and not is_link(d):
                             shutil.rmtree(d, ignore_errors=True)
                 _drop_useless_backup(rep)
-                if isinstance(exc, OSError):  # a full disk, a file system gone read-only
+                if isinstance(exc, (OSError, sqlite3.Error)) and not isinstance(exc, ChaosfixError):
+                    # a full disk ("database or disk is full" from SQLite), a file system gone read-only
                     raise OperationalError(_stopped_by(root, exc, rep.swapping)) from None
                 raise
             conn.close()
@@ -408,14 +410,19 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
     return rep
 
 
-def _stopped_by(root: Path, exc: OSError, swapped: bool) -> str:
-    """One line for an OSError that stopped a repair: the file, the system's words, and
-    what state the palace is in."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    why = exc.strerror or str(exc)
+def _stopped_by(root: Path, exc: OSError | sqlite3.Error, swapped: bool) -> str:
+    """One line for a system or SQLite error that stopped a repair: the file, the
+    system's words, and what state the palace is in."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        where += f"-> {exc.filename2}: " if exc.filename2 else ""
+        why, full = exc.strerror or str(exc), exc.errno == errno.ENOSPC
+    else:
+        where, why = "chroma.sqlite3: ", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        full = "full" in why
     state = ("the swap had begun: run reconcile again to finish it" if swapped
              else "nothing was changed")
-    hint = " (free some space beside the palace and run it again)" if exc.errno == errno.ENOSPC else ""
+    hint = " (free some space beside the palace and run it again)" if full else ""
     return f"{root}: the repair stopped: {where}{why}; {state}{hint}"
 
 
@@ -439,7 +446,11 @@ def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, po
     sql_backup = sql_changes and (opts.backup or bool(rep.prune_dirs) or bool(rep.foreign_sql) or bool(rep.stale))
     if not (any(p.index_changes for p in rep.plans) or sql_backup):
         return None
-    return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs))
+    from chaosfix.chromadb_probe import COPY_PREFIX  # (a killed probe's folder is a stale copy to clear)
+
+    # a dry run writes nothing, not even the probe: it counts every copy whole
+    clones = not opts.dry_run and space.clones_files(root.parent, f".{root.name}{COPY_PREFIX}")
+    return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs, clones))
 
 
 def _drop_useless_backup(rep: ReconcileReport) -> None:
@@ -717,13 +728,13 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         killpoint("swapped")
         if new.exists():
             if backup_dir is not None:
-                os.rename(new, backup_dir / p.segment)
+                move_out(new, backup_dir / p.segment)
             else:
                 shutil.rmtree(new)
         killpoint("old-moved")
     for name in rep.prune_dirs:
         assert backup_dir is not None and is_uuid(name)
-        os.rename(ensure_inside(root / name, root), backup_dir / name)
+        move_out(ensure_inside(root / name, root), backup_dir / name)
         rep.notes.append(f"moved orphan folder {name} into the backup")
     fsync_path(root)  # entries moved out of the palace into the backup
     if backup_dir is not None:
@@ -815,7 +826,7 @@ def _clear_stale_journal(root: Path, backup_dir: Path | None) -> None:
     if not journal.exists() or journal_synced(root / SQLITE_NAME):
         return
     if backup_dir is not None:
-        os.rename(journal, backup_dir / journal.name)
+        move_out(journal, backup_dir / journal.name)
     else:
         journal.unlink()
 

@@ -164,3 +164,41 @@ def exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a))
+
+
+def move_out(src: Path, dst: Path) -> None:
+    """Move ``src`` (a file or folder of the palace) to the new name ``dst`` beside the
+    palace: a rename, or, where ``dst`` is on another file system (a palace that is a
+    mount point, e.g. a container volume, has its backup in the parent), mv's way: a
+    sparse copy under a temporary name, fsynced and renamed into place, then ``src``
+    removed. Killed midway, ``src`` is still whole (a rerun moves it again)."""
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    import shutil
+
+    from chaosfix.filecopy import sparse_copy
+
+    tmp = dst.with_name(f".{dst.name}.moving")
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp, symlinks=True, copy_function=lambda a, b: sparse_copy(Path(a), Path(b)))
+            fsync_tree(tmp)
+        else:
+            sparse_copy(src, tmp)
+            fsync_path(tmp)
+        os.rename(tmp, dst)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(dst.parent)
+    if src.is_dir():
+        shutil.rmtree(src)
+    else:
+        src.unlink()

@@ -1,18 +1,21 @@
 """Free space a repair needs, judged before anything is written.
 
-A repair writes beside the palace, on its file system: each rebuilt segment folder (a
-copy of the old one plus the new vectors), chromadb's post-check copy of the palace to
-be (its SQLite file, the built folders and the folders left alone), and the backup of
-``chroma.sqlite3`` when SQL changes. Out of space halfway, the repair still changes
-nothing (chroma-hnswlib does not even report a failed write: the verification finds the
-short file), but it fails late and says so obscurely. So reconcile refuses up front with
-the figures. Where the file system clones files (reflinks: btrfs, XFS, bcachefs) the
-copies share their blocks and only the new data costs space.
+A repair writes in two places. Inside the palace, each rebuilt segment folder: chroma-
+hnswlib's persist rewrites the whole data_level0.bin, so a build costs its full size
+even where the file system clones files. Beside the palace (its parent folder, which
+may be another file system when the palace is a mount point), chromadb's post-check
+copy of the palace to be (its SQLite file, the built folders and the folders left
+alone, plus the planned vectors it compares) and the backup of ``chroma.sqlite3`` when
+SQL changes; where that file system clones files (reflinks: btrfs, XFS, bcachefs) these
+copies share their blocks. Out of space halfway, a repair still changes nothing
+(chroma-hnswlib does not even report a failed write: the verification finds the short
+file), but it fails late and obscurely, so reconcile refuses up front with the figures.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +31,12 @@ MARGIN = 1 * MB  # SQLite's journal, the post-check's spec, rounding
 
 @dataclass
 class SpaceNeed:
-    """Bytes a repair writes, by what writes them."""
+    """Bytes a repair writes, by what writes them and where."""
 
-    build: int = 0  # the rebuilt segment folders
-    post_check: int = 0  # chromadb's copy of the palace to be
-    backup: int = 0  # chroma.sqlite3 (and -wal) copied into the backup
-    clones: bool = False  # the file system clones files: copies cost only their new data
-
-    @property
-    def total(self) -> int:
-        return self.build + self.post_check + self.backup + MARGIN
+    build: int = 0  # the rebuilt segment folders, inside the palace
+    post_check: int = 0  # chromadb's copy of the palace to be, beside it
+    backup: int = 0  # chroma.sqlite3 (and -wal) copied into the backup, beside it
+    clones: bool = False  # the folder beside the palace clones files: its copies cost only new data
 
 
 def _usage(path: Path) -> int:
@@ -53,79 +52,95 @@ def _usage(path: Path) -> int:
     return 0
 
 
-def _new_vectors(p: CollectionPlan) -> int:
-    """Bytes the plan's new and replaced vectors add to data_level0.bin (and length.bin)."""
+def _built(root: Path, p: CollectionPlan) -> int:
+    """Bytes of the plan's built segment folder: incremental copies the old folder (its
+    data_level0.bin rewritten whole) and adds the new vectors; rebuild writes every
+    element anew (a bloated old link_lists.bin is not copied)."""
     st = p.state
     h = st.files.header if st is not None and st.files is not None else None
-    per = h.size_data_per_element if h is not None and h.size_data_per_element > 0 else p.dim * 4 + 300
-    n = len(p.add) if p.strategy == "incremental" else len(p.keep) + len(p.add) + len(p.replace)
-    return n * (per + 4)
+    per = (h.size_data_per_element if h is not None and h.size_data_per_element > 0 else p.dim * 4 + 300) + 4
+    if p.strategy == "incremental":
+        return _usage(root / p.segment) + len(p.add) * per  # type: ignore[operator]
+    return (len(p.keep) + len(p.add) + len(p.replace)) * per + MARGIN
 
 
-def clones_files(root: Path) -> bool:
-    """The palace's file system clones a file (FICLONE), tried on a scratch file beside
-    the palace, where the post-check's copy goes; False where it cannot even be tried."""
+def clones_files(folder: Path, prefix: str) -> bool:
+    """``folder``'s file system clones a file (FICLONE), tried inside a private scratch
+    folder named ``prefix``XXXX there (removed again; a killed probe's is found as a
+    stale post-check copy); False where it cannot even be tried."""
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{root.name}.chaosfix-space-", dir=root.parent)
+        scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
     except OSError:
         return False
-    src = Path(name)
-    dst = src.with_name(src.name + ".clone")
     try:
-        os.write(fd, b"\0" * 4096)
-        os.close(fd)
-        return reflink(src, dst)
+        src = scratch / "probe"
+        src.write_bytes(b"\0" * 4096)
+        return reflink(src, scratch / "clone")
     except OSError:
         return False
     finally:
-        src.unlink(missing_ok=True)
-        dst.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_backup: bool,
-                 prune: list[str]) -> SpaceNeed:
-    """What a repair of ``root`` with these plans writes (see the module docstring)."""
-    need = SpaceNeed(clones=clones_files(root))
+                 prune: list[str], clones: bool) -> SpaceNeed:
+    """What a repair of ``root`` with these plans writes (see the module docstring);
+    ``clones``: the folder beside the palace clones files."""
+    need = SpaceNeed(clones=clones)
     rebuilt = {p.segment for p in plans if p.index_changes and p.segment}
     for p in plans:
         if not p.index_changes or not p.segment:
             continue
-        old = 0 if need.clones else _usage(root / p.segment)
-        built = old + _new_vectors(p)
+        built = _built(root, p)
         need.build += built
         if post_check:
-            need.post_check += built if not need.clones else _new_vectors(p)
-            need.post_check += (len(p.add) + len(p.replace)) * p.dim * 4  # the planned vectors it compares
+            need.post_check += (0 if clones else built) + (len(p.add) + len(p.replace)) * p.dim * 4
     sql = sum(_usage(root / n) for n in (SQLITE_NAME, SQLITE_NAME + "-wal"))
-    if post_check and not need.clones:
+    if post_check and not clones:
         need.post_check += sql + sum(_usage(d) for d in root.iterdir()
                                      if UUID_RE.match(d.name) and d.name not in rebuilt and d.name not in prune)
-    if sql_backup and not need.clones:
+    if sql_backup and not clones:
         need.backup = sql
     return need
 
 
-def free_bytes(root: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on the palace's file system."""
+def free_bytes(folder: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on ``folder``'s file system."""
     try:
-        st = os.statvfs(root)
+        st = os.statvfs(folder)
     except (OSError, AttributeError):
         return None
     return st.f_bavail * st.f_frsize
 
 
-def shortage(root: Path, need: SpaceNeed) -> str | None:
-    """The refusal's text when the file system lacks room for ``need``, else None."""
-    free = free_bytes(root)
-    if free is None or free >= need.total:
+def _device(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_dev
+    except OSError:
         return None
-    parts = [f"the rebuilt index {need.build / MB:,.0f} MB"]
-    if need.post_check:
-        parts.append(f"chromadb's post-check copy {need.post_check / MB:,.0f} MB")
-    if need.backup:
-        parts.append(f"the backup of chroma.sqlite3 {need.backup / MB:,.0f} MB")
-    hint = (f", or pass --no-chromadb-check (it then needs {(need.total - need.post_check) / MB:,.0f} MB)"
-            if need.post_check and free >= need.total - need.post_check else "")
-    return (f"{root}: not enough free space for the repair: it writes about {need.total / MB:,.0f} MB beside "
-            f"the palace ({', '.join(parts)}) and the file system has {free / MB:,.0f} MB; nothing was changed. "
-            f"Free some space{hint}")
+
+
+def shortage(root: Path, need: SpaceNeed) -> str | None:
+    """The refusal's text when the palace's file system, or the one beside it, lacks room
+    for ``need``, else None."""
+    index = [("the rebuilt index", need.build)]
+    copies = [("chromadb's post-check copy", need.post_check), ("the backup of chroma.sqlite3", need.backup)]
+    if _device(root) == _device(root.parent):
+        places = [(root, "the palace's file system", index + copies)]
+    else:  # a palace that is a mount point: its copies go to another file system
+        places = [(root, "the palace's file system", index), (root.parent, f"the file system of {root.parent}", copies)]
+    for folder, what, items in places:
+        items = [(name, n) for name, n in items if n]
+        if not items:
+            continue
+        want, free = sum(n for _, n in items) + MARGIN, free_bytes(folder)
+        if free is None or free >= want:
+            continue
+        hint = ""
+        if need.post_check and ("chromadb's post-check copy", need.post_check) in items \
+                and free >= want - need.post_check:
+            hint = f", or pass --no-chromadb-check (it then needs {(want - need.post_check) / MB:,.0f} MB there)"
+        return (f"{root}: not enough free space for the repair: it writes about {want / MB:,.0f} MB on {what} "
+                f"({', '.join(f'{name} {n / MB:,.0f} MB' for name, n in items)}) and it has {free / MB:,.0f} MB; "
+                f"nothing was changed. Free some space{hint}")
+    return None
