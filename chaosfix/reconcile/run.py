@@ -342,6 +342,9 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                 rep.after = check_palace(root, opts.collection)
             return rep
         if short:
+            if rep.journal_rollback:  # (done first, with its own backup)
+                short = short.replace("nothing was changed", f"only the leftover journal was rolled back (backup: "
+                                                             f"{rep.backup})")
             raise OperationalError(short)
         with PalaceLock(root):
             holders = other_holders(root)

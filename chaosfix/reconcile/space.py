@@ -105,12 +105,17 @@ def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_
 
 
 def free_bytes(folder: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on ``folder``'s file system."""
+    """Bytes this process may still write on ``folder``'s file system (root also the
+    blocks reserved for it); None where the file system does not say (no size at all,
+    as some FUSE file systems answer)."""
     try:
         st = os.statvfs(folder)
     except (OSError, AttributeError):
         return None
-    return st.f_bavail * st.f_frsize
+    if st.f_blocks == 0:
+        return None
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
 
 
 def _device(folder: Path) -> int | None:
