@@ -110,11 +110,13 @@ def test_a_densely_bloated_link_lists_is_not_counted_against_its_rebuild(tmp_pat
     assert ok["plans"][0]["strategy"] == "rebuild", ok["plans"]
 
 
-def test_a_palace_that_is_a_mount_point_is_repaired_with_its_backup_beside_it(tmp_path: Path,
-                                                                              damage_cache: Path) -> None:
+@pytest.mark.parametrize("parent", ["64m", "2m"])
+def test_a_palace_that_is_a_mount_point_is_repaired_with_its_backup_beside_it(tmp_path: Path, damage_cache: Path,
+                                                                              parent: str) -> None:
     """A palace on a file system of its own (a container volume): the old segment goes to
     the backup in the parent, another file system, by copy and removal instead of a
-    rename (which fails with EXDEV there); a rerun has nothing to do."""
+    rename (which fails with EXDEV there); a rerun has nothing to do. With a parent too
+    small for that copy, the repair is refused before anything is written."""
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("unshare (util-linux) not installed")
@@ -123,15 +125,21 @@ def test_a_palace_that_is_a_mount_point_is_repaired_with_its_backup_beside_it(tm
     mnt.mkdir()
     q = shlex.quote
     run = shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", "--embedder", HASH_EMBEDDER])
-    script = "; ".join([f"mount -t tmpfs -o size=64m parent {q(str(mnt))}", f"mkdir {q(str(mnt / 'p'))}",
+    script = "; ".join([f"mount -t tmpfs -o size={parent} parent {q(str(mnt))}", f"mkdir {q(str(mnt / 'p'))}",
                         f"mount -t tmpfs -o size=64m palace {q(str(mnt / 'p'))}",
                         f"cp -a {q(str(p))}/. {q(str(mnt / 'p'))}/", f"{run} || true", "echo ==", f"{run} || true",
-                        f"ls -a {q(str(mnt))}/*chaosfix-backup-*/ >&2"])
+                        f"ls -a {q(str(mnt))}/*chaosfix-backup-*/ >&2 || true"])
     r = subprocess.run([unshare, "-rm", "sh", "-ec", script], capture_output=True, text=True, timeout=300,
                        env=child_env())
     if r.returncode != 0 and ("Operation not permitted" in r.stderr or "unshare failed" in r.stderr):
         pytest.skip(f"no mount namespace here: {r.stderr.strip()[-200:]}")
     first, second = (json.loads(part) for part in r.stdout.split("==\n"))
+    if parent == "2m":
+        for refused in (first, second):
+            assert refused["exit_code"] == 8, refused
+            assert "not enough free space" in refused["error"] and "the folders moved into the backup" in refused["error"]
+        assert "cannot access" in r.stderr and "chaosfix-recovered" not in r.stderr, r.stderr  # no backup made
+        return
     assert first["exit_code"] == 1 and first["after_consistent"] is True, (first, r.stderr[-1500:])
     assert second["exit_code"] == 0, second
     assert faults.segment_dir(p).name in r.stderr, r.stderr[-1500:]  # the old segment, in the backup

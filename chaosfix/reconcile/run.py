@@ -112,6 +112,7 @@ class ReconcileReport:
     left: list[str] = field(default_factory=list)  # findings deliberately left, with why (exit 4)
     foreign_sql: list[ForeignObject] = field(default_factory=list)  # triggers/views to drop (asked for)
     swapping: bool = field(default=False, repr=False)  # past this point a build folder may hold the old segment
+    touched: bool = field(default=False, repr=False)  # a folder of the palace was swapped or moved out
     journal_rollback: bool = False  # a synced journal is (or, dry run: would be) rolled back first
     refusal: str | None = None  # dry run: why a real run would refuse (exit 8), e.g. no room for the repair
 
@@ -343,8 +344,8 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             return rep
         if short:
             if rep.journal_rollback:  # (done first, with its own backup)
-                short = short.replace("nothing was changed", f"only the leftover journal was rolled back (backup: "
-                                                             f"{rep.backup})")
+                kept = f" (backup: {rep.backup})" if rep.backup else ""
+                short = short.replace("nothing was changed", f"only the leftover journal was rolled back{kept}")
             raise OperationalError(short)
         with PalaceLock(root):
             holders = other_holders(root)
@@ -387,15 +388,18 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                 conn.close()
                 (root / MARKER).unlink(missing_ok=True)
                 if rep.swapping:  # an exchanged build folder holds the old segment: keep it
-                    _recover_own_leftovers(root, rep.notes)
+                    try:
+                        _recover_own_leftovers(root, rep.notes)
+                    except OSError as again:  # (a full parent): the rerun recovers them; say the first error
+                        rep.notes.append(f"leftovers stay in the palace for the rerun: {again}")
                 else:
                     for d in root.iterdir():
                         if d.name.startswith(BUILD_PREFIX) and not is_link(d):
                             shutil.rmtree(d, ignore_errors=True)
                 _drop_useless_backup(rep)
-                if isinstance(exc, (OSError, sqlite3.Error)) and not isinstance(exc, ChaosfixError):
+                if isinstance(exc, (OSError, sqlite3.OperationalError)) and not isinstance(exc, ChaosfixError):
                     # a full disk ("database or disk is full" from SQLite), a file system gone read-only
-                    raise OperationalError(_stopped_by(root, exc, rep.swapping)) from None
+                    raise OperationalError(_stopped_by(root, exc, rep.touched)) from None
                 raise
             conn.close()
             (root / MARKER).unlink(missing_ok=True)
@@ -413,17 +417,16 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
     return rep
 
 
-def _stopped_by(root: Path, exc: OSError | sqlite3.Error, swapped: bool) -> str:
+def _stopped_by(root: Path, exc: OSError | sqlite3.Error, touched: bool) -> str:
     """One line for a system or SQLite error that stopped a repair: the file, the
     system's words, and what state the palace is in."""
     if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        where += f"-> {exc.filename2}: " if exc.filename2 else ""
+        where = f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: " if exc.filename else ""
         why, full = exc.strerror or str(exc), exc.errno == errno.ENOSPC
     else:
         where, why = "chroma.sqlite3: ", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         full = "full" in why
-    state = ("the swap had begun: run reconcile again to finish it" if swapped
+    state = ("it had begun changing the palace: run reconcile again to finish it" if touched
              else "nothing was changed")
     hint = " (free some space beside the palace and run it again)" if full else ""
     return f"{root}: the repair stopped: {where}{why}; {state}{hint}"
@@ -447,13 +450,14 @@ def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, po
     writes (``space``), else None."""
     sql_changes = _sql_changes(rep)
     sql_backup = sql_changes and (opts.backup or bool(rep.prune_dirs) or bool(rep.foreign_sql) or bool(rep.stale))
-    if not (any(p.index_changes for p in rep.plans) or sql_backup):
+    if not (any(p.index_changes for p in rep.plans) or sql_backup or rep.prune_dirs):
         return None
     from chaosfix.chromadb_probe import COPY_PREFIX  # (a killed probe's folder is a stale copy to clear)
 
     # a dry run writes nothing, not even the probe: it counts every copy whole
     clones = not opts.dry_run and space.clones_files(root.parent, f".{root.name}{COPY_PREFIX}")
-    return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs, clones))
+    return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs, clones,
+                                                   backup=opts.backup))
 
 
 def _drop_useless_backup(rep: ReconcileReport) -> None:
@@ -713,6 +717,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     syncing.wait()
     killpoint("verified")
     rep.swapping = True
+    rep.touched = bool(work or rep.prune_dirs)
     for p in work:
         assert p.segment is not None
         live = ensure_inside(root / p.segment, root)

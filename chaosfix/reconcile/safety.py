@@ -170,8 +170,9 @@ def move_out(src: Path, dst: Path) -> None:
     """Move ``src`` (a file or folder of the palace) to the new name ``dst`` beside the
     palace: a rename, or, where ``dst`` is on another file system (a palace that is a
     mount point, e.g. a container volume, has its backup in the parent), mv's way: a
-    sparse copy under a temporary name, fsynced and renamed into place, then ``src``
-    removed. Killed midway, ``src`` is still whole (a rerun moves it again)."""
+    copy (sparse; a symlink copied as a link, never followed) under a temporary name,
+    fsynced and renamed into place, then ``src`` removed. Killed midway, ``src`` is still
+    whole (a rerun moves it again). Errors are the system's own, with their errno."""
     try:
         os.rename(src, dst)
         return
@@ -180,25 +181,35 @@ def move_out(src: Path, dst: Path) -> None:
             raise
     import shutil
 
-    from chaosfix.filecopy import sparse_copy
-
     tmp = dst.with_name(f".{dst.name}.moving")
     try:
-        if src.is_dir():
-            shutil.copytree(src, tmp, symlinks=True, copy_function=lambda a, b: sparse_copy(Path(a), Path(b)))
-            fsync_tree(tmp)
-        else:
-            sparse_copy(src, tmp)
-            fsync_path(tmp)
+        _copy_as_is(src, tmp)
         os.rename(tmp, dst)
     except BaseException:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
     fsync_path(dst.parent)
-    if src.is_dir():
+    if src.is_dir() and not src.is_symlink():
         shutil.rmtree(src)
     else:
         src.unlink()
+
+
+def _copy_as_is(src: Path, dst: Path) -> None:
+    """``src`` copied to the new ``dst``, every file fsynced: links as links, folders
+    walked, files by ``sparse_copy``."""
+    from chaosfix.filecopy import sparse_copy
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for entry in src.iterdir():
+            _copy_as_is(entry, dst / entry.name)
+        fsync_path(dst)
+    else:
+        sparse_copy(src, dst)
+        fsync_path(dst)

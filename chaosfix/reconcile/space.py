@@ -36,6 +36,7 @@ class SpaceNeed:
     build: int = 0  # the rebuilt segment folders, inside the palace
     post_check: int = 0  # chromadb's copy of the palace to be, beside it
     backup: int = 0  # chroma.sqlite3 (and -wal) copied into the backup, beside it
+    moved: int = 0  # folders moved into the backup: copied when the palace is a mount point
     clones: bool = False  # the folder beside the palace clones files: its copies cost only new data
 
 
@@ -83,10 +84,16 @@ def clones_files(folder: Path, prefix: str) -> bool:
 
 
 def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_backup: bool,
-                 prune: list[str], clones: bool) -> SpaceNeed:
+                 prune: list[str], clones: bool, backup: bool) -> SpaceNeed:
     """What a repair of ``root`` with these plans writes (see the module docstring);
-    ``clones``: the folder beside the palace clones files."""
+    ``clones``: the folder beside the palace clones files (only counted where the copies
+    stay on one file system); ``backup``: the replaced segment folders go to the backup."""
+    apart = _device(root) != _device(root.parent)
+    clones = clones and not apart
     need = SpaceNeed(clones=clones)
+    if apart:  # renames into the backup become copies
+        old = [p.segment for p in plans if p.index_changes and p.segment] if backup else []
+        need.moved = sum(_usage(root / d) for d in [*old, *prune] if d)
     rebuilt = {p.segment for p in plans if p.index_changes and p.segment}
     for p in plans:
         if not p.index_changes or not p.segment:
@@ -105,17 +112,17 @@ def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_
 
 
 def free_bytes(folder: Path) -> int | None:
-    """Bytes this process may still write on ``folder``'s file system (root also the
-    blocks reserved for it); None where the file system does not say (no size at all,
-    as some FUSE file systems answer)."""
+    """Bytes an unprivileged writer may still use on ``folder``'s file system; None where
+    the file system does not say (no size at all, as some FUSE file systems answer)."""
     try:
         st = os.statvfs(folder)
     except (OSError, AttributeError):
         return None
     if st.f_blocks == 0:
         return None
-    root = hasattr(os, "geteuid") and os.geteuid() == 0
-    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
+    # (not f_bfree for root: root in a user namespace, rootless containers, is not
+    # granted the blocks reserved for root)
+    return st.f_bavail * st.f_frsize
 
 
 def _device(folder: Path) -> int | None:
@@ -129,7 +136,8 @@ def shortage(root: Path, need: SpaceNeed) -> str | None:
     """The refusal's text when the palace's file system, or the one beside it, lacks room
     for ``need``, else None."""
     index = [("the rebuilt index", need.build)]
-    copies = [("chromadb's post-check copy", need.post_check), ("the backup of chroma.sqlite3", need.backup)]
+    copies = [("chromadb's post-check copy", need.post_check), ("the backup of chroma.sqlite3", need.backup),
+              ("the folders moved into the backup", need.moved)]
     if _device(root) == _device(root.parent):
         places = [(root, "the palace's file system", index + copies)]
     else:  # a palace that is a mount point: its copies go to another file system
@@ -142,9 +150,11 @@ def shortage(root: Path, need: SpaceNeed) -> str | None:
         if free is None or free >= want:
             continue
         hint = ""
-        if need.post_check and ("chromadb's post-check copy", need.post_check) in items \
-                and free >= want - need.post_check:
-            hint = f", or pass --no-chromadb-check (it then needs {(want - need.post_check) / MB:,.0f} MB there)"
+        for flag, name, n in (("--no-chromadb-check", "chromadb's post-check copy", need.post_check),
+                              ("--no-backup", "the folders moved into the backup", need.moved)):
+            if n and (name, n) in items and free >= want - n:
+                hint = f", or pass {flag} (it then needs {(want - n) / MB:,.0f} MB there)"
+                break
         return (f"{root}: not enough free space for the repair: it writes about {want / MB:,.0f} MB on {what} "
                 f"({', '.join(f'{name} {n / MB:,.0f} MB' for name, n in items)}) and it has {free / MB:,.0f} MB; "
                 f"nothing was changed. Free some space{hint}")
