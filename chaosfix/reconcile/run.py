@@ -454,10 +454,16 @@ def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, po
         return None
     from chaosfix.chromadb_probe import COPY_PREFIX  # (a killed probe's folder is a stale copy to clear)
 
-    # a dry run writes nothing, not even the probe: it counts every copy whole
-    clones = not opts.dry_run and space.clones_files(root.parent, f".{root.name}{COPY_PREFIX}")
-    return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs, clones,
-                                                   backup=opts.backup))
+    def short(clones: bool) -> str | None:
+        return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs,
+                                                       clones, backup=opts.backup))
+
+    # every copy counted whole first; only when that does not fit is the file system asked
+    # whether it clones (a dry run writes nothing, not even that probe)
+    whole = short(clones=False)
+    if whole is None or opts.dry_run or not space.clones_files(root.parent, f".{root.name}{COPY_PREFIX}"):
+        return whole
+    return short(clones=True)
 
 
 def _drop_useless_backup(rep: ReconcileReport) -> None:
