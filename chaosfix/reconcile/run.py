@@ -332,10 +332,11 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         rep.timings["plan"] = time.perf_counter() - t0
         work = bool(any(p.has_work for p in rep.plans) or rep.queue_floor is not None or rep.prune_dirs
                     or rep.foreign_sql or rep.stale)
-        # (the child is started ahead only when a finding called for it before the plan)
-        post = started is not None or (opts.chromadb_check and before.generation is not None
-                                       and _post_check_runs(before.generation, opts))
-        short = _short_of_space(root, rep, opts, post) if work else None
+        short = None
+        if work:  # (the child is started ahead only when a finding called for it before the plan)
+            post = started is not None or (opts.chromadb_check and before.generation is not None
+                                           and _post_check_runs(before.generation, opts))
+            short = _short_of_space(root, rep, opts, post)
         if short and opts.dry_run:
             rep.refusal = short
         if opts.dry_run or not work:
