@@ -208,3 +208,25 @@ def test_a_kill_while_the_build_holds_a_hard_link_leaves_one_name_of_the_palaces
     names = [f for f in tmp_path.rglob("data_level0.bin") if f.stat().st_ino == ino]
     assert len(names) == 1 and ".chaosfix-backup-" in str(names[0]), names
     assert_consistent(p)
+
+
+def test_a_partial_cross_device_move_left_in_the_backup_is_removed_by_the_rerun(tmp_path, damage_cache):
+    """Killed after the swap, while the old segment was being copied into the backup on
+    another file system (``move_out``'s way across devices): the backup holds a partial
+    ``.<segment>.moving`` beside the old segment still whole in the palace. The rerun
+    drops the partial copy, keeps the old segment and completes."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.poison_seq(p, "vector")
+    rows = sql_rows(p)
+    seg = faults.segment_dir(p).name
+    old_seg = hashes(faults.segment_dir(p))
+    proc = spawn_reconcile(p, "--embedder", HASH_EMBEDDER, kill_at="swapped")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-500:]
+    backup = next(d for d in p.parent.iterdir() if d.name.startswith("palace.chaosfix-backup-"))
+    partial = backup / f".{seg}.moving"
+    partial.mkdir()
+    (partial / "data_level0.bin").write_bytes((p / f".chaosfix-old-{seg}" / "data_level0.bin").read_bytes()[:4096])
+    rerun_and_judge(p, rows, old_seg, PalaceSpec(), "--embedder", HASH_EMBEDDER)
+    assert not partial.exists()
+    assert not [f for d in p.parent.iterdir() if d.is_dir() for f in d.iterdir() if f.name.endswith(".moving")]

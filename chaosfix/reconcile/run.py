@@ -227,6 +227,7 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
                 stash = _new_dir(root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
             move_out(d, stash / d.name)
             notes.append(f"moved leftover {d.name} to {stash}")
+    _drop_partial_moves(root, notes)
     marker = root / MARKER
     if marker.exists():
         conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
@@ -237,6 +238,25 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
         marker.unlink()
         notes.append("rolled back an interrupted chaosfix transaction")
     fsync_path(root)
+
+
+def _drop_partial_moves(root: Path, notes: list[str]) -> None:
+    """A move into a backup or recovered folder on another file system (``move_out``)
+    killed while copying leaves a partial ``.<name>.moving`` there; its source is still
+    whole in the palace (the rename into place comes first, the removal last), so the
+    partial copy is only garbage."""
+    for kind in (".chaosfix-backup-", ".chaosfix-recovered-"):
+        prefix = f"{root.name}{kind}"
+        for folder in root.parent.iterdir():
+            if not folder.name.startswith(prefix) or is_link(folder) or not folder.is_dir():
+                continue
+            for d in folder.iterdir():
+                if d.name.startswith(".") and d.name.endswith(".moving"):
+                    if d.is_dir() and not is_link(d):
+                        shutil.rmtree(d)
+                    else:
+                        d.unlink()
+                    notes.append(f"removed {d}, a copy an interrupted move left")
 
 
 def _drop_links_to_live(build: Path, live: Path) -> None:
