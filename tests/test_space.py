@@ -28,13 +28,23 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def _in_namespace(script: list[str]) -> subprocess.CompletedProcess:
+    """``script`` (shell lines, stopping at the first failure) in a user and mount
+    namespace of its own, where it may mount; a skip where this machine allows none."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) not installed")
+    r = subprocess.run([unshare, "-rm", "sh", "-ec", "; ".join(script)], capture_output=True, text=True,
+                       timeout=300, env=child_env())
+    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "unshare failed" in r.stderr):
+        pytest.skip(f"no mount namespace here: {r.stderr.strip()[-200:]}")
+    return r
+
+
 def _in_small_fs(palace: Path, mnt: Path, size: int, *args: str) -> list[dict]:
     """``chaosfix reconcile --json ARGS`` (each args tuple in turn) on a dense copy of
     ``palace`` (every zero written, as a copy that kept no holes) on a tmpfs of ``size`` bytes mounted at ``mnt`` in a mount namespace of its own; the
     JSON answers, or a skip where this machine lets no test mount one."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("unshare (util-linux) not installed")
     mnt.mkdir()
     cmd = [f"mount -t tmpfs -o size={size} chaosfix-test {shlex.quote(str(mnt))}",
            f"cp -a --sparse=never {shlex.quote(str(palace))} {shlex.quote(str(mnt / 'p'))}"]
@@ -42,10 +52,7 @@ def _in_small_fs(palace: Path, mnt: Path, size: int, *args: str) -> list[dict]:
         run = shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", *a.split()])
         cmd.append(f"{run} || true")
     cmd.append(f"ls -a {shlex.quote(str(mnt))} {shlex.quote(str(mnt / 'p'))} >&2")
-    r = subprocess.run([unshare, "-rm", "sh", "-ec", "; ".join(cmd)], capture_output=True, text=True, timeout=300,
-                       env=child_env())
-    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "unshare failed" in r.stderr):
-        pytest.skip(f"no mount namespace here: {r.stderr.strip()[-200:]}")
+    r = _in_namespace(cmd)
     assert r.returncode == 0, r.stderr[-2000:]
     dec, out, pos = json.JSONDecoder(), [], 0
     text = r.stdout
@@ -117,22 +124,15 @@ def test_a_palace_that_is_a_mount_point_is_repaired_with_its_backup_beside_it(tm
     the backup in the parent, another file system, by copy and removal instead of a
     rename (which fails with EXDEV there); a rerun has nothing to do. With a parent too
     small for that copy, the repair is refused before anything is written."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("unshare (util-linux) not installed")
     p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
     mnt = tmp_path / "vol"
     mnt.mkdir()
     q = shlex.quote
     run = shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", "--embedder", HASH_EMBEDDER])
-    script = "; ".join([f"mount -t tmpfs -o size={parent} parent {q(str(mnt))}", f"mkdir {q(str(mnt / 'p'))}",
-                        f"mount -t tmpfs -o size=64m palace {q(str(mnt / 'p'))}",
-                        f"cp -a {q(str(p))}/. {q(str(mnt / 'p'))}/", f"{run} || true", "echo ==", f"{run} || true",
-                        f"ls -a {q(str(mnt))}/*chaosfix-backup-*/ >&2 || true"])
-    r = subprocess.run([unshare, "-rm", "sh", "-ec", script], capture_output=True, text=True, timeout=300,
-                       env=child_env())
-    if r.returncode != 0 and ("Operation not permitted" in r.stderr or "unshare failed" in r.stderr):
-        pytest.skip(f"no mount namespace here: {r.stderr.strip()[-200:]}")
+    r = _in_namespace([f"mount -t tmpfs -o size={parent} parent {q(str(mnt))}", f"mkdir {q(str(mnt / 'p'))}",
+                       f"mount -t tmpfs -o size=64m palace {q(str(mnt / 'p'))}",
+                       f"cp -a {q(str(p))}/. {q(str(mnt / 'p'))}/", f"{run} || true", "echo ==", f"{run} || true",
+                       f"ls -a {q(str(mnt))}/*chaosfix-backup-*/ >&2 || true"])
     first, second = (json.loads(part) for part in r.stdout.split("==\n"))
     if parent == "2m":
         for refused in (first, second):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from chaosfix.filecopy import reflink
 from chaosfix.palace import SQLITE_NAME, UUID_RE
+from chaosfix.palace.leftovers import folder_size
 from chaosfix.reconcile.plan import CollectionPlan
 from chaosfix.safe_fs import is_link
 
@@ -38,19 +39,20 @@ class SpaceNeed:
     backup: int = 0  # chroma.sqlite3 (and -wal) copied into the backup, beside it
     moved: int = 0  # folders moved into the backup: copied when the palace is a mount point
     clones: bool = False  # the folder beside the palace clones files: its copies cost only new data
+    apart: bool = False  # the palace is a mount point: what goes beside it goes to another file system
 
 
 def _usage(path: Path) -> int:
     """Bytes a copy of ``path`` (a file, or a folder's files) takes: allocated blocks, as
     the sparse copy keeps holes."""
     try:
-        if path.is_file() and not is_link(path):
-            return path.stat().st_blocks * 512
-        if path.is_dir() and not is_link(path):
-            return sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file() and not is_link(f))
+        if is_link(path):
+            return 0
+        if path.is_dir():
+            return folder_size(path)[1]
+        return path.stat().st_blocks * 512 if path.is_file() else 0
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def _built(root: Path, p: CollectionPlan) -> int:
@@ -90,7 +92,7 @@ def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_
     stay on one file system); ``backup``: the replaced segment folders go to the backup."""
     apart = _device(root) != _device(root.parent)
     clones = clones and not apart
-    need = SpaceNeed(clones=clones)
+    need = SpaceNeed(clones=clones, apart=apart)
     if apart:  # renames into the backup become copies
         old = [p.segment for p in plans if p.index_changes and p.segment] if backup else []
         need.moved = sum(_usage(root / d) for d in [*old, *prune] if d)
@@ -138,7 +140,7 @@ def shortage(root: Path, need: SpaceNeed) -> str | None:
     index = [("the rebuilt index", need.build)]
     copies = [("chromadb's post-check copy", need.post_check), ("the backup of chroma.sqlite3", need.backup),
               ("the folders moved into the backup", need.moved)]
-    if _device(root) == _device(root.parent):
+    if not need.apart:
         places = [(root, "the palace's file system", index + copies)]
     else:  # a palace that is a mount point: its copies go to another file system
         places = [(root, "the palace's file system", index), (root.parent, f"the file system of {root.parent}", copies)]
