@@ -211,6 +211,7 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
     (one may be the only copy of the old segment): a missing segment gets its folder
     back, anything else moves to a recovered-folder beside the palace. A hot journal is
     rolled back only when our marker proves it is ours (a read-write open does it)."""
+    _drop_partial_moves(root, notes)  # first: the room they take is what the moves below need
     stash: Path | None = None
     for d in sorted(root.iterdir()):
         prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if d.name.startswith(x)), None)
@@ -227,7 +228,6 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
                 stash = _new_dir(root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
             move_out(d, stash / d.name)
             notes.append(f"moved leftover {d.name} to {stash}")
-    _drop_partial_moves(root, notes)
     marker = root / MARKER
     if marker.exists():
         conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
@@ -240,23 +240,36 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
     fsync_path(root)
 
 
+def _is_partial_move(name: str) -> bool:
+    """``name`` is one ``move_out`` gives a copy in progress: ``.`` + a segment folder, one
+    of our leftover folders or the stale journal + ``.moving``."""
+    if not (name.startswith(".") and name.endswith(".moving")):
+        return False
+    moved = name[1 : -len(".moving")]
+    prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if moved.startswith(x)), "")
+    return moved == JOURNAL or is_uuid(moved[len(prefix):])
+
+
 def _drop_partial_moves(root: Path, notes: list[str]) -> None:
     """A move into a backup or recovered folder on another file system (``move_out``)
     killed while copying leaves a partial ``.<name>.moving`` there; its source is still
     whole in the palace (the rename into place comes first, the removal last), so the
-    partial copy is only garbage."""
-    for kind in (".chaosfix-backup-", ".chaosfix-recovered-"):
-        prefix = f"{root.name}{kind}"
-        for folder in root.parent.iterdir():
-            if not folder.name.startswith(prefix) or is_link(folder) or not folder.is_dir():
-                continue
+    partial copy is only garbage. Only those exact names are removed, and a folder that
+    cannot be read or an entry that cannot be removed is noted, not fatal."""
+    prefixes = (f"{root.name}.chaosfix-backup-", f"{root.name}.chaosfix-recovered-")
+    try:
+        folders = [f for f in root.parent.iterdir() if f.name.startswith(prefixes) and not is_link(f) and f.is_dir()]
+        for folder in folders:
             for d in folder.iterdir():
-                if d.name.startswith(".") and d.name.endswith(".moving"):
-                    if d.is_dir() and not is_link(d):
-                        shutil.rmtree(d)
-                    else:
-                        d.unlink()
-                    notes.append(f"removed {d}, a copy an interrupted move left")
+                if not _is_partial_move(d.name):
+                    continue
+                if d.is_dir() and not is_link(d):
+                    shutil.rmtree(d)
+                else:
+                    d.unlink()
+                notes.append(f"removed {d}, a copy an interrupted move left")
+    except OSError as exc:
+        notes.append(f"left a partial copy beside the palace: {exc}")
 
 
 def _drop_links_to_live(build: Path, live: Path) -> None:
