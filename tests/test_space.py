@@ -148,3 +148,15 @@ def test_a_palace_that_is_a_mount_point_is_repaired_with_its_backup_beside_it(tm
     listing = r.stderr.splitlines()
     assert faults.segment_dir(p).name in listing, r.stderr[-1500:]  # the old segment, whole, in the backup
     assert not [n for n in listing if n.endswith(".moving")], listing
+
+
+def test_a_palace_named_dot_gets_its_backup_beside_it(tmp_path: Path, damage_cache: Path) -> None:
+    """``chaosfix reconcile .`` from inside the palace (how many run it): the backup and
+    the post-check's copy go beside the palace, as for any other spelling, not inside it."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    r = subprocess.run([*CLI, "reconcile", ".", "--json", "--embedder", HASH_EMBEDDER], cwd=p,
+                       capture_output=True, text=True, timeout=300, env=child_env())
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == 1 and doc["after_consistent"] is True, (doc, r.stderr[-1500:])
+    assert Path(doc["backup"]).parent == p.parent and Path(doc["palace"]) == p, doc
+    assert not [d.name for d in p.iterdir() if "chaosfix" in d.name], list(p.iterdir())

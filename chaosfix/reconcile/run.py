@@ -306,7 +306,10 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
     """Repair a palace. See the module docstring for the order of work."""
     opts = opts or ReconcileOptions()
     say = log or (lambda _m: None)
-    root = palace_db(path).parent
+    # absolute, lexically (links stay links: they are refused below): "." or "sub/.." has
+    # no name and no parent, and the backup, the post-check's copy and the recovered
+    # leftovers, all made "beside the palace", went inside it
+    root = Path(os.path.abspath(palace_db(path).parent))
     rep = ReconcileReport(palace=str(root), dry_run=opts.dry_run)
     from chaosfix.embedders.resolve import MEMPALACE_MINILM
 
