@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from chaosfix.errors import EXIT_FINDINGS, EXIT_OK, EXIT_OPERATIONAL, EXIT_USAGE, ChaosfixError
+from chaosfix.errors import EXIT_FINDINGS, EXIT_OK, EXIT_OPERATIONAL, EXIT_USAGE, ChaosfixError, os_error_line
 
 ERROR_SCHEMA = "chaosfix.error/1"
 
@@ -62,8 +62,7 @@ def _one_line_errors(fn: Callable[..., int]) -> Callable[..., None]:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(EXIT_OPERATIONAL)
         except OSError as exc:  # the system refused: its words and the file, not "internal error"
-            where = f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: " if exc.filename else ""
-            _fail(f"{where}{exc.strerror or exc}", EXIT_OPERATIONAL, as_json)
+            _fail(os_error_line(exc), EXIT_OPERATIONAL, as_json)
         except Exception as exc:  # noqa: BLE001 - never a traceback
             msg = str(exc).splitlines()[0] if str(exc) else ""
             _fail(f"internal error: {type(exc).__name__}: {msg}", EXIT_OPERATIONAL, as_json)

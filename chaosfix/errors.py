@@ -20,3 +20,9 @@ class ChaosfixError(Exception):
 
 class OperationalError(ChaosfixError):
     """Not a palace, unreadable, locked, refused: exit 8."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: its file(s) and the system's words, no errno tuple."""
+    where = f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

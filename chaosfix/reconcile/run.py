@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING
 
 from chaosfix.check import ERROR, INFO, WARNING, CheckReport, Finding, check_palace, deep_findings
 from chaosfix.embedders.select import EmbedderSelector
-from chaosfix.errors import EXIT_OK, EXIT_OPERATIONAL, EXIT_REPAIRED, EXIT_UNREPAIRED, ChaosfixError, OperationalError
+from chaosfix.errors import (
+    EXIT_OK,
+    EXIT_OPERATIONAL,
+    EXIT_REPAIRED,
+    EXIT_UNREPAIRED,
+    ChaosfixError,
+    OperationalError,
+    os_error_line,
+)
 from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
@@ -458,15 +466,14 @@ def _stopped_by(root: Path, exc: OSError | sqlite3.Error, touched: bool) -> str:
     """One line for a system or SQLite error that stopped a repair: the file, the
     system's words, and what state the palace is in."""
     if isinstance(exc, OSError):
-        where = f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: " if exc.filename else ""
-        why, full = exc.strerror or str(exc), exc.errno == errno.ENOSPC
+        what, full = os_error_line(exc), exc.errno == errno.ENOSPC
     else:
-        where, why = "chroma.sqlite3: ", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        full = "full" in why
+        what = "chroma.sqlite3: " + (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        full = "full" in what
     state = ("it had begun changing the palace: run reconcile again to finish it" if touched
              else "nothing was changed")
     hint = " (free some space beside the palace and run it again)" if full else ""
-    return f"{root}: the repair stopped: {where}{why}; {state}{hint}"
+    return f"{root}: the repair stopped: {what}; {state}{hint}"
 
 
 def _post_check_runs(gen: Generation, opts: ReconcileOptions) -> bool:
@@ -482,18 +489,25 @@ def _sql_changes(rep: ReconcileReport) -> bool:
             or bool(rep.stale))
 
 
+def _makes_backup(rep: ReconcileReport, opts: ReconcileOptions) -> bool:
+    """This run makes a backup folder (the journal rollback's aside): pruned folders,
+    dropped SQL and deleted leftovers always go to one, replaced files unless
+    ``--no-backup``."""
+    return bool((opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql or rep.stale)
+
+
 def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, post_check: bool) -> str | None:
     """The refusal's text when the palace's file system cannot hold what the repair
     writes (``space``), else None."""
-    sql_changes = _sql_changes(rep)
-    sql_backup = sql_changes and (opts.backup or bool(rep.prune_dirs) or bool(rep.foreign_sql) or bool(rep.stale))
+    backup = rep.backup is not None or _makes_backup(rep, opts)
+    sql_backup = _sql_changes(rep) and backup
     if not (any(p.index_changes for p in rep.plans) or sql_backup or rep.prune_dirs):
         return None
     from chaosfix.chromadb_probe import COPY_PREFIX  # (a killed probe's folder is a stale copy to clear)
 
     def short(clones: bool) -> str | None:
         return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs,
-                                                       clones, backup=opts.backup))
+                                                       clones, backup=backup))
 
     # every copy counted whole first; only when that does not fit is the file system asked
     # whether it clones (a dry run writes nothing, not even that probe)
@@ -689,9 +703,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         if sql_changes:
             sparse_copy(root / SQLITE_NAME, backup_dir / (SQLITE_NAME + ".rolled-back"))
             fsync_path(backup_dir / (SQLITE_NAME + ".rolled-back"))
-    elif (opts.backup and rep.has_work) or rep.prune_dirs or rep.foreign_sql or rep.stale:
-        # pruned folders, dropped SQL and deleted leftovers (often a record's only
-        # remaining text) always go to a backup
+    elif _makes_backup(rep, opts):  # (deleted leftovers are often a record's only remaining text)
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
         if sql_changes:
