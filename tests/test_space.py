@@ -7,6 +7,7 @@ with room repairs it."""
 from __future__ import annotations
 
 import json
+import resource
 import shlex
 import shutil
 import subprocess
@@ -24,8 +25,9 @@ CLI = [sys.executable, "-c", "from chaosfix.cli import main; main()"]
 
 
 def _size(p: Path) -> int:
-    """Bytes of ``p``'s files as ``_in_small_fs`` copies them: whole (``--sparse=never``)."""
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    """Bytes of ``p``'s files (or of the file ``p``) as ``_in_small_fs`` copies them:
+    whole (``--sparse=never``)."""
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def _in_namespace(script: list[str]) -> subprocess.CompletedProcess:
@@ -160,3 +162,48 @@ def test_a_palace_named_dot_gets_its_backup_beside_it(tmp_path: Path, damage_cac
     assert doc["exit_code"] == 1 and doc["after_consistent"] is True, (doc, r.stderr[-1500:])
     assert Path(doc["backup"]).parent == p.parent and Path(doc["palace"]) == p, doc
     assert not [d.name for d in p.iterdir() if "chaosfix" in d.name], list(p.iterdir())
+
+
+def test_no_room_to_back_up_a_hot_journal_is_refused_before_its_rollback(tmp_path: Path, damage_cache: Path) -> None:
+    """A hot journal is rolled back first, after copying the db and the journal into the
+    backup. On a tmpfs without room for those copies the dry run and the real run refuse
+    (exit 8) before that copy (no backup folder is begun), and the refusal names
+    ``--no-backup``, which then rolls it back; with room, one run repairs all."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    journal = faults.leave_hot_journal(p, spill=True)
+    copies = _size(p / "chroma.sqlite3") + _size(journal)
+    size = _size(p) + (1 << 20) + copies // 8  # room for the 1 MiB margin, not for the copies
+    dry, real, bare, listing = _in_small_fs(p, tmp_path / "small", size, f"--dry-run --embedder {HASH_EMBEDDER}",
+                                            f"--embedder {HASH_EMBEDDER}", f"--no-backup --embedder {HASH_EMBEDDER}")
+    for refused in (dry["refusal"], real["error"]):
+        assert refused and "the backup of chroma.sqlite3 and its journal" in refused, (dry, real)
+        assert "nothing was changed" in refused and "--no-backup" in refused, refused
+    assert dry["exit_code"] == 8 and dry["journal_rollback"] is True and real["exit_code"] == 8, (dry, real)
+    # as the hint says, --no-backup rolls the journal back there (the repair itself may then be short)
+    assert bare["exit_code"] == 1 or "only the leftover journal was rolled back" in bare["error"], bare
+    left = listing["listing"]
+    assert "chroma.sqlite3-journal" not in left and "chaosfix-backup" not in left, left
+    ok = _in_small_fs(p, tmp_path / "roomy", _size(p) * 4 + (16 << 20), f"--embedder {HASH_EMBEDDER}")[0]
+    assert ok["exit_code"] == 1 and ok["journal_rollback"] is True and ok["after_consistent"] is True, ok
+
+
+def test_a_failed_copy_into_the_rollbacks_backup_leaves_the_palace_as_it_was(tmp_path: Path,
+                                                                             damage_cache: Path) -> None:
+    """A write the space check could not foresee fails while the db is copied into the
+    rollback's backup (a file size limit: EFBIG, for real): one line, exit 8, the hot
+    journal and the palace byte for byte as they were, no partial backup left beside."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.leave_hot_journal(p, spill=True)
+    before = fingerprint(p)
+    limit = _size(p / "chroma.sqlite3") // 2
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # (Python ignores SIGXFSZ)
+
+    r = subprocess.run([*CLI, "reconcile", str(p), "--embedder", HASH_EMBEDDER], capture_output=True, text=True,
+                       timeout=300, env=child_env(), preexec_fn=small_files)
+    assert r.returncode == 8, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0] and "nothing was changed" in lines[0], lines
+    assert fingerprint(p) == before
+    assert not [d for d in p.parent.iterdir() if "chaosfix" in d.name], list(p.parent.iterdir())

@@ -382,7 +382,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                                            and _post_check_runs(before.generation, opts))
             short = _short_of_space(root, rep, opts, post)
         if short and opts.dry_run:
-            rep.refusal = short
+            rep.refusal = rep.refusal or short  # (the journal's rollback refused first)
         if opts.dry_run or not work:
             if rep.journal_rollback and not opts.dry_run:
                 rep.after = check_palace(root, opts.collection)
@@ -625,20 +625,28 @@ def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions)
     palace, after copying the db and the journal into the backup, so one run repairs
     everything. A kill during SQLite's rollback leaves the journal for the next run."""
     rep.journal_rollback = True
+    short = space.shortage(root, space.rollback_need(root, opts.backup))
     if opts.dry_run:
         rep.notes.append("would roll back the interrupted transaction in chroma.sqlite3-journal (as SQLite does)")
+        rep.refusal = short
         return
+    if short:
+        raise OperationalError(short)
     with PalaceLock(root):
         holders = other_holders(root)
         if holders:
             raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
         if opts.backup:
             backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                for name in (SQLITE_NAME, JOURNAL):
+                    sparse_copy(root / name, backup_dir / name)
+                    fsync_path(backup_dir / name)
+                fsync_path(backup_dir)
+            except OSError as exc:  # (a partial backup of an untouched palace is worth nothing)
+                shutil.rmtree(backup_dir, ignore_errors=True)
+                raise OperationalError(_stopped_by(root, exc, touched=False)) from None
             rep.backup = str(backup_dir)
-            for name in (SQLITE_NAME, JOURNAL):
-                sparse_copy(root / name, backup_dir / name)
-                fsync_path(backup_dir / name)
-            fsync_path(backup_dir)
         conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # SQLite rolls the journal back

@@ -38,6 +38,8 @@ class SpaceNeed:
     post_check: int = 0  # chromadb's copy of the palace to be, beside it
     backup: int = 0  # chroma.sqlite3 (and -wal) copied into the backup, beside it
     moved: int = 0  # folders moved into the backup: copied when the palace is a mount point
+    restored: int = 0  # a hot journal's rollback: pages that grow chroma.sqlite3 back, inside
+    journal_backup: int = 0  # chroma.sqlite3 and its hot journal copied before the rollback, beside
     clones: bool = False  # the folder beside the palace clones files: its copies cost only new data
     apart: bool = False  # the palace is a mount point: what goes beside it goes to another file system
 
@@ -113,6 +115,24 @@ def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_
     return need
 
 
+def rollback_need(root: Path, backup: bool) -> SpaceNeed:
+    """What rolling back a hot ``chroma.sqlite3-journal`` writes: the copies of the db and
+    the journal (``backup``), and the pages SQLite writes back beyond the db's end (the
+    journal's header says how long the db was; never more than the journal holds)."""
+    db, journal = root / SQLITE_NAME, root / (SQLITE_NAME + "-journal")
+    need = SpaceNeed(apart=_device(root) != _device(root.parent))
+    try:
+        with open(journal, "rb") as f:
+            head = f.read(28)
+        pages, page_size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[24:28], "big")
+        need.restored = max(0, min(pages * page_size - db.stat().st_size, journal.stat().st_size))
+    except OSError:
+        pass  # (gone or unreadable: SQLite's own rollback reports it)
+    if backup:
+        need.journal_backup = _usage(db) + _usage(journal)
+    return need
+
+
 def free_bytes(folder: Path) -> int | None:
     """Bytes an unprivileged writer may still use on ``folder``'s file system; None where
     the file system does not say (no size at all, as some FUSE file systems answer)."""
@@ -137,9 +157,10 @@ def _device(folder: Path) -> int | None:
 def shortage(root: Path, need: SpaceNeed) -> str | None:
     """The refusal's text when the palace's file system, or the one beside it, lacks room
     for ``need``, else None."""
-    index = [("the rebuilt index", need.build)]
+    index = [("the rebuilt index", need.build), ("the journal's rollback", need.restored)]
     copies = [("chromadb's post-check copy", need.post_check), ("the backup of chroma.sqlite3", need.backup),
-              ("the folders moved into the backup", need.moved)]
+              ("the folders moved into the backup", need.moved),
+              ("the backup of chroma.sqlite3 and its journal", need.journal_backup)]
     if not need.apart:
         places = [(root, "the palace's file system", index + copies)]
     else:  # a palace that is a mount point: its copies go to another file system
@@ -153,7 +174,8 @@ def shortage(root: Path, need: SpaceNeed) -> str | None:
             continue
         hint = ""
         for flag, name, n in (("--no-chromadb-check", "chromadb's post-check copy", need.post_check),
-                              ("--no-backup", "the folders moved into the backup", need.moved)):
+                              ("--no-backup", "the folders moved into the backup", need.moved),
+                              ("--no-backup", "the backup of chroma.sqlite3 and its journal", need.journal_backup)):
             if n and (name, n) in items and free >= want - n:
                 hint = f", or pass {flag} (it then needs {(want - n) / MB:,.0f} MB there)"
                 break
