@@ -7,9 +7,11 @@ with room repairs it."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from helpers import HASH_EMBEDDER, assert_consistent, damaged_palace, fingerprin
 
 from chaosfix import faults
 from chaosfix.faults.kill import strace_path
-from chaosfix.workload import child_env
+from chaosfix.workload import PalaceSpec, child_env, fresh_palace
 
 CLI = [sys.executable, "-c", "from chaosfix.cli import main; main()"]
 
@@ -207,3 +209,22 @@ def test_a_failed_copy_into_the_rollbacks_backup_leaves_the_palace_as_it_was(tmp
     assert len(lines) == 1 and "File too large" in lines[0] and "nothing was changed" in lines[0], lines
     assert fingerprint(p) == before
     assert not [d for d in p.parent.iterdir() if "chaosfix" in d.name], list(p.parent.iterdir())
+
+
+def test_the_journal_of_a_large_leftover_delete_is_counted(tmp_path: Path) -> None:
+    """STALE_ROWS: 400 records' embeddings rows deleted behind chromadb's back, every
+    tenth (scattered ids touch a page or more each: SQLite's journal of their leftovers'
+    delete grows to about a third of the db, well past the 1 MiB margin). The refusal
+    counts it, and a file system with the room the refusal names repairs the palace."""
+    p = fresh_palace(tmp_path / "palace", PalaceSpec(drawers=4000, dim=32))
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    con.execute("DELETE FROM embeddings WHERE id % 10 = 3")
+    con.commit()
+    con.close()
+    args = f"--embedder {HASH_EMBEDDER} --no-chromadb-check"
+    dry, real, _ = _in_small_fs(p, tmp_path / "small", _size(p) + (1 << 20), f"--dry-run {args}", args)
+    assert dry["exit_code"] == 8 and real["exit_code"] == 8, (dry, real)
+    assert "SQLite's journal of the row deletes" in real["error"] and "nothing was changed" in real["error"], real
+    want = int(re.search(r"writes about ([\d,]+) MB", real["error"]).group(1).replace(",", ""))
+    ok = _in_small_fs(p, tmp_path / "enough", _size(p) + (want + 1 << 20), args)[0]
+    assert ok["exit_code"] == 1 and ok["after_consistent"] is True and ok["stale_rows"]["ids"] == 400, ok

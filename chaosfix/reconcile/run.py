@@ -501,13 +501,15 @@ def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, po
     writes (``space``), else None."""
     backup = rep.backup is not None or _makes_backup(rep, opts)
     sql_backup = _sql_changes(rep) and backup
-    if not (any(p.index_changes for p in rep.plans) or sql_backup or rep.prune_dirs):
+    if not (any(p.index_changes for p in rep.plans) or sql_backup or rep.prune_dirs or rep.stale):
         return None
     from chaosfix.chromadb_probe import COPY_PREFIX  # (a killed probe's folder is a stale copy to clear)
 
+    stale_ids = len(rep.stale.ids) if rep.stale else 0
+
     def short(clones: bool) -> str | None:
         return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs,
-                                                       clones, backup=backup))
+                                                       clones, backup=backup, stale_ids=stale_ids))
 
     # every copy counted whole first; only when that does not fit is the file system asked
     # whether it clones (a dry run writes nothing, not even that probe)

@@ -38,6 +38,7 @@ class SpaceNeed:
     post_check: int = 0  # chromadb's copy of the palace to be, beside it
     backup: int = 0  # chroma.sqlite3 (and -wal) copied into the backup, beside it
     moved: int = 0  # folders moved into the backup: copied when the palace is a mount point
+    journal: int = 0  # SQLite's journal of the leftover rows' deletes, inside (and in the post-check's copy)
     restored: int = 0  # a hot journal's rollback: pages that grow chroma.sqlite3 back, inside
     journal_backup: int = 0  # chroma.sqlite3 and its hot journal copied before the rollback, beside
     clones: bool = False  # the folder beside the palace clones files: its copies cost only new data
@@ -69,6 +70,28 @@ def _built(root: Path, p: CollectionPlan) -> int:
     return (len(p.keep) + len(p.add) + len(p.replace)) * per + MARGIN
 
 
+PAGES_PER_STALE_ID = 16  # pages a deleted record's leftovers touch at worst: measured 3.5
+# (2,000 scattered ids of 40,000: metadata rows, their value indexes, full-text tables)
+
+
+def delete_journal(root: Path, stale_ids: int) -> int:
+    """Bytes of SQLite's rollback journal (or WAL) while ``stale_ids`` records' leftover
+    rows are deleted: each page the deletes touch is saved there whole, and scattered ids
+    touch a few pages each, so it is bounded by the ids and by the db itself."""
+    if not stale_ids:
+        return 0
+    db = root / SQLITE_NAME
+    try:
+        with open(db, "rb") as f:
+            head = f.read(18)
+        size = db.stat().st_size
+    except OSError:
+        return 0
+    page = int.from_bytes(head[16:18], "big") if len(head) == 18 else 4096
+    page = 65536 if page == 1 else page or 4096
+    return min(size + size // 64, stale_ids * PAGES_PER_STALE_ID * page)  # (each page's record adds 8 bytes)
+
+
 def clones_files(folder: Path, prefix: str) -> bool:
     """``folder``'s file system clones a file (FICLONE), tried inside a private scratch
     folder named ``prefix``XXXX there (removed again; a killed probe's is found as a
@@ -88,13 +111,17 @@ def clones_files(folder: Path, prefix: str) -> bool:
 
 
 def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_backup: bool,
-                 prune: list[str], clones: bool, backup: bool) -> SpaceNeed:
+                 prune: list[str], clones: bool, backup: bool, stale_ids: int = 0) -> SpaceNeed:
     """What a repair of ``root`` with these plans writes (see the module docstring);
     ``clones``: the folder beside the palace clones files (only counted where the copies
-    stay on one file system); ``backup``: the replaced segment folders go to the backup."""
+    stay on one file system); ``backup``: the replaced segment folders go to the backup;
+    ``stale_ids``: records whose leftover rows the repair deletes (the post-check's copy
+    deletes them too)."""
     apart = _device(root) != _device(root.parent)
     clones = clones and not apart
-    need = SpaceNeed(clones=clones, apart=apart)
+    need = SpaceNeed(clones=clones, apart=apart, journal=delete_journal(root, stale_ids))
+    if post_check:
+        need.post_check += need.journal
     if apart:  # renames into the backup become copies
         old = [p.segment for p in plans if p.index_changes and p.segment] if backup else []
         need.moved = sum(_usage(root / d) for d in [*old, *prune] if d)
@@ -157,7 +184,8 @@ def _device(folder: Path) -> int | None:
 def shortage(root: Path, need: SpaceNeed) -> str | None:
     """The refusal's text when the palace's file system, or the one beside it, lacks room
     for ``need``, else None."""
-    index = [("the rebuilt index", need.build), ("the journal's rollback", need.restored)]
+    index = [("the rebuilt index", need.build), ("SQLite's journal of the row deletes", need.journal),
+             ("the journal's rollback", need.restored)]
     copies = [("chromadb's post-check copy", need.post_check), ("the backup of chroma.sqlite3", need.backup),
               ("the folders moved into the backup", need.moved),
               ("the backup of chroma.sqlite3 and its journal", need.journal_backup)]
