@@ -78,6 +78,9 @@ def rerun_and_judge(p: Path, rows: int, old_seg: dict[str, str], spec: PalaceSpe
     leftovers = [n for n in (x.name for x in p.iterdir()) if n.startswith(".chaosfix") or n.endswith("-journal")]
     assert leftovers == [], leftovers
     assert old_segment_kept(p.parent, old_seg), "the old segment went missing"
+    partial = [x for d in p.parent.iterdir() if d.name.startswith("palace.chaosfix-") and d.is_dir()
+               for x in d.iterdir() if x.name.endswith(".moving") and x.name != ".notes.moving"]
+    assert partial == [], partial  # a copy killed midway is never left looking like a backup
     assert reconcile(p, "--no-chromadb-check")[0] == 0
     assert_judged_by_chromadb(p, rows, spec)
 

@@ -2,7 +2,9 @@
 
 Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT):
   locked        flock + no other process holds palace files + BEGIN EXCLUSIVE
-  backed-up     sqlite backup API copy (only when SQL changes)
+  copied        a db file copied whole into the backup under its partial name
+                (``.<name>.moving``), not yet renamed (only when SQL changes)
+  backed-up     every such copy done
   linked        an incremental build's data_level0.bin is still a hard link to the
                 palace's own (hnswlib has loaded it; the copy that replaces the link
                 before any write is on its way)
@@ -45,7 +47,6 @@ from chaosfix.errors import (
     OperationalError,
     os_error_line,
 )
-from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
@@ -58,6 +59,7 @@ from chaosfix.reconcile.safety import (
     LOCK_NAME,
     PalaceLock,
     Syncing,
+    back_up,
     exchange,
     fsync_path,
     killpoint,
@@ -79,6 +81,7 @@ FLOOR_ID = "__chaosfix_seq_floor__"
 Verify = Callable[[Callable[[], None]], None]  # the repair's own verification: (wait before an index loads) -> None
 FOREIGN_SQL_FILE = "foreign-sql.sql"  # dropped triggers/views, to recreate by hand if wanted
 JOURNAL = SQLITE_NAME + "-journal"
+ROLLED_BACK = SQLITE_NAME + ".rolled-back"  # the db after a journal's rollback, before the repair
 
 
 @dataclass
@@ -249,20 +252,20 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
 
 
 def _is_partial_move(name: str) -> bool:
-    """``name`` is one ``move_out`` gives a copy in progress: ``.`` + a segment folder, one
-    of our leftover folders or the stale journal + ``.moving``."""
+    """``name`` is one ``move_out`` or ``back_up`` gives a copy in progress: ``.`` + a
+    segment folder, one of our leftover folders or a file of the db's + ``.moving``."""
     if not (name.startswith(".") and name.endswith(".moving")):
         return False
     moved = name[1 : -len(".moving")]
     prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if moved.startswith(x)), "")
-    return moved == JOURNAL or is_uuid(moved[len(prefix):])
+    return moved in (SQLITE_NAME, JOURNAL, SQLITE_NAME + "-wal", ROLLED_BACK) or is_uuid(moved[len(prefix):])
 
 
 def _drop_partial_moves(root: Path, notes: list[str]) -> None:
-    """A move into a backup or recovered folder on another file system (``move_out``)
-    killed while copying leaves a partial ``.<name>.moving`` there; its source is still
-    whole in the palace (the rename into place comes first, the removal last), so the
-    partial copy is only garbage. Only those exact names are removed, and a folder that
+    """A move into a backup or recovered folder on another file system (``move_out``), or
+    a copy of the db into a backup (``back_up``), killed while copying leaves a partial
+    ``.<name>.moving`` there; its source is still whole in the palace (the rename into
+    place comes first, the removal last), so the partial copy is only garbage. Only those exact names are removed, and a folder that
     cannot be read or an entry that cannot be removed is noted, not fatal."""
     prefixes = (f"{root.name}.chaosfix-backup-", f"{root.name}.chaosfix-recovered-")
     try:
@@ -642,9 +645,7 @@ def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions)
             backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{time.strftime('%Y%m%d-%H%M%S')}")
             try:
                 for name in (SQLITE_NAME, JOURNAL):
-                    sparse_copy(root / name, backup_dir / name)
-                    fsync_path(backup_dir / name)
-                fsync_path(backup_dir)
+                    back_up(root / name, backup_dir / name)
             except OSError as exc:  # (a partial backup of an untouched palace is worth nothing)
                 shutil.rmtree(backup_dir, ignore_errors=True)
                 raise OperationalError(_stopped_by(root, exc, touched=False)) from None
@@ -711,8 +712,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     if rep.backup is not None:  # made by the journal rollback: one backup per run
         backup_dir = Path(rep.backup)
         if sql_changes:
-            sparse_copy(root / SQLITE_NAME, backup_dir / (SQLITE_NAME + ".rolled-back"))
-            fsync_path(backup_dir / (SQLITE_NAME + ".rolled-back"))
+            back_up(root / SQLITE_NAME, backup_dir / ROLLED_BACK)
     elif _makes_backup(rep, opts):  # (deleted leftovers are often a record's only remaining text)
         backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
         rep.backup = str(backup_dir)
@@ -725,8 +725,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             say(f"backing up chroma.sqlite3 to {backup_dir}")
             for name in (SQLITE_NAME, SQLITE_NAME + "-wal"):
                 if (root / name).is_file():
-                    sparse_copy(root / name, backup_dir / name)
-                    fsync_path(backup_dir / name)
+                    back_up(root / name, backup_dir / name)
     _clear_stale_journal(root, backup_dir)
     if rep.foreign_sql:  # dropped with the other SQL writes, after the swap
         assert backup_dir is not None

@@ -181,7 +181,7 @@ def move_out(src: Path, dst: Path) -> None:
             raise
     import shutil
 
-    tmp = dst.with_name(f".{dst.name}.moving")
+    tmp = partial_name(dst)
     try:
         _copy_as_is(src, tmp)
         os.rename(tmp, dst)
@@ -196,6 +196,29 @@ def move_out(src: Path, dst: Path) -> None:
         shutil.rmtree(src)
     else:
         src.unlink()
+
+
+def partial_name(dst: Path) -> Path:
+    """The name a copy into ``dst`` has until it is whole (``move_out``, ``back_up``): a
+    copy killed midway is never taken for a backup, and a rerun removes it."""
+    return dst.with_name(f".{dst.name}.moving")
+
+
+def back_up(src: Path, dst: Path) -> None:
+    """Copy the palace file ``src`` into the backup as ``dst``: sparse, fsynced under its
+    partial name, then renamed (a backup file that exists is whole)."""
+    from chaosfix.filecopy import sparse_copy
+
+    tmp = partial_name(dst)
+    try:
+        sparse_copy(src, tmp)
+        fsync_path(tmp)
+        killpoint("copied")
+        os.rename(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(dst.parent)
 
 
 def _copy_as_is(src: Path, dst: Path) -> None:
