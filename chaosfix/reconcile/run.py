@@ -265,8 +265,9 @@ def _drop_partial_moves(root: Path, notes: list[str]) -> None:
     """A move into a backup or recovered folder on another file system (``move_out``), or
     a copy of the db into a backup (``back_up``), killed while copying leaves a partial
     ``.<name>.moving`` there; its source is still whole in the palace (the rename into
-    place comes first, the removal last), so the partial copy is only garbage. Only those exact names are removed, and a folder that
-    cannot be read or an entry that cannot be removed is noted, not fatal."""
+    place comes first, the removal last), so the partial copy is only garbage. Only those
+    exact names are removed, and a folder that cannot be read or an entry that cannot be
+    removed is noted, not fatal."""
     prefixes = (f"{root.name}.chaosfix-backup-", f"{root.name}.chaosfix-recovered-")
     try:
         folders = [f for f in root.parent.iterdir() if f.name.startswith(prefixes) and not is_link(f) and f.is_dir()]
