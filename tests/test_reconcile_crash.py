@@ -81,6 +81,8 @@ def rerun_and_judge(p: Path, rows: int, old_seg: dict[str, str], spec: PalaceSpe
     partial = [x for d in p.parent.iterdir() if d.name.startswith("palace.chaosfix-") and d.is_dir()
                for x in d.iterdir() if x.name.endswith(".moving") and x.name != ".notes.moving"]
     assert partial == [], partial  # a copy killed midway is never left looking like a backup
+    empty = [d.name for d in p.parent.iterdir() if d.name.startswith("palace.chaosfix-") and not any(d.iterdir())]
+    assert empty == [], empty
     assert reconcile(p, "--no-chromadb-check")[0] == 0
     assert_judged_by_chromadb(p, rows, spec)
 

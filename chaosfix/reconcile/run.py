@@ -266,20 +266,22 @@ def _drop_partial_moves(root: Path, notes: list[str]) -> None:
     a copy of the db into a backup (``back_up``), killed while copying leaves a partial
     ``.<name>.moving`` there; its source is still whole in the palace (the rename into
     place comes first, the removal last), so the partial copy is only garbage. Only those
-    exact names are removed, and a folder that cannot be read or an entry that cannot be
-    removed is noted, not fatal."""
+    exact names are removed (and the folder, when that leaves it empty: a backup killed at
+    its first copy holds nothing), and a folder that cannot be read or an entry that
+    cannot be removed is noted, not fatal."""
     prefixes = (f"{root.name}.chaosfix-backup-", f"{root.name}.chaosfix-recovered-")
     try:
         folders = [f for f in root.parent.iterdir() if f.name.startswith(prefixes) and not is_link(f) and f.is_dir()]
         for folder in folders:
-            for d in folder.iterdir():
-                if not _is_partial_move(d.name):
-                    continue
+            partial = [d for d in folder.iterdir() if _is_partial_move(d.name)]
+            for d in partial:
                 if d.is_dir() and not is_link(d):
                     shutil.rmtree(d)
                 else:
                     d.unlink()
                 notes.append(f"removed {d}, a copy an interrupted move left")
+            if partial and not any(folder.iterdir()):
+                folder.rmdir()
     except OSError as exc:
         notes.append(f"left a partial copy beside the palace: {exc}")
 
