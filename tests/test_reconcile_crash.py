@@ -237,3 +237,27 @@ def test_a_partial_cross_device_move_left_in_the_backup_is_removed_by_the_rerun(
     rerun_and_judge(p, rows, old_seg, PalaceSpec(), "--embedder", HASH_EMBEDDER)
     assert not partial.exists()
     assert mine.read_text() == "kept"
+
+
+def test_a_kill_while_the_journals_rollback_is_backed_up_leaves_no_lone_db(tmp_path, damage_cache):
+    """A hot journal's rollback first backs up the db and the journal, a pair: the db
+    alone (its spilled, uncommitted pages without the journal that undoes them) is a
+    malformed file that must never sit in a folder that looks like a backup. SIGKILLed
+    with the copies made, before the backup folder is renamed into place: only the
+    partial (dot-named) folder is there; the rerun removes it, rolls back and repairs,
+    and its backup holds the pair, which SQLite opens as the committed state."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    rows = sql_rows(p)
+    faults.leave_hot_journal(p, spill=True)
+    proc = spawn_reconcile(p, "--embedder", HASH_EMBEDDER, kill_at="copied")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-500:]
+    beside = sorted(d.name for d in tmp_path.iterdir() if "chaosfix" in d.name)
+    assert len(beside) == 1 and beside[0].startswith(".palace.chaosfix-backup-") and beside[0].endswith(".moving"), beside
+    code, doc, err = reconcile(p, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["journal_rollback"] is True and doc["after_consistent"] is True, err
+    assert any("a backup an interrupted run left unfinished" in n for n in doc["notes"]), doc["notes"]
+    assert not (tmp_path / beside[0]).exists() and sql_rows(p) == rows
+    backup = Path(doc["backup"])
+    assert {"chroma.sqlite3", "chroma.sqlite3-journal"} <= {f.name for f in backup.iterdir()}
+    assert sql_rows(backup) == rows  # (read from a copy of the pair: SQLite rolls the journal back)

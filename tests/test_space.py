@@ -47,13 +47,14 @@ def _in_namespace(script: list[str]) -> subprocess.CompletedProcess:
                           timeout=300, env=child_env())
 
 
-def _in_small_fs(palace: Path, mnt: Path, size: int, *args: str) -> list[dict]:
+def _in_small_fs(palace: Path, mnt: Path, size: int, *args: str, prep: tuple[str, ...] = ()) -> list[dict]:
     """``chaosfix reconcile --json ARGS`` (each args tuple in turn) on a dense copy of
-    ``palace`` (every zero written, as a copy that kept no holes) on a tmpfs of ``size`` bytes mounted at ``mnt`` in a mount namespace of its own; the
+    ``palace`` (every zero written, as a copy that kept no holes; then the shell lines
+    ``prep``) on a tmpfs of ``size`` bytes mounted at ``mnt`` in a mount namespace of its own; the
     JSON answers, or a skip where this machine lets no test mount one."""
     mnt.mkdir()
     cmd = [f"mount -t tmpfs -o size={size} chaosfix-test {shlex.quote(str(mnt))}",
-           f"cp -a --sparse=never {shlex.quote(str(palace))} {shlex.quote(str(mnt / 'p'))}"]
+           f"cp -a --sparse=never {shlex.quote(str(palace))} {shlex.quote(str(mnt / 'p'))}", *prep]
     for a in args:
         run = shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", *a.split()])
         cmd.append(f"{run} || true")
@@ -228,3 +229,35 @@ def test_the_journal_of_a_large_leftover_delete_is_counted(tmp_path: Path) -> No
     want = int(re.search(r"writes about ([\d,]+) MB", real["error"]).group(1).replace(",", ""))
     ok = _in_small_fs(p, tmp_path / "enough", _size(p) + (want + 1 << 20), args)[0]
     assert ok["exit_code"] == 1 and ok["after_consistent"] is True and ok["stale_rows"]["ids"] == 400, ok
+
+
+def test_the_dry_run_counts_the_rollback_and_the_repair_together(tmp_path: Path, damage_cache: Path) -> None:
+    """Room for a hot journal's rollback (its backup) and little more: the real run rolls
+    back, then refuses the repair (exit 8, "only the leftover journal was rolled back").
+    The dry run rolls nothing back, so it must count both together and refuse too,
+    instead of saying it would repair."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    journal = faults.leave_hot_journal(p, spill=True)
+    size = _size(p) + _size(p / "chroma.sqlite3") + _size(journal) + (2 << 20)
+    args = f"--embedder {HASH_EMBEDDER}"
+    dry, real, _ = _in_small_fs(p, tmp_path / "small", size, f"--dry-run {args}", args)
+    assert real["exit_code"] == 8 and "only the leftover journal was rolled back" in real["error"], real
+    assert dry["exit_code"] == 8 and "the backup of chroma.sqlite3 and its journal" in (dry["refusal"] or ""), dry
+
+
+def test_a_sparse_hostile_journal_costs_only_its_data(tmp_path: Path, damage_cache: Path) -> None:
+    """A hot journal whose header claims 2^32 pages of 64 KiB, stretched to 1 GiB of
+    holes on a 64 MiB file system: the rollback's estimate is bounded by the blocks the
+    journal really holds (no refusal asking for a gigabyte), and check's private copy of
+    the db and journal keeps the holes."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.leave_hot_journal(p)  # (not spilled: the db itself holds only committed pages)
+    j = shlex.quote(str(tmp_path / "small" / "p" / "chroma.sqlite3-journal"))
+    magic = f"printf '\\331\\325\\005\\371\\040\\241\\143\\327' | dd of={j} bs=1 conv=notrunc status=none"
+    header = f"printf '\\377\\377\\377\\377' | dd of={j} bs=1 seek=16 conv=notrunc status=none"
+    size = f"printf '\\000\\001\\000\\000' | dd of={j} bs=1 seek=24 conv=notrunc status=none"
+    dry, listing = _in_small_fs(p, tmp_path / "small", 64 << 20, f"--dry-run --embedder {HASH_EMBEDDER}",
+                                prep=(magic, header, size, f"truncate -s 1G {j}", f"ls -ls {j} >&2"))
+    assert "not enough free space" not in (dry.get("refusal") or "") + (dry.get("error") or ""), dry
+    assert " 1073741824 " in listing["listing"], listing["listing"]  # (the journal was as described)
+    assert dry["journal_rollback"] is True, dry

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from chaosfix.filecopy import sparse_copy
 from chaosfix.palace.generation import Generation, hnsw_config
 from chaosfix.palace.generation import detect as detect_generation
 from chaosfix.palace.schema_guard import STALE_GONE
@@ -174,8 +175,8 @@ class PalaceSql:
             scratch = Path(tempfile.mkdtemp(prefix="chaosfix-journal-"))
             try:
                 copy = scratch / db_path.name
-                shutil.copyfile(db_path, copy)
-                shutil.copyfile(str(db_path) + "-journal", str(copy) + "-journal")
+                sparse_copy(db_path, copy)  # (holes kept: the cost is the files' data, not their length)
+                sparse_copy(Path(str(db_path) + "-journal"), Path(str(copy) + "-journal"))
                 roll = sqlite3.connect(copy, timeout=2.0)
                 try:
                     roll.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -205,8 +206,8 @@ class PalaceSql:
         self._scratch = scratch
         copy = scratch / db_path.name
         try:
-            shutil.copyfile(db_path, copy)
-            shutil.copyfile(wal, str(copy) + "-wal")
+            sparse_copy(db_path, copy)
+            sparse_copy(wal, Path(str(copy) + "-wal"))
         except OSError:  # cannot copy: the file alone, still without writing a byte
             return sqlite3.connect(f"file:{db_path.as_posix()}?immutable=1", uri=True, timeout=2.0)
         return sqlite3.connect(str(copy), timeout=2.0)

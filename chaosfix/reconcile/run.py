@@ -2,9 +2,9 @@
 
 Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT):
   locked        flock + no other process holds palace files + BEGIN EXCLUSIVE
-  copied        a db file copied whole into the backup under its partial name
-                (``.<name>.moving``), not yet renamed (only when SQL changes)
-  backed-up     every such copy done
+  copied        the backup folder made under its partial name, the db files copied
+                into it (only when SQL changes), not yet renamed into place
+  backed-up     the backup whole, under its own name
   linked        an incremental build's data_level0.bin is still a hard link to the
                 palace's own (hnswlib has loaded it; the copy that replaces the link
                 before any write is on its way)
@@ -26,8 +26,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +49,9 @@ from chaosfix.errors import (
     OperationalError,
     os_error_line,
 )
+from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
+from chaosfix.palace.leftovers import BACKUP_GLOB
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
 from chaosfix.palace.state import written_in_rollback
@@ -258,30 +262,40 @@ def _is_partial_move(name: str) -> bool:
         return False
     moved = name[1 : -len(".moving")]
     prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if moved.startswith(x)), "")
-    return moved in (SQLITE_NAME, JOURNAL, SQLITE_NAME + "-wal", ROLLED_BACK) or is_uuid(moved[len(prefix):])
+    return moved in (JOURNAL, ROLLED_BACK) or is_uuid(moved[len(prefix):])
 
 
 def _drop_partial_moves(root: Path, notes: list[str]) -> None:
-    """A move into a backup or recovered folder on another file system (``move_out``), or
-    a copy of the db into a backup (``back_up``), killed while copying leaves a partial
-    ``.<name>.moving`` there; its source is still whole in the palace (the rename into
-    place comes first, the removal last), so the partial copy is only garbage. Only those
-    exact names are removed (and the folder, when that leaves it empty: a backup killed at
-    its first copy holds nothing), and a folder that cannot be read or an entry that
-    cannot be removed is noted, not fatal."""
-    prefixes = (f"{root.name}.chaosfix-backup-", f"{root.name}.chaosfix-recovered-")
+    """What an interrupted run left half made beside the palace, which is only garbage:
+    a backup folder killed while its db files were copied (``_new_backup``: its partial
+    folder); a partial ``.<name>.moving`` in a backup or recovered folder, from a move
+    across file systems (``move_out``: its source is still whole in the palace, as the
+    rename into place comes first and the removal last) or the db's copy after a
+    journal's rollback (``back_up``); and a backup or recovered folder left empty (a
+    kill before anything was moved into it). Only chaosfix's exact names for this palace
+    are touched; a folder that cannot be read or an entry that cannot be removed is
+    noted, not fatal."""
+    ours = re.compile(rf"{re.escape(root.name)}\.chaosfix-(?:backup|recovered)-\d{{8}}-\d{{6}}(?:-\d+)?")
+    unfinished = re.compile(rf"\.{re.escape(root.name)}\.chaosfix-backup-\d{{8}}-\d{{6}}\.\w+\.moving")
     try:
-        folders = [f for f in root.parent.iterdir() if f.name.startswith(prefixes) and not is_link(f) and f.is_dir()]
-        for folder in folders:
-            partial = [d for d in folder.iterdir() if _is_partial_move(d.name)]
-            for d in partial:
+        for folder in sorted(root.parent.iterdir()):
+            if is_link(folder) or not folder.is_dir():
+                continue
+            if unfinished.fullmatch(folder.name):
+                shutil.rmtree(folder)
+                notes.append(f"removed {folder}, a backup an interrupted run left unfinished")
+                continue
+            if not ours.fullmatch(folder.name):
+                continue
+            for d in [d for d in folder.iterdir() if _is_partial_move(d.name)]:
                 if d.is_dir() and not is_link(d):
                     shutil.rmtree(d)
                 else:
                     d.unlink()
                 notes.append(f"removed {d}, a copy an interrupted move left")
-            if partial and not any(folder.iterdir()):
+            if not any(folder.iterdir()):
                 folder.rmdir()
+                notes.append(f"removed {folder}, empty: an interrupted run made it")
     except OSError as exc:
         notes.append(f"left a partial copy beside the palace: {exc}")
 
@@ -312,6 +326,33 @@ def _new_dir(base: Path) -> Path:
             return d
         except FileExistsError:
             n += 1
+
+
+def _new_backup(root: Path, files: tuple[str, ...]) -> Path:
+    """A new backup folder beside the palace holding copies of the palace's ``files`` (of
+    those that exist), all of them or none: they are copied into a partial folder
+    (``.<palace>.chaosfix-backup-<time>.<random>.moving``), fsynced, and the folder is
+    renamed into place, so a db is never found apart from its journal or WAL (a db whose
+    hot journal is missing is malformed). A kill leaves the partial folder, which the
+    rerun removes; an error or Ctrl-C removes it here."""
+    base = f"{root.name}{BACKUP_GLOB}{time.strftime('%Y%m%d-%H%M%S')}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{base}.", suffix=".moving", dir=root.parent))
+    try:
+        for name in files:
+            if (root / name).is_file():
+                sparse_copy(root / name, tmp / name)
+                fsync_path(tmp / name)
+        fsync_path(tmp)
+        killpoint("copied")
+        n = 1
+        while os.path.lexists(final := root.parent / (base if n == 1 else f"{base}-{n}")):
+            n += 1  # a rerun in the same second as a killed run, or a planted entry
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(root.parent)
+    return final
 
 
 def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
@@ -505,7 +546,10 @@ def _makes_backup(rep: ReconcileReport, opts: ReconcileOptions) -> bool:
 def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, post_check: bool) -> str | None:
     """The refusal's text when the palace's file system cannot hold what the repair
     writes (``space``), else None."""
-    backup = rep.backup is not None or _makes_backup(rep, opts)
+    # a dry run has not rolled the journal back: its backup (which then also takes the
+    # repair's copy of the db) and its writes come on top, as a real run's free space shows
+    pending = opts.dry_run and rep.journal_rollback
+    backup = rep.backup is not None or _makes_backup(rep, opts) or (pending and opts.backup)
     sql_backup = _sql_changes(rep) and backup
     if not (any(p.index_changes for p in rep.plans) or sql_backup or rep.prune_dirs or rep.stale):
         return None
@@ -514,8 +558,12 @@ def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, po
     stale_ids = len(rep.stale.ids) if rep.stale else 0
 
     def short(clones: bool) -> str | None:
-        return space.shortage(root, space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs,
-                                                       clones, backup=backup, stale_ids=stale_ids))
+        need = space.space_needed(root, rep.plans, post_check, sql_backup, rep.prune_dirs, clones, backup=backup,
+                                  stale_ids=stale_ids)
+        if pending:
+            rolled = space.rollback_need(root, opts.backup)
+            need.restored, need.journal_backup = rolled.restored, rolled.journal_backup
+        return space.shortage(root, need)
 
     # every copy counted whole first; only when that does not fit is the file system asked
     # whether it clones (a dry run writes nothing, not even that probe)
@@ -645,14 +693,10 @@ def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions)
         if holders:
             raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
         if opts.backup:
-            backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{time.strftime('%Y%m%d-%H%M%S')}")
             try:
-                for name in (SQLITE_NAME, JOURNAL):
-                    back_up(root / name, backup_dir / name)
-            except OSError as exc:  # (a partial backup of an untouched palace is worth nothing)
-                shutil.rmtree(backup_dir, ignore_errors=True)
+                rep.backup = str(_new_backup(root, (SQLITE_NAME, JOURNAL)))
+            except OSError as exc:
                 raise OperationalError(_stopped_by(root, exc, touched=False)) from None
-            rep.backup = str(backup_dir)
         conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # SQLite rolls the journal back
@@ -709,7 +753,6 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     """Backup, build, verify (beside chromadb's post-check on a copy of the palace to be),
     swap, write the SQL, commit. Every SQL write happens after the swap, in one
     transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     sql_changes = _sql_changes(rep)
     backup_dir = None
     if rep.backup is not None:  # made by the journal rollback: one backup per run
@@ -717,18 +760,15 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         if sql_changes:
             back_up(root / SQLITE_NAME, backup_dir / ROLLED_BACK)
     elif _makes_backup(rep, opts):  # (deleted leftovers are often a record's only remaining text)
-        backup_dir = _new_dir(root.parent / f"{root.name}.chaosfix-backup-{stamp}")
-        rep.backup = str(backup_dir)
+        # SQLite's backup API refuses a source connection inside a write transaction
+        # (SQLITE_LOCKED, retried forever), and releasing our EXCLUSIVE lock to run it
+        # would let a writer in. Under EXCLUSIVE with nothing written yet, the file is a
+        # consistent, committed snapshot, so a plain copy is the same backup (with its
+        # -wal when another tool put it in WAL mode: committed pages live there).
         if sql_changes:
-            # SQLite's backup API refuses a source connection inside a write transaction
-            # (SQLITE_LOCKED, retried forever), and releasing our EXCLUSIVE lock to run it
-            # would let a writer in. Under EXCLUSIVE with nothing written yet, the file is
-            # a consistent, committed snapshot, so a plain copy is the same backup (with
-            # its -wal when another tool put it in WAL mode: committed pages live there).
-            say(f"backing up chroma.sqlite3 to {backup_dir}")
-            for name in (SQLITE_NAME, SQLITE_NAME + "-wal"):
-                if (root / name).is_file():
-                    back_up(root / name, backup_dir / name)
+            say(f"backing up chroma.sqlite3 beside the palace, in {root.parent}")
+        backup_dir = _new_backup(root, (SQLITE_NAME, SQLITE_NAME + "-wal") if sql_changes else ())
+        rep.backup = str(backup_dir)
     _clear_stale_journal(root, backup_dir)
     if rep.foreign_sql:  # dropped with the other SQL writes, after the swap
         assert backup_dir is not None

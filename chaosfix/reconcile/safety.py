@@ -205,15 +205,14 @@ def partial_name(dst: Path) -> Path:
 
 
 def back_up(src: Path, dst: Path) -> None:
-    """Copy the palace file ``src`` into the backup as ``dst``: sparse, fsynced under its
-    partial name, then renamed (a backup file that exists is whole)."""
+    """Copy the palace file ``src`` into an existing backup as ``dst``: sparse, fsynced
+    under its partial name, then renamed (a backup file that exists is whole)."""
     from chaosfix.filecopy import sparse_copy
 
     tmp = partial_name(dst)
     try:
         sparse_copy(src, tmp)
         fsync_path(tmp)
-        killpoint("copied")
         os.rename(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

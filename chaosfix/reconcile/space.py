@@ -152,7 +152,8 @@ def rollback_need(root: Path, backup: bool) -> SpaceNeed:
         with open(journal, "rb") as f:
             head = f.read(28)
         pages, page_size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[24:28], "big")
-        need.restored = max(0, min(pages * page_size - db.stat().st_size, journal.stat().st_size))
+        # (bounded by the journal's blocks: a sparse journal's holes hold no page SQLite restores)
+        need.restored = max(0, min(pages * page_size - db.stat().st_size, _usage(journal)))
     except OSError:
         pass  # (gone or unreadable: SQLite's own rollback reports it)
     if backup:
