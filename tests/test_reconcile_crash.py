@@ -6,9 +6,13 @@ leaving a palace that check calls consistent and chromadb reads in full.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 import signal
+import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -260,4 +264,80 @@ def test_a_kill_while_the_journals_rollback_is_backed_up_leaves_no_lone_db(tmp_p
     assert not (tmp_path / beside[0]).exists() and sql_rows(p) == rows
     backup = Path(doc["backup"])
     assert {"chroma.sqlite3", "chroma.sqlite3-journal"} <= {f.name for f in backup.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o755 & ~mask  # (readable as any folder the user makes)
     assert sql_rows(backup) == rows  # (read from a copy of the pair: SQLite rolls the journal back)
+
+
+def test_a_journal_rolled_back_by_another_program_while_it_is_backed_up_stops_the_repair(tmp_path, damage_cache):
+    """chaosfix's lock is advisory: another program's SQLite (chromadb starting) may open
+    the palace while the rollback's backup copies the db, roll the hot journal back and
+    delete it. The backup would then hold the pre-rollback db without its journal, a
+    malformed file, so the repair stops (one line, exit 8) and leaves no backup; the
+    rerun finds a clean palace. The db's copy is slowed by strace (a 3 s delay on its
+    sendfile) and the other program opens the palace meanwhile, for real."""
+    if not faults.strace_available():
+        pytest.skip("strace not installed or ptrace not permitted")
+    from chaosfix.faults.kill import strace_path
+
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    rows = sql_rows(p)
+    journal = faults.leave_hot_journal(p, spill=True)
+    env = child_env()
+    env.pop("CHAOSFIX_KILL_AT", None)
+    proc = subprocess.Popen([strace_path(), "-f", "-qq", "-o", "/dev/null", "-P", str(p / "chroma.sqlite3"),
+                             "-e", "trace=sendfile,copy_file_range", "-e",
+                             "inject=sendfile,copy_file_range:delay_enter=3000000:when=1",
+                             sys.executable, "-m", "chaosfix", "reconcile", str(p), "--json", "--no-chromadb-check",
+                             "--embedder", HASH_EMBEDDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not [d for d in tmp_path.iterdir() if d.name.startswith(".palace.chaosfix-backup-")]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    con = sqlite3.connect(p / "chroma.sqlite3")  # what chromadb's start does: SQLite rolls the journal back
+    con.execute("SELECT count(*) FROM embeddings").fetchone()
+    con.close()
+    assert not journal.exists()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 8, err[-1500:]
+    assert "chroma.sqlite3-journal" in err and "nothing was changed" in err, err[-1500:]
+    assert [d.name for d in tmp_path.iterdir() if "chaosfix" in d.name] == []
+    rerun_and_judge(p, rows, hashes(faults.segment_dir(p)), PalaceSpec(), "--embedder", HASH_EMBEDDER)
+
+
+def test_a_dead_mount_beside_the_palace_does_not_stop_the_sweep(tmp_path, damage_cache):
+    """The rerun's sweep of unfinished backups looks only at chaosfix's own names: a
+    sibling whose stat fails (a FUSE mount whose daemon is gone: ENOTCONN, as a dead
+    sshfs mount answers) must not keep it from removing the partial backup a kill left."""
+    import shlex
+    import shutil
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) not installed")
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.poison_seq(p, "vector")
+    proc = spawn_reconcile(p, "--embedder", HASH_EMBEDDER, kill_at="copied")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-500:]
+    partial = [d for d in tmp_path.iterdir() if d.name.startswith(".palace.chaosfix-backup-")]
+    assert len(partial) == 1, sorted(x.name for x in tmp_path.iterdir())
+    dead = tmp_path / ".cache"
+    dead.mkdir()
+    q = shlex.quote
+    mount = (f"exec 3<>/dev/fuse; mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 dead {q(str(dead))}; "
+             "exec 3>&-")
+    probe = subprocess.run([unshare, "-rm", "sh", "-c", f"{mount} && stat {q(str(dead))}"], capture_output=True,
+                           text=True, timeout=60)
+    if "Transport endpoint is not connected" not in probe.stderr:
+        pytest.skip(f"no dead FUSE mount here: {probe.stderr.strip()[-200:]}")
+    run = shlex.join([sys.executable, "-m", "chaosfix", "reconcile", str(p), "--json", "--no-chromadb-check",
+                      "--embedder", HASH_EMBEDDER])
+    r = subprocess.run([unshare, "-rm", "sh", "-c", f"{mount} && {run}"], capture_output=True, text=True,
+                       timeout=300, env=child_env())
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == 1, r.stderr[-1500:]
+    assert any("a backup an interrupted run left unfinished" in n for n in doc["notes"]), doc["notes"]
+    assert not partial[0].exists() and not any("left a partial copy" in n for n in doc["notes"]), doc["notes"]

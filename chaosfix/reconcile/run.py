@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import sqlite3
-import tempfile
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +69,7 @@ from chaosfix.reconcile.safety import (
     killpoint,
     move_out,
     other_holders,
+    rename_noreplace,
 )
 from chaosfix.reconcile.sources import Embedder
 from chaosfix.reconcile.verify import EF_FIRST, EF_GATE, EF_MAX, Verification, verify_segment
@@ -262,7 +263,7 @@ def _is_partial_move(name: str) -> bool:
         return False
     moved = name[1 : -len(".moving")]
     prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if moved.startswith(x)), "")
-    return moved in (JOURNAL, ROLLED_BACK) or is_uuid(moved[len(prefix):])
+    return moved in (SQLITE_NAME, JOURNAL, SQLITE_NAME + "-wal", ROLLED_BACK) or is_uuid(moved[len(prefix):])
 
 
 def _drop_partial_moves(root: Path, notes: list[str]) -> None:
@@ -273,31 +274,46 @@ def _drop_partial_moves(root: Path, notes: list[str]) -> None:
     rename into place comes first and the removal last) or the db's copy after a
     journal's rollback (``back_up``); and a backup or recovered folder left empty (a
     kill before anything was moved into it). Only chaosfix's exact names for this palace
-    are touched; a folder that cannot be read or an entry that cannot be removed is
-    noted, not fatal."""
-    ours = re.compile(rf"{re.escape(root.name)}\.chaosfix-(?:backup|recovered)-\d{{8}}-\d{{6}}(?:-\d+)?")
-    unfinished = re.compile(rf"\.{re.escape(root.name)}\.chaosfix-backup-\d{{8}}-\d{{6}}\.\w+\.moving")
+    are looked at (the parent's other entries are not even stat'ed: a dead mount there
+    must not stop this), nothing is followed through a symlink, and an entry that cannot
+    be read or removed is noted, not fatal."""
+    stamp = r"-\d{8}-\d{6}(?:-\d+)?"
+    ours = re.compile(rf"{re.escape(root.name)}\.chaosfix-(?:backup|recovered){stamp}")
+    unfinished = re.compile(rf"\.{re.escape(root.name)}\.chaosfix-backup{stamp}\.moving")
     try:
-        for folder in sorted(root.parent.iterdir()):
-            if is_link(folder) or not folder.is_dir():
-                continue
-            if unfinished.fullmatch(folder.name):
-                shutil.rmtree(folder)
-                notes.append(f"removed {folder}, a backup an interrupted run left unfinished")
-                continue
-            if not ours.fullmatch(folder.name):
-                continue
-            for d in [d for d in folder.iterdir() if _is_partial_move(d.name)]:
-                if d.is_dir() and not is_link(d):
-                    shutil.rmtree(d)
-                else:
-                    d.unlink()
-                notes.append(f"removed {d}, a copy an interrupted move left")
-            if not any(folder.iterdir()):
-                folder.rmdir()
-                notes.append(f"removed {folder}, empty: an interrupted run made it")
+        names = sorted(n for n in os.listdir(root.parent) if ours.fullmatch(n) or unfinished.fullmatch(n))
     except OSError as exc:
         notes.append(f"left a partial copy beside the palace: {exc}")
+        return
+    for name in names:
+        folder = root.parent / name
+        try:
+            if unfinished.fullmatch(name):
+                shutil.rmtree(folder)  # (refuses a symlink; never follows one inside)
+                notes.append(f"removed {folder}, a backup an interrupted run left unfinished")
+                continue
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                for entry in os.listdir(fd):
+                    if not _is_partial_move(entry):
+                        continue
+                    if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                        shutil.rmtree(entry, dir_fd=fd)
+                    else:
+                        os.unlink(entry, dir_fd=fd)
+                    notes.append(f"removed {folder / entry}, a copy an interrupted move left")
+                empty = not os.listdir(fd)
+            finally:
+                os.close(fd)
+            if empty:
+                folder.rmdir()  # (a symlink put there since is refused: ENOTDIR)
+                notes.append(f"removed the empty {folder}")
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # (not a folder, or gone)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink: never ours
+                continue
+            notes.append(f"left a partial copy beside the palace: {exc}")
 
 
 def _drop_links_to_live(build: Path, live: Path) -> None:
@@ -313,13 +329,14 @@ def _drop_links_to_live(build: Path, live: Path) -> None:
             f.unlink()
 
 
-def _new_dir(base: Path) -> Path:
-    """Create ``base``, or ``base-2``, ``base-3``...: a rerun in the same second as a killed
-    run must not collide with the folder that run left (FileExistsError, exit 8). mkdir
-    never follows a planted symlink: an existing entry of any kind is skipped."""
+def _new_dir(base: Path, suffix: str = "") -> Path:
+    """Create ``base``, or ``base-2``, ``base-3``... (then ``suffix``): a rerun in the same
+    second as a killed run must not collide with the folder that run left
+    (FileExistsError, exit 8). mkdir never follows a planted symlink: an existing entry
+    of any kind is skipped."""
     n = 1
     while True:
-        d = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        d = base.with_name(f"{base.name}{'' if n == 1 else f'-{n}'}{suffix}")
         try:
             mkdir_new(d)
             fsync_path(d.parent)  # the folder's own entry must survive a power cut
@@ -328,31 +345,58 @@ def _new_dir(base: Path) -> Path:
             n += 1
 
 
-def _new_backup(root: Path, files: tuple[str, ...]) -> Path:
-    """A new backup folder beside the palace holding copies of the palace's ``files`` (of
-    those that exist), all of them or none: they are copied into a partial folder
-    (``.<palace>.chaosfix-backup-<time>.<random>.moving``), fsynced, and the folder is
-    renamed into place, so a db is never found apart from its journal or WAL (a db whose
-    hot journal is missing is malformed). A kill leaves the partial folder, which the
-    rerun removes; an error or Ctrl-C removes it here."""
+def _new_backup(root: Path, files: tuple[str, ...], optional: tuple[str, ...] = ()) -> Path:
+    """A new backup folder beside the palace holding copies of the palace's ``files``
+    (each must exist) and ``optional`` files (when they do), all of them or none: they
+    are copied into a partial folder (``.<palace>.chaosfix-backup-<time>.moving``),
+    fsynced, and the folder is renamed into place, so a db is never found apart from its
+    journal or WAL (a db whose hot journal is missing is malformed). A file that changes
+    meanwhile (another program's SQLite rolling the journal back) stops it. A kill
+    leaves the partial folder, which the rerun removes; an error or Ctrl-C removes it."""
     base = f"{root.name}{BACKUP_GLOB}{time.strftime('%Y%m%d-%H%M%S')}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{base}.", suffix=".moving", dir=root.parent))
+    tmp = _new_dir(root.parent / f".{base}", suffix=".moving")
     try:
-        for name in files:
-            if (root / name).is_file():
-                sparse_copy(root / name, tmp / name)
-                fsync_path(tmp / name)
+        seen: dict[str, tuple[int, int, int]] = {}
+        for name in (*files, *optional):
+            if name in optional and not (root / name).is_file():
+                continue
+            seen[name] = _identity(root / name)
+            sparse_copy(root / name, tmp / name)
+            fsync_path(tmp / name)
+        for name, ident in seen.items():
+            if _identity(root / name) != ident:
+                raise OperationalError(f"{root}: {name} changed while chaosfix backed it up (is chromadb "
+                                       "running?); nothing was changed")
         fsync_path(tmp)
         killpoint("copied")
-        n = 1
-        while os.path.lexists(final := root.parent / (base if n == 1 else f"{base}-{n}")):
-            n += 1  # a rerun in the same second as a killed run, or a planted entry
-        os.rename(tmp, final)
+        final = _place(tmp, root.parent / base)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_path(root.parent)
     return final
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _place(folder: Path, base: Path) -> Path:
+    """Rename ``folder`` to ``base``, or ``base-2``, ``base-3``...: never onto an existing
+    entry (a plain rename would replace an empty folder)."""
+    n = 1
+    while True:
+        dst = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            if rename_noreplace(folder, dst):
+                return dst
+            if not os.path.lexists(dst):  # (no renameat2 here)
+                os.rename(folder, dst)
+                return dst
+        except FileExistsError:
+            pass
+        n += 1
 
 
 def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
@@ -767,7 +811,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         # -wal when another tool put it in WAL mode: committed pages live there).
         if sql_changes:
             say(f"backing up chroma.sqlite3 beside the palace, in {root.parent}")
-        backup_dir = _new_backup(root, (SQLITE_NAME, SQLITE_NAME + "-wal") if sql_changes else ())
+        backup_dir = _new_backup(root, (SQLITE_NAME,) if sql_changes else (),
+                                 optional=(SQLITE_NAME + "-wal",) if sql_changes else ())
         rep.backup = str(backup_dir)
     _clear_stale_journal(root, backup_dir)
     if rep.foreign_sql:  # dropped with the other SQL writes, after the swap
