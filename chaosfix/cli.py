@@ -30,9 +30,10 @@ def _emit_json(obj: dict) -> None:
 
 def _one_line(msg: str, limit: int = 500) -> str:
     """Control characters escaped (messages may quote palace-supplied names), so an error
-    is one line on any terminal."""
+    is one line on any terminal; a long one loses its middle (a long path), never its
+    end, which says what went wrong."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+    return out if len(out) <= limit else out[:150] + "..." + out[-(limit - 153):]
 
 
 def _fail(msg: str, code: int, as_json: bool) -> None:

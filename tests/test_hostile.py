@@ -1057,3 +1057,24 @@ def test_property_schema_and_number_mutations(hypo_template: Path, tmp_path: Pat
     assert ids1[0] == ids0[0]  # no row lost
     assert ids1[1] == ids0[1] or any(m[0] == "drop-column" for m in muts)
     shutil.rmtree(w, ignore_errors=True)
+
+
+@pytest.mark.parametrize("length", [220, 232])
+def test_a_long_palace_name_gets_its_backup_or_one_line_naming_the_cause(length, tmp_path, damage_cache):
+    """A palace name of 220 characters leaves room for chaosfix's backup folder beside it
+    (name + 32 characters, under the 255 a name may have), so the repair writes it; at
+    232 it cannot, and the error line still ends with the system's words (a long path is
+    cut in the middle, never at the end)."""
+    from helpers import damaged_palace
+
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    faults.poison_seq(p, "vector")
+    long = p.rename(tmp_path / ("x" * length))
+    code, doc, err = reconcile(long, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    if length == 220:
+        assert code == 1 and doc["after_consistent"] is True, err[-1500:]
+        assert Path(doc["backup"]).name.startswith(long.name + ".chaosfix-backup-")
+        assert reconcile(long, "--no-chromadb-check")[0] == 0
+    else:
+        lines = err.strip().splitlines()
+        assert code == 8 and lines[-1].endswith("File name too long; nothing was changed"), lines[-1:]

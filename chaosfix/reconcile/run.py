@@ -266,6 +266,28 @@ def _is_partial_move(name: str) -> bool:
     return moved in (SQLITE_NAME, JOURNAL, SQLITE_NAME + "-wal", ROLLED_BACK) or is_uuid(moved[len(prefix):])
 
 
+PARTIAL_BACKUP = ".chaosfix-part-"  # a backup being made: ``.<palace>.chaosfix-part-<time>``
+
+
+def _own_names(root: Path) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The exact names chaosfix gives folders beside the palace ``root``: its backup and
+    recovered folders, and a backup still being made (``_new_backup``)."""
+    stamp = r"-\d{8}-\d{6}(?:-\d+)?"
+    name = re.escape(root.name)
+    return (re.compile(rf"{name}\.chaosfix-(?:backup|recovered){stamp}"),
+            re.compile(rf"\.{name}{re.escape(PARTIAL_BACKUP)}\d{{8}}-\d{{6}}(?:-\d+)?"))
+
+
+def _unfinished_beside(root: Path) -> bool:
+    """A backup still being made is beside the palace: a run was interrupted (perhaps by a
+    power cut that also took the lock file, which is never fsynced)."""
+    unfinished = _own_names(root)[1]
+    try:
+        return any(unfinished.fullmatch(n) for n in os.listdir(root.parent))
+    except OSError:
+        return False
+
+
 def _drop_partial_moves(root: Path, notes: list[str]) -> None:
     """What an interrupted run left half made beside the palace, which is only garbage:
     a backup folder killed while its db files were copied (``_new_backup``: its partial
@@ -277,9 +299,7 @@ def _drop_partial_moves(root: Path, notes: list[str]) -> None:
     are looked at (the parent's other entries are not even stat'ed: a dead mount there
     must not stop this), nothing is followed through a symlink, and an entry that cannot
     be read or removed is noted, not fatal."""
-    stamp = r"-\d{8}-\d{6}(?:-\d+)?"
-    ours = re.compile(rf"{re.escape(root.name)}\.chaosfix-(?:backup|recovered){stamp}")
-    unfinished = re.compile(rf"\.{re.escape(root.name)}\.chaosfix-backup{stamp}\.moving")
+    ours, unfinished = _own_names(root)
     try:
         names = sorted(n for n in os.listdir(root.parent) if ours.fullmatch(n) or unfinished.fullmatch(n))
     except OSError as exc:
@@ -345,16 +365,17 @@ def _new_dir(base: Path, suffix: str = "") -> Path:
             n += 1
 
 
-def _new_backup(root: Path, files: tuple[str, ...], optional: tuple[str, ...] = ()) -> Path:
-    """A new backup folder beside the palace holding copies of the palace's ``files``
-    (each must exist) and ``optional`` files (when they do), all of them or none: they
-    are copied into a partial folder (``.<palace>.chaosfix-backup-<time>.moving``),
-    fsynced, and the folder is renamed into place, so a db is never found apart from its
+def _new_backup(root: Path, rep: ReconcileReport, files: tuple[str, ...], optional: tuple[str, ...] = ()) -> Path:
+    """A new backup folder beside the palace (recorded as ``rep.backup``) holding copies
+    of the palace's ``files`` (each must exist) and ``optional`` files (when they do),
+    all of them or none: they are copied into a partial folder
+    (``.<palace>.chaosfix-part-<time>``), fsynced, and the folder is renamed into place, so a db is never found apart from its
     journal or WAL (a db whose hot journal is missing is malformed). A file that changes
     meanwhile (another program's SQLite rolling the journal back) stops it. A kill
     leaves the partial folder, which the rerun removes; an error or Ctrl-C removes it."""
-    base = f"{root.name}{BACKUP_GLOB}{time.strftime('%Y%m%d-%H%M%S')}"
-    tmp = _new_dir(root.parent / f".{base}", suffix=".moving")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # (the partial name is no longer than the backup's: a long palace name fits both)
+    tmp = _new_dir(root.parent / f".{root.name}{PARTIAL_BACKUP}{stamp}")
     try:
         seen: dict[str, tuple[int, int, int]] = {}
         for name in (*files, *optional):
@@ -369,12 +390,12 @@ def _new_backup(root: Path, files: tuple[str, ...], optional: tuple[str, ...] = 
                                        "running?); nothing was changed")
         fsync_path(tmp)
         killpoint("copied")
-        final = _place(tmp, root.parent / base)
+        _place(tmp, root.parent / f"{root.name}{BACKUP_GLOB}{stamp}", rep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_path(root.parent)
-    return final
+    return Path(rep.backup)
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -382,20 +403,28 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _place(folder: Path, base: Path) -> Path:
-    """Rename ``folder`` to ``base``, or ``base-2``, ``base-3``...: never onto an existing
-    entry (a plain rename would replace an empty folder)."""
+def _place(folder: Path, base: Path, rep: ReconcileReport) -> None:
+    """Rename ``folder`` to ``base``, or ``base-2``, ``base-3``..., never onto an existing
+    entry (a plain rename would replace an empty folder), and record it as
+    ``rep.backup`` before the rename: a Ctrl-C right after it still finds the backup to
+    drop (``_drop_useless_backup``) when the repair stops before any change."""
     n = 1
     while True:
         dst = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        rep.backup = str(dst)
         try:
             if rename_noreplace(folder, dst):
-                return dst
+                return
             if not os.path.lexists(dst):  # (no renameat2 here)
                 os.rename(folder, dst)
-                return dst
+                return
         except FileExistsError:
             pass
+        except BaseException:
+            if folder.exists():  # (not renamed: nothing to record)
+                rep.backup = None
+            raise
+        rep.backup = None
         n += 1
 
 
@@ -427,7 +456,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
     t0 = time.perf_counter()
     _refuse_links(root)
     if not opts.dry_run and ((root / MARKER).exists() or (root / LOCK_NAME).exists() or any(
-            d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir())):
+            d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) for d in root.iterdir()) or _unfinished_beside(root)):
         with PalaceLock(root):
             _recover_own_leftovers(root, rep.notes)
     if not opts.dry_run:
@@ -738,7 +767,7 @@ def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions)
             raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
         if opts.backup:
             try:
-                rep.backup = str(_new_backup(root, (SQLITE_NAME, JOURNAL)))
+                _new_backup(root, rep, (SQLITE_NAME, JOURNAL))
             except OSError as exc:
                 raise OperationalError(_stopped_by(root, exc, touched=False)) from None
         conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=1.0)
@@ -811,9 +840,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         # -wal when another tool put it in WAL mode: committed pages live there).
         if sql_changes:
             say(f"backing up chroma.sqlite3 beside the palace, in {root.parent}")
-        backup_dir = _new_backup(root, (SQLITE_NAME,) if sql_changes else (),
+        backup_dir = _new_backup(root, rep, (SQLITE_NAME,) if sql_changes else (),
                                  optional=(SQLITE_NAME + "-wal",) if sql_changes else ())
-        rep.backup = str(backup_dir)
     _clear_stale_journal(root, backup_dir)
     if rep.foreign_sql:  # dropped with the other SQL writes, after the swap
         assert backup_dir is not None
