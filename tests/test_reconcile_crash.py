@@ -372,3 +372,23 @@ def test_ctrl_c_right_after_the_backup_is_placed_leaves_no_backup(tmp_path, dama
     assert proc.returncode == 130, err[-1500:]
     assert hashes(p) == before
     assert [d.name for d in tmp_path.iterdir() if "chaosfix" in d.name] == [], list(tmp_path.iterdir())
+
+
+def test_a_ctrl_c_inside_a_deferred_step_comes_after_it():
+    """``interrupts_deferred`` holds a real SIGINT (Ctrl-C) sent in the middle of a step
+    of two parts (the backup's rename and its record) and raises it once the step is
+    whole; outside such a step Ctrl-C interrupts at once, as before."""
+    from chaosfix.reconcile.safety import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (Python runs the handler here: the held one, not the default)
+            done.append("both parts")
+    assert done == ["both parts"]
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append("never")
+    assert done == ["both parts"]

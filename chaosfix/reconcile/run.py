@@ -66,6 +66,7 @@ from chaosfix.reconcile.safety import (
     back_up,
     exchange,
     fsync_path,
+    interrupts_deferred,
     killpoint,
     move_out,
     other_holders,
@@ -406,26 +407,25 @@ def _identity(path: Path) -> tuple[int, int, int]:
 def _place(folder: Path, base: Path, rep: ReconcileReport) -> None:
     """Rename ``folder`` to ``base``, or ``base-2``, ``base-3``..., never onto an existing
     entry (a plain rename would replace an empty folder), and record it as
-    ``rep.backup`` before the rename: a Ctrl-C right after it still finds the backup to
-    drop (``_drop_useless_backup``) when the repair stops before any change."""
-    n = 1
-    while True:
-        dst = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        rep.backup = str(dst)
-        try:
-            if rename_noreplace(folder, dst):
-                return
-            if not os.path.lexists(dst):  # (no renameat2 here)
-                os.rename(folder, dst)
-                return
-        except FileExistsError:
-            pass
-        except BaseException:
-            if folder.exists():  # (not renamed: nothing to record)
-                rep.backup = None
-            raise
-        rep.backup = None
-        n += 1
+    ``rep.backup``. Ctrl-C waits until both are done: a backup in place that the run
+    does not know of would outlive a repair stopped before any change, and one recorded
+    but not placed would name another run's backup."""
+    with interrupts_deferred():
+        n = 1
+        while True:
+            dst = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                if rename_noreplace(folder, dst) or (not os.path.lexists(dst) and _renamed(folder, dst)):
+                    rep.backup = str(dst)
+                    return
+            except FileExistsError:
+                pass
+            n += 1
+
+
+def _renamed(src: Path, dst: Path) -> bool:
+    os.rename(src, dst)  # (where renameat2 is missing: checked free just before)
+    return True
 
 
 def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,

@@ -3,13 +3,14 @@ atomic directory swap (copies that keep holes: ``chaosfix.filecopy``)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,24 @@ from chaosfix.errors import OperationalError
 from chaosfix.safe_fs import open_nofollow
 
 LOCK_NAME = ".chaosfix.lock"
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block is held and raised as KeyboardInterrupt when it
+    ends, so a step of two parts (a rename and the record of it) is never cut between
+    them. Python runs signal handlers in the main thread only: elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler not installed from Python, which could not be put back)
+        return
+    held: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
 
 
 def killpoint(name: str) -> None:
