@@ -415,17 +415,16 @@ def _place(folder: Path, base: Path, rep: ReconcileReport) -> None:
         while True:
             dst = base if n == 1 else base.with_name(f"{base.name}-{n}")
             try:
-                if rename_noreplace(folder, dst) or (not os.path.lexists(dst) and _renamed(folder, dst)):
-                    rep.backup = str(dst)
-                    return
+                placed = rename_noreplace(folder, dst)
+                if not placed and not os.path.lexists(dst):  # (no renameat2 here: a plain rename)
+                    os.rename(folder, dst)
+                    placed = True
             except FileExistsError:
-                pass
+                placed = False
+            if placed:
+                rep.backup = str(dst)
+                return
             n += 1
-
-
-def _renamed(src: Path, dst: Path) -> bool:
-    os.rename(src, dst)  # (where renameat2 is missing: checked free just before)
-    return True
 
 
 def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,

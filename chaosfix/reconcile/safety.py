@@ -166,40 +166,35 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE).
-
-    Returns False where the kernel or libc cannot, so the caller falls back to two renames.
-    """
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2 with ``flags``; False where the kernel or libc cannot."""
     # the process's own symbols, libc's among them (ctypes.util.find_library would run
     # ``ldconfig -p`` in a subprocess at the swap)
     fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if fn is None:
         return False
     at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
-def rename_noreplace(src: Path, dst: Path) -> bool:
-    """Rename ``src`` to ``dst`` only while no ``dst`` exists (renameat2
-    RENAME_NOREPLACE: a plain rename would replace an empty folder there); raises
-    FileExistsError when one does. False where the kernel or libc cannot."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(str(src)), at_fdcwd, os.fsencode(str(dst)), _RENAME_NOREPLACE) == 0:
+    if fn(at_fdcwd, os.fsencode(str(src)), at_fdcwd, os.fsencode(str(dst)), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (RENAME_EXCHANGE).
+
+    Returns False where the kernel or libc cannot, so the caller falls back to two renames.
+    """
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` only while no ``dst`` exists (RENAME_NOREPLACE: a plain
+    rename would replace an empty folder there); raises FileExistsError when one does.
+    False where the kernel or libc cannot."""
+    return _renameat2(src, dst, _RENAME_NOREPLACE)
 
 
 def move_out(src: Path, dst: Path) -> None:
