@@ -259,12 +259,13 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
 
 def _is_partial_move(name: str) -> bool:
     """``name`` is one ``move_out`` or ``back_up`` gives a copy in progress: ``.`` + a
-    segment folder, one of our leftover folders or a file of the db's + ``.moving``."""
+    segment folder, one of our leftover folders, the stale journal or the db's copy after
+    a journal's rollback + ``.moving``."""
     if not (name.startswith(".") and name.endswith(".moving")):
         return False
     moved = name[1 : -len(".moving")]
     prefix = next((x for x in (BUILD_PREFIX, OLD_PREFIX) if moved.startswith(x)), "")
-    return moved in (SQLITE_NAME, JOURNAL, SQLITE_NAME + "-wal", ROLLED_BACK) or is_uuid(moved[len(prefix):])
+    return moved in (JOURNAL, ROLLED_BACK) or is_uuid(moved[len(prefix):])
 
 
 PARTIAL_BACKUP = ".chaosfix-part-"  # a backup being made: ``.<palace>.chaosfix-part-<time>``
