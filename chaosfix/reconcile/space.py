@@ -117,7 +117,7 @@ def space_needed(root: Path, plans: list[CollectionPlan], post_check: bool, sql_
     stay on one file system); ``backup``: the replaced segment folders go to the backup;
     ``stale_ids``: records whose leftover rows the repair deletes (the post-check's copy
     deletes them too)."""
-    apart = _device(root) != _device(root.parent)
+    apart = _apart(root)
     clones = clones and not apart
     need = SpaceNeed(clones=clones, apart=apart, journal=delete_journal(root, stale_ids))
     if post_check:
@@ -147,7 +147,7 @@ def rollback_need(root: Path, backup: bool) -> SpaceNeed:
     the journal (``backup``), and the pages SQLite writes back beyond the db's end (the
     journal's header says how long the db was; never more than the journal holds)."""
     db, journal = root / SQLITE_NAME, root / (SQLITE_NAME + "-journal")
-    need = SpaceNeed(apart=_device(root) != _device(root.parent))
+    need = SpaceNeed(apart=_apart(root))
     try:
         with open(journal, "rb") as f:
             head = f.read(28)
@@ -173,6 +173,11 @@ def free_bytes(folder: Path) -> int | None:
     # (not f_bfree for root: root in a user namespace, rootless containers, is not
     # granted the blocks reserved for root)
     return st.f_bavail * st.f_frsize
+
+
+def _apart(root: Path) -> bool:
+    """The palace is a mount point: what goes beside it goes to another file system."""
+    return _device(root) != _device(root.parent)
 
 
 def _device(folder: Path) -> int | None:
