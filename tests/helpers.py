@@ -26,7 +26,7 @@ from chaosfix.cli import main as cli_main
 from chaosfix.drawers import drawer
 from chaosfix.palace import PalaceSql
 from chaosfix.palace.hnsw import parse_header
-from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace, observe
+from chaosfix.workload import PalaceSpec, apply_ops, child_env, chroma_major, copy_palace, fresh_palace, observe
 
 ADD100 = [{"op": "add", "start": 300, "count": 100}]
 NEW_IDS = {drawer(i)[0] for i in range(300, 400)}
@@ -70,6 +70,15 @@ def sql_rows(palace: Path) -> int:
             return con.execute("SELECT count(*) FROM embeddings").fetchone()[0]
         finally:
             con.close()
+
+
+def chromadb_script(script: str, *args: str, timeout: float = 300) -> str:
+    """Run ``script`` (Python that uses chromadb) in a child with ``args``: its stdout.
+    For a palace a test writes with chromadb's own API in ways the workload child does not."""
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=child_env(),
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

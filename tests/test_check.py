@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import ADD100, NEW_IDS, fingerprint, run_cli, wal_rows
+from helpers import ADD100, NEW_IDS, chromadb_script, fingerprint, run_cli, wal_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -260,6 +261,27 @@ def test_one_map_entry_dropped(small_palace, which, want):
         assert st_.sql_only() == [rid]
     if "GHOST_LABEL" in want:
         assert st_.ghost_labels() == [label]
+
+
+METADATA_ONLY_UPDATE = textwrap.dedent("""
+    import sys, numpy as np, chromadb
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
+        "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
+    col.add(ids=[f"r{i}" for i in range(100)], embeddings=np.random.default_rng(1).standard_normal((100, 4)))
+    col.update(ids=["r0"], metadatas=[{"tag": "x"}])  # no embedding: it stays in the WAL
+""")
+
+
+def test_a_pending_metadata_only_update_brings_no_vector(tmp_path):
+    """A row whose index entry is lost is SQL_ONLY even while a metadata-only update of it
+    is pending: chromadb's replay of that update puts nothing in the index."""
+    p = tmp_path / "palace"
+    chromadb_script(METADATA_ONLY_UPDATE, str(p))
+    rid, label = faults.drop_map_entry(faults.segment_dir(p, "col"), "both", id="r0")
+    assert rid == "r0"
+    rep = check_palace(p)
+    assert rep.codes() == {"SQL_ONLY": 1, "GHOST_LABEL": 1, "PENDING": 1}, rep.codes()
+    assert rep.states[0].sql_only() == ["r0"] and rep.states[0].pending_ids == {"r0"}
 
 
 @pytest.mark.parametrize("secret_key", [True, False])

@@ -127,23 +127,9 @@ def mempalace_candidate(model: str, reason: str) -> Candidate:
 def configured_function(sql: PalaceSql, info: CollectionInfo) -> dict | None:
     """The embedding function chromadb 1.x recorded for the collection: ``schema_str``'s
     vector index config (1.3+), else ``config_json_str`` (1.0-1.2). Read, never built."""
-    found = info.config.get("embedding_function") if isinstance(info.config, dict) else None
-    if "schema_str" in sql.columns["collections"]:
-        row = sql.conn.execute("SELECT schema_str FROM collections WHERE id=? AND length(schema_str) < ?",
-                               (info.id, SIDECAR_MAX)).fetchone()
-        try:
-            schema = json.loads(row[0]) if row and row[0] else None
-        except ValueError:
-            schema = None
-        if isinstance(schema, dict):
-            for where in (schema.get("keys", {}).get("#embedding"), schema.get("defaults")):
-                try:
-                    ef = where["float_list"]["vector_index"]["config"]["embedding_function"]
-                except (KeyError, TypeError):
-                    continue
-                if isinstance(ef, dict):
-                    found = ef
-                    break
+    found = info.index_config.get("embedding_function")
+    if not isinstance(found, dict):
+        found = info.config.get("embedding_function") if isinstance(info.config, dict) else None
     return found if isinstance(found, dict) else None
 
 

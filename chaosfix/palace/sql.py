@@ -36,6 +36,7 @@ VECTOR_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
 METADATA_TYPE = "urn:chroma:segment/metadata/sqlite"
 DOCUMENT_KEY = "chroma:document"
 DOCUMENTS_BY_ID = 20000  # up to this many ids, documents() looks them up by id
+SCHEMA_MAX = 1 << 20  # a collection's schema_str is a few KB: a hostile giant is not read
 
 
 def _blob_seqs(rows: dict[str, object]) -> dict[str, int] | None:
@@ -80,6 +81,7 @@ class WalRow:
     vector: np.ndarray | None
     document: str | None
     metadata: dict | None
+    has_vector: bool = False  # the row carries an embedding (read even when ``vector`` is not)
 
     @property
     def op_name(self) -> str:
@@ -123,17 +125,55 @@ class CollectionInfo:
     config: dict = field(default_factory=dict)
     vector_segment: str | None = None
     metadata_segment: str | None = None
+    index_config: dict = field(default_factory=dict)  # 1.3+: schema_str's vector index config
 
     @property
     def space(self) -> str:
-        """Distance space: collection metadata first (both versions honour it), then 1.x config."""
+        """Distance space: 1.3+'s schema first (chromadb 1.5.9 builds and searches in it
+        even where the collection's metadata names another space; its config_json_str is
+        then ``{}``), then the metadata (0.x honours it), then 1.0-1.2's config."""
+        if isinstance(self.index_config.get("space"), str):
+            return self.index_config["space"]
         if "hnsw:space" in self.metadata:
             return str(self.metadata["hnsw:space"])
         return str(hnsw_config(self.config).get("space", "l2"))
 
     def param(self, key: str, default: int) -> int:
-        val = self.metadata.get(f"hnsw:{key}", hnsw_config(self.config).get(key, default))
-        return int(val) if val is not None else default
+        """An HNSW parameter in 0.6's metadata name (M, construction_ef, search_ef...),
+        from the same sources in the same order as ``space``."""
+        val = hnsw_config(self.index_config).get(key)
+        if val is None:
+            val = self.metadata.get(f"hnsw:{key}", hnsw_config(self.config).get(key, default))
+        try:
+            return int(val) if val is not None else default
+        except (TypeError, ValueError):  # a damaged or hostile value
+            return default
+
+
+def vector_index_config(schema: object) -> dict:
+    """The vector index config in a 1.3+ ``schema_str`` (parsed): the ``#embedding`` key's
+    (what chromadb builds the index with), else the defaults'; {} when there is none."""
+    if not isinstance(schema, dict):
+        return {}
+    for where in ((schema.get("keys") or {}).get("#embedding") if isinstance(schema.get("keys"), dict) else None,
+                  schema.get("defaults")):
+        try:
+            cfg = where["float_list"]["vector_index"]["config"]  # type: ignore[index]
+        except (KeyError, TypeError):
+            continue
+        if isinstance(cfg, dict):
+            return cfg
+    return {}
+
+
+def _json_or_none(text: object) -> object:
+    """``text`` parsed as JSON; None for no text or text that is not JSON (damage)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 class SqlReadError(Exception):
@@ -289,16 +329,14 @@ class PalaceSql:
 
     def collections(self) -> list[CollectionInfo]:
         cols = []
-        has_cfg = "config_json_str" in self.columns["collections"]
-        q = "SELECT id, name, dimension" + (", config_json_str" if has_cfg else "") + " FROM collections"
-        for row in self.conn.execute(q):
-            cfg = {}
-            if has_cfg and row[3]:
-                try:
-                    cfg = json.loads(row[3]) or {}
-                except ValueError:
-                    cfg = {}
-            cols.append(CollectionInfo(id=row[0], name=row[1], dimension=row[2], config=cfg))
+        have = self.columns["collections"]
+        extra = [f"CASE WHEN length({c}) < {SCHEMA_MAX} THEN {c} END" if c in have else "NULL"
+                 for c in ("config_json_str", "schema_str")]
+        for cid, name, dim, cfg_text, schema_text in self.conn.execute(
+                f"SELECT id, name, dimension, {', '.join(extra)} FROM collections"):
+            cfg, schema = (_json_or_none(t) for t in (cfg_text, schema_text))
+            cols.append(CollectionInfo(id=cid, name=name, dimension=dim, config=cfg if isinstance(cfg, dict) else {},
+                                       index_config=vector_index_config(schema)))
         # 0.4 has no bool_value column
         values = [c for c in ("str_value", "int_value", "float_value", "bool_value")
                   if c in self.columns["collection_metadata"]]
@@ -377,7 +415,8 @@ class PalaceSql:
 
     def wal(self, collection_id: str, above: int = 0, with_vectors: bool = True) -> list[WalRow]:
         """The collection's WAL rows with seq_id > ``above``, in seq order."""
-        cols = "seq_id, operation, id, " + ("vector, encoding, metadata" if with_vectors else "NULL, NULL, NULL")
+        cols = "seq_id, operation, id, " + ("vector, encoding, metadata" if with_vectors
+                                            else "vector IS NOT NULL, NULL, NULL")
         out = []
         for seq, op, rid, vec, enc, meta in self.conn.execute(
             f"SELECT {cols} FROM embeddings_queue WHERE topic LIKE ? ORDER BY seq_id",
@@ -386,8 +425,8 @@ class PalaceSql:
             seq = decode_seq(seq) or 0
             if seq <= above:
                 continue
-            vector = None
-            if vec is not None and (enc or "FLOAT32").upper() == "FLOAT32" and len(vec) % 4 == 0:
+            vector, has = None, bool(vec) if not with_vectors else vec is not None
+            if with_vectors and vec is not None and (enc or "FLOAT32").upper() == "FLOAT32" and len(vec) % 4 == 0:
                 vector = np.frombuffer(vec, dtype="<f4").copy()
             md = None
             if meta:
@@ -396,7 +435,7 @@ class PalaceSql:
                 except ValueError:
                     md = None
             doc = md.get(DOCUMENT_KEY) if isinstance(md, dict) else None
-            out.append(WalRow(seq, int(op), rid, vector, doc, md))
+            out.append(WalRow(seq, int(op), rid, vector, doc, md, has))
         return out
 
     def stale_rows(self, answers: Sequence[list | None] = ()) -> StaleRows:

@@ -63,6 +63,13 @@ class CollectionState:
     def pending_ids(self) -> set[str]:
         return {w.id for w in self.pending}
 
+    @property
+    def pending_vector_ids(self) -> set[str]:
+        """Ids a pending WAL row carries an embedding for: what chromadb's replay may put
+        in the index. A metadata-only update brings none, so a row whose only pending
+        write is one stays a row search never finds."""
+        return {w.id for w in self.pending if w.op != 3 and w.has_vector}
+
     @cached_property
     def live_label_slots(self) -> dict[int, int]:
         """live label -> its first slot (computed once: slots never change after load)."""
@@ -120,7 +127,7 @@ class CollectionState:
         unfound = set(itertools.compress(m, dead.tolist())) if dead.any() else set()
         if unfound and not self.same_ids:
             unfound &= rows.keys()
-        return sorted((unmapped | unfound) - self.pending_ids)
+        return sorted((unmapped | unfound) - self.pending_vector_ids)
 
     def hnsw_only(self) -> list[str]:
         """Mapped ids with no row (phantoms)."""
@@ -215,7 +222,9 @@ class CollectionState:
                       if rid in rows and rid in m.id_to_label and isinstance(seq, int) and seq > rows[rid])
 
     def rows_not_pending(self) -> int:
-        pend = self.pending_ids  # (none: SQL's ids need not be made a dict, ``SqlIds``)
+        """Rows no pending WAL row brings a vector for (none pending: SQL's ids need not
+        be made a dict, ``SqlIds``)."""
+        pend = self.pending_vector_ids
         return len(self.sql_rows) - (len(pend & self.sql_rows.keys()) if pend else 0)
 
 

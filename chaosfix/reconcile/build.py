@@ -19,6 +19,7 @@ import numpy as np
 from chaosfix.filecopy import CopyProcess, copy_tree_sparse, reflink, sparse_copy
 from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import idmap as idmap_mod
+from chaosfix.palace.hnsw import HnswFiles
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
 from chaosfix.reconcile.safety import fsync_tree, killpoint
@@ -44,15 +45,59 @@ def _kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
     """Original vectors of kept ids: for cosine, stored (normalized) x length.bin norm."""
     st = plan.state
     assert st is not None and st.files is not None
-    slots_of = st.live_label_slots
-    slots = np.array([slots_of[plan.keep[i]] for i in ids], dtype=np.int64)
+    slots = _kept_slots(plan, ids)
     vecs = st.files.vectors(slots)
-    if _space(plan) == "cosine" and "length.bin" in st.files.present:
-        norms = np.memmap(st.files.dir / "length.bin", dtype="<f4", mode="r")
-        n = norms[slots].astype(np.float32) if len(norms) >= st.files.readable_slots else None
-        if n is not None and np.isfinite(n).all() and (n > 0).all():
-            vecs = vecs * n[:, None]
-    return vecs
+    n = _kept_lengths(plan, slots)
+    return vecs * n[:, None] if n is not None else vecs
+
+
+def _kept_slots(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
+    assert plan.state is not None
+    slots_of = plan.state.live_label_slots
+    return np.array([slots_of[plan.keep[i]] for i in ids], dtype=np.int64)
+
+
+def _kept_lengths(plan: CollectionPlan, slots: np.ndarray) -> np.ndarray | None:
+    """The old length.bin norms of ``slots`` for a cosine index, when every one is usable."""
+    st = plan.state
+    assert st is not None and st.files is not None
+    if _space(plan) != "cosine" or "length.bin" not in st.files.present:
+        return None
+    norms = np.memmap(st.files.dir / "length.bin", dtype="<f4", mode="r")
+    n = norms[slots].astype(np.float32) if len(norms) >= st.files.readable_slots else None
+    return n if n is not None and np.isfinite(n).all() and (n > 0).all() else None
+
+
+def _restore_kept(plan: CollectionPlan, out_dir: Path, keep_ids: list[str]) -> None:
+    """Put each kept row's old stored bytes back in a rebuilt cosine index. hnswlib is
+    given stored vector x length and normalizes it again, which lands a rounding step
+    away from the old bytes in about half the rows: chromadb would then return a changed
+    embedding for a row the repair only kept. The graph was built from vectors within
+    that step of these, so only the bytes change (vector in data_level0.bin, norm in
+    length.bin), in the slots hnswlib gave the rows' labels."""
+    st = plan.state
+    assert st is not None and st.files is not None
+    files = HnswFiles.open(out_dir)
+    h, table = files.header, files.slots()
+    assert h is not None
+    live = np.flatnonzero(table.live)
+    where = dict(zip(table.labels[live].tolist(), live.tolist()))
+    n_slots, size, lo, hi = files.readable_slots, h.size_data_per_element, h.offset_data, h.label_offset
+    level0 = np.memmap(out_dir / LEVEL0, dtype=np.uint8, mode="r+", shape=(n_slots, size))
+    lengths = np.memmap(out_dir / "length.bin", dtype="<f4", mode="r+")
+    try:
+        for s in range(0, len(keep_ids), BATCH):
+            chunk = keep_ids[s : s + BATCH]
+            old = _kept_slots(plan, chunk)
+            new = np.array([where[plan.keep[i]] for i in chunk], dtype=np.int64)
+            level0[new, lo:hi] = st.files.vectors(old).view(np.uint8)
+            n = _kept_lengths(plan, old)
+            if n is not None:  # (else hnswlib's own norm of the unit vector stays)
+                lengths[new] = n
+        level0.flush()
+        lengths.flush()
+    finally:
+        del level0, lengths
 
 
 LEVEL0 = "data_level0.bin"
@@ -164,6 +209,8 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     index.persist_dirty()
     index.close_file_handles()
     del index
+    if plan.strategy != "incremental" and _space(plan) == "cosine" and plan.keep:
+        _restore_kept(plan, out_dir, keep_ids)
     (out_dir / idmap_mod.FILENAME).write_bytes(map_bytes)
     plan.map_digest = hashlib.sha256(map_bytes).digest()  # the verification knows its own map by it
     if flushing is not None:

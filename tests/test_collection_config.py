@@ -1,0 +1,127 @@
+"""A collection's distance space and HNSW settings are read where the chromadb that wrote
+it keeps them, and a rebuild keeps every row's embedding exactly (both versions).
+
+chromadb 1.3+ records a collection made with the configuration API
+(``configuration={"hnsw": {"space": ...}}``) only in ``collections.schema_str``: its
+``config_json_str`` is ``{}`` and no ``hnsw:space`` metadata exists. chaosfix once read
+such a cosine collection as l2, rebuilt its index in l2 without ``length.bin``, and
+chromadb then returned every embedding as zeros, while the repair was reported as done.
+Where metadata and schema disagree, chromadb 1.5.9 builds and searches in the schema's
+space (pinned below). Every palace here is built, damaged and judged by the real chromadb.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import chromadb_script, reconcile
+
+from chaosfix import faults
+from chaosfix.check import check_palace
+from chaosfix.palace.hnsw import parse_header
+from chaosfix.workload import chroma_major
+
+ROWS = 200
+HNSW = {"max_neighbors": 8, "ef_construction": 50, "batch_size": 10, "sync_threshold": 20}
+LEGACY = {"hnsw:M": 8, "hnsw:construction_ef": 50, "hnsw:batch_size": 10, "hnsw:sync_threshold": 20}
+# name -> (configuration, metadata, the space chromadb searches in); the configuration API
+# is 1.x's (0.6.3's own fails to create the collection)
+COLLECTIONS = {
+    "meta-cosine": (None, {"hnsw:space": "cosine", **LEGACY}, "cosine"),
+    "meta-l2": (None, {"hnsw:space": "l2", **LEGACY}, "l2"),
+}
+if chroma_major() == "1.x":
+    COLLECTIONS |= {
+        "cfg-cosine": ({"space": "cosine", **HNSW}, None, "cosine"),
+        "cfg-ip": ({"space": "ip", **HNSW}, None, "ip"),
+        "cfg-l2": ({"space": "l2", **HNSW}, None, "l2"),
+        "meta-cosine-cfg-ip": ({"space": "ip", **HNSW}, {"hnsw:space": "cosine"}, "ip"),
+    }
+
+BUILD = textwrap.dedent("""
+    import json, sys, numpy as np, chromadb
+    path, spec = sys.argv[1], json.loads(sys.argv[2])
+    c = chromadb.PersistentClient(path=path)
+    rng = np.random.default_rng(7)
+    for name, (cfg, meta, space) in spec["collections"].items():
+        kw = {"configuration": {"hnsw": cfg}} if cfg else {}
+        col = c.create_collection(name, embedding_function=None, metadata=meta, **kw)
+        n = spec["rows"]  # norms from 0.1 to 10: a lost length shows
+        v = rng.standard_normal((n, 8)) * rng.uniform(0.1, 10, (n, 1))
+        if space == "ip":  # unit vectors, as embedders give: ip's own top hit is then itself
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+        for s in range(0, n, 50):
+            col.add(ids=[f"r{i}" for i in range(s, min(n, s + 50))], embeddings=v[s : s + 50].astype(np.float32))
+""")
+
+OBSERVE = textwrap.dedent("""
+    import json, sys, numpy as np, chromadb
+    c = chromadb.PersistentClient(path=sys.argv[1])
+    out = {}
+    q = np.random.default_rng(5).standard_normal((3, 8)).astype(np.float32)
+    for name in json.loads(sys.argv[2]):
+        col = c.get_collection(name, embedding_function=None)
+        g = col.get(include=["embeddings"])
+        r = col.query(query_embeddings=q, n_results=5, include=["distances"])
+        out[name] = {"ids": g["ids"], "emb": np.asarray(g["embeddings"]).tolist(),
+                     "near": r["ids"], "dist": r["distances"]}
+    print(json.dumps(out))
+""")
+
+
+def _observe(palace: Path) -> dict:
+    """What chromadb reads, on a copy (opening it must not count as a change to judge)."""
+    copy = palace.with_name(palace.name + "-observed")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(palace, copy)
+    try:
+        return json.loads(chromadb_script(OBSERVE, str(copy), json.dumps(sorted(COLLECTIONS))))
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def configured(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("configured") / "palace"
+    chromadb_script(BUILD, str(p), json.dumps({"collections": COLLECTIONS, "rows": ROWS}))
+    return p
+
+
+@pytest.mark.skipif(chroma_major() != "1.x", reason="the configuration API's schema_str is chromadb 1.3+")
+def test_space_and_settings_come_from_the_schema(configured):
+    """check reports the space chromadb searches in, and the index's own M is the configured one."""
+    rep = check_palace(configured)
+    assert rep.consistent, rep.codes()
+    assert {c["name"]: c["space"] for c in rep.collections} == {name: want for name, (_, _, want) in COLLECTIONS.items()}
+    for name in COLLECTIONS:
+        assert parse_header(faults.segment_file(configured, "header.bin", name).read_bytes()).m == HNSW["max_neighbors"]
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTIONS))
+def test_a_rebuild_keeps_the_space_the_settings_and_every_embedding(name, configured, tmp_path):
+    """A bloated link_lists.bin makes reconcile rebuild the index (the strategy that reads
+    every kept vector back from data_level0.bin and length.bin): chromadb then returns
+    every embedding exactly as before, finds the same neighbours at the same distances,
+    and the index keeps the configured M."""
+    p = tmp_path / "palace"
+    shutil.copytree(configured, p)
+    before = _observe(p)
+    faults.files.sparse_extend(faults.segment_file(p, "link_lists.bin", name), 300)
+    code, doc, err = reconcile(p)
+    assert code == 1, err
+    assert [(pl["collection"], pl["strategy"]) for pl in doc["plans"] if pl["strategy"] != "none"] == [(name, "rebuild")]
+    assert doc["chromadb"]["ok"] is True, doc["chromadb"]
+    after = _observe(p)
+    for col in COLLECTIONS:
+        b, a = before[col], after[col]
+        assert a["ids"] == b["ids"]
+        emb_a, emb_b = np.asarray(a["emb"], dtype=np.float32), np.asarray(b["emb"], dtype=np.float32)
+        assert np.array_equal(emb_a, emb_b), (col, np.abs(emb_a - emb_b).max())
+        assert a["near"] == b["near"], col
+        assert np.allclose(a["dist"], b["dist"], rtol=1e-5, atol=1e-6), col
+    assert parse_header(faults.segment_file(p, "header.bin", name).read_bytes()).m == HNSW["max_neighbors"]
