@@ -183,7 +183,8 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     repaired, sample = list(spec.get("repaired", [])), list(spec.get("sample", []))
     # read in place: at 10,000 repaired rows the planned vectors are 15 MB the child need not hold
     planned = np.load(spec["planned"], mmap_mode="r") if spec.get("planned") else None
-    at = {r: i for i, r in enumerate(repaired)} if planned is not None else {}
+    # (the planned file holds the repaired rows' vectors, then the kept sample rows' old ones)
+    at = {r: i for i, r in enumerate(repaired + list(spec.get("kept", [])))} if planned is not None else {}
     cosine = spec.get("space") == "cosine"
     wrong: list[str] = []
 
@@ -198,7 +199,8 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     asked = spec.get("query", repaired + sample)
     got, missing = _get(col, list(dict.fromkeys(repaired + sample)), set(asked), check)
     step(2, "get")
-    res.update(asked=len(repaired) + len(sample), repaired=len(repaired), missing=missing[:20],
+    res.update(asked=len(repaired) + len(sample), repaired=len(repaired), kept_compared=len(spec.get("kept", [])),
+               missing=missing[:20],
                missing_count=len(missing), wrong_vectors=wrong[:20], wrong_vector_count=len(wrong))
     have = [r for r in asked if r in got]
     first = _found(col, [got[r][0] for r in have], have, ks[:1], count)

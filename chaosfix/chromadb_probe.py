@@ -59,6 +59,9 @@ class Target:
     repaired: dict[str, np.ndarray] = field(default_factory=dict)  # id -> planned vector
     sample: list[str] = field(default_factory=list)
     expect_count: int | None = None
+    # sampled rows the repair re-inserted (a rebuild) -> the vector chromadb returned for
+    # them before: a rebuild in the wrong space or without length.bin changes them all
+    kept: dict[str, np.ndarray] = field(default_factory=dict)
     # the share of self-queries chaosfix's own verification found unreachable in the same
     # index files (hnswlib's quirk on this graph, each confirmed by brute force)
     quirk_rate: float = 0.0
@@ -332,10 +335,12 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
             if len(ids) > MAX_REPAIRED:
                 ids = sorted(random.Random(seed).sample(ids, MAX_REPAIRED))
             asked = sorted(random.Random(seed).sample(ids, min(QUERY_REPAIRED, len(ids))))
-            c: dict = {"repaired": ids, "sample": t.sample, "query": asked + t.sample, "space": t.space}
-            if ids:
+            kept = sorted(t.kept)
+            c: dict = {"repaired": ids, "sample": t.sample, "query": asked + t.sample, "space": t.space,
+                       "kept": kept}
+            if ids or kept:
                 c["planned"] = str(copy.parent / f"planned-{len(spec['collections'])}.npy")
-                _save_planned(Path(c["planned"]), t.repaired, ids)
+                _save_planned(Path(c["planned"]), {**t.kept, **t.repaired}, ids + kept)
             spec["collections"][t.name] = c
         res = _run(spec, copy.parent / "spec.json", python, timeout, progress, started,
                    handed.set if handed is not None else None)
@@ -401,7 +406,8 @@ def judge(res: dict, targets: dict[str, Target], python: str | None) -> dict:
         if c.get("missing_count"):
             errs.append(f"{name}: {c['missing_count']} rows without an embedding, e.g. {c['missing'][:3]}")
         if c.get("wrong_vector_count"):
-            errs.append(f"{name}: {c['wrong_vector_count']} repaired rows with another vector")
+            errs.append(f"{name}: {c['wrong_vector_count']} repaired or kept rows with another vector "
+                        f"(e.g. {', '.join(map(str, c.get('wrong_vectors', [])[:3]))})")
         # judged apart: the repaired rows, and the untouched sample (what the same chromadb
         # does on this palace's healthy rows)
         unreachable = set(c.get("unreachable", []))

@@ -116,6 +116,8 @@ def test_a_rebuild_keeps_the_space_the_settings_and_every_embedding(name, config
     assert code == 1, err
     assert [(pl["collection"], pl["strategy"]) for pl in doc["plans"] if pl["strategy"] != "none"] == [(name, "rebuild")]
     assert doc["chromadb"]["ok"] is True, doc["chromadb"]
+    judged = doc["chromadb"]["collections"][name]  # the post-check compared the kept sample too
+    assert judged["kept_compared"] > 0 and judged["wrong_vector_count"] == 0, judged
     after = _observe(p)
     for col in COLLECTIONS:
         b, a = before[col], after[col]

@@ -22,6 +22,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import (
@@ -737,6 +738,32 @@ def test_post_check_compares_every_repaired_rows_vector(tmp_path):
     bad = verify_with_chromadb(p, [Target(COLLECTION, "cosine", planned, expect_count=SPEC.drawers)], gen)
     c = bad["collections"][COLLECTION]
     assert not bad["ok"] and c["wrong_vectors"] == [wrong] and c["missing"] == ["drawer_not_in_the_palace"], bad
+
+
+def test_post_check_compares_a_rebuilds_kept_sample(tmp_path):
+    """A rebuild re-inserts every kept row: the post-check compares the sampled ones with
+    the vectors chromadb returned before (a rebuild in the wrong space once returned them
+    all as zeros): one changed vector fails it, and is named."""
+    from chaosfix.chromadb_probe import Target, verify_with_chromadb
+    from chaosfix.embedder import embed_text
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    gen = check_palace(p).generation
+    kept = {rid: embed_text(doc, SPEC.dim) for rid, doc, _ in (drawer(i) for i in range(0, SPEC.drawers, 5))}
+    sample = sorted(kept)
+
+    def judged() -> dict:
+        return verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=sample, kept=dict(kept),
+                                               expect_count=SPEC.drawers)], gen)
+
+    good = judged()
+    c = good["collections"][COLLECTION]
+    assert good["ok"] and c["kept_compared"] == len(kept) and c["wrong_vector_count"] == 0, good
+    kept[sample[3]] = np.zeros(SPEC.dim, dtype=np.float32)
+    bad = judged()
+    c = bad["collections"][COLLECTION]
+    assert not bad["ok"] and c["wrong_vectors"] == [sample[3]], bad
+    assert any("kept rows with another vector" in e for e in bad["errors"]), bad["errors"]
 
 
 def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():

@@ -41,7 +41,7 @@ def _space(plan: CollectionPlan) -> str:
     return plan.state.info.space
 
 
-def _kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
+def kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
     """Original vectors of kept ids: for cosine, stored (normalized) x length.bin norm."""
     st = plan.state
     assert st is not None and st.files is not None
@@ -194,7 +194,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
         keep_ids = sorted(plan.keep, key=plan.keep.__getitem__)
         for s in range(0, len(keep_ids), BATCH):
             chunk = keep_ids[s : s + BATCH]
-            index.add_items(_kept_vectors(plan, chunk), np.array([plan.keep[i] for i in chunk], dtype=np.uint64),
+            index.add_items(kept_vectors(plan, chunk), np.array([plan.keep[i] for i in chunk], dtype=np.uint64),
                             num_threads=THREADS)
             if progress:
                 progress(f"rebuilding {plan.collection}: kept vectors", s + len(chunk), len(keep_ids))

@@ -74,6 +74,9 @@ class CollectionPlan:
     clear_journal: bool = False  # INDEX_AHEAD from a leftover journal, every slot proven: move it aside
     unrepaired_reason: str = ""
     map_digest: bytes | None = None  # SHA-256 of the id map the build wrote
+    # a rebuild's sampled kept rows -> their vectors as chromadb returned them before it (read
+    # before the old index's facts are dropped; the post-check compares them after)
+    kept_before: dict[str, np.ndarray] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
     embedder: Any = field(default=None, repr=False)  # the Choice made for rows re-embedded
     state: CollectionState | None = field(default=None, repr=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import random
 import re
 import shutil
 import sqlite3
@@ -77,6 +78,8 @@ from chaosfix.reconcile.verify import EF_FIRST, EF_GATE, EF_MAX, Verification, v
 from chaosfix.safe_fs import create_new, ensure_inside, is_link, is_uuid, mkdir_new, shown
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from chaosfix.chromadb_probe import EarlyCopy, StartedChild
     from chaosfix.palace.generation import Generation
 
@@ -671,8 +674,6 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
     by chromadb in its own process while ``verify`` (chaosfix's own verification) runs
     here. The rows and the sample come from the plans' states (reconcile never writes a
     row); each collection's quirk rate from its verification, read once it has run."""
-    import random
-
     from chaosfix.chromadb_probe import Target, verify_with_chromadb
 
     targets: dict[str, Target] = {}
@@ -681,13 +682,8 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         if not p.has_work or st is None:
             continue
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
-        left = set(p.unrepaired)  # rows with no vector source: listed (exit 4), not chromadb's to find
-        rest = list(itertools.filterfalse(repaired.__contains__, st.sql_rows))  # in C: 10^5..10^6 rows
-        if left:
-            rest = [i for i in rest if i not in left]
-        sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
-        targets[p.collection] = Target(p.collection, st.info.space, repaired, sample,
-                                       expect_count=_expected_count(p))
+        targets[p.collection] = Target(p.collection, st.info.space, repaired, _post_check_sample(p, opts),
+                                       expect_count=_expected_count(p), kept=p.kept_before)
 
     handed = threading.Event()  # chromadb's child has its spec: the verification may load its index
 
@@ -718,6 +714,27 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
                                 skip=rep.prune_dirs, prepare=prepare, early=early, handed=handed)
+
+
+def _post_check_sample(p: CollectionPlan, opts: ReconcileOptions) -> list[str]:
+    """The rows the post-check asks beside the repaired ones: a seeded sample of the rest
+    (rows with no vector source are listed, exit 4, not chromadb's to find)."""
+    assert p.state is not None
+    repaired, left = {*p.add, *p.replace}, set(p.unrepaired)
+    rest = list(itertools.filterfalse(repaired.__contains__, p.state.sql_rows))  # in C: 10^5..10^6 rows
+    if left:
+        rest = [i for i in rest if i not in left]
+    return random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
+
+
+def _kept_sample(p: CollectionPlan, opts: ReconcileOptions) -> dict[str, np.ndarray]:
+    """A rebuild's sampled kept rows -> the vector chromadb returned for each before (read
+    from the old index, before its facts are dropped): a rebuild in the wrong space or
+    without length.bin would change them all. (An incremental repair keeps their bytes.)"""
+    if p.strategy != "rebuild" or p.state is None or p.state.files is None:
+        return {}
+    ids = [i for i in _post_check_sample(p, opts) if i in p.keep]
+    return dict(zip(ids, build_mod.kept_vectors(p, ids))) if ids else {}
 
 
 def _expected_count(p: CollectionPlan) -> int | None:
@@ -861,6 +878,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     syncing = Syncing(list(built.values()))
     for p in work:
         assert p.state is not None
+        if opts.chromadb_check:
+            p.kept_before = _kept_sample(p, opts)
         p.state.drop_index_facts()  # nothing reads the old map or slots past the build
     rep.timings["build"] = time.perf_counter() - t
     killpoint("built")
