@@ -19,7 +19,15 @@ from typing import Any
 
 import click
 
-from chaosfix.errors import EXIT_FINDINGS, EXIT_OK, EXIT_OPERATIONAL, EXIT_USAGE, ChaosfixError, os_error_line
+from chaosfix.errors import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    EXIT_OPERATIONAL,
+    EXIT_USAGE,
+    ChaosfixError,
+    UsageProblem,
+    os_error_line,
+)
 
 ERROR_SCHEMA = "chaosfix.error/1"
 
@@ -55,6 +63,8 @@ def _one_line_errors(fn: Callable[..., int]) -> Callable[..., None]:
             code = fn(*args, **kwargs)
         except click.ClickException:
             raise  # usage errors: exit 2, printed by ChaosfixGroup.main
+        except UsageProblem as exc:  # a bad argument the library found: printed as click's are
+            raise click.UsageError(str(exc), click.get_current_context(silent=True)) from None
         except ChaosfixError as exc:
             _fail(str(exc), exc.exit_code, as_json)
         except KeyboardInterrupt:
@@ -88,11 +98,15 @@ class ChaosfixGroup(click.Group):
             except (AttributeError, ValueError):  # (not a text stream: a test's capture)
                 pass
         try:
-            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+            # (named chaosfix also when run as ``python -m chaosfix``)
+            return super().main(args=args, prog_name=prog_name or "chaosfix", standalone_mode=False, **extra)
         except click.UsageError as exc:
-            exc.show()
+            # one line like every other error, with where to read more
+            where = exc.ctx.command_path if exc.ctx is not None else "chaosfix"
+            msg = _one_line(f"{exc.format_message()} (see '{where} --help')")
+            click.echo(f"chaosfix: error: {msg}", err=True)
             if "--json" in args:
-                _emit_json({"schema": ERROR_SCHEMA, "error": exc.format_message(), "exit_code": EXIT_USAGE})
+                _emit_json({"schema": ERROR_SCHEMA, "error": msg, "exit_code": EXIT_USAGE})
             sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
             exc.show()
@@ -227,7 +241,8 @@ def scenarios(extra: tuple[str, ...]) -> int:
 @click.option("--all", "run_all", is_flag=True, help="Run every scenario that applies to the installed chromadb.")
 @click.option("--seed", metavar="N", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the palace's drawers and seeded faults.")
-@click.option("--drawers", metavar="N", type=click.IntRange(min=1), help="Override the scenario's palace size.")
+@click.option("--drawers", metavar="N", type=click.IntRange(min=1),
+              help="Palace size, for scenarios marked resizable (with --all the others keep theirs).")
 @click.option("--keep", metavar="DIR", type=click.Path(), callback=_keep_dir,
               help="Keep the broken and the repaired palace in DIR/broken and DIR/repaired (DIR new or empty).")
 @click.option("--scenarios", "extra", metavar="DIR", multiple=True, type=click.Path(exists=True, file_okay=False),
@@ -243,7 +258,9 @@ def simulate(ctx: click.Context, name: str | None, run_all: bool, seed: int, dra
     from chaosfix.scenario import catalogue, get, run_scenario
     from chaosfix.workload import chroma_major
 
-    if run_all == bool(name):
+    if run_all and name:
+        raise click.UsageError("give SCENARIO or --all, not both", ctx)
+    if not run_all and not name:
         raise click.UsageError("give one SCENARIO or --all (`chaosfix scenarios` lists them)", ctx)
     bar = _bar()
     if name:
@@ -254,8 +271,11 @@ def simulate(ctx: click.Context, name: str | None, run_all: bool, seed: int, dra
         results = [run_scenario(chosen, seed=seed, drawers=drawers, keep=keep, log=bar.say, progress=bar)]
     else:
         todo = [s for s in catalogue(list(extra)).values() if s.applies(chroma_major())]
-        results = [run_scenario(s, seed=seed, drawers=drawers, keep=f"{keep}/{s.name}" if keep else None,
-                                log=bar.say, progress=bar) for s in todo]
+        if drawers is not None and not all(s.resizable for s in todo):
+            bar.say(f"--drawers {drawers}: " + ", ".join(s.name for s in todo if not s.resizable)
+                    + " keep their own palace size (not resizable)")
+        results = [run_scenario(s, seed=seed, drawers=drawers if s.resizable else None,
+                                keep=f"{keep}/{s.name}" if keep else None, log=bar.say, progress=bar) for s in todo]
     bar.close()
     if as_json:
         _emit_json(results[0].to_json() if name else {"schema": "chaosfix.simulate-all/1",
@@ -292,7 +312,7 @@ def explore(workloads: tuple[str, ...], profile: str, sample: int | None, classe
     from chaosfix.explore.workloads import BUILTIN, load
 
     if at and len(workloads) != 1:
-        raise ChaosfixError("--at replays one state: give exactly one --workload")
+        raise click.UsageError("--at replays one state: give exactly one --workload")
     prof = Profile(sample=sample) if sample is not None else PROFILES[profile]
     rep = run_explore([load(w, seed) for w in (workloads or BUILTIN)], prof, seed=seed,
                       power_loss=not no_power_loss, classes=tuple(classes) or None, at=at, keep=keep,

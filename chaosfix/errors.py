@@ -22,6 +22,13 @@ class OperationalError(ChaosfixError):
     """Not a palace, unreadable, locked, refused: exit 8."""
 
 
+class UsageProblem(ChaosfixError):
+    """A bad argument the library finds (some only once it has looked, e.g. a crash
+    point past the workload's last call): exit 2, like click's usage errors."""
+
+    exit_code = EXIT_USAGE
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: its file(s) and the system's words, no errno tuple."""
     where = f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: " if exc.filename else ""

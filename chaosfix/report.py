@@ -161,6 +161,8 @@ def render_simulation(res) -> str:  # noqa: ANN001 - SimulationResult
                      [[s.name, "yes" if s.ok else "NO", f"{s.seconds:.1f}", s.detail] for s in res.stages]))
     for what, path in (res.kept or {}).items():
         out.append(f"kept {what} palace: {path}")
+    if res.repair_command:
+        out.append(f"repair the kept broken palace with: {res.repair_command}")
     out.append("verdict: " + ("every expectation held" if res.ok else
                               "FAILED at " + ", ".join(s.name for s in res.stages if not s.ok)))
     return "\n".join(out)

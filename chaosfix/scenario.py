@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shlex
 import shutil
 import tarfile
 import tempfile
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from chaosfix import faults, workload
 from chaosfix.check import check_palace
-from chaosfix.errors import OperationalError
+from chaosfix.errors import OperationalError, UsageProblem
 from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
 from chaosfix.progress import ProgressFn
 from chaosfix.workload import PalaceSpec, chroma_major
@@ -58,6 +59,9 @@ class Scenario:
     expect: dict
     field_report: str = ""
     path: Path | Traversable | None = None
+    # its steps and expectations hold at any palace size (``--drawers``); most scenarios
+    # write at fixed row positions and count what a 300-drawer palace's flushes leave
+    resizable: bool = False
 
     def applies(self, major: str | None = None) -> bool:
         return (major or chroma_major()) in self.versions
@@ -97,19 +101,34 @@ def scenario_dirs(extra: list[str | Path] | None = None) -> list[Path | Traversa
     return dirs + [builtin_dir()]
 
 
+# the steps ``_run_step`` runs itself; any other ``do`` names a function of faults.REGISTRY
+OWN_STEPS = ("write", "unpack", "snapshot_segment", "restore_segment", "torn_mix", "copy_sqlite",
+             "restore_older_sqlite", "delete_file")
+
+
 def load_file(path: Path | Traversable) -> Scenario:
+    """One scenario file, checked as it is read (a bad file is the user's argument: exit
+    2, before any palace is built)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise OperationalError(f"{path}: cannot read scenario: {exc}") from None
+        raise UsageProblem(f"{path}: cannot read scenario: {exc}") from None
     try:
-        return Scenario(
+        sc = Scenario(
             name=data["name"], summary=data["summary"], versions=list(data.get("versions", ["0.6", "1.x"])),
             palace=dict(data.get("palace", {})), steps=list(data.get("steps", [])),
             expect=dict(data.get("expect", {})), field_report=data.get("field_report", ""), path=path,
+            resizable=bool(data.get("resizable", False)),
         )
     except KeyError as exc:
-        raise OperationalError(f"{path}: scenario lacks {exc}") from None
+        raise UsageProblem(f"{path}: scenario lacks {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageProblem(f"{path}: not a scenario: {exc}") from None
+    for step in sc.steps:
+        do = step.get("do") if isinstance(step, dict) else None
+        if do not in OWN_STEPS and do not in faults.REGISTRY:
+            raise UsageProblem(f"{path}: unknown step {do!r}: one of {', '.join(sorted([*OWN_STEPS, *faults.REGISTRY]))}")
+    return sc
 
 
 def catalogue(extra: list[str | Path] | None = None) -> dict[str, Scenario]:
@@ -117,7 +136,7 @@ def catalogue(extra: list[str | Path] | None = None) -> dict[str, Scenario]:
     out: dict[str, Scenario] = {}
     for d in scenario_dirs(extra):
         if not d.is_dir():
-            raise OperationalError(f"{d}: no such scenario folder")
+            raise UsageProblem(f"{d}: no such scenario folder")
         for f in sorted((f for f in d.iterdir() if f.name.endswith(".toml") and f.is_file()), key=lambda f: f.name):
             s = load_file(f)
             out.setdefault(s.name, s)
@@ -252,6 +271,7 @@ class SimulationResult:
     seed: int
     stages: list[Stage] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # "broken" / "repaired" -> folder (--keep)
+    repair_command: str | None = None  # what repairs the kept broken palace (its embedder named)
 
     @property
     def ok(self) -> bool:
@@ -265,6 +285,7 @@ class SimulationResult:
             "seed": self.seed,
             "ok": self.ok,
             "kept": self.kept,
+            "repair_command": self.repair_command,
             "stages": [vars(s) for s in self.stages],
         }
 
@@ -327,6 +348,10 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
     left it) and ``repaired/`` (after reconcile), checked before any work."""
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
 
+    if drawers is not None and not sc.resizable and drawers != sc.palace.get("drawers"):
+        raise UsageProblem(f"scenario {sc.name} is written for its own {sc.palace.get('drawers', 'default')} drawers "
+                           "(rows at fixed positions, counts of what its flushes leave); --drawers applies to the "
+                           "scenarios whose file says resizable = true")
     keep_dir = check_keep_dir(keep) if keep is not None else None
     say = log or (lambda _m: None)
     major = chroma_major()
@@ -365,6 +390,9 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
             return result
         if keep_dir is not None:
             result.kept["broken"] = str(workload.copy_palace(palace, keep_dir / "broken"))
+            emb = exp.get("embedder")
+            result.repair_command = shlex.join(["chaosfix", "reconcile", result.kept["broken"],
+                                                *(["--embedder", emb] if emb else [])])
         marker = scratch / "PWNED"
 
         def observe():  # noqa: ANN202

@@ -55,14 +55,34 @@ def no_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ["check"],
     ["check", "x", "--no-such-flag"],
     ["no-such-command"],
+    ["simulate", "partial-flush", "--drawers", "1000"],  # not resizable: its counts are a 300-drawer palace's
+    ["explore", "--workload", "no-such-workload", "--profile", "ci"],
+    ["explore", "--workload", "add", "--at", "garbage"],
+    ["explore", "--at", "write:segment/data_level0.bin:27"],  # --at without one --workload
+    ["explore", "--workload", "add", "--class", "no-such-class"],
+    ["explore", "--workload", "add", "--at", "powerloss:lost:0"],
 ])
 def test_usage_errors_exit_2(args: list[str], no_build: Path) -> None:
     code, out, err = invoke(*args)
-    assert code == 2 and out == "" and "Error:" in err, (code, out, err)
+    assert code == 2 and out == "" and err.startswith("chaosfix: error: "), (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and err.rstrip().endswith("--help')"), err
     code, out, err = invoke(*args, "--json")
     assert code == 2
     doc = json.loads(out)
     assert doc["schema"] == "chaosfix.error/1" and doc["exit_code"] == 2 and doc["error"]
+
+
+def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no_build: Path) -> None:
+    """An unknown step or a file that is not TOML: exit 2 from both commands that load it."""
+    bad_step, not_toml = tmp_path / "steps", tmp_path / "toml"
+    bad_step.mkdir()
+    not_toml.mkdir()
+    (bad_step / "x.toml").write_text('name = "x"\nsummary = "s"\n[[steps]]\ndo = "no_such_fault"\n')
+    (not_toml / "x.toml").write_text("name = \n")
+    for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario")):
+        for args in (["simulate", "x", "--scenarios", str(folder)], ["scenarios", "--scenarios", str(folder)]):
+            code, out, err = invoke(*args)
+            assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, code, err)
 
 
 def test_operational_error_with_json_prints_an_error_object(tmp_path: Path) -> None:

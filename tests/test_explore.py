@@ -90,7 +90,12 @@ def test_cli_replays_one_state_as_json(tmp_path):
     assert state["point"] == "powerloss:lost:1" and state["category"] not in BAD
     assert state["repro"] == "chaosfix explore --workload add --seed 0 --at powerloss:lost:1"
     bad = CliRunner().invoke(cli_main, ["explore", "--workload", "add", "--at", "nope:x:1"])
-    assert bad.exit_code == 8 and "bad point" in bad.stderr
+    assert bad.exit_code == 2 and "bad point" in bad.stderr  # a usage error, before any work
+    # a point past the workload's last call is known once its calls are counted: exit 2, with the count
+    for far, why in (("write:segment/data_level0.bin:999999", "write calls on segment/data_level0.bin"),
+                     ("powerloss:torn:99", "persists")):
+        bad = CliRunner().invoke(cli_main, ["explore", "--workload", "add", "--at", far])
+        assert bad.exit_code == 2 and why in bad.stderr and "this workload" in bad.stderr, bad.stderr
 
 
 @pytest.mark.skipif(chroma_major() != "0.6", reason="0.6 persists inside the add's transaction")

@@ -12,6 +12,7 @@ palace is judged in a fresh process by chromadb's own API (workload.observe).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickletools
 import re
@@ -480,6 +481,10 @@ def test_refuses_while_another_process_has_the_palace_open(holder, tmp_path):
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.poll() is not None else ""
         assert_refused(p, "--no-chromadb-check", want=str(proc.pid), child=True)
+        # the dry run answers what the real run would (exit 8, the same reason)
+        r = run_cli("reconcile", str(p), "--dry-run", "--json")
+        doc = json.loads(r.stdout)
+        assert r.returncode == 8 and doc["exit_code"] == 8 and str(proc.pid) in doc["refusal"], (r.stdout, r.stderr)
     finally:
         proc.kill()
         proc.communicate()

@@ -26,7 +26,7 @@ from chaosfix import workload as wl_mod
 from chaosfix.check import ERROR, INFO, check_palace
 from chaosfix.drawers import drawer
 from chaosfix.embedder import embed_text
-from chaosfix.errors import ChaosfixError
+from chaosfix.errors import ChaosfixError, UsageProblem
 from chaosfix.explore import trace as tr
 from chaosfix.explore.workloads import Workload
 from chaosfix.faults import restore_segment, segment_dir, snapshot_segment, torn_mix
@@ -462,6 +462,7 @@ def explore(workloads: list[Workload], profile: Profile | None = None, seed: int
             log: Callable[[str], None] | None = None) -> ExploreReport:
     """Enumerate (or sample) every crash state of each workload and judge it."""
     say = log or (lambda _m: None)
+    _check_arguments(classes, at)
     why = tr.available()
     if why:
         raise ChaosfixError(why)
@@ -480,21 +481,50 @@ def explore(workloads: list[Workload], profile: Profile | None = None, seed: int
             report.points[wl.name] = dict(sorted(counts.items()))
             say(f"{wl.name}: {len(points)} persistence points, {counts[POWER]} power-loss states "
                 f"({dict(sorted(counts.items()))}), counted in {time.monotonic() - t0:.1f}s")
+            if at is not None:
+                _reached(at, points)
             todo = [at] if at is not None else candidates(points, profile, seed, classes, power_loss)
             for key in todo:
                 report.states.append(_one(ex, key))
     return report
 
 
+def _check_arguments(classes: tuple[str, ...] | None, at: str | None) -> None:
+    """Bad classes and malformed points are usage errors, before any work."""
+    known = (*tr.CLASSES, POWER)
+    bad = [c for c in classes or () if c not in known]
+    if bad:
+        raise UsageProblem(f"unknown --class {', '.join(map(repr, bad))}: one of {', '.join(known)}")
+    if at is None:
+        return
+    if at.startswith(POWER + ":"):
+        _, mode, n = (at.split(":") + ["", ""])[:3]
+        if mode not in ("lost", "torn") or not n.isdigit() or int(n) < 1 or at.count(":") != 2:
+            raise UsageProblem(f"bad point {at!r}: want powerloss:lost:N or powerloss:torn:N (N from 1)")
+        return
+    try:
+        tr.Point.parse(at)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+def _reached(at: str, points: list[tr.Point]) -> None:
+    """``at`` names a state this workload's run reaches (known once its calls are counted)."""
+    if at.startswith(POWER + ":"):
+        n, most = int(at.rsplit(":", 1)[1]), persists(points)
+        if n > most:
+            raise UsageProblem(f"bad point {at!r}: this workload persists {most} times (N from 1 to {most})")
+        return
+    p = tr.Point.parse(at)
+    most = sum(1 for q in points if q.cls == p.cls and q.file == p.file)
+    if p.n > most:
+        raise UsageProblem(f"bad point {at!r}: this workload makes {most} {p.cls} calls on {p.file}")
+
+
 def _one(ex: Explorer, at: str) -> StateResult:
     if at.startswith(POWER + ":"):
         _, mode, n = at.split(":")
-        if mode not in ("lost", "torn") or not n.isdigit():
-            raise ChaosfixError(f"bad point {at!r}: want powerloss:lost:N or powerloss:torn:N")
         return ex.power_state(mode, int(n))
-    try:
-        return ex.kill_state(tr.Point.parse(at))
-    except ValueError as exc:
-        raise ChaosfixError(str(exc)) from None
+    return ex.kill_state(tr.Point.parse(at))
 
 

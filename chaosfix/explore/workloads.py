@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaosfix.drawers import drawer
-from chaosfix.errors import OperationalError
+from chaosfix.errors import UsageProblem
 from chaosfix.workload import PalaceSpec
 
 BUILTIN = ("add", "delete", "upsert", "update", "mixed")
@@ -117,7 +117,7 @@ def builtin(name: str, seed: int = 0) -> Workload:
                     nxt += 3
             batches.append({"op": op, "idx": idx, "version": len(batches) + 1})
         return Workload(name, BASE_SPEC.with_(drawers=100, seed=seed), batches)
-    raise OperationalError(f"unknown workload {name!r}: one of {', '.join(BUILTIN)} or a .toml file")
+    raise UsageProblem(f"unknown workload {name!r}: one of {', '.join(BUILTIN)} or a .toml file")
 
 
 def load(ref: str, seed: int = 0) -> Workload:
@@ -137,7 +137,7 @@ def load(ref: str, seed: int = 0) -> Workload:
         return builtin(ref, seed)
     path = Path(ref)
     if not path.is_file():
-        raise OperationalError(f"unknown workload {ref!r}: one of {', '.join(BUILTIN)} or a .toml file")
+        raise UsageProblem(f"unknown workload {ref!r}: one of {', '.join(BUILTIN)} or a .toml file")
     try:
         doc = tomllib.loads(path.read_text())
         spec = BASE_SPEC.with_(**{"seed": seed, **doc.get("palace", {})})
@@ -148,5 +148,5 @@ def load(ref: str, seed: int = 0) -> Workload:
             batches += [{"op": op["op"], "idx": idx[i:i + step], "version": int(op.get("version", 0))}
                         for i in range(0, len(idx), step)]
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise OperationalError(f"{path}: not a workload file: {exc}") from None
+        raise UsageProblem(f"{path}: not a workload file: {exc}") from None
     return Workload(path.stem, spec, batches)

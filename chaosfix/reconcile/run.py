@@ -506,6 +506,8 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
             short = _short_of_space(root, rep, opts, post)
         if short and opts.dry_run:
             rep.refusal = rep.refusal or short  # (the journal's rollback refused first)
+        if work and opts.dry_run and not rep.refusal:  # (what the real run checks under its lock)
+            rep.refusal = _held_elsewhere(root)
         if opts.dry_run or not work:
             if rep.journal_rollback and not opts.dry_run:
                 rep.after = check_palace(root, opts.collection)
@@ -516,9 +518,9 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                 short = short.replace("nothing was changed", f"only the leftover journal was rolled back{kept}")
             raise OperationalError(short)
         with PalaceLock(root):
-            holders = other_holders(root)
-            if holders:
-                raise OperationalError(f"{root}: palace files are open in process(es) {holders[:5]}; close them first")
+            held = _held_elsewhere(root)
+            if held:
+                raise OperationalError(held)
             conn = sqlite3.connect(str(root / SQLITE_NAME), timeout=0.5, isolation_level=None)
             try:
                 # nothing a trigger or view would do may run; rows only in max_seq_id/WAL
@@ -714,6 +716,12 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
                                 skip=rep.prune_dirs, prepare=prepare, early=early, handed=handed)
+
+
+def _held_elsewhere(root: Path) -> str | None:
+    """The refusal when another process (chromadb, an app) has palace files open."""
+    holders = other_holders(root)
+    return f"{root}: palace files are open in process(es) {holders[:5]}; close them first" if holders else None
 
 
 def _post_check_sample(p: CollectionPlan, opts: ReconcileOptions) -> list[str]:
