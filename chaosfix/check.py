@@ -12,7 +12,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.palace import SQLITE_NAME, PalaceSql, SqlReadError, palace_db, schema_guard
 from chaosfix.palace.generation import Generation
 from chaosfix.palace.leftovers import human, orphan_dirs, quarantined
-from chaosfix.palace.sql import StaleRows, journal_synced
+from chaosfix.palace.sql import SidecarError, StaleRows, journal_synced
 from chaosfix.palace.state import (
     PICKLE_MISSING,
     PICKLE_UNREADABLE,
@@ -51,6 +51,7 @@ CODES = {
     "QUARANTINED": "quarantined copy of a segment (repair tools' .corrupt/.drift/.hnsw-backup, chaosfix backups)",
     "HOT_JOURNAL": "leftover chroma.sqlite3-journal: interrupted transaction",
     "SQLITE_CORRUPT": "chroma.sqlite3 fails to open or PRAGMA quick_check",
+    "SIDECAR": "chroma.sqlite3-journal, -wal or -shm is not a regular file (FIFO, symlink, folder): not opened",
     "PENDING": "WAL rows chromadb will replay on open (healthy)",
     "FOREIGN_SQL": "a trigger or view chromadb never creates (error when it touches chromadb's tables)",
     "UNSAFE_ID": "a collection or segment id that is not a UUID (never used as a path)",
@@ -59,7 +60,7 @@ CODES = {
     "STALE_VECTOR": "check --deep: the index holds another vector than the row's document embeds to",
 }
 # findings about the whole palace, never a collection's own repair work
-PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "QUEUE_RESET", "STALE_ROWS", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL",
+PALACE_CODES = {"HOT_JOURNAL", "SQLITE_CORRUPT", "SIDECAR", "QUEUE_RESET", "STALE_ROWS", "SEGMENT_DIR_ORPHAN", "FOREIGN_SQL",
                 "WAL_MODE", "SYMLINK"}
 
 
@@ -117,6 +118,11 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
     report = CheckReport(palace=str(root))
     try:
         sql = PalaceSql(db, conn)
+    except SidecarError as exc:
+        report.findings.append(Finding("SIDECAR", ERROR, None, None, 1, [str(exc)],
+                                       f"{exc}: SQLite opens it beside chroma.sqlite3 (a FIFO blocks every open, "
+                                       "a symlink is read for the palace); not opened. Move it out of the palace"))
+        return report
     except SqlReadError as exc:
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], f"cannot open: {exc}"))
         return report

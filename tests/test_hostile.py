@@ -19,7 +19,9 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -60,6 +62,8 @@ def tree(folder: Path) -> dict[str, tuple]:
                 out[rel] = ("link", os.readlink(p), st_.st_mtime_ns)
             elif p.is_dir():
                 out[rel] = ("dir", "", 0)
+            elif not stat.S_ISREG(st_.st_mode):  # a FIFO or socket: never opened (a FIFO blocks)
+                out[rel] = ("special", stat.S_IFMT(st_.st_mode), st_.st_mtime_ns)
             else:
                 out[rel] = ("file", file_hash(p), st_.st_size, st_.st_mtime_ns)
     return out
@@ -422,6 +426,78 @@ def test_symlinked_sqlite_is_checked_but_never_written(palace: Path, world: Path
     code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check")
     assert code == 8 and "symlink" in one_line_error(err), err
     assert hashlib.sha256(real.read_bytes()).hexdigest() == before
+
+
+def _plant_sidecar(palace: Path, world: Path, suffix: str, kind: str) -> None:
+    p = palace / f"chroma.sqlite3{suffix}"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "socket":  # (bound in a short folder: AF_UNIX paths stop at 108 bytes)
+        short = Path(tempfile.mkdtemp(prefix="s", dir=palace.parent))
+        if len(str(short / "s")) > 100:
+            short = Path(tempfile.mkdtemp(prefix="chaosfix-sock-"))
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(short / "s"))
+        sock.close()
+        shutil.move(short / "s", p)
+        shutil.rmtree(short)
+    else:  # a symlink to a real hot journal outside the palace (its rollback would act for the palace)
+        real = world / "outside-journal"
+        real.write_bytes(bytes.fromhex("d9d505f920a163d7") + bytes(4088))
+        os.symlink(real, p)
+
+
+@pytest.mark.parametrize("suffix, kind", [("-journal", "fifo"), ("-journal", "folder"), ("-journal", "socket"),
+                                          ("-journal", "symlink"), ("-shm", "fifo"), ("-wal", "folder")])
+def test_a_sidecar_that_is_not_a_file_is_named_never_opened(palace: Path, world: Path, suffix: str, kind: str):
+    """SQLite opens chroma.sqlite3-journal (and in WAL mode -wal and -shm) beside the db:
+    a FIFO there blocked check and reconcile forever (Ctrl-C too), a folder or FIFO -shm
+    made check say 'consistent' where chromadb cannot open the palace, a socket read as
+    SQLITE_CORRUPT ('restore it first' for a healthy db), and check followed a symlinked
+    journal. Each is now an error finding naming it (check, exit 4, nothing opened or
+    changed) and a one-line refusal (reconcile and its dry run, exit 8), in seconds."""
+    if suffix != "-journal":
+        sql(palace, "PRAGMA journal_mode=WAL;")
+    _plant_sidecar(palace, world, suffix, kind)
+    t = time.monotonic()
+    doc = assert_check_read_only(palace, rc={4})
+    assert codes_of(doc) == {"SIDECAR": 1}, doc["findings"]
+    assert f"chroma.sqlite3{suffix} is a" in doc["findings"][0]["detail"]
+    before = tree(palace)
+    for extra in (["--dry-run"], []):
+        code, _, err, _ = run_rss("reconcile", str(palace), *extra, timeout=60)
+        line = one_line_error(err)
+        assert code == 8 and f"chroma.sqlite3{suffix}" in line and "is a " in line, err
+    assert tree(palace) == before
+    assert time.monotonic() - t < 60
+
+
+@pytest.mark.parametrize("m", [0, 1, -1, 99_999_999_999])
+def test_a_rebuild_never_takes_an_m_hnswlib_cannot_build_with(palace: Path, m: int):
+    """A torn index is rebuilt with the collection's own M: 0.6 accepts any int in
+    hnsw:M (and 1.x's schema can be edited), and hnswlib segfaults at M 0 (a crash every
+    rerun repeated), runs out of memory at 1 or 10^11, refuses -1. Such a value is
+    replaced by chromadb's default, said in the plan, and the repair lands."""
+    con = sqlite3.connect(palace / "chroma.sqlite3")
+    try:
+        cid = con.execute("SELECT id FROM collections").fetchone()[0]
+        con.execute("INSERT INTO collection_metadata (collection_id, key, int_value) VALUES (?, 'hnsw:M', ?)", (cid, m))
+        if "schema_str" in {r[1] for r in con.execute("PRAGMA table_info(collections)")}:
+            con.execute("""UPDATE collections SET schema_str = json_set(schema_str,
+                           '$.keys."#embedding".float_list.vector_index.config.hnsw.max_neighbors', ?)""", (m,))
+        con.commit()
+    finally:
+        con.close()
+    h = parse_header(faults.segment_file(palace, "header.bin").read_bytes())  # half its elements torn off
+    os.truncate(faults.segment_file(palace, "data_level0.bin"), h.size_data_per_element * (h.cur_element_count // 2))
+    code, doc, err = reconcile(palace, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 1, err
+    (plan,) = doc["plans"]
+    assert plan["strategy"] == "rebuild" and any(f"M {m} from the collection's settings" in r for r in plan["reasons"])
+    assert parse_header(faults.segment_file(palace, "header.bin").read_bytes()).m == 16
+    assert check_palace(palace).consistent
 
 
 # ---- 4. check writes nothing, in WAL mode too ----------------------------------------------

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -180,6 +181,43 @@ class SqlReadError(Exception):
     """The SQLite file cannot be read at all."""
 
 
+class SidecarError(SqlReadError):
+    """A file SQLite opens beside the db (``-journal``, ``-wal``, ``-shm``) is not a
+    regular file: a FIFO blocks every open (Ctrl-C too), a symlink would be read for the
+    palace, a folder or socket fails the open. The palace is not opened."""
+
+
+SIDECARS = ("-journal", "-wal", "-shm")
+
+
+def odd_sidecars(db_path: Path) -> list[str]:
+    """What SQLite's files beside the db are when they are not regular files (lstat only:
+    nothing is opened or followed)."""
+    out = []
+    for suffix in SIDECARS:
+        p = Path(str(db_path) + suffix)
+        try:
+            mode = os.lstat(p).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            out.append(f"{p.name}: {exc.strerror}")
+            continue
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"),
+                                           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+                         if test(mode)), "a device")
+            out.append(f"{p.name} is {kind}")
+    return out
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 class PalaceSql:
     """Read-only view of chroma.sqlite3."""
 
@@ -187,6 +225,10 @@ class PalaceSql:
         """Open read-only, or wrap ``conn`` (the reconciler's own locked connection)."""
         self.path = db_path
         self.uri: str | None = None  # set when this object opened its own read-only connection
+        self._scratch: Path | None = None
+        odd = odd_sidecars(db_path) if conn is None else []
+        if odd:
+            raise SidecarError("; ".join(odd))
         self.hot_journal = _hot_journal(db_path)
         self.wal_mode = wal_mode(db_path)
         self.owned = conn is None
@@ -208,7 +250,6 @@ class PalaceSql:
         and its journal, rolled back there (chromadb's next open rolls it back the same
         way). Reading the file as it is would show a large transaction's uncommitted,
         spilled pages. Falls back to ``immutable=1`` when the copy cannot be made."""
-        self._scratch: Path | None = None
         if self.wal_mode:
             return self._open_wal(db_path)
         if self.hot_journal:
@@ -237,7 +278,7 @@ class PalaceSql:
         holds frames, else read a private copy of the file and its ``-wal``."""
         wal = Path(str(db_path) + "-wal")
         try:
-            frames = wal.is_file() and wal.stat().st_size > 0
+            frames = _regular(wal) and wal.stat().st_size > 0
         except OSError:
             frames = False
         if not frames:
@@ -590,11 +631,15 @@ def journal_synced(db_path: Path) -> bool:
     """True when the leftover journal carries its magic header: SQLite wrote it before
     touching the db file, so the file may hold uncommitted pages (a rollback is pending).
     A zeroed header means the transaction never reached the file; SQLite ignores it."""
-    try:
-        with open(str(db_path) + "-journal", "rb") as f:
-            return f.read(8) == JOURNAL_MAGIC
+    j = str(db_path) + "-journal"
+    if not _regular(Path(j)):
+        return False
+    try:  # (never through a symlink, never blocking on a FIFO put there since)
+        fd = os.open(j, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
+    with os.fdopen(fd, "rb") as f:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and f.read(8) == JOURNAL_MAGIC
 
 
 def wal_mode(db_path: Path) -> bool:
@@ -610,6 +655,6 @@ def wal_mode(db_path: Path) -> bool:
 def _hot_journal(db_path: Path) -> bool:
     j = Path(str(db_path) + "-journal")
     try:
-        return j.exists() and os.path.getsize(j) > 0
+        return _regular(j) and os.lstat(j).st_size > 0
     except OSError:
         return False

@@ -159,7 +159,6 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
     st = plan.state
     assert st is not None
     hnswlib = _hnswlib()
-    h = st.files.header if st.files is not None else None
     dim = plan.dim
     if not dim and plan.vectors:
         dim = len(next(iter(plan.vectors.values())))
@@ -187,9 +186,7 @@ def build(plan: CollectionPlan, out_dir: Path, progress: ProgressFn | None = Non
             index.mark_deleted(lab)
     else:
         out_dir.mkdir(parents=True, exist_ok=False)
-        m = h.m if h is not None and not st.torn else st.info.param("M", 16)
-        efc = h.ef_construction if h is not None and not st.torn else st.info.param("construction_ef", 100)
-        index.init_index(max_elements=plan.max_elements, M=m, ef_construction=efc,
+        index.init_index(max_elements=plan.max_elements, M=plan.m, ef_construction=plan.ef_construction,
                          is_persistent_index=True, persistence_location=str(out_dir))
         keep_ids = sorted(plan.keep, key=plan.keep.__getitem__)
         for s in range(0, len(keep_ids), BATCH):

@@ -48,6 +48,9 @@ class SeqWrite:
     encoding: str  # "blob" or "int"
 
 
+DEFAULT_M, DEFAULT_EFC = 16, 100  # chromadb's defaults
+
+
 @dataclass
 class CollectionPlan:
     collection: str
@@ -74,6 +77,8 @@ class CollectionPlan:
     clear_journal: bool = False  # INDEX_AHEAD from a leftover journal, every slot proven: move it aside
     unrepaired_reason: str = ""
     map_digest: bytes | None = None  # SHA-256 of the id map the build wrote
+    m: int = DEFAULT_M  # a rebuild's graph: the index's own M and ef_construction (``graph_params``)
+    ef_construction: int = DEFAULT_EFC
     # a rebuild's sampled kept rows -> their vectors as chromadb returned them before it (read
     # before the old index's facts are dropped; the post-check compares them after)
     kept_before: dict[str, np.ndarray] = field(default_factory=dict)
@@ -128,6 +133,32 @@ def _seq_encoding(sql: PalaceSql) -> str:
     return sql.generation.seq_encoding
 
 
+M_RANGE, EFC_RANGE = (2, 512), (1, 65536)  # hnswlib segfaults at M 0 and runs out of memory at M 1
+
+
+def graph_params(st: CollectionState) -> tuple[int, int, str | None]:
+    """A rebuild's M and ef_construction: the index header's, or where it is torn or
+    gone the collection's settings (0.6 accepts any int there). A value hnswlib cannot
+    build with is replaced by chromadb's default, and said (the note)."""
+    h = st.files.header if st.files is not None else None
+    if h is not None and not st.torn:
+        m, efc, where = h.m, h.ef_construction, "the index header"
+    else:
+        m, efc, where = st.info.param("M", DEFAULT_M), st.info.param("construction_ef", DEFAULT_EFC), \
+            "the collection's settings"
+    bad = []
+    if not M_RANGE[0] <= m <= M_RANGE[1]:
+        bad.append(f"M {m}")
+        m = DEFAULT_M
+    if not EFC_RANGE[0] <= efc <= EFC_RANGE[1]:
+        bad.append(f"ef_construction {efc}")
+        efc = DEFAULT_EFC
+    note = (f"{' and '.join(bad)} from {where} cannot build a graph (M {M_RANGE[0]}..{M_RANGE[1]}, ef_construction "
+            f"{EFC_RANGE[0]}..{EFC_RANGE[1]}): rebuilt with chromadb's defaults M {DEFAULT_M}, ef_construction "
+            f"{DEFAULT_EFC}") if bad else None
+    return m, efc, note
+
+
 def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, embedder: EmbedderFor | None,
                     strategy: str = "auto", apply_pending: bool = False,
                     stale: dict[str, np.ndarray] | None = None) -> CollectionPlan:
@@ -169,6 +200,10 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.reasons.append(f"header max_elements {h.max_elements} would allocate "
                             f"{h.max_elements * h.size_data_per_element >> 20} MiB for "
                             f"{h.cur_element_count} elements")
+    if plan.strategy == "rebuild":
+        plan.m, plan.ef_construction, note = graph_params(st)
+        if note:
+            plan.reasons.append(note)
     dim = plan.dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
     # the 0.6 object format needs the dimension (0.6 fails every read without it)
     plan.dimensionality = m.dimensionality if m is not None else None

@@ -54,7 +54,7 @@ from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.leftovers import BACKUP_GLOB
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
-from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced
+from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced, odd_sidecars
 from chaosfix.palace.state import written_in_rollback
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile import build as build_mod
@@ -221,6 +221,10 @@ def _refuse_links(root: Path) -> None:
         if is_link(root / name):
             raise OperationalError(f"{root / name}: is a symlink; reconcile never writes through one "
                                    "(copy the real file into the palace, then rerun)")
+    odd = odd_sidecars(root / SQLITE_NAME)
+    if odd:  # (a FIFO would block SQLite's open, Ctrl-C included)
+        raise OperationalError(f"{root}: {'; '.join(odd)}, where SQLite keeps a regular file; "
+                               "move it out of the palace, then rerun")
     for d in root.iterdir():
         if d.name.startswith((BUILD_PREFIX, OLD_PREFIX)) and is_link(d):
             raise OperationalError(f"{d}: is a symlink named like chaosfix's own folder; remove it, then rerun")
