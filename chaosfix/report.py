@@ -14,10 +14,17 @@ def width() -> int:
     return shutil.get_terminal_size((100, 24)).columns
 
 
+def printable(text: object) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``): a palace's names
+    (collections, ids) are printed, and one holding a newline or a terminal escape must
+    not forge a line of the report (a fake "verdict: consistent") or drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def cut(text: str, limit: int) -> str:
     """``text`` on one line, at most ``limit`` characters, cut with an ellipsis (at a word
     boundary when one is near the end)."""
-    text = " ".join(str(text).split())
+    text = printable(" ".join(str(text).split()))
     if len(text) <= limit:
         return text
     head = text[: max(0, limit - 1)]
@@ -30,7 +37,8 @@ def cut(text: str, limit: int) -> str:
 def table(headers: list[str], rows: list[list[object]], max_width: int | None = None) -> str:
     """Aligned columns; when the table is wider than the terminal, the last column (the
     free-text detail) is cut with an ellipsis to fit. ``--json`` carries the full text."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else " ".join(str(c).split()) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else printable(" ".join(str(c).split())) for c in r]
+                                           for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     room = (max_width or width()) - sum(widths[:-1]) - 2 * (len(widths) - 1)
     widths[-1] = max(len(headers[-1]), min(widths[-1], max(room, 20)))
@@ -41,14 +49,14 @@ def table(headers: list[str], rows: list[list[object]], max_width: int | None = 
 
 
 def render_check(rep: CheckReport) -> str:
-    out = [f"palace {rep.palace}"]
+    out = [printable(f"palace {rep.palace}")]
     if rep.generation is not None:
         g = rep.generation
         out.append(f"written by chromadb {g.name} (seq_ids {g.seq_encoding}, pickle {g.pickle_format}; "
                    f"{g.evidence[0]})")
     for c in rep.collections:
         out.append("")
-        out.append(f"collection {c['name']}  ({c['space']}, dim {c['dimension']}, pickle {c['pickle']})")
+        out.append(printable(f"collection {c['name']}  ({c['space']}, dim {c['dimension']}, pickle {c['pickle']})"))
         out.append(table(["rows in SQL", "ids in map", "live labels", "pending WAL"],
                          [[c["rows"], c["mapped"], c["live_labels"], c["pending"]]]))
     if rep.findings:
@@ -67,7 +75,7 @@ def render_check(rep: CheckReport) -> str:
 
 
 def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported lazily
-    out = [f"palace {rep.palace}" + ("  (dry run: nothing changed)" if rep.dry_run else "")]
+    out = [printable(f"palace {rep.palace}") + ("  (dry run: nothing changed)" if rep.dry_run else "")]
     rows = []
     for p in rep.plans:
         found = ", ".join(f"{k} {v}" for k, v in sorted(p.codes.items()) if k != "PENDING") or "-"
@@ -75,15 +83,16 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
         rows.append([p.collection, p.strategy, done, len(p.unrepaired), found])
     out.append(table(["collection", "strategy", "done", "unrepaired", "found"], rows))
     for p in rep.plans:
+        name = printable(p.collection)
         if p.embedder is not None:
-            out.append(f"{p.collection}: {p.embedder.line()}")  # uncut: the chosen embedder or the refusal, whole
+            out.append(f"{name}: {printable(p.embedder.line())}")  # uncut: the chosen embedder or the refusal, whole
         v = rep.verifications.get(p.collection)
         if v is not None:
-            out.append(cut(f"{p.collection}: {_verified(v)}", width()))
+            out.append(cut(f"{name}: {_verified(v)}", width()))
         if p.seq_writes:
-            out.append(f"{p.collection}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
+            out.append(f"{name}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
         if p.unrepaired:
-            out.append(f"{p.collection}: {len(p.unrepaired)} rows left unrepaired: no index slot, no WAL row; "
+            out.append(f"{name}: {len(p.unrepaired)} rows left unrepaired: no index slot, no WAL row; "
                        "pass --embedder to re-embed them")
             out.append("  " + cut(f"ids: {', '.join(p.unrepaired[:20])}", width() - 2))
     if rep.queue_floor is not None:
@@ -92,11 +101,11 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
         out.append(f"{'would delete' if rep.dry_run else 'deleted'} the leftovers of {len(rep.stale.ids)} record(s) "
                    f"whose embeddings row is gone: the metadata of {len(rep.stale.metadata)}, "
                    f"{len(rep.stale.fulltext)} full-text document(s); chromadb's next add would have met them")
-    out += [f"note: {n}" for n in rep.notes] + [f"left: {n}" for n in rep.left]
+    out += [printable(f"note: {n}") for n in rep.notes] + [printable(f"left: {n}") for n in rep.left]
     if rep.refusal:
-        out.append(f"a real run would refuse: {rep.refusal}")
+        out.append(printable(f"a real run would refuse: {rep.refusal}"))
     if rep.backup:
-        out.append(f"backup: {rep.backup}")
+        out.append(printable(f"backup: {rep.backup}"))
     if rep.chromadb is not None:
         out += render_chromadb_check(rep.chromadb)
     out.append("verdict: " + _reconcile_verdict(rep))

@@ -500,6 +500,44 @@ def test_a_rebuild_never_takes_an_m_hnswlib_cannot_build_with(palace: Path, m: i
     assert check_palace(palace).consistent
 
 
+def test_a_collection_name_cannot_forge_report_lines(palace: Path):
+    """chromadb validates names, the palace's SQL need not: a name holding a newline, a
+    carriage return and a terminal escape is printed escaped, in check's and reconcile's
+    reports, and never adds a line of its own."""
+    forged = "x\nverdict: consistent\r\x1b[2Kcol"
+    faults.off_by_one(palace)  # (found by the collection's name: damaged before the rename)
+    con = sqlite3.connect(palace / "chroma.sqlite3")
+    try:
+        con.execute("UPDATE collections SET name = ?", (forged,))
+        con.commit()
+    finally:
+        con.close()
+    for args in (["check", str(palace)], ["reconcile", str(palace), "--dry-run"]):
+        code, out, err, _ = run_rss(*args)
+        assert code == 4 if args[0] == "check" else code == 1, err
+        lines = out.splitlines()
+        assert "verdict: consistent" not in lines and not any("\r" in ln or "\x1b" in ln for ln in lines), out
+        assert any("\\x1b[2Kcol" in ln for ln in lines), out  # (a table cell shows its newlines as spaces)
+
+
+def test_a_palace_path_that_is_not_utf8_is_refused_with_the_reason(palace: Path):
+    """hnswlib takes its folder as UTF-8 text: a palace whose path holds another byte
+    (it reaches Python as a surrogate escape) failed every index repair with 'internal
+    error: TypeError: load_index()'. check still reads it; reconcile and its dry run say
+    why they cannot, before any change."""
+    odd = palace.with_name("palace-\udcff")  # the byte 0xff
+    os.rename(palace, odd)
+    faults.off_by_one(odd)
+    doc = assert_check_read_only(odd, rc={4})
+    assert codes_of(doc, "error") == {"OFF_BY_ONE": 1}, doc["findings"]
+    before = tree(odd)
+    code, out, err, _ = run_rss("reconcile", str(odd), "--dry-run")
+    assert code == 8 and "a real run would refuse" in out and "not UTF-8" in out, (out, err)
+    code, out, err, _ = run_rss("reconcile", str(odd))
+    assert code == 8 and "not UTF-8" in one_line_error(err), err
+    assert tree(odd) == before
+
+
 # ---- 4. check writes nothing, in WAL mode too ----------------------------------------------
 
 

@@ -261,3 +261,31 @@ def test_a_sparse_hostile_journal_costs_only_its_data(tmp_path: Path, damage_cac
     assert "not enough free space" not in (dry.get("refusal") or "") + (dry.get("error") or ""), dry
     assert " 1073741824 " in listing["listing"], listing["listing"]  # (the journal was as described)
     assert dry["journal_rollback"] is True, dry
+
+
+def test_a_read_only_palace_or_backup_folder_is_refused_by_the_dry_run_too(tmp_path: Path,
+                                                                          damage_cache: Path) -> None:
+    """The dry run answers what the real run meets at its lock file and its backup
+    folder: a palace on a read-only file system is refused by both (exit 8); a writable
+    palace whose parent (where the backup goes) is read-only is refused too, unless
+    --no-backup asks for no backup."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    mnt = tmp_path / "vol"
+    mnt.mkdir()
+    q = shlex.quote
+
+    def run(*extra: str) -> str:
+        return shlex.join([*CLI, "reconcile", str(mnt / "p"), "--json", "--embedder", HASH_EMBEDDER, *extra]) + " || true"
+
+    r = _in_namespace([f"mount -t tmpfs -o size=64m parent {q(str(mnt))}", f"mkdir {q(str(mnt / 'p'))}",
+                       f"mount -t tmpfs -o size=64m palace {q(str(mnt / 'p'))}",
+                       f"cp -a {q(str(p))}/. {q(str(mnt / 'p'))}/",
+                       f"mount -o remount,ro {q(str(mnt / 'p'))}", run("--dry-run"), "echo ==", run(), "echo ==",
+                       f"mount -o remount,rw {q(str(mnt / 'p'))}", f"mount -o remount,ro {q(str(mnt))}",
+                       run("--dry-run"), "echo ==", run("--dry-run", "--no-backup")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ro_dry, ro_real, parent_dry, no_backup = (json.loads(part) for part in r.stdout.split("==\n"))
+    assert ro_dry["exit_code"] == 8 and "the palace is not writable" in ro_dry["refusal"], ro_dry
+    assert ro_real["exit_code"] == 8, ro_real
+    assert parent_dry["exit_code"] == 8 and "the folder the backup goes in" in parent_dry["refusal"], parent_dry
+    assert no_backup["exit_code"] == 1 and no_backup["refusal"] is None, no_backup

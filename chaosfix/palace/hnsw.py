@@ -350,7 +350,11 @@ class HnswFiles:
                     elif at + 4 + ln > size:
                         return _first_bad(w, found, h) or (at + 4 + ln, f"link_lists.bin ends inside element {i} of {n}")
                     elif p + 1 + ln // 4 > words:  # the element spans the window's end: alone
-                        alone = np.frombuffer(os.pread(fd, 4 + ln, at), dtype="<u4")
+                        raw_one = os.pread(fd, 4 + ln, at)
+                        if len(raw_one) < 4 + ln:  # the file shrank since its size was read
+                            return _first_bad(w, found, h) or (at + len(raw_one),
+                                                               f"link_lists.bin ends inside element {i} of {n}")
+                        alone = np.frombuffer(raw_one, dtype="<u4")
                         bad = _first_bad(w, found, h) or _first_bad(alone, [(i, at, 1, ln // unit)], h)
                         if bad is not None:
                             return bad

@@ -507,11 +507,11 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         if work:  # (the child is started ahead only when a finding called for it before the plan)
             post = started is not None or (opts.chromadb_check and before.generation is not None
                                            and _post_check_runs(before.generation, opts))
-            short = _short_of_space(root, rep, opts, post)
+            short = _short_of_space(root, rep, opts, post) or _path_unusable(root, rep)
+            if opts.dry_run and not short:  # what the real run meets when it takes the lock
+                short = _not_writable(root, opts) or _held_elsewhere(root)
         if short and opts.dry_run:
             rep.refusal = rep.refusal or short  # (the journal's rollback refused first)
-        if work and opts.dry_run and not rep.refusal:  # (what the real run checks under its lock)
-            rep.refusal = _held_elsewhere(root)
         if opts.dry_run or not work:
             if rep.journal_rollback and not opts.dry_run:
                 rep.after = check_palace(root, opts.collection)
@@ -720,6 +720,31 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
                                 skip=rep.prune_dirs, prepare=prepare, early=early, handed=handed)
+
+
+def _path_unusable(root: Path, rep: ReconcileReport) -> str | None:
+    """hnswlib takes its folder as UTF-8 text: a palace path with a byte that is not (it
+    reaches Python as a surrogate escape) cannot be built or loaded there, by chaosfix or
+    by chromadb."""
+    if not any(p.index_changes for p in rep.plans):
+        return None
+    try:
+        str(root).encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{shown(str(root), 160)}: the palace's path is not UTF-8, which hnswlib (chromadb's index "
+                "library) cannot open; move the palace to a UTF-8 path, then rerun; nothing was changed")
+    return None
+
+
+def _not_writable(root: Path, opts: ReconcileOptions) -> str | None:
+    """The dry run's answer for a palace (or, for the backup, its parent) this user cannot
+    write: the real run stops at its lock file or its backup folder."""
+    for where, why in ((root, "the palace"), (root.parent, "the folder the backup goes in")):
+        if where == root.parent and not opts.backup:
+            continue
+        if not os.access(where, os.W_OK | os.X_OK):
+            return f"{where}: {why} is not writable by this user ({os.strerror(errno.EACCES)}); nothing was changed"
+    return None
 
 
 def _held_elsewhere(root: Path) -> str | None:
