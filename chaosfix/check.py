@@ -36,7 +36,7 @@ CODES = {
     "REPLAY_CONFLICT": "pending deletes already applied to the index: chromadb 1.x fails to apply logs",
     "INDEX_AHEAD": "index holds writes SQL rolled back (0.6 persist before commit): wrong vectors",
     "OFF_BY_ONE": "total_elements_added below the max label, or maps not inverse",
-    "DIMENSION_LOST": "0.6 id map without dimensionality (0.6 raises TypeError on every read)",
+    "DIMENSION_LOST": "id map without dimensionality (0.6 raises TypeError on every read), or not the index's",
     "TORN": "index files inconsistent with their header (torn or damaged write)",
     "PICKLE_MISSING": "index_metadata.pickle missing for a persisted segment",
     "PICKLE_UNREADABLE": "index_metadata.pickle truncated, zeroed or malformed",
@@ -342,6 +342,10 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
                 f"max label={top_label}, {inv} non-inverse map entries")
         if m.fmt == "object" and m.dimensionality is None and m.count:
             add("DIMENSION_LOST", 1, [], "0.6 id map has dimensionality None: chromadb 0.6 fails every read")
+        elif (m.dimensionality is not None and m.count and st.files is not None and st.files.header is not None
+              and not st.torn and m.dimensionality != st.files.header.dim):
+            add("DIMENSION_LOST", 1, [], f"id map says dimensionality {m.dimensionality}, the index holds "
+                f"{st.files.header.dim}-d vectors: chromadb 0.6 refuses every query (1.x ignores it)")
     if m is not None and st.written_in_rollback and not any(
             f.severity == ERROR and f.collection == info.name for f in report.findings):
         # said only when nothing else flags the index: any repair proves every slot anyway.

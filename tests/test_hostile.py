@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import HASH_EMBEDDER, reconcile
+from helpers import HASH_EMBEDDER, assert_judged_by_chromadb, reconcile, sql_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -536,6 +536,32 @@ def test_a_palace_path_that_is_not_utf8_is_refused_with_the_reason(palace: Path)
     code, out, err, _ = run_rss("reconcile", str(odd))
     assert code == 8 and "not UTF-8" in one_line_error(err), err
     assert tree(odd) == before
+
+
+@pytest.mark.parametrize("shape", ["dim-neg", "dim-bool", "dim-huge", "dim-wrong", "bool-label", "maxseq-neg",
+                                   "maxseq-huge"])
+def test_map_values_chromadb_cannot_load_are_found_and_repaired(palace: Path, shape: str):
+    """Allow-listed types holding values chromadb's loaders refuse (1.x: 'Error
+    deserializing pickle file' for a negative, bool or 64-bit dimension, a bool label,
+    a negative or 64-bit max_seq_id; 0.6: 'negative dimensions', 'an integer is
+    required', InvalidDimension for another dimension) passed check as consistent. Each
+    is a finding now, and the repair leaves a palace chromadb reads whole."""
+    path = faults.pickle_path(palace)
+    m = idmap.loads(path.read_bytes())
+    if shape.startswith("dim"):
+        m.dimensionality = {"dim-neg": -384, "dim-bool": True, "dim-huge": 2**63, "dim-wrong": 3}[shape]
+    elif shape == "bool-label":
+        rid = m.label_to_id.pop(1)
+        m.label_to_id[True] = rid
+        m.id_to_label[rid] = True
+    else:
+        m.max_seq_id = -5 if shape == "maxseq-neg" else 2**63
+    path.write_bytes(idmap.dumps(m))
+    rep = check_palace(palace)
+    assert not rep.consistent and set(rep.codes()) & {"PICKLE_UNREADABLE", "DIMENSION_LOST"}, rep.codes()
+    code, doc, err = reconcile(palace, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["chromadb"]["ok"], (err, doc and doc.get("chromadb"))
+    assert_judged_by_chromadb(palace, sql_rows(palace))
 
 
 # ---- 4. check writes nothing, in WAL mode too ----------------------------------------------

@@ -23,6 +23,8 @@ import numpy as np
 from chaosfix.palace import pickle_reader
 
 LABEL_LIMIT = 2**64
+SEQ_LIMIT = 2**63  # seq_ids are i64 in 1.x's loader
+MAX_DIM = 65536  # (chromadb's own embedding functions stop near 4096)
 PERSISTENT_DATA = ("chromadb.segment.impl.vector.local_persistent_hnsw", "PersistentData")
 FILENAME = "index_metadata.pickle"
 
@@ -277,16 +279,25 @@ def loads(raw: bytes, scanned: pickle_reader.Scan | None = None, bounded: bool =
     ok = (
         isinstance(id_to_label, dict)
         and isinstance(label_to_id, dict)
-        and isinstance(total, int)
-        # types compared in C (a restricted unpickle yields no subclasses; bool is an int)
-        and set(map(type, id_to_label)) <= {str} and set(map(type, id_to_label.values())) <= {int, bool}
-        and set(map(type, label_to_id)) <= {int, bool} and set(map(type, label_to_id.values())) <= {str}
-        and (dim is None or isinstance(dim, int))
+        and type(total) is int
+        # types compared in C (a restricted unpickle yields no subclasses). Never a bool
+        # where chromadb writes an int: 1.x's loader refuses one ("expected u32")
+        and set(map(type, id_to_label)) <= {str} and set(map(type, id_to_label.values())) <= {int}
+        and set(map(type, label_to_id)) <= {int} and set(map(type, label_to_id.values())) <= {str}
+        and (dim is None or type(dim) is int)
         and isinstance(id_to_seq, dict)
-        and (max_seq is None or isinstance(max_seq, int))
+        and (max_seq is None or type(max_seq) is int)
     )
     if not ok:
         raise UnreadablePickle("fields have unexpected types")
+    # values chromadb's loaders refuse (1.x: a dimension or seq_id beyond its integer
+    # types; 0.6: a dimension hnswlib cannot allocate)
+    if dim is not None and not 0 <= dim <= MAX_DIM:
+        raise UnreadablePickle(f"dimensionality {dim} out of range")
+    if max_seq is not None and not 0 <= max_seq < SEQ_LIMIT:
+        raise UnreadablePickle(f"max_seq_id out of range ({max_seq.bit_length()}-bit value)")
+    if fmt == "dict" and id_to_seq and not set(map(type, id_to_seq.values())) <= {int}:
+        raise UnreadablePickle("id_to_seq_id holds values that are not seq_ids")  # (1.x's loader refuses them)
     bad = _out_of_range(id_to_label, label_to_id, total)
     if bad:
         raise UnreadablePickle(bad)
@@ -304,7 +315,7 @@ def loads(raw: bytes, scanned: pickle_reader.Scan | None = None, bounded: bool =
 
 def _flat_seq_ids(id_to_seq: dict) -> bool:
     """True for a dict of str -> int whose ints are all within check_nesting's width."""
-    if not set(map(type, id_to_seq)) <= {str} or not set(map(type, id_to_seq.values())) <= {int, bool}:
+    if not set(map(type, id_to_seq)) <= {str} or not set(map(type, id_to_seq.values())) <= {int}:
         return False
     if not id_to_seq:
         return True

@@ -207,7 +207,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     dim = plan.dim = h.dim if h is not None and not st.torn else (st.info.dimension or 0)
     # the 0.6 object format needs the dimension (0.6 fails every read without it)
     plan.dimensionality = m.dimensionality if m is not None else None
-    if plan.fmt == "object" and plan.dimensionality is None:
+    if (plan.fmt == "object" and plan.dimensionality is None) or (
+            plan.dimensionality is not None and dim and plan.dimensionality != dim):  # (DIMENSION_LOST)
         plan.dimensionality = dim
 
     # only WAL rows the SQL rows already reflect (up to the metadata segment's seq) are
