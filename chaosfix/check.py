@@ -53,7 +53,7 @@ CODES = {
     "SQLITE_CORRUPT": "chroma.sqlite3 fails to open or PRAGMA quick_check",
     "SIDECAR": "chroma.sqlite3-journal, -wal or -shm is not a regular file (FIFO, symlink, folder): not opened",
     "PENDING": "WAL rows chromadb will replay on open (healthy)",
-    "FOREIGN_SQL": "a trigger or view chromadb never creates (error when it touches chromadb's tables)",
+    "FOREIGN_SQL": "a trigger, view or index chromadb never creates (error when it touches what chaosfix writes)",
     "UNSAFE_ID": "a collection or segment id that is not a UUID (never used as a path)",
     "SYMLINK": "a symlinked segment folder or file (never followed; info for chroma.sqlite3 itself)",
     "WAL_MODE": "chroma.sqlite3 is in SQLite WAL mode (chromadb uses a rollback journal; read without writing)",
@@ -161,8 +161,9 @@ def _schema(sql: PalaceSql, root: Path, report: CheckReport) -> bool:
     for sev, objs in ((ERROR, schema.dangerous), (INFO, [o for o in schema.foreign if not o.touches])):
         if objs:
             add(Finding("FOREIGN_SQL", sev, None, None, len(objs), [o.describe() for o in objs[:SAMPLE]],
-                        "chromadb creates no trigger or view; SQLite would run it on writes"
-                        if sev == ERROR else "trigger/view on tables chromadb does not use"))
+                        "chromadb creates no trigger or view, nor this index; SQLite would run it on writes"
+                        if sev == ERROR else "a trigger, view or index chromadb never creates, on what "
+                        "reconcile never writes"))
     if schema.missing:
         add(Finding("SQLITE_CORRUPT", ERROR, None, None, len(schema.missing), schema.missing[:SAMPLE],
                     "chromadb's schema is incomplete: missing " + ", ".join(schema.missing[:SAMPLE])))

@@ -564,6 +564,86 @@ def test_map_values_chromadb_cannot_load_are_found_and_repaired(palace: Path, sh
     assert_judged_by_chromadb(palace, sql_rows(palace))
 
 
+_NESTED_PERSISTENT_DATA = """
+import pickle, sys, types
+from chaosfix.palace import idmap
+path = sys.argv[1]
+m = idmap.loads(open(path, "rb").read())
+name = "chromadb.segment.impl.vector.local_persistent_hnsw"  # chromadb's own class path, faked here
+mod = sys.modules[name] = types.ModuleType(name)
+class PersistentData: pass
+PersistentData.__module__, PersistentData.__qualname__, mod.PersistentData = name, "PersistentData", PersistentData
+state = {"dimensionality": m.dimensionality, "total_elements_added": m.total_elements_added,
+         "id_to_label": m.id_to_label, "label_to_id": m.label_to_id, "id_to_seq_id": m.id_to_seq_id,
+         "max_seq_id": m.max_seq_id, "evil": PersistentData()}
+if m.fmt == "object":
+    top = PersistentData()
+    top.__dict__.update(state)
+else:
+    top = state
+open(path, "wb").write(pickle.dumps(top, protocol=3))
+"""
+
+
+def test_a_persistent_data_nested_in_the_map_is_unreadable_for_check_and_the_repair_alike(palace: Path):
+    """chromadb's own unpickler accepts a second PersistentData inside the map; chaosfix
+    read it, the dry run promised a repair, and every real run failed to write it back
+    ('global chaosfix.palace.idmap._PersistentDataStandIn is not allowed'). It is an
+    unreadable map now, for check, the dry run and the repair alike, which re-embeds."""
+    path = faults.pickle_path(palace)
+    subprocess.run([sys.executable, "-c", _NESTED_PERSISTENT_DATA, str(path)], check=True, env=child_env())
+    assert check_palace(palace).codes().get("PICKLE_UNREADABLE"), check_palace(palace).codes()
+    code, doc, err = reconcile(palace, "--dry-run", "--embedder", HASH_EMBEDDER)
+    assert code == 1, err
+    code, doc, err = reconcile(palace, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["chromadb"]["ok"], err
+    assert_judged_by_chromadb(palace, sql_rows(palace))
+
+
+def _plant_schema(palace: Path, what: str) -> None:
+    con = sqlite3.connect(palace / "chroma.sqlite3")
+    try:
+        if what == "collation-index":
+            con.create_collation("evilcoll", lambda a, b: (a > b) - (a < b))
+            con.execute("CREATE INDEX evil_i ON max_seq_id(segment_id COLLATE evilcoll)")
+        elif what == "function-index":
+            con.create_function("evilfn", 1, lambda x: x, deterministic=True)
+            con.execute("CREATE INDEX evil_i ON max_seq_id(evilfn(seq_id))")
+        else:  # a CHECK constraint the repair's seq_id breaks
+            con.execute("PRAGMA writable_schema=ON")
+            ddl = con.execute("SELECT sql FROM sqlite_master WHERE name='max_seq_id'").fetchone()[0]
+            con.execute("UPDATE sqlite_master SET sql=? WHERE name='max_seq_id'",
+                        (ddl.rstrip().rstrip(")") + ", CHECK (seq_id < 0))",))
+        con.commit()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("what", ["function-index", "collation-index", "check-constraint"])
+def test_schema_objects_chromadb_never_makes_stop_the_repair_in_one_line(palace: Path, what: str):
+    """An index over a function or collation only its author's program defines, or a
+    CHECK constraint, on a table reconcile writes: the repair's write failed with
+    'internal error: IntegrityError', and a collation read as 'corrupt, restore it
+    first'. An index is a FOREIGN_SQL finding now (refused, or dropped with
+    --drop-foreign-sql, its SQL kept in the backup); a collation names the index that
+    needs it; a constraint stops the write in one line. Nothing is changed."""
+    faults.poison_seq(palace, "vector")
+    _plant_schema(palace, what)
+    doc = assert_check_read_only(palace, rc={4})
+    if what != "check-constraint":
+        assert "FOREIGN_SQL" in codes_of(doc), doc["findings"]
+    before = tree(palace)
+    code, _, err, _ = run_rss("reconcile", str(palace), "--no-chromadb-check")
+    line = one_line_error(err)
+    assert code == 8 and ("evil_i" in line if what != "check-constraint" else "CHECK constraint failed" in line), err
+    assert "nothing was changed" in line or "refusing" in line or "then rerun" in line, line
+    assert tree(palace) == before
+    if what == "function-index":
+        code, doc, err = reconcile(palace, "--no-chromadb-check", "--drop-foreign-sql")
+        assert code == 1 and doc["foreign_sql_dropped"] == ["index 'evil_i' on max_seq_id"], err
+        assert check_palace(palace).consistent
+
+
 # ---- 4. check writes nothing, in WAL mode too ----------------------------------------------
 
 

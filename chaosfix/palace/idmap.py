@@ -296,6 +296,8 @@ def loads(raw: bytes, scanned: pickle_reader.Scan | None = None, bounded: bool =
         raise UnreadablePickle(f"dimensionality {dim} out of range")
     if max_seq is not None and not 0 <= max_seq < SEQ_LIMIT:
         raise UnreadablePickle(f"max_seq_id out of range ({max_seq.bit_length()}-bit value)")
+    if _nests_persistent_data(attrs):  # (chaosfix could not write it back under chromadb's name)
+        raise UnreadablePickle("a PersistentData object nested inside the id map")
     if fmt == "dict" and id_to_seq and not set(map(type, id_to_seq.values())) <= {int}:
         raise UnreadablePickle("id_to_seq_id holds values that are not seq_ids")  # (1.x's loader refuses them)
     bad = _out_of_range(id_to_label, label_to_id, total)
@@ -311,6 +313,21 @@ def loads(raw: bytes, scanned: pickle_reader.Scan | None = None, bounded: bool =
     except pickle_reader.PickleBoundsError as exc:
         raise UnreadablePickle(str(exc)) from None
     return IdMap(fmt, dim, total, id_to_label, label_to_id, dict(id_to_seq), max_seq, attrs)
+
+
+def _nests_persistent_data(obj: object) -> bool:
+    """A ``PersistentData`` anywhere in ``obj`` (the map's unknown fields: check_nesting
+    has bounded their depth). Only the top-level object may be one."""
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, _PersistentDataStandIn):
+            return True
+        if isinstance(x, dict):
+            todo += [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            todo += list(x)
+    return False
 
 
 def _flat_seq_ids(id_to_seq: dict) -> bool:

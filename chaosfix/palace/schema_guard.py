@@ -3,7 +3,9 @@
 A palace is untrusted input, and SQLite runs a file's own triggers (and reads its views)
 on every connection that writes or reads the tables they sit on. chromadb 0.4 - 1.5
 never create a trigger or a view (their migrations make tables, FTS5 shadow tables and
-indexes only), so any trigger or view is foreign: someone else put it there. The names
+indexes only), so any trigger or view is foreign: someone else put it there. So is an
+index not among chromadb's own: SQLite evaluates its functions and collations on every
+write of its table. The names
 below are chromadb's own objects across its generations (0.4.x ``embedding_fulltext``
 and the migrations' transient ``*_tmp`` tables included), so a palace of any supported
 version passes and anything else is named.
@@ -67,7 +69,7 @@ _WORDS = re.compile("|".join(sorted(CHROMA_TABLES, key=len, reverse=True)), re.I
 
 @dataclass(frozen=True)
 class ForeignObject:
-    """A trigger or view chromadb never creates, or an object in a chromadb name's place."""
+    """A trigger, view or index chromadb never creates, or an object in a chromadb name's place."""
 
     type: str
     name: str
@@ -76,7 +78,7 @@ class ForeignObject:
     touches: bool  # it sits on, names or stands in for a table chaosfix or chromadb uses
 
     def describe(self) -> str:
-        on = f" on {self.table}" if self.type == "trigger" else ""
+        on = f" on {self.table}" if self.type in ("trigger", "index") else ""
         return f"{self.type} {self.name!r}{on}"
 
 
@@ -106,6 +108,12 @@ def inspect(conn: sqlite3.Connection) -> SchemaReport:
             # (a view named like a chromadb table) anything chromadb or chaosfix use
             touches = _is_chroma_table(tbl) or _is_chroma_table(name) or bool(_WORDS.search(sql))
             rep.foreign.append(ForeignObject(typ, name, tbl, sql, touches))
+        elif typ == "index" and sql and name.lower() not in CHROMA_INDEXES:
+            # SQLite evaluates an index's expressions, functions and collations on every
+            # write of its table: on a table reconcile writes, a foreign one fails the
+            # repair's write ('unknown function', 'no such collation sequence')
+            touches = tbl.lower() in WRITTEN | STALE_DELETES
+            rep.foreign.append(ForeignObject(typ, name, tbl, sql, touches))
     for table, cols in REQUIRED.items():
         if table not in tables:
             rep.missing.append(table)
@@ -116,7 +124,7 @@ def inspect(conn: sqlite3.Connection) -> SchemaReport:
 
 
 def drop_statements(objs: list[ForeignObject]) -> list[str]:
-    """DROP statements for foreign triggers and views (run inside the write transaction)."""
+    """DROP statements for foreign triggers, views and indexes (run inside the write transaction)."""
     out = []
     for o in objs:
         quoted = '"' + o.name.replace('"', '""') + '"'
@@ -128,7 +136,7 @@ def drop_statements(objs: list[ForeignObject]) -> list[str]:
 
 _WRITES = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
 _DROPS = {sqlite3.SQLITE_DROP_TRIGGER, sqlite3.SQLITE_DROP_VIEW, sqlite3.SQLITE_DROP_TEMP_TRIGGER,
-          sqlite3.SQLITE_DROP_TEMP_VIEW}
+          sqlite3.SQLITE_DROP_TEMP_VIEW, sqlite3.SQLITE_DROP_INDEX}
 
 
 def writer_authorizer(drops: frozenset[str] = frozenset(), stale: bool = False):  # noqa: ANN201 - sqlite3 callback

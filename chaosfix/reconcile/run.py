@@ -185,6 +185,13 @@ def _refuse_sql_damage(rep: CheckReport, root: Path) -> None:
                                f"({gen.evidence[0]}); refusing to write to it")
     corrupt = next((f for f in rep.findings if f.code == "SQLITE_CORRUPT"), None)
     if corrupt is not None:
+        foreign = next((f for f in rep.findings if f.code == "FOREIGN_SQL"), None)
+        needs = next((x for x in (*corrupt.sample, corrupt.detail) if "no such collation" in x
+                      or "no such function" in x), None)
+        if needs and foreign is not None:  # not damage: an object someone added needs code chromadb lacks
+            raise OperationalError(f"{root}: chroma.sqlite3 cannot be checked: {needs[:120]}, which "
+                                   f"{', '.join(foreign.sample[:3])} (chromadb never creates it) needs; the data is "
+                                   "not corrupt: drop that object with sqlite3, then rerun")
         why = corrupt.detail if corrupt.detail.startswith("chromadb's schema") else "PRAGMA quick_check fails"
         raise OperationalError(f"{root}: chroma.sqlite3 is corrupt ({why[:200]}); restore it first")
 
@@ -571,8 +578,9 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                         if d.name.startswith(BUILD_PREFIX) and not is_link(d):
                             shutil.rmtree(d, ignore_errors=True)
                 _drop_useless_backup(rep)
-                if isinstance(exc, (OSError, sqlite3.OperationalError)) and not isinstance(exc, ChaosfixError):
-                    # a full disk ("database or disk is full" from SQLite), a file system gone read-only
+                if isinstance(exc, (OSError, sqlite3.Error)) and not isinstance(exc, ChaosfixError):
+                    # a full disk ("database or disk is full" from SQLite), a file system gone read-only,
+                    # a constraint of the palace's own schema refusing the repair's write
                     raise OperationalError(_stopped_by(root, exc, rep.touched)) from None
                 raise
             conn.close()
