@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -143,6 +144,10 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
         proc.wait()
         if kill_after is None:
             raise RuntimeError(f"chromadb child timed out after {timeout}s") from None
+    except BaseException:  # Ctrl-C: the child has a session of its own and never saw it
+        os.killpg(proc.pid, signal.SIGKILL)  # dead before the caller removes the folder it writes
+        proc.wait()
+        raise
     for t in readers:
         t.join()
     rc, stderr = proc.returncode, "".join(err)
@@ -204,14 +209,32 @@ def template(spec: PalaceSpec, progress: ProgressFn | None = None) -> Path:
     if (dest / "chroma.sqlite3").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _drop_stale_builds(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
-    build_palace(tmp / "p", spec, progress)
     try:
-        os.rename(tmp / "p", dest)  # another worker may have won the race: fine
-    except OSError:
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
+        build_palace(tmp / "p", spec, progress)
+        try:
+            os.rename(tmp / "p", dest)  # another worker may have won the race: fine
+        except OSError:
+            pass
+    finally:  # (a failed or interrupted build too)
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+STALE_BUILD = 6 * 3600  # seconds: a build this old was killed (a 500k-drawer one takes minutes)
+
+
+def _drop_stale_builds(cache: Path) -> None:
+    """Remove the half-built palaces a killed run left in the cache (a young one may be
+    another process's build in progress: left alone)."""
+    now = time.time()
+    for d in cache.glob(".build-*"):
+        try:
+            if d.is_dir() and not d.is_symlink() and now - d.stat().st_mtime > STALE_BUILD:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def copy_palace(src: str | Path, dst: str | Path) -> Path:

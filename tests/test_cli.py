@@ -257,3 +257,37 @@ def test_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
         bar("building index", 1, 4)
         bar.say("a log line")
     assert not bar.enabled and (tmp_path / "log").read_text() == "chaosfix: a log line\n"
+
+
+@pytest.mark.parametrize("stage", ["build", "observe"])
+def test_ctrl_c_in_simulate_leaves_nothing_behind(stage: str, tmp_path: Path) -> None:
+    """A real SIGINT while simulate's chromadb child builds the cached palace, or observes
+    the broken one: exit 130 and no half-built palace in the cache, no scratch folder in
+    TMPDIR. The child runs in a session of its own (the terminal's Ctrl-C never reaches
+    it); it kept writing into the folder being removed, and the build's folder stayed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "CHAOSFIX_CACHE": str(cache), "TMPDIR": str(tmp), "ANONYMIZED_TELEMETRY": "False"}
+    # (SIGINT as a terminal delivers it: xdist's workers ignore it, and a child inherits that)
+    proc = subprocess.Popen([sys.executable, "-c", "from chaosfix.cli import main; main()", "simulate",
+                             "partial-flush"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = (list((cache / "palaces").glob(".build-*/p/chroma.sqlite3")) if stage == "build"
+                else list(tmp.glob("chaosfix-partial-flush-*/observe/chroma.sqlite3")))
+        if seen:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "chaosfix: interrupted", (proc.returncode, err)
+    time.sleep(0.5)  # (a surviving child would still be writing)
+    assert not list((cache / "palaces").glob(".build-*")) if (cache / "palaces").exists() else True
+    assert not list(tmp.glob("chaosfix-*")), list(tmp.rglob("*"))[:10]
