@@ -92,8 +92,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="keep the palaces of failed tests and print where they are")
     g.addoption("--chaos-keep-dir", default=None, metavar="DIR",
                 help="where --chaos-keep puts them (default: .chaosfix-keep under the rootdir)")
-    g.addoption("--chaos-profile", default=None, metavar="NAME",
-                help="hypothesis profile for chaosfix.stateful machines: dev, ci (default) or nightly")
+    g.addoption("--chaos-profile", default=None, choices=("dev", "ci", "nightly"),
+                help="hypothesis profile for chaosfix.stateful machines and chaos_explore's states: "
+                     "dev, ci (default) or nightly")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -175,6 +175,14 @@ def test_unknown_scenario_in_marker_is_a_clear_error(inner):
     assert "unknown scenario 'no-such-scenario'" in _out(res)
 
 
+def test_an_unknown_profile_is_a_usage_error_naming_the_choices(inner):
+    """--chaos-profile bogus failed at collection with hypothesis's InvalidArgument traceback."""
+    inner.makepyfile(test_x="def test_x():\n    pass\n")
+    res = inner.runpytest("--chaos-profile", "bogus")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "invalid choice: 'bogus'" in _out(res) and "'nightly'" in _out(res) and "Traceback" not in _out(res)
+
+
 def test_missing_scenario_folder_is_a_usage_error(inner):
     inner.makepyfile(test_x="def test_x():\n    pass\n")
     res = inner.runpytest("--chaos-scenarios", "nowhere")

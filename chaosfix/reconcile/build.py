@@ -24,7 +24,9 @@ from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.plan import CollectionPlan
 from chaosfix.reconcile.safety import fsync_tree, killpoint
 
-BATCH = 20000
+# vectors per hnswlib add_items call: hnswlib holds no GIL while it inserts, so Ctrl-C waits
+# for the call to return (20,000 took 5-10 s); a call costs nothing measurable beside its inserts
+BATCH = 2000
 # hnswlib threads for inserts and queries: every CPU this process may run on (hnswlib's
 # own default, std::thread::hardware_concurrency, ignores affinity and cgroup limits)
 THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
