@@ -24,7 +24,10 @@
    starting low proves the same for a quarter of the query time. A miss left is
    confirmed by brute force: a graph that cannot reach a vector that is still its own
    nearest neighbour is hnswlib's known quirk, tolerated up to a small rate (or three
-   times the rate of the untouched sample, this graph's own); anything else fails.
+   times the rate of the untouched sample, this graph's own); anything else fails, but
+   in ip, where k other vectors may outrank a row for its own vector (norms vary), so
+   that no query of it returns it: such a row passes when the level-0 graph proves it
+   reachable (``outranked``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Verification:
     gate_queried: int = 0  # repaired rows asked at gate_ef (with the whole sample)
     recovered: int = 0  # misses found again at a higher ef (<= ef_max), or proven found by the graph
     by_graph: bool = False  # misses were settled by the level-0 graph's reachability, not deeper searches
+    outranked: int = 0  # ip: rows k others outrank for their own vector, proven reachable by the graph
     # by_graph: measures, when called, the share of the untouched sample that no search up
     # to ef_max finds (this graph's depth); not part of the report
     depth: Callable[[], float] | None = field(default=None, repr=False)
@@ -169,8 +173,10 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     v = Verification()
     # cosine (unit vectors) and l2: no other vector is closer to a row than itself, so a
     # search that reaches a row returns it in its top k (but for k exact duplicates of it,
-    # which are as good an answer); ip promises no such thing
-    graph = graph and space in ("cosine", "l2")
+    # which are as good an answer), and a miss is settled by the graph's reach; ip
+    # promises no such thing: there the reach speaks only for the rows other vectors
+    # outrank (brute force below), which no self-query can return
+    settle = graph and space in ("cosine", "l2")
     got = zero_diff(seg_dir, sql_ids, v, map_digest, space if graph else None)
     del sql_ids  # the caller passes a temporary: its memory goes to the index below
     if got is None or not v.ok:
@@ -227,7 +233,7 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     # each row is asked once: at gate_ef the rows the comparison below needs (a seeded
     # part of the repaired rows and the whole sample), at ef the other repaired rows
     at_gate = np.zeros(len(check_ids), dtype=bool)
-    if reached is not None and gate_ef is not None and gate_ef > cur and n_planned and n_rest:
+    if reached is not None and settle and gate_ef is not None and gate_ef > cur and n_planned and n_rest:
         pick = random.Random(seed).sample(range(n_planned), min(GATE_REPAIRED, n_planned))
         at_gate[pick] = at_gate[n_planned:] = True
         v.gate_ef, v.gate_queried = gate_ef, len(pick)
@@ -239,9 +245,9 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
             miss_rows = np.union1d(miss_rows, _self_misses(index, stored, labels, rows, k, at, progress))
     v.queried = len(check_ids)
     v.misses = len(miss_rows)
-    v.by_graph = reached is not None
+    v.by_graph = reached is not None and settle
 
-    if reached is not None:
+    if reached is not None and settle:
         # the comparison below and the depth: on the rows asked at gate_ef, or on all
         g_ef, g_rows = (gate_ef, np.flatnonzero(at_gate)) if at_gate.any() else (cur, np.arange(len(check_ids)))
         g_miss = miss_rows[at_gate[miss_rows]] if at_gate.any() else miss_rows
@@ -274,6 +280,10 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
             if n_closer < k:
                 v.unreachable += 1  # still among its own k nearest: the graph's quirk, not corruption
                 quirks_in_rest += j >= n_planned
+            elif space == "ip" and reached is not None and reached[j]:
+                v.outranked += 1  # ip: k others score higher than the row itself; the graph reaches it
+            elif space == "ip":
+                v.fail(f"{check_ids[j]}: k vectors outrank it in ip and the graph does not prove it reachable")
             else:
                 v.fail(f"self-query of {check_ids[j]} fails even by brute force")
         # the untouched sample is this graph's own quirk rate (a large random-vector graph
