@@ -115,7 +115,7 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
     plan needs it, and reading data_level0.bin a second time would cost a full pass)."""
     db = palace_db(path)
     root = db.parent
-    report = CheckReport(palace=str(root))
+    report = CheckReport(palace=os.path.abspath(root))  # (as reconcile reports it: absolute, lexically)
     try:
         sql = PalaceSql(db, conn)
     except SidecarError as exc:

@@ -140,13 +140,11 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
     try:
         proc.wait(timeout=kill_after if kill_after is not None else timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_group(proc)
         if kill_after is None:
             raise RuntimeError(f"chromadb child timed out after {timeout}s") from None
     except BaseException:  # Ctrl-C: the child has a session of its own and never saw it
-        os.killpg(proc.pid, signal.SIGKILL)  # dead before the caller removes the folder it writes
-        proc.wait()
+        _kill_group(proc)  # dead before the caller removes the folder it writes
         raise
     for t in readers:
         t.join()
@@ -154,6 +152,17 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
     if prefix and rc != 0 and (rc == 128 + signal.SIGKILL or "+++ killed by SIGKILL" in stderr):
         rc = -signal.SIGKILL  # strace reports the tracee's death as its own exit 137
     return ChildResult(rc, parse_result("".join(out)), stderr)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group and reap it (it may have ended meanwhile:
+    Popen.wait gives a child a quarter second to exit after a Ctrl-C)."""
+    if proc.poll() is None:  # (never a reaped pid: it may be another process's by now)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def parse_result(stdout: str | None) -> dict:

@@ -85,6 +85,17 @@ def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no
             assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, code, err)
 
 
+def test_check_names_the_palace_absolute_as_reconcile_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check --json gave the palace as typed ("p1"), reconcile --json its absolute path."""
+    from chaosfix.workload import PalaceSpec, fresh_palace
+
+    fresh_palace(tmp_path / "p1", PalaceSpec(drawers=20, dim=8, sync_threshold=10, batch_size=5))
+    monkeypatch.chdir(tmp_path)
+    checked = json.loads(invoke("check", "p1", "--json")[1])
+    planned = json.loads(invoke("reconcile", "p1", "--dry-run", "--json")[1])
+    assert checked["palace"] == planned["palace"] == str(tmp_path / "p1")
+
+
 def test_operational_error_with_json_prints_an_error_object(tmp_path: Path) -> None:
     code, out, err = invoke("check", str(tmp_path / "nope"), "--json")
     assert code == 8 and len(err.strip().splitlines()) == 1
