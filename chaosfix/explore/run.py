@@ -483,6 +483,8 @@ def explore(workloads: list[Workload], profile: Profile | None = None, seed: int
                 f"({dict(sorted(counts.items()))}), counted in {time.monotonic() - t0:.1f}s")
             if at is not None:
                 _reached(at, points)
+                say(f"{wl.name} {at}: replaying the workload to that state, then judging it (chromadb before, "
+                    "check, reconcile, chromadb after): about a minute")
             todo = [at] if at is not None else candidates(points, profile, seed, classes, power_loss)
             for key in todo:
                 report.states.append(_one(ex, key))
