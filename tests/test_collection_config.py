@@ -105,6 +105,29 @@ def test_space_and_settings_come_from_the_schema(configured):
         assert parse_header(faults.segment_file(configured, "header.bin", name).read_bytes()).m == HNSW["max_neighbors"]
 
 
+@pytest.mark.skipif(chroma_major() != "1.x", reason="the configuration API's schema_str is chromadb 1.3+")
+def test_a_large_schema_or_one_naming_no_space_is_read_as_chromadb_reads_it(configured, tmp_path):
+    """chromadb records every metadata key a collection saw in its schema_str (1.4 MB at
+    12,000 keys), which chaosfix once skipped above 1 MiB, reading the space from the
+    metadata instead; and a schema whose vector index names no space is l2 to chromadb,
+    whatever the metadata says."""
+    import sqlite3
+
+    p = tmp_path / "palace"
+    shutil.copytree(configured, p)
+    con = sqlite3.connect(p / "chroma.sqlite3")
+    try:
+        con.execute("UPDATE collections SET schema_str = json_set(schema_str, '$.keys.pad', ?)", ("x" * (3 << 20),))
+        con.execute("""UPDATE collections SET schema_str = json_remove(schema_str,
+                       '$.keys."#embedding".float_list.vector_index.config.space',
+                       '$.defaults.float_list.vector_index.config.space') WHERE name = 'meta-cosine-cfg-ip'""")
+        con.commit()
+    finally:
+        con.close()
+    want = {name: space for name, (_, _, space) in COLLECTIONS.items()} | {"meta-cosine-cfg-ip": "l2"}
+    assert {c["name"]: c["space"] for c in check_palace(p).collections} == want
+
+
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))
 def test_a_rebuild_keeps_the_space_the_settings_and_every_embedding(name, configured, tmp_path):
     """A bloated link_lists.bin makes reconcile rebuild the index (the strategy that reads

@@ -37,7 +37,8 @@ VECTOR_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
 METADATA_TYPE = "urn:chroma:segment/metadata/sqlite"
 DOCUMENT_KEY = "chroma:document"
 DOCUMENTS_BY_ID = 20000  # up to this many ids, documents() looks them up by id
-SCHEMA_MAX = 1 << 20  # a collection's schema_str is a few KB: a hostile giant is not read
+CONFIG_MAX = 1 << 20  # a collection's config_json_str is a few hundred bytes
+SCHEMA_MAX = 1 << 28  # its schema_str grows with its metadata keys (1.4 MB at 12,000): parsed by SQLite
 
 
 def _blob_seqs(rows: dict[str, object]) -> dict[str, int] | None:
@@ -127,23 +128,28 @@ class CollectionInfo:
     vector_segment: str | None = None
     metadata_segment: str | None = None
     index_config: dict = field(default_factory=dict)  # 1.3+: schema_str's vector index config
+    has_schema: bool = False  # 1.3+: a schema_str (then it alone holds the index's settings)
 
     @property
     def space(self) -> str:
-        """Distance space: 1.3+'s schema first (chromadb 1.5.9 builds and searches in it
-        even where the collection's metadata names another space; its config_json_str is
-        then ``{}``), then the metadata (0.x honours it), then 1.0-1.2's config."""
-        if isinstance(self.index_config.get("space"), str):
-            return self.index_config["space"]
+        """Distance space: a 1.3+ schema's alone (chromadb 1.5.9 builds and searches in it
+        even where the collection's metadata names another space, and in l2 where the
+        schema names none; its config_json_str is then ``{}``), else the metadata (0.x
+        honours it), then 1.0-1.2's config."""
+        if self.has_schema:
+            space = self.index_config.get("space")
+            return space if isinstance(space, str) else "l2"
         if "hnsw:space" in self.metadata:
             return str(self.metadata["hnsw:space"])
         return str(hnsw_config(self.config).get("space", "l2"))
 
     def param(self, key: str, default: int) -> int:
         """An HNSW parameter in 0.6's metadata name (M, construction_ef, search_ef...),
-        from the same sources in the same order as ``space``."""
-        val = hnsw_config(self.index_config).get(key)
-        if val is None:
+        from the same sources as ``space``: a schema's (or chromadb's default), else the
+        metadata's, then the config's."""
+        if self.has_schema:
+            val = hnsw_config(self.index_config).get(key, default)
+        else:
             val = self.metadata.get(f"hnsw:{key}", hnsw_config(self.config).get(key, default))
         try:
             return int(val) if val is not None else default
@@ -151,17 +157,17 @@ class CollectionInfo:
             return default
 
 
-def vector_index_config(schema: object) -> dict:
-    """The vector index config in a 1.3+ ``schema_str`` (parsed): the ``#embedding`` key's
-    (what chromadb builds the index with), else the defaults'; {} when there is none."""
-    if not isinstance(schema, dict):
-        return {}
-    for where in ((schema.get("keys") or {}).get("#embedding") if isinstance(schema.get("keys"), dict) else None,
-                  schema.get("defaults")):
-        try:
-            cfg = where["float_list"]["vector_index"]["config"]  # type: ignore[index]
-        except (KeyError, TypeError):
-            continue
+# a 1.3+ schema_str's vector index configs, cut out by SQLite: chromadb records every
+# metadata key a collection ever saw there (1.4 MB at 12,000 keys), and only these count
+_INDEX_CONFIGS = ('$.keys."#embedding".float_list.vector_index.config', "$.defaults.float_list.vector_index.config")
+
+
+def vector_index_config(*configs: object) -> dict:
+    """The vector index config of a 1.3+ schema: the ``#embedding`` key's (what chromadb
+    builds the index with), else the defaults' (JSON texts, as SQLite cut them out); {}
+    when there is none."""
+    for text in configs:
+        cfg = _json_or_none(text)
         if isinstance(cfg, dict):
             return cfg
     return {}
@@ -371,13 +377,19 @@ class PalaceSql:
     def collections(self) -> list[CollectionInfo]:
         cols = []
         have = self.columns["collections"]
-        extra = [f"CASE WHEN length({c}) < {SCHEMA_MAX} THEN {c} END" if c in have else "NULL"
-                 for c in ("config_json_str", "schema_str")]
-        for cid, name, dim, cfg_text, schema_text in self.conn.execute(
-                f"SELECT id, name, dimension, {', '.join(extra)} FROM collections"):
-            cfg, schema = (_json_or_none(t) for t in (cfg_text, schema_text))
+        cfg_col = f"CASE WHEN length(config_json_str) < {CONFIG_MAX} THEN config_json_str END" \
+            if "config_json_str" in have else "NULL"
+        if "schema_str" in have:  # (valid JSON of a size SQLite parses in bounded time)
+            ok = f"schema_str IS NOT NULL AND length(schema_str) < {SCHEMA_MAX} AND json_valid(schema_str)"
+            schema_cols = f"{ok}, " + ", ".join(f"CASE WHEN {ok} THEN json_extract(schema_str, '{path}') END"
+                                                for path in _INDEX_CONFIGS)
+        else:
+            schema_cols = "0, NULL, NULL"
+        for cid, name, dim, cfg_text, has_schema, *configs in self.conn.execute(
+                f"SELECT id, name, dimension, {cfg_col}, {schema_cols} FROM collections"):
+            cfg = _json_or_none(cfg_text)
             cols.append(CollectionInfo(id=cid, name=name, dimension=dim, config=cfg if isinstance(cfg, dict) else {},
-                                       index_config=vector_index_config(schema)))
+                                       index_config=vector_index_config(*configs), has_schema=bool(has_schema)))
         # 0.4 has no bool_value column
         values = [c for c in ("str_value", "int_value", "float_value", "bool_value")
                   if c in self.columns["collection_metadata"]]
