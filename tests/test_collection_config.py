@@ -13,6 +13,7 @@ space (pinned below). Every palace here is built, damaged and judged by the real
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -153,3 +154,27 @@ def test_a_rebuild_keeps_the_space_the_settings_and_every_embedding(name, config
         assert a["near"] == b["near"], col
         assert np.allclose(a["dist"], b["dist"], rtol=1e-5, atol=1e-6), col
     assert parse_header(faults.segment_file(p, "header.bin", name).read_bytes()).m == HNSW["max_neighbors"]
+
+
+def test_a_rebuild_keeps_every_norm_a_torn_length_bin_still_holds(configured, tmp_path):
+    """length.bin cut to half its elements (TORN): the rebuild keeps the norm of every row
+    whose norm is still there (it once dropped them all when one was missing, and
+    chromadb then returned every row as a unit vector, passed by the post-check's
+    direction-only comparison), gives the others their direction, and says so."""
+    p = tmp_path / "palace"
+    shutil.copytree(configured, p)
+    before = _observe(p)["meta-cosine"]
+    lengths = faults.segment_file(p, "length.bin", "meta-cosine")
+    h = parse_header(faults.segment_file(p, "header.bin", "meta-cosine").read_bytes())
+    os.truncate(lengths, 4 * (h.cur_element_count // 2))
+    code, doc, err = reconcile(p)
+    assert code == 1 and doc["chromadb"]["ok"], err
+    (plan,) = [pl for pl in doc["plans"] if pl["collection"] == "meta-cosine"]
+    assert plan["strategy"] == "rebuild" and any("norms are not in length.bin" in r for r in plan["reasons"])
+    after = _observe(p)["meta-cosine"]
+    assert after["ids"] == before["ids"]
+    b, a = np.asarray(before["emb"], dtype=np.float32), np.asarray(after["emb"], dtype=np.float32)
+    same = (a == b).all(axis=1)
+    assert same.sum() >= h.cur_element_count // 2 - 1, same.sum()  # every norm still there: exact
+    unit = np.abs(np.linalg.norm(a[~same], axis=1) - 1) < 1e-5
+    assert unit.all() and not same.all()  # the rest: their direction, as unit vectors

@@ -44,13 +44,14 @@ def _space(plan: CollectionPlan) -> str:
 
 
 def kept_vectors(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
-    """Original vectors of kept ids: for cosine, stored (normalized) x length.bin norm."""
+    """Original vectors of kept ids: for cosine, stored (normalized) x length.bin norm,
+    where the row's norm is there to read (else its stored unit vector)."""
     st = plan.state
     assert st is not None and st.files is not None
     slots = _kept_slots(plan, ids)
     vecs = st.files.vectors(slots)
     n = _kept_lengths(plan, slots)
-    return vecs * n[:, None] if n is not None else vecs
+    return vecs * np.where(np.isnan(n), 1.0, n).astype(np.float32)[:, None] if n is not None else vecs
 
 
 def _kept_slots(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
@@ -59,15 +60,27 @@ def _kept_slots(plan: CollectionPlan, ids: list[str]) -> np.ndarray:
     return np.array([slots_of[plan.keep[i]] for i in ids], dtype=np.int64)
 
 
+def kept_lengths(plan: CollectionPlan, ids: list[str]) -> np.ndarray | None:
+    """``_kept_lengths`` of kept ids."""
+    return _kept_lengths(plan, _kept_slots(plan, ids))
+
+
 def _kept_lengths(plan: CollectionPlan, slots: np.ndarray) -> np.ndarray | None:
-    """The old length.bin norms of ``slots`` for a cosine index, when every one is usable."""
+    """The old length.bin norms of ``slots`` for a cosine index, NaN for a slot whose norm
+    is not there to read (a torn or short file, a value that is no norm); None when the
+    index keeps none (not cosine, no length.bin). Row by row: a file cut in half still
+    holds the first half's norms."""
     st = plan.state
     assert st is not None and st.files is not None
     if _space(plan) != "cosine" or "length.bin" not in st.files.present:
         return None
-    norms = np.memmap(st.files.dir / "length.bin", dtype="<f4", mode="r")
-    n = norms[slots].astype(np.float32) if len(norms) >= st.files.readable_slots else None
-    return n if n is not None and np.isfinite(n).all() and (n > 0).all() else None
+    norms = np.memmap(st.files.dir / "length.bin", dtype="<f4", mode="r") \
+        if st.files.present["length.bin"] >= 4 else np.zeros(0, dtype="<f4")
+    inside = slots < len(norms)
+    n = np.full(len(slots), np.nan, dtype=np.float32)
+    n[inside] = norms[slots[inside]]
+    n[~(np.isfinite(n) & (n > 0))] = np.nan
+    return n
 
 
 def _restore_kept(plan: CollectionPlan, out_dir: Path, keep_ids: list[str]) -> None:
@@ -94,8 +107,9 @@ def _restore_kept(plan: CollectionPlan, out_dir: Path, keep_ids: list[str]) -> N
             new = np.array([where[plan.keep[i]] for i in chunk], dtype=np.int64)
             level0[new, lo:hi] = st.files.vectors(old).view(np.uint8)
             n = _kept_lengths(plan, old)
-            if n is not None:  # (else hnswlib's own norm of the unit vector stays)
-                lengths[new] = n
+            if n is not None:  # (a norm not there to read: hnswlib's own norm of the unit vector stays)
+                ok = ~np.isnan(n)
+                lengths[new[ok]] = n[ok]
         level0.flush()
         lengths.flush()
     finally:

@@ -136,6 +136,19 @@ def _seq_encoding(sql: PalaceSql) -> str:
 M_RANGE, EFC_RANGE = (2, 512), (1, 65536)  # hnswlib segfaults at M 0 and runs out of memory at M 1
 
 
+def _note_lost_norms(plan: CollectionPlan) -> None:
+    """A cosine rebuild keeps each row's direction; its norm (what chromadb's get
+    multiplies back) comes from length.bin, and a torn one has lost some: said, since
+    chromadb will return those rows' embeddings as unit vectors."""
+    from chaosfix.reconcile.build import kept_lengths
+
+    n = kept_lengths(plan, list(plan.keep))
+    lost = int(np.isnan(n).sum()) if n is not None else 0
+    if lost:
+        plan.reasons.append(f"{lost} kept rows' norms are not in length.bin: chromadb will return their embeddings "
+                            "as unit vectors of the same direction (search is unchanged)")
+
+
 def graph_params(st: CollectionState) -> tuple[int, int, str | None]:
     """A rebuild's M and ef_construction: the index header's, or where it is torn or
     gone the collection's settings (0.6 accepts any int there). A value hnswlib cannot
@@ -282,6 +295,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
             rolled_back.append(rid)
     drop = plan.replace.keys() | set(rolled_back)
     plan.keep = {rid: lab for rid, lab in held.items() if rid not in drop} if drop else dict(held)
+    if plan.strategy == "rebuild" and plan.keep:
+        _note_lost_norms(plan)
     missing: list[str] = []
     for rid in sorted(target.keys() - held.keys()):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)
