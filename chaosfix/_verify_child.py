@@ -77,13 +77,28 @@ def _found(col, vectors: list, ids: list[str], ks: list[int], count: int, where:
         step = max(1, min(BATCH, RESULTS_PER_CALL // k))
         for s in range(0, len(todo), step):
             chunk = todo[s : s + step]
-            kw = {"where": where} if where else {}
-            res = col.query(query_embeddings=[v.tolist() for _, v in chunk], n_results=k, include=["distances"], **kw)
+            res = _query(col, [v.tolist() for _, v in chunk], k, where)
             left += [(rid, v) for (rid, v), got in zip(chunk, res["ids"]) if rid not in got]
         todo = left
         if not todo or k >= count:
             break
     return [rid for rid, _ in todo]
+
+
+def _query(col, vectors: list, k: int, where: dict | None) -> dict:
+    """``col.query`` for ``k`` results, halved while hnswlib refuses a k its search cannot
+    fill ("Cannot return the results in a contigious 2D array": a graph holding deleted
+    elements, or an ip graph some rows of which its entry point does not reach, yields
+    fewer live ones than k; chromadb 0.6.3 asks hnswlib for k itself). A row not among
+    the fewer answers stays a miss at this k."""
+    kw = {"where": where} if where else {}
+    while True:
+        try:
+            return col.query(query_embeddings=vectors, n_results=k, include=["distances"], **kw)
+        except RuntimeError as exc:
+            if k <= 1 or ("contigious" not in str(exc) and "contiguous" not in str(exc)):
+                raise
+            k //= 2
 
 
 def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str]]:

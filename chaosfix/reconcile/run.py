@@ -943,7 +943,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
             rep.verifications[p.collection] = v
             if not v.ok:
-                raise OperationalError(f"verification of the rebuilt {p.collection} failed: {v.problems[0]}; "
+                raise OperationalError(f"verification of the {p.strategy} repair of {p.collection} failed: {v.problems[0]}; "
                                        "nothing was changed")
         rep.timings["verify"] = time.perf_counter() - t
 

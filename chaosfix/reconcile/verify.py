@@ -27,7 +27,8 @@
    times the rate of the untouched sample, this graph's own); anything else fails, but
    in ip, where k other vectors may outrank a row for its own vector (norms vary), so
    that no query of it returns it: such a row passes when the level-0 graph proves it
-   reachable (``outranked``).
+   reachable (``outranked``), else counts with the quirks (chromadb's own ip graphs
+   leave some rows unreached from the entry point).
 """
 
 from __future__ import annotations
@@ -283,7 +284,10 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
             elif space == "ip" and reached is not None and reached[j]:
                 v.outranked += 1  # ip: k others score higher than the row itself; the graph reaches it
             elif space == "ip":
-                v.fail(f"{check_ids[j]}: k vectors outrank it in ip and the graph does not prove it reachable")
+                # outranked, and not reached from the entry point: an ip graph leaves some so
+                # (6% of chromadb's own graph of 3,000 16-d rows): judged by rate, as a quirk
+                v.unreachable += 1
+                quirks_in_rest += j >= n_planned
             else:
                 v.fail(f"self-query of {check_ids[j]} fails even by brute force")
         # the untouched sample is this graph's own quirk rate (a large random-vector graph
