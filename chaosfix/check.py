@@ -119,7 +119,7 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
     try:
         sql = PalaceSql(db, conn)
     except SidecarError as exc:
-        report.findings.append(Finding("SIDECAR", ERROR, None, None, 1, [str(exc)],
+        report.findings.append(Finding("SIDECAR", ERROR, None, None, 1, [],
                                        f"{exc}: SQLite opens it beside chroma.sqlite3 (a FIFO blocks every open, "
                                        "a symlink is read for the palace); not opened. Move it out of the palace"))
         return report

@@ -111,9 +111,11 @@ class ChaosfixGroup(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
+        except (click.Abort, KeyboardInterrupt):  # (a Ctrl-C before a command's own handler runs)
+            click.echo("chaosfix: interrupted", err=True)
+            if "--json" in args:
+                _emit_json({"schema": ERROR_SCHEMA, "error": "interrupted", "exit_code": 130})
+            sys.exit(130)
 
 
 def _embedders(given: tuple[str, ...]) -> str | list[str] | None:

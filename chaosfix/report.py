@@ -194,4 +194,6 @@ def render_matrix(results: list) -> str:
                 out.append(cut(f"  {r.scenario}/{s.name}: {s.detail}", width()))
         for what, path in (r.kept or {}).items():
             out.append(f"  {r.scenario}: kept {what} palace: {path}")
+        if r.repair_command:
+            out.append(f"  {r.scenario}: repair the kept broken palace with: {r.repair_command}")
     return "\n".join(out)

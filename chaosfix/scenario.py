@@ -113,21 +113,26 @@ def load_file(path: Path | Traversable) -> Scenario:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageProblem(f"{path}: cannot read scenario: {exc}") from None
+    kinds = {"name": str, "summary": str, "versions": list, "palace": dict, "steps": list, "expect": dict,
+             "field_report": str, "resizable": bool}
+    wrong = [f"{k} must be a {t.__name__}" for k, t in kinds.items() if k in data and not isinstance(data[k], t)]
+    wrong += ["versions must list 0.6 and/or 1.x"] if not set(data.get("versions", [])) <= {"0.6", "1.x"} else []
+    if wrong:
+        raise UsageProblem(f"{path}: not a scenario: {'; '.join(wrong)}")
     try:
         sc = Scenario(
             name=data["name"], summary=data["summary"], versions=list(data.get("versions", ["0.6", "1.x"])),
             palace=dict(data.get("palace", {})), steps=list(data.get("steps", [])),
             expect=dict(data.get("expect", {})), field_report=data.get("field_report", ""), path=path,
-            resizable=bool(data.get("resizable", False)),
+            resizable=data.get("resizable", False),
         )
     except KeyError as exc:
         raise UsageProblem(f"{path}: scenario lacks {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise UsageProblem(f"{path}: not a scenario: {exc}") from None
     for step in sc.steps:
         do = step.get("do") if isinstance(step, dict) else None
         if do not in OWN_STEPS and do not in faults.REGISTRY:
-            raise UsageProblem(f"{path}: unknown step {do!r}: one of {', '.join(sorted([*OWN_STEPS, *faults.REGISTRY]))}")
+            known = ", ".join(sorted({*OWN_STEPS, *faults.REGISTRY}))
+            raise UsageProblem(f"{path}: unknown step {do!r}: one of {known}")
     return sc
 
 
@@ -348,6 +353,11 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
     left it) and ``repaired/`` (after reconcile), checked before any work."""
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
 
+    t = int(sc.palace.get("sync_threshold", PalaceSpec().sync_threshold))
+    if drawers is not None and sc.resizable and (drawers < t or drawers % t):
+        raise UsageProblem(f"scenario {sc.name} resizes to whole flushes: --drawers a multiple of its "
+                           f"sync_threshold {t} (0.6 persists every {t} rows, and a palace of {drawers} leaves "
+                           "another count pending)")
     if drawers is not None and not sc.resizable and drawers != sc.palace.get("drawers"):
         raise UsageProblem(f"scenario {sc.name} is written for its own {sc.palace.get('drawers', 'default')} drawers "
                            "(rows at fixed positions, counts of what its flushes leave); --drawers applies to the "

@@ -56,6 +56,7 @@ def no_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ["check", "x", "--no-such-flag"],
     ["no-such-command"],
     ["simulate", "partial-flush", "--drawers", "1000"],  # not resizable: its counts are a 300-drawer palace's
+    ["simulate", "link-bloat", "--drawers", "150"],  # resizable, but to whole flushes (multiples of 100)
     ["explore", "--workload", "no-such-workload", "--profile", "ci"],
     ["explore", "--workload", "add", "--at", "garbage"],
     ["explore", "--at", "write:segment/data_level0.bin:27"],  # --at without one --workload
@@ -79,7 +80,11 @@ def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no
     not_toml.mkdir()
     (bad_step / "x.toml").write_text('name = "x"\nsummary = "s"\n[[steps]]\ndo = "no_such_fault"\n')
     (not_toml / "x.toml").write_text("name = \n")
-    for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario")):
+    bad_types = tmp_path / "types"
+    bad_types.mkdir()
+    (bad_types / "x.toml").write_text('name = "x"\nsummary = "s"\nversions = "1.x"\nresizable = "false"\n')
+    for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario"),
+                        (bad_types, "versions must be a list; resizable must be a bool")):
         for args in (["simulate", "x", "--scenarios", str(folder)], ["scenarios", "--scenarios", str(folder)]):
             code, out, err = invoke(*args)
             assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, code, err)

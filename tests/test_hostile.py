@@ -474,6 +474,20 @@ def test_a_sidecar_that_is_not_a_file_is_named_never_opened(palace: Path, world:
     assert time.monotonic() - t < 60
 
 
+def test_a_fifo_beside_a_symlinked_dbs_target_is_named_never_opened(palace: Path, world: Path):
+    """SQLite opens the journal beside a symlinked db's target, not beside the link:
+    check, which reads through a symlinked db, hung there past Ctrl-C."""
+    store = world / "store"
+    store.mkdir()
+    shutil.move(palace / "chroma.sqlite3", store / "db.sqlite3")
+    os.symlink(store / "db.sqlite3", palace / "chroma.sqlite3")
+    os.mkfifo(store / "db.sqlite3-journal")
+    t = time.monotonic()
+    doc = assert_check_read_only(palace, rc={4})
+    assert codes_of(doc, "error") == {"SIDECAR": 1} and "db.sqlite3-journal is a FIFO" in doc["findings"][0]["detail"]
+    assert time.monotonic() - t < 60
+
+
 @pytest.mark.parametrize("m", [0, 1, -1, 99_999_999_999])
 def test_a_rebuild_never_takes_an_m_hnswlib_cannot_build_with(palace: Path, m: int):
     """A torn index is rebuilt with the collection's own M: 0.6 accepts any int in

@@ -52,3 +52,16 @@ def test_reconcile_reports_build_verify_and_chromadb_check(tmp_path: Path, damag
     assert all(d == t for d, t in done.values()), done
     v = next(iter(rep.verifications.values()))
     assert done[next(s for s in stages if s.startswith("self-queries"))] == (v.queried, v.queried)
+
+
+def test_log_lines_and_bar_labels_escape_control_characters():
+    """A stage or log line names a palace's collection: its newline or terminal escape
+    is printed escaped, never as a line or an escape of its own."""
+    import io
+
+    from chaosfix.progress import StderrBar
+
+    out = io.StringIO()
+    bar = StderrBar(stream=out)
+    bar.say("building evil\n\x1b[31mverdict: consistent\r")
+    assert out.getvalue() == "chaosfix: building evil\\n\\x1b[31mverdict: consistent\\r\n"

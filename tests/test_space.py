@@ -265,10 +265,11 @@ def test_a_sparse_hostile_journal_costs_only_its_data(tmp_path: Path, damage_cac
 
 def test_a_read_only_palace_or_backup_folder_is_refused_by_the_dry_run_too(tmp_path: Path,
                                                                           damage_cache: Path) -> None:
-    """The dry run answers what the real run meets at its lock file and its backup
-    folder: a palace on a read-only file system is refused by both (exit 8); a writable
-    palace whose parent (where the backup goes) is read-only is refused too, unless
-    --no-backup asks for no backup."""
+    """The dry run answers what the real run meets at its lock file, its backup folder
+    and the post-check's copy: a palace on a read-only file system is refused by both
+    (exit 8, saying so); a writable palace whose parent (where the backup and the
+    post-check's copy go) is read-only is refused too, unless --no-backup and
+    --no-chromadb-check ask for neither: then the repair lands."""
     p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
     mnt = tmp_path / "vol"
     mnt.mkdir()
@@ -282,10 +283,15 @@ def test_a_read_only_palace_or_backup_folder_is_refused_by_the_dry_run_too(tmp_p
                        f"cp -a {q(str(p))}/. {q(str(mnt / 'p'))}/",
                        f"mount -o remount,ro {q(str(mnt / 'p'))}", run("--dry-run"), "echo ==", run(), "echo ==",
                        f"mount -o remount,rw {q(str(mnt / 'p'))}", f"mount -o remount,ro {q(str(mnt))}",
-                       run("--dry-run"), "echo ==", run("--dry-run", "--no-backup")])
+                       run("--dry-run"), "echo ==", run("--dry-run", "--no-backup"), "echo ==",
+                       run("--dry-run", "--no-backup", "--no-chromadb-check"), "echo ==",
+                       run("--no-backup", "--no-chromadb-check")])
     assert r.returncode == 0, r.stderr[-2000:]
-    ro_dry, ro_real, parent_dry, no_backup = (json.loads(part) for part in r.stdout.split("==\n"))
-    assert ro_dry["exit_code"] == 8 and "the palace is not writable" in ro_dry["refusal"], ro_dry
-    assert ro_real["exit_code"] == 8, ro_real
-    assert parent_dry["exit_code"] == 8 and "the folder the backup goes in" in parent_dry["refusal"], parent_dry
-    assert no_backup["exit_code"] == 1 and no_backup["refusal"] is None, no_backup
+    ro_dry, ro_real, parent_dry, copy_dry, neither_dry, neither = (json.loads(part) for part in r.stdout.split("==\n"))
+    assert ro_dry["exit_code"] == 8 and "the palace is on a read-only file system" in ro_dry["refusal"], ro_dry
+    assert ro_real["exit_code"] == 8 and "read-only file system" in ro_real["error"], ro_real
+    for refused in (parent_dry, copy_dry):  # (the post-check's copy goes beside the palace too)
+        assert refused["exit_code"] == 8 and "the folder the backup and the post-check's copy go in" in \
+            refused["refusal"], refused
+    assert neither_dry["exit_code"] == 1 and neither_dry["refusal"] is None, neither_dry
+    assert neither["exit_code"] == 1 and neither["after_consistent"] is True, neither

@@ -8,6 +8,7 @@ model shows the committed state chromadb will see, not uncommitted spilled pages
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -197,11 +198,12 @@ SIDECARS = ("-journal", "-wal", "-shm")
 
 
 def odd_sidecars(db_path: Path) -> list[str]:
-    """What SQLite's files beside the db are when they are not regular files (lstat only:
-    nothing is opened or followed)."""
+    """What SQLite's files beside the db (and beside its target, when the db is a
+    symlink) are when they are not regular files (lstat only: nothing is opened)."""
     out = []
-    for suffix in SIDECARS:
-        p = Path(str(db_path) + suffix)
+    real = os.path.realpath(db_path)  # (SQLite opens them beside a symlinked db's target)
+    for suffix, base in itertools.product(SIDECARS, dict.fromkeys([str(db_path), real])):
+        p = Path(base + suffix)
         try:
             mode = os.lstat(p).st_mode
         except FileNotFoundError:

@@ -514,9 +514,10 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
         if work:  # (the child is started ahead only when a finding called for it before the plan)
             post = started is not None or (opts.chromadb_check and before.generation is not None
                                            and _post_check_runs(before.generation, opts))
-            short = _short_of_space(root, rep, opts, post) or _path_unusable(root, rep)
+            short = (_short_of_space(root, rep, opts, post) or _path_unusable(root, rep, post)
+                     or _not_writable(root, rep, opts, post))
             if opts.dry_run and not short:  # what the real run meets when it takes the lock
-                short = _not_writable(root, opts) or _held_elsewhere(root)
+                short = _held_elsewhere(root)
         if short and opts.dry_run:
             rep.refusal = rep.refusal or short  # (the journal's rollback refused first)
         if opts.dry_run or not work:
@@ -730,11 +731,11 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
                                 skip=rep.prune_dirs, prepare=prepare, early=early, handed=handed)
 
 
-def _path_unusable(root: Path, rep: ReconcileReport) -> str | None:
-    """hnswlib takes its folder as UTF-8 text: a palace path with a byte that is not (it
-    reaches Python as a surrogate escape) cannot be built or loaded there, by chaosfix or
-    by chromadb."""
-    if not any(p.index_changes for p in rep.plans):
+def _path_unusable(root: Path, rep: ReconcileReport, post: bool) -> str | None:
+    """hnswlib takes its folder as UTF-8 text, and the post-check hands chromadb the path
+    in JSON: a palace path with a byte that is not UTF-8 (it reaches Python as a
+    surrogate escape) can be neither built nor post-checked, by chaosfix or chromadb."""
+    if not post and not any(p.index_changes for p in rep.plans):
         return None
     try:
         str(root).encode("utf-8")
@@ -744,14 +745,25 @@ def _path_unusable(root: Path, rep: ReconcileReport) -> str | None:
     return None
 
 
-def _not_writable(root: Path, opts: ReconcileOptions) -> str | None:
-    """The dry run's answer for a palace (or, for the backup, its parent) this user cannot
-    write: the real run stops at its lock file or its backup folder."""
-    for where, why in ((root, "the palace"), (root.parent, "the folder the backup goes in")):
-        if where == root.parent and not opts.backup:
-            continue
+def _not_writable(root: Path, rep: ReconcileReport, opts: ReconcileOptions, post: bool) -> str | None:
+    """A folder the repair must write and this user cannot (or a read-only file system):
+    the palace (its lock, its swaps), each segment folder it moves out (a rename into
+    another folder writes the folder's own '..'), and the parent, where the backup and
+    the post-check's copy go. Asked before any change, so the dry run says it too."""
+    need = [(root, "the palace")]
+    need += [(root / p.segment, "a segment folder the repair moves") for p in rep.plans
+             if p.index_changes and p.segment and (root / p.segment).is_dir()]
+    need += [(root / d, "a folder the repair moves") for d in rep.prune_dirs]
+    if opts.backup or post:
+        need.append((root.parent, "the folder the backup and the post-check's copy go in"))
+    for where, what in need:
         if not os.access(where, os.W_OK | os.X_OK):
-            return f"{where}: {why} is not writable by this user ({os.strerror(errno.EACCES)}); nothing was changed"
+            try:
+                ro = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+            except OSError:
+                ro = False
+            why = "on a read-only file system" if ro else f"not writable by this user ({os.strerror(errno.EACCES)})"
+            return f"{where}: {what} is {why}; nothing was changed"
     return None
 
 
