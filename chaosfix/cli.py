@@ -28,6 +28,7 @@ from chaosfix.errors import (
     UsageProblem,
     os_error_line,
 )
+from chaosfix.progress import printable
 
 ERROR_SCHEMA = "chaosfix.error/1"
 
@@ -40,7 +41,7 @@ def _one_line(msg: str, limit: int = 500) -> str:
     """Control characters escaped (messages may quote palace-supplied names), so an error
     is one line on any terminal; a long one loses its middle (a long path), never its
     end, which says what went wrong."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    out = printable(msg)
     return out if len(out) <= limit else out[:150] + "..." + out[-(limit - 153):]
 
 

@@ -69,7 +69,7 @@ class StderrBar:
                 return  # another thread's stage is drawn: this one waits (a new stage from
                 # the same thread means that one is over)
             self.close()
-            self._bar = click.progressbar(length=total, label=f"chaosfix: {_printable(stage)}", file=self.stream,
+            self._bar = click.progressbar(length=total, label=f"chaosfix: {printable(stage)}", file=self.stream,
                                           show_eta=True, show_pos=True, width=30)
             self._key, self._pos, self._thread = (stage, total), 0, threading.get_ident()
         step = max(0, min(done, total) - self._pos)
@@ -90,10 +90,12 @@ class StderrBar:
 
         with self._lock:
             self.close()
-            click.echo(f"chaosfix: {_printable(msg)}", file=self.stream)
+            click.echo(f"chaosfix: {printable(msg)}", file=self.stream)
 
 
-def _printable(text: str) -> str:
-    """Control characters escaped: a stage or log line may name a palace's collection,
-    which must not start a line of its own or drive the terminal (report.printable)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def printable(text: object) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``): a palace's names
+    (collections, ids) are printed in reports, log lines and errors, and one holding a
+    newline or a terminal escape must not forge a line (a fake "verdict: consistent") or
+    drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))

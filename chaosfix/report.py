@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from chaosfix.check import CheckReport
+from chaosfix.progress import printable
 
 ELLIPSIS = "\u2026"
 
@@ -12,13 +13,6 @@ ELLIPSIS = "\u2026"
 def width() -> int:
     """Columns of the terminal (``$COLUMNS`` when set, 100 when stdout is not a terminal)."""
     return shutil.get_terminal_size((100, 24)).columns
-
-
-def printable(text: object) -> str:
-    """``text`` with every control character escaped (``\\n``, ``\\x1b``): a palace's names
-    (collections, ids) are printed, and one holding a newline or a terminal escape must
-    not forge a line of the report (a fake "verdict: consistent") or drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def cut(text: str, limit: int) -> str:
