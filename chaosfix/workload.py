@@ -108,6 +108,7 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
     ``command`` runs another child script instead (it gets its spec its own way);
     ``started`` is one already running (``start_child(stdin=True)``), sent ``stdin_line``;
     ``on_sent`` is called once the child has its work (then it needs nothing from here)."""
+    held = None
     if started is not None:
         proc = started
         assert proc.stdin is not None
@@ -118,7 +119,26 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
             pass
     else:
         cmd = (prefix or []) + (command or child_command(spec | {"progress": True} if progress else spec))
-        proc = start_child(cmd)
+        # a Ctrl-C held while the child is made: one between its fork and ``proc`` would
+        # leave it unknown here, writing on into a folder the caller then removes
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = start_child(cmd)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            raise
+    try:
+        if held is not None:  # (a Ctrl-C held meanwhile is raised here, with the child known)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return _collect(proc, timeout, kill_after, progress, on_sent, prefix)
+    except BaseException:  # Ctrl-C: the child has a session of its own and never saw it
+        _kill_group(proc)  # dead before the caller removes the folder it writes
+        raise
+
+
+def _collect(proc: subprocess.Popen, timeout: float, kill_after: float | None, progress: ProgressFn | None,
+             on_sent: Callable[[], None] | None, prefix: list[str] | None) -> ChildResult:
+    """``run_child``'s wait for a running child: its output, its progress, its result."""
     if on_sent is not None:
         on_sent()
     out: list[str] = []
@@ -143,9 +163,6 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
         _kill_group(proc)
         if kill_after is None:
             raise RuntimeError(f"chromadb child timed out after {timeout}s") from None
-    except BaseException:  # Ctrl-C: the child has a session of its own and never saw it
-        _kill_group(proc)  # dead before the caller removes the folder it writes
-        raise
     for t in readers:
         t.join()
     rc, stderr = proc.returncode, "".join(err)
