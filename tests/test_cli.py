@@ -124,6 +124,21 @@ def test_keep_is_validated_before_any_work(tmp_path: Path, no_build: Path) -> No
     assert a_file.read_text() == "mine" and os.listdir(full) == ["mine.txt"]
 
 
+def test_keep_prints_the_command_that_repairs_the_kept_palace(tmp_path: Path) -> None:
+    """The kept broken palace's drawers come from chaosfix's hash embedder: the printed
+    command names it, and run as printed it repairs the palace."""
+    import shlex
+
+    keep = tmp_path / "kept dir"  # (a space: the command quotes the path)
+    code, out, err = invoke("simulate", "partial-flush", "--keep", str(keep))
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("repair the kept broken palace with: "))
+    argv = shlex.split(line.split(": ", 1)[1])
+    assert argv[:3] == ["chaosfix", "reconcile", str(keep / "broken")] and "--embedder" in argv
+    code, out, err = invoke(*argv[1:], "--no-chromadb-check")
+    assert code == 1, err
+
+
 # ---- the README and the help texts agree --------------------------------------------
 
 
