@@ -15,6 +15,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from chaosfix.errors import OperationalError
 
@@ -65,6 +66,25 @@ def is_link(path: Path) -> bool:
         return stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def is_regular(path: Path) -> bool:
+    """A regular file, not through a symlink (lstat only: nothing is opened)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, unbuffered: never through a symlink, never a FIFO or
+    device swapped in after it was listed (which could block or never end); OSError
+    otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file")
+    return open(fd, "rb", buffering=0)
 
 
 def links_in(folder: Path) -> list[str]:

@@ -11,7 +11,6 @@ read (never memory-mapped) only when asked for.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from chaosfix.safe_fs import open_regular
 
 HEADER_FMT = "<iQQQQQQiIQQQdQ"
 HEADER_SIZE = struct.calcsize(HEADER_FMT)  # 100
@@ -172,12 +173,7 @@ class HnswFiles:
     def _level0(self) -> BinaryIO:
         """data_level0.bin opened for reading: never through a symlink, never a FIFO or
         device swapped in after the folder was listed (which could block or never end)."""
-        path = self.dir / "data_level0.bin"
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(f"{path}: not a regular file")
-        return open(fd, "rb", buffering=0)
+        return open_regular(self.dir / "data_level0.bin")
 
     def blocks(self, step: int = BLOCK_SLOTS, start: int = 0, stop: int | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:

@@ -31,6 +31,7 @@ from chaosfix.filecopy import sparse_copy
 from chaosfix.palace.generation import Generation, hnsw_config
 from chaosfix.palace.generation import detect as detect_generation
 from chaosfix.palace.schema_guard import STALE_GONE
+from chaosfix.safe_fs import is_regular, open_regular
 
 POISON_LIMIT = 2**53
 OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
@@ -219,13 +220,6 @@ def odd_sidecars(db_path: Path) -> list[str]:
     return out
 
 
-def _regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 class PalaceSql:
     """Read-only view of chroma.sqlite3."""
 
@@ -286,7 +280,7 @@ class PalaceSql:
         holds frames, else read a private copy of the file and its ``-wal``."""
         wal = Path(str(db_path) + "-wal")
         try:
-            frames = _regular(wal) and wal.stat().st_size > 0
+            frames = is_regular(wal) and wal.stat().st_size > 0
         except OSError:
             frames = False
         if not frames:
@@ -645,15 +639,11 @@ def journal_synced(db_path: Path) -> bool:
     """True when the leftover journal carries its magic header: SQLite wrote it before
     touching the db file, so the file may hold uncommitted pages (a rollback is pending).
     A zeroed header means the transaction never reached the file; SQLite ignores it."""
-    j = str(db_path) + "-journal"
-    if not _regular(Path(j)):
-        return False
     try:  # (never through a symlink, never blocking on a FIFO put there since)
-        fd = os.open(j, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open_regular(Path(str(db_path) + "-journal")) as f:
+            return f.read(8) == JOURNAL_MAGIC
     except OSError:
         return False
-    with os.fdopen(fd, "rb") as f:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and f.read(8) == JOURNAL_MAGIC
 
 
 def wal_mode(db_path: Path) -> bool:
@@ -667,8 +657,8 @@ def wal_mode(db_path: Path) -> bool:
 
 
 def _hot_journal(db_path: Path) -> bool:
-    j = Path(str(db_path) + "-journal")
     try:
-        return _regular(j) and os.lstat(j).st_size > 0
+        st = os.lstat(str(db_path) + "-journal")
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
