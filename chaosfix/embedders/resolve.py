@@ -124,7 +124,7 @@ def mempalace_candidate(model: str, reason: str) -> Candidate:
     return Candidate(f"MemPalace {model}", reason, spec={"kind": "mempalace", "model": model})
 
 
-def configured_function(sql: PalaceSql, info: CollectionInfo) -> dict | None:
+def configured_function(info: CollectionInfo) -> dict | None:
     """The embedding function chromadb 1.x recorded for the collection: ``schema_str``'s
     vector index config (1.3+), else ``config_json_str`` (1.0-1.2). Read, never built."""
     found = info.index_config.get("embedding_function")
@@ -133,9 +133,9 @@ def configured_function(sql: PalaceSql, info: CollectionInfo) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
-def chromadb_config_candidate(sql: PalaceSql, info: CollectionInfo) -> Candidate | None:
+def chromadb_config_candidate(info: CollectionInfo) -> Candidate | None:
     """The collection's configured embedding function, built with chromadb's registry."""
-    ef = configured_function(sql, info)
+    ef = configured_function(info)
     if not isinstance(ef, dict) or ef.get("type") != "known" or not isinstance(ef.get("name"), str):
         return None
     name, conf = ef["name"], ef.get("config") if isinstance(ef.get("config"), dict) else {}
@@ -165,7 +165,7 @@ def candidates(root: Path, sql: PalaceSql | None, info: CollectionInfo | None,
     rec = mempalace_record(root, info.name)
     if rec is not None:
         found.append(mempalace_candidate(*rec))
-    cfg = chromadb_config_candidate(sql, info)
+    cfg = chromadb_config_candidate(info)
     if cfg is not None:
         found.append(cfg)
     if onnx_missing() is None:
