@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import Callable, Container, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -55,7 +55,7 @@ class CollectionState:
         adding its own on top (peak RSS)."""
         self.idmap = None
         self.slots = None
-        for cached in ("live_label_slots", "live_sorted", "live_labels", "same_ids"):
+        for cached in ("live_label_slots", "live_sorted", "live_labels", "same_ids", "pending_vector_ids"):
             self.__dict__.pop(cached, None)
 
     # ---- derived facts -------------------------------------------------------------
@@ -63,12 +63,16 @@ class CollectionState:
     def pending_ids(self) -> set[str]:
         return {w.id for w in self.pending}
 
-    @property
+    @cached_property
     def pending_vector_ids(self) -> set[str]:
-        """Ids a pending WAL row carries an embedding for: what chromadb's replay may put
-        in the index. A metadata-only update brings none, so a row whose only pending
-        write is one stays a row search never finds."""
-        return {w.id for w in self.pending if w.op != 3 and w.has_vector}
+        """Ids chromadb's replay of the pending WAL leaves with a vector in the index. A
+        metadata-only update brings none, nor does an update of an id the id map lacks
+        (both 0.6 and 1.x skip it), so a row whose only pending write is one of those
+        stays a row search never finds."""
+        if not self.pending:
+            return set()
+        held = self.idmap.id_to_label if self.idmap is not None else {}
+        return set(replayed(self.pending, held, lambda w: w.has_vector)[0])
 
     @cached_property
     def live_label_slots(self) -> dict[int, int]:
@@ -226,6 +230,45 @@ class CollectionState:
         be made a dict, ``SqlIds``)."""
         pend = self.pending_vector_ids
         return len(self.sql_rows) - (len(pend & self.sql_rows.keys()) if pend else 0)
+
+
+def replayed(pending: list[WalRow], existing: Container[str],
+             carries: Callable[[WalRow], bool]) -> tuple[dict[str, WalRow], set[str]]:
+    """Replay pending WAL rows the way chromadb's vector segment does (0.6's
+    ``_write_records``, 1.x's local HNSW writer): an add of an id the index already holds
+    and an update of one it does not hold are skipped; upsert adds or replaces.
+
+    Returns (id -> the row whose vector the index ends up holding, ids whose current
+    index vector a pending delete voids). ``carries`` says whether a row brings a vector
+    (check reads only whether it has one; reconcile needs it decoded). ``existing`` is
+    only asked about (never copied: 500k ids, usually no pending row).
+    """
+    added: set[str] = set()
+    gone: set[str] = set()
+
+    def present(i: str) -> bool:
+        return i in added or (i not in gone and i in existing)
+
+    out: dict[str, WalRow] = {}
+    reset: set[str] = set()
+    for w in pending:
+        if w.op == 3:
+            out.pop(w.id, None)
+            if present(w.id):
+                reset.add(w.id)
+            added.discard(w.id)
+            gone.add(w.id)
+        elif not carries(w):
+            continue
+        elif w.op == 0 and present(w.id):
+            continue
+        elif w.op == 1 and not present(w.id):
+            continue
+        else:
+            out[w.id] = w
+            added.add(w.id)
+            gone.discard(w.id)
+    return out, reset
 
 
 def firsts(s: np.ndarray) -> np.ndarray:

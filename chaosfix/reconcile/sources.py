@@ -11,6 +11,7 @@ import numpy as np
 
 from chaosfix.errors import OperationalError
 from chaosfix.palace.sql import WalRow
+from chaosfix.palace.state import replayed
 
 Embedder = Callable[[list[str]], list]
 SLOT, WAL, QUARANTINE, EMBED = "index", "wal", "quarantine", "embedder"
@@ -65,39 +66,13 @@ def latest_wal_vectors(rows: list[WalRow]) -> dict[str, np.ndarray]:
 
 
 def pending_effects(pending: list[WalRow], existing: Container[str]) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Replay pending WAL rows the way chromadb's vector segment would.
+    """Replay pending WAL rows the way chromadb's vector segment would (``replayed``).
 
     Returns (id -> vector the index must end up holding, ids whose current index vector
-    is void because a pending delete removed it). An add of an id that already exists
-    is ignored, as chromadb ignores it; update and upsert replace the vector.
-    ``existing`` is only asked about (never copied: 500k ids, usually no pending row).
+    is void because a pending delete removed it).
     """
-    added: set[str] = set()
-    gone: set[str] = set()
-
-    def present(i: str) -> bool:
-        return i in added or (i not in gone and i in existing)
-
-    vectors: dict[str, np.ndarray] = {}
-    reset: set[str] = set()
-    for w in pending:
-        if w.op == 3:
-            vectors.pop(w.id, None)
-            if present(w.id):
-                reset.add(w.id)
-            added.discard(w.id)
-            gone.add(w.id)
-        elif w.vector is None:
-            continue
-        elif w.op == 0 and present(w.id):
-            continue
-        elif w.op == 1 and not present(w.id):
-            continue
-        else:
-            vectors[w.id] = w.vector
-            added.add(w.id)
-            gone.discard(w.id)
-    return vectors, reset
+    rows, reset = replayed(pending, existing, lambda w: w.vector is not None)
+    return {rid: w.vector for rid, w in rows.items()}, reset
 
 
 def embed(embedder: Embedder, docs: list[str], dim: int, batch: int = 256) -> np.ndarray:
