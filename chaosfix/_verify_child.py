@@ -252,6 +252,12 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
         rng = np.random.default_rng(seed)
         vec = rng.standard_normal(dim).astype(np.float32)
         vec = vec / np.linalg.norm(vec)
+        if spec.get("space") == "ip" and have:
+            # in ip a unit probe scores below the rows of larger norms, and a new row of a
+            # small norm gets no edges in (measured: a 60k-row graph of norms 0.1-50 never
+            # returned it, even filtered to it), so the probe takes twice the largest norm
+            # read: its own top hit, as a new row in any space is
+            vec = vec * max(1.0, 2 * max(float(np.linalg.norm(got[r][0])) for r in have))
         col.add(ids=[PROBE_ID], embeddings=[vec.tolist()], documents=["chaosfix probe"], metadatas=[{"chaosfix": "probe"}])
         ok = len(col.get(ids=[PROBE_ID])["ids"]) == 1 and not _found(col, [vec], [PROBE_ID], ks, count + 1)
         res["probe_found"] = ok
