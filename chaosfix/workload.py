@@ -80,6 +80,10 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(ANONYMIZED_TELEMETRY="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                CHROMA_TELEMETRY="False")
+    # onnxruntime 1.29+, which chromadb imports, uploads telemetry from Linux too, keeps a
+    # device id and a database under ~/.cache/Microsoft and leaves a .ses file in $TMPDIR
+    # (measured with 1.32: one per chromadb child) unless this is set before it loads
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     root = str(Path(__file__).resolve().parent.parent)
     # never an empty entry ("root:" when PYTHONPATH was unset): Python reads it as the
     # current folder, which may be the palace, and a json.py there would run in the child

@@ -330,3 +330,24 @@ def test_ctrl_c_in_simulate_leaves_nothing_behind(stage: str, tmp_path: Path) ->
         except OSError:
             continue
     assert not alive, alive
+
+
+def test_simulate_leaves_no_telemetry_behind(tmp_path: Path) -> None:
+    """onnxruntime 1.29+, which chromadb imports in every chromadb child, uploads telemetry
+    from Linux, writes a device id and a database under ~/.cache/Microsoft and a .ses file
+    in TMPDIR, unless ORT_DISABLE_TELEMETRY is set (or a CI variable is: so they are
+    removed here, as a user's shell has none)."""
+    import subprocess
+    import sys
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    quiet = {"ORT_DISABLE_TELEMETRY", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TF_BUILD"}
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+    env.update(CHAOSFIX_CACHE=str(tmp_path / "cache"), TMPDIR=str(tmp), HOME=str(home))
+    res = subprocess.run([sys.executable, "-c", "from chaosfix.cli import main; main()", "simulate",
+                          "partial-flush"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not list(tmp.iterdir()), list(tmp.iterdir())
+    assert not (home / ".cache" / "Microsoft").exists(), list((home / ".cache").rglob("*"))[:10]
