@@ -29,6 +29,7 @@ from chaosfix.cli import main as cli_main
 from chaosfix.drawers import drawer
 from chaosfix.palace import idmap, map_child
 from chaosfix.palace.hnsw import HEADER_SIZE, parse_header
+from chaosfix.palace.sql import SeqValue
 from chaosfix.palace.state import SqlIds
 from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace, template
 
@@ -451,10 +452,18 @@ def test_index_ahead_is_its_definition(map_seqs, sql_seqs, labelled):
     m = idmap.IdMap("object", 3, 9, {i: n for n, i in enumerate(sorted(labelled))},
                     {n: i for n, i in enumerate(sorted(labelled))}, map_seqs, None, {})
     state = CollectionState.__new__(CollectionState)
-    state.idmap, state.sql_rows = m, sql_seqs
+    state.idmap, state.sql_rows, state.metadata_seq = m, sql_seqs, None
     want = sorted(rid for rid, seq in map_seqs.items()
                   if rid in sql_seqs and rid in labelled and isinstance(seq, int) and seq > sql_seqs[rid])
     assert state.index_ahead() == want
+    # a metadata segment that applied every write the map records has no row behind it
+    # (chromadb writes rows and max_seq_id in one transaction): answered without the rows
+    top = max((v for v in map_seqs.values() if type(v) is int), default=None)
+    if top is not None and set(map(type, map_seqs.values())) == {int}:
+        state.metadata_seq = SeqValue(top, "blob")
+        assert state.index_ahead() == ([] if not state.metadata_seq.poisoned else want)  # (poisoned: not trusted)
+        state.metadata_seq = SeqValue(top - 1, "blob")
+        assert state.index_ahead() == want
 
 
 @pytest.mark.parametrize("seq", [2**64, -(2**64), [1, [2]], "7"])
