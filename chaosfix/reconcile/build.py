@@ -10,6 +10,7 @@ vectors, with the palace's M, ef_construction and space.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -240,14 +241,20 @@ def new_map(plan: CollectionPlan) -> idmap_mod.IdMap:
     id_to_label = {**plan.keep, **plan.replace, **plan.add}
     id_to_seq: dict[str, int] = {}
     if plan.fmt == "object":
+        # a kept id keeps its seq_id, a written one takes its SQL row's; one lookup per
+        # kept id, in C (a comprehension of three took 0.1 s at 100k)
         prev = old.id_to_seq_id if old is not None else {}
-        id_to_seq = {i: (prev.get(i) if i in plan.keep and i in prev else st.sql_rows[i]) for i in id_to_label}
+        id_to_seq = dict(zip(plan.keep, map(prev.get, plan.keep)))
+        if None in id_to_seq.values():  # (a kept id the old map gave no seq_id)
+            id_to_seq = {i: st.sql_rows[i] if s is None else s for i, s in id_to_seq.items()}
+        for i in itertools.chain(plan.replace, plan.add):
+            id_to_seq[i] = st.sql_rows[i]
     return idmap_mod.IdMap(
         fmt=plan.fmt,
         dimensionality=plan.dimensionality,
         total_elements_added=plan.total_elements_added,
         id_to_label=id_to_label,
-        label_to_id={lab: i for i, lab in id_to_label.items()},
+        label_to_id=dict(zip(id_to_label.values(), id_to_label)),
         id_to_seq_id=id_to_seq,
         max_seq_id=plan.pickle_seq if plan.pickle_seq is not None else (old.max_seq_id if old is not None else None),
         extra=dict(old.extra) if old is not None else {},
