@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -105,11 +106,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     seed = config.getoption("--chaos-seed")
     if seed is None:
-        seed = int(os.environ.get("CHAOSFIX_SEED", "0"))
+        raw = os.environ.get("CHAOSFIX_SEED", "0")
+        try:
+            seed = int(raw)
+        except ValueError:
+            raise pytest.UsageError(f"$CHAOSFIX_SEED {raw!r} is not an integer") from None
+    if seed < 0:
+        raise pytest.UsageError(f"chaosfix seed {seed} is negative (--chaos-seed or $CHAOSFIX_SEED: 0 or more)")
     keep_dir = None
     config.stash[_ENV] = {k: os.environ.get(k) for k in ("CHAOSFIX_KEEP_DIR", "CHAOSFIX_PROFILE")}
     if config.getoption("--chaos-keep"):
         keep_dir = Path(config.getoption("--chaos-keep-dir") or config.rootpath / ".chaosfix-keep").resolve()
+        if keep_dir.exists() and not keep_dir.is_dir():
+            raise pytest.UsageError(f"--chaos-keep-dir {keep_dir}: not a folder")
         os.environ["CHAOSFIX_KEEP_DIR"] = str(keep_dir)  # chaosfix.stateful keeps its palace there
     if config.getoption("--chaos-profile"):
         os.environ["CHAOSFIX_PROFILE"] = config.getoption("--chaos-profile")
@@ -630,6 +639,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
         _current_item.remove(item)
 
 
+def _from_invocation(item: pytest.Item) -> str:
+    """The test's node id with its file relative to the folder pytest was run from (node
+    ids are relative to the rootdir, which may be a parent: from a subfolder, or when an
+    option's path moved it), so the rerun line runs where it is printed."""
+    path, sep, rest = item.nodeid.partition("::")
+    where = os.path.relpath(item.config.rootpath / path, item.config.invocation_params.dir)
+    return where + sep + rest
+
+
 def _safe(nodeid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[-150:]
 
@@ -647,8 +665,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa
         return
     st = _state(item.config)
     lines = [f"chromadb {workload.chromadb_version()} ({pickle_format()} pickle), seed {st.seed}",
-             f"rerun: pytest '{item.nodeid}' --chaos-seed {st.seed}"
-             + "".join(f" --chaos-scenarios {d}" for d in st.scenario_dirs)]
+             f"rerun: pytest {shlex.quote(_from_invocation(item))} --chaos-seed {st.seed}"
+             + "".join(f" --chaos-scenarios {shlex.quote(str(d))}" for d in st.scenario_dirs)]
     if st.keep_dir is not None:
         dest = st.keep_dir / _safe(item.nodeid)
         if dest.exists():

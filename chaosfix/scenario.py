@@ -179,6 +179,10 @@ def _resolve_file(ctx: Ctx, name: str) -> Path:
     return ctx.palace / name
 
 
+def _vector_segment(ctx: Ctx) -> str:
+    return faults.segment_id(ctx.palace, "vector", ctx.spec.collection)
+
+
 def _step_write(ctx: Ctx, step: dict) -> dict:
     kill = faults.kill_point(step["kill_point"], int(step.get("hit", 1))) if "kill_point" in step else None
     prefix = None
@@ -216,16 +220,17 @@ def apply_step(ctx: Ctx, step: dict) -> dict:
         return _step_write(ctx, step)
     if do == "unpack":
         return _step_unpack(ctx, step)
-    if do == "snapshot_segment":
-        ctx.snapshot = faults.snapshot_segment(ctx.palace, dst=ctx.scratch / "snapshot")
+    if do == "snapshot_segment":  # (of the spec's collection: a user's palace may name its own)
+        ctx.snapshot = faults.snapshot_segment(ctx.palace, _vector_segment(ctx), dst=ctx.scratch / "snapshot")
         return {}
     if do == "restore_segment":
         assert ctx.snapshot is not None, "restore_segment needs a snapshot_segment step first"
-        faults.restore_segment(ctx.palace, ctx.snapshot)
+        faults.restore_segment(ctx.palace, ctx.snapshot, _vector_segment(ctx))
         return {}
     if do == "torn_mix":
         assert ctx.snapshot is not None, "torn_mix needs a snapshot_segment step first"
-        pages = faults.torn_mix(ctx.snapshot, faults.segment_dir(ctx.palace), int(step.get("seed", ctx.seed)),
+        pages = faults.torn_mix(ctx.snapshot, faults.segment_dir(ctx.palace, ctx.spec.collection),
+                                int(step.get("seed", ctx.seed)),
                                 fraction=float(step.get("fraction", 0.5)))
         return {"new_pages": {k: len(v) for k, v in pages.items()}}
     if do == "copy_sqlite":

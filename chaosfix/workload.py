@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 from chaosfix.drawers import COLLECTION
+from chaosfix.errors import UsageProblem
 from chaosfix.progress import ProgressFn, parse_child_line
 
 
@@ -207,6 +208,11 @@ def apply_ops(path: str | Path, spec: PalaceSpec, ops: list[dict], kill: dict | 
               prefix: list[str] | None = None, kill_after: float | None = None,
               progress: ProgressFn | None = None) -> ChildResult:
     """Run chromadb writes (``{"op": "add"|"upsert"|"update"|"delete", "start", "count"}``)."""
+    if kill and chroma_major() != "0.6":
+        # the points hook 0.6's Python persist; 1.x persists in Rust, where the child would
+        # write everything and a crash test would pass without a crash
+        raise UsageProblem(f"kill point {kill.get('point')!r} needs chromadb 0.6 (its Python persist); "
+                           f"chromadb {chromadb_version()} persists in Rust: kill with strace or kill_after")
     req = _base(spec, Path(path)) | {"mode": "build", "ops": ops, "kill": kill}
     return run_child(req, prefix=prefix, kill_after=kill_after, progress=progress)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -190,8 +191,68 @@ def test_missing_scenario_folder_is_a_usage_error(inner):
     assert "--chaos-scenarios" in _out(res) and "no such folder" in _out(res)
 
 
+@pytest.mark.parametrize(("env", "args", "said"), [
+    ({"CHAOSFIX_SEED": "abc"}, (), "$CHAOSFIX_SEED 'abc' is not an integer"),
+    ({}, ("--chaos-seed", "-3"), "chaosfix seed -3 is negative"),
+    ({"CHAOSFIX_SEED": "-1"}, (), "chaosfix seed -1 is negative"),
+    ({}, ("--chaos-keep", "--chaos-keep-dir", "afile"), "afile: not a folder"),
+])
+def test_bad_settings_are_one_usage_error_line(inner, monkeypatch, env, args, said):
+    """A bad $CHAOSFIX_SEED was an INTERNALERROR traceback in every project with the plugin
+    installed; a negative seed crashed deep in reconcile; a --chaos-keep-dir that is a file
+    ended the session at the first failure (INTERNALERROR, the other tests never ran)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    (inner.path / "afile").write_text("")
+    inner.makepyfile(test_x="def test_x():\n    assert False\n")
+    res = inner.runpytest(*args)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR, _out(res)
+    assert said in _out(res) and "Traceback" not in _out(res) and "INTERNALERROR" not in _out(res), _out(res)
+
+
+def test_a_kill_point_on_chromadb_1x_is_refused(palace_factory):
+    """Kill points hook chromadb 0.6's Python persist: on 1.x the child wrote every row and
+    the crash test passed without a crash (killed=False, ok=True)."""
+    from chaosfix import faults
+    from chaosfix.errors import UsageProblem
+
+    p = palace_factory(drawers=40, dim=16, sync_threshold=20, batch_size=10)
+    spec = palace_factory.spec_of(p)
+    ops = [{"op": "add", "start": 40, "count": 40}]
+    if workload.chroma_major() == "0.6":
+        assert workload.apply_ops(p, spec, ops, kill=faults.kill_point("after-pickle")).killed
+    else:
+        with pytest.raises(UsageProblem, match="needs chromadb 0.6"):
+            workload.apply_ops(p, spec, ops, kill=faults.kill_point("after-pickle"))
+
+
+def test_power_loss_steps_follow_the_palace_spec_collection(palace_factory, crash):
+    """snapshot_segment / restore_segment / torn_mix looked for 'mempalace_drawers' whatever
+    the spec's collection was ("expected one collection named ..., found 0")."""
+    p = palace_factory(drawers=40, dim=16, sync_threshold=20, batch_size=10, collection="notes")
+    res = crash(["snapshot_segment", {"do": "write", "ops": [{"op": "add", "start": 40, "count": 45}]},
+                 "restore_segment"], p)
+    assert res.codes.get("SQL_ONLY", 0) > 0, res
+
+
 # ---------------------------------------------------------------------------------------
 # failures: messages, rerun line, --chaos-keep
+
+
+def test_the_rerun_line_runs_where_it_is_printed(inner, monkeypatch):
+    """Node ids are relative to the rootdir: run from a subfolder, the printed line named
+    a file pytest could not find there."""
+    inner.makeini("[pytest]\n")
+    sub = inner.mkdir("tests")
+    (sub / "test_sub.py").write_text("import pytest\n\n@pytest.mark.parametrize('n', [1])\n"
+                                     "def test_x(palace_factory, n):\n    assert False\n")
+    monkeypatch.chdir(sub)
+    res = inner.runpytest("--chaos-seed", "2")
+    res.assert_outcomes(failed=1)
+    line = next(x for x in res.stdout.lines if x.startswith("rerun: "))
+    assert line == "rerun: pytest 'test_sub.py::test_x[1]' --chaos-seed 2", line
+    again = inner.runpytest(*shlex.split(line)[2:])
+    again.assert_outcomes(failed=1)
 
 
 def test_failure_output_and_chaos_keep(inner):
@@ -211,7 +272,7 @@ def test_failure_output_and_chaos_keep(inner):
     out = res.stdout.str()
     assert re.search(r"SQL_ONLY x\d+ in mempalace_drawers: .*e\.g\. drawer_", out), out
     assert f"chromadb {workload.chromadb_version()}" in out and "seed 3" in out
-    assert "rerun: pytest 'test_fail.py::test_lost_flush' --chaos-seed 3" in out
+    assert "rerun: pytest test_fail.py::test_lost_flush --chaos-seed 3" in out
     m = re.search(r"kept palace: (\S+)", out)
     assert m, out
     kept = Path(m.group(1))
