@@ -142,12 +142,24 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
+def _filter_of(meta: dict | None) -> dict | bool:
+    """A filter the row matches: its wing (a drawer's), else its first scalar metadata
+    value (a palace of another application); False when it has none."""
+    if meta and "wing" in meta:
+        return {"wing": meta["wing"]}
+    for k, v in sorted((meta or {}).items()):
+        if isinstance(v, (str, int, float, bool)) and not k.startswith("chroma:"):
+            return {k: v}
+    return False
+
+
 def observe(spec: dict) -> dict:
     """Reopen with chromadb and record every outcome as data, never raising."""
     import chromadb
 
     out: dict = {"version": chromadb.__version__, "errors": []}
     seed, dim = int(spec.get("seed", 0)), int(spec.get("dim", 384))
+    own, by_doc = spec.get("check_vectors", True), spec.get("query_by", "document") == "document"
     try:
         client = _client(spec["path"])
         col = client.get_collection(spec["collection"], embedding_function=None)
@@ -164,7 +176,7 @@ def observe(spec: dict) -> dict:
         embs = got["embeddings"]
         if embs is None or len(embs) != len(ids):
             out["errors"].append(("get_embeddings", f"{0 if embs is None else len(embs)} embeddings for {len(ids)} ids"))
-        else:
+        elif own:
             for rid, doc, emb in zip(ids, got["documents"], embs):
                 want = embed_text(doc, dim)
                 if doc is None or sum((float(a) - float(b)) ** 2 for a, b in zip(emb, want)) > 1e-6:
@@ -184,10 +196,12 @@ def observe(spec: dict) -> dict:
     deeper: tuple[list[str], list[str]] = ([], [])  # missed at k=10, found by a deeper search
     for rid in sample:
         try:
-            got = col.get(ids=[rid], include=["documents", "metadatas"])
+            got = col.get(ids=[rid], include=["documents", "metadatas"] + ([] if by_doc else ["embeddings"]))
             doc, meta = got["documents"][0], got["metadatas"][0]
-            q = embed_text(doc, dim).tolist()
-            for where, missed, later in ((None, misses, deeper[0]), ({"wing": meta["wing"]}, fmisses, deeper[1])):
+            q = embed_text(doc, dim).tolist() if by_doc else [float(x) for x in got["embeddings"][0]]
+            for where, missed, later in ((None, misses, deeper[0]), (_filter_of(meta), fmisses, deeper[1])):
+                if where is False:
+                    continue  # (a row with no metadata value to filter on)
                 found = _self_found(col, q, rid, where, out.get("count") or len(ids))
                 if found is None:
                     missed.append(rid)

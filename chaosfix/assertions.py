@@ -152,13 +152,16 @@ def spec_for(palace: str | Path, collection: str | None = None) -> PalaceSpec:
 
 
 def assert_chromadb_consistent(palace: str | Path, spec: PalaceSpec | None = None, write_probe: bool = True,
-                               sample: int = 50, check_vectors: bool = True) -> dict:
+                               sample: int = 50, check_vectors: bool = True, query_by: str = "document") -> dict:
     """The installed chromadb (in a child process) reads the palace exactly as SQL says.
 
     Reopen; count == the SQL rows; get() returns every row with its embedding (with
     ``check_vectors``, equal to chaosfix's HashEmbedder vector of its document, which is
     what palaces built by ``chaosfix.workload`` hold); a sample of rows finds itself in
-    its top 10 by self-query and by a query filtered on its wing (a row only a deeper
+    its top 10 by self-query (by that vector, or with ``query_by="embedding"`` by the
+    embedding chromadb returns for it: for a palace of another application pass that and
+    ``check_vectors=False``) and by a query filtered on its wing (or another metadata
+    value of the row; none when it has no metadata) (a row only a deeper
     search returns, no farther than the top 10's last, is search depth: up to 5% of the
     sample are excused, as chromadb's own ``ann_accuracy`` invariant allows recall
     0.95); with ``write_probe`` a new drawer is added and found (this changes the
@@ -167,7 +170,8 @@ def assert_chromadb_consistent(palace: str | Path, spec: PalaceSpec | None = Non
     spec = spec or spec_for(palace)
     rep = check_palace(palace, spec.collection)
     rows = next((c["rows"] for c in rep.collections if c["name"] == spec.collection), None)
-    obs = observe(palace, spec, write_probe=write_probe, sample=sample)
+    obs = observe(palace, spec, write_probe=write_probe, sample=sample, check_vectors=check_vectors,
+                  query_by=query_by)
     problems = [f"chromadb {where}: {msg}" for where, msg in obs.get("errors", [])]
     count = obs.get("count")
     if count is not None and rows is not None and count != rows:
@@ -182,7 +186,7 @@ def assert_chromadb_consistent(palace: str | Path, spec: PalaceSpec | None = Non
         problems.append(f"{len(misses)} of {obs.get('sampled')} sampled rows not in their own top-10{_ids(misses)}")
     if fmisses:
         problems.append(f"{len(fmisses)} of {obs.get('sampled')} sampled rows not found by a query filtered on "
-                        f"their wing{_ids(fmisses)}")
+                        f"their metadata{_ids(fmisses)}")
     if write_probe and not obs.get("probe_found") and not any(w == "probe" for w, _ in obs.get("errors", [])):
         problems.append("a probe write did not land (added, then not found by query and get)")
     _fail(f"chromadb {obs.get('version') or chromadb_version()} does not read {palace} consistently "

@@ -226,9 +226,17 @@ def build_palace(path: str | Path, spec: PalaceSpec, progress: ProgressFn | None
     return res.result
 
 
-def observe(path: str | Path, spec: PalaceSpec, write_probe: bool = False, sample: int = 50) -> dict:
-    """Reopen with chromadb in a child and record what it does (never raises)."""
-    req = _base(spec, Path(path)) | {"mode": "observe", "write_probe": write_probe, "sample": sample}
+def observe(path: str | Path, spec: PalaceSpec, write_probe: bool = False, sample: int = 50,
+            check_vectors: bool = True, query_by: str = "document") -> dict:
+    """Reopen with chromadb in a child and record what it does (never raises).
+    ``check_vectors``: compare every row's embedding with the HashEmbedder vector of its
+    document (what a palace chaosfix built holds); ``query_by``: self-query the sample by
+    that vector ("document") or by the embedding chromadb returns for the row
+    ("embedding": a palace of any application, whose embedder chaosfix does not know)."""
+    if query_by not in ("document", "embedding"):
+        raise ValueError(f"query_by must be 'document' or 'embedding', not {query_by!r}")
+    req = _base(spec, Path(path)) | {"mode": "observe", "write_probe": write_probe, "sample": sample,
+                                     "check_vectors": check_vectors, "query_by": query_by}
     res = run_child(req)
     if not res.result:
         return {"errors": [("child", f"exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")]}

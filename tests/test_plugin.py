@@ -325,6 +325,29 @@ def test_xdist_workers_never_share_a_palace(inner, tmp_path, monkeypatch):
 # the assertion helpers, without pytest fixtures
 
 
+APP_PALACE = textwrap.dedent("""
+    import sys, numpy as np, chromadb
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection("notes", embedding_function=None)
+    v = np.random.default_rng(3).standard_normal((300, 8)).astype(np.float32)
+    col.add(ids=[f"n{i}" for i in range(300)], embeddings=v, documents=[f"note {i}" for i in range(300)],
+            metadatas=[{"kind": "ab"[i % 2]} if i % 3 else None for i in range(300)])
+""")
+
+
+def test_assert_chromadb_consistent_on_a_palace_chaosfix_did_not_build(tmp_path):
+    """Another application's palace (its own vectors, no wing): the helper failed with
+    KeyError: 'wing' even with check_vectors=False. Its sample is queried by the embeddings
+    chromadb returns (query_by="embedding"), filtered on a metadata value a row has."""
+    from helpers import chromadb_script
+
+    p = tmp_path / "app"
+    chromadb_script(APP_PALACE, str(p))
+    obs = assert_chromadb_consistent(p, check_vectors=False, query_by="embedding", write_probe=False)
+    assert obs["count"] == 300 and obs["sampled"] >= 50 and obs["errors"] == []
+    with pytest.raises(AssertionError, match="wrong embedding"):  # they are not HashEmbedder vectors
+        assert_chromadb_consistent(p, write_probe=False)
+
+
 def test_assertion_helpers_pass_on_a_healthy_palace(small_palace):
     assert assert_zero_diff(small_palace).consistent
     v = assert_self_query(small_palace, k=10, ef=200)
