@@ -19,7 +19,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import ADD100, NEW_IDS, assert_consistent, chromadb_script, fingerprint, repair, run_cli, wal_rows
+from helpers import (
+    ADD100,
+    NEW_IDS,
+    assert_consistent,
+    chromadb_script,
+    fingerprint,
+    reconcile,
+    repair,
+    run_cli,
+    wal_rows,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -298,6 +308,58 @@ def test_a_pending_update_of_a_row_the_map_lost_brings_no_vector(tmp_path, updat
             print(col.query(query_embeddings=[[9.0, 9.0, 9.0, 9.0]], n_results=1)["ids"][0][0])
         """), str(p))
         assert got.split()[-1] == "r0", got
+
+
+def test_a_delete_the_metadata_segment_has_not_applied_is_no_orphan(tmp_path):
+    """chromadb 1.x commits a delete to its WAL, then the metadata segment applies it in a
+    transaction of its own: a kill between leaves the row in SQL and its delete pending.
+    chromadb's replay deletes the row, so it is no SQL_ONLY row; check called it one and
+    reconcile's post-check then failed (exit 8: 'rows without an embedding'). Made here
+    from the palace before the delete plus the delete's WAL row (helper-30's case)."""
+    import sqlite3
+
+    p = tmp_path / "palace"
+    chromadb_script(ADD_THEN_PENDING, str(p))
+    db = p / "chroma.sqlite3"
+    before = tmp_path / "before.sqlite3"
+    src, dst = sqlite3.connect(db), sqlite3.connect(before)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    chromadb_script(DELETE_N0, str(p))
+    new, old = sqlite3.connect(db), sqlite3.connect(before)
+    top = old.execute("SELECT max(seq_id) FROM embeddings_queue").fetchone()[0]
+    rows = new.execute("SELECT * FROM embeddings_queue WHERE seq_id > ?", (top,)).fetchall()
+    assert [r[4] for r in rows] == ["n0"]
+    with old:
+        old.executemany(f"INSERT INTO embeddings_queue VALUES ({','.join('?' * len(rows[0]))})", rows)
+    new.close()
+    old.close()
+    shutil.copy2(before, db)
+    rep = check_palace(p)
+    assert rep.consistent and set(rep.codes()) == {"PENDING"}, rep.codes()
+    assert rep.states[0].replay_removes == {"n0"}
+    for strategy in ("auto", "rebuild"):  # (rebuild: a repair that runs, judged by chromadb)
+        q = tmp_path / strategy
+        shutil.copytree(p, q)
+        code, doc, err = reconcile(q, "--strategy", strategy)
+        assert code == (0 if strategy == "auto" else 1) and "Traceback" not in err, (strategy, code, err)
+        if strategy == "rebuild":
+            assert doc["chromadb"]["ok"] and doc["verification"]["col"]["zero_diff"], doc["chromadb"]
+        assert set(check_palace(q).codes()) <= {"PENDING"}
+
+
+ADD_THEN_PENDING = textwrap.dedent("""
+    import sys, numpy as np, chromadb
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
+        "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
+    col.add(ids=[f"r{i}" for i in range(40)], embeddings=np.random.default_rng(1).standard_normal((40, 4)))
+    col.add(ids=["n0"], embeddings=[[9.0, 9.0, 9.0, 9.0]])  # pending: no persist
+""")
+DELETE_N0 = textwrap.dedent("""
+    import sys, chromadb
+    chromadb.PersistentClient(path=sys.argv[1]).get_collection("col").delete(ids=["n0"])
+""")
 
 
 @pytest.mark.parametrize("secret_key", [True, False])

@@ -46,6 +46,9 @@ class CollectionState:
     link_bytes_used: int = 0
     unsafe_id: str | None = None  # why the collection or segment id is not used as a path
     symlinks: list[str] = field(default_factory=list)  # symlinked segment folder/files: never read
+    # WAL rows past the metadata segment's max_seq_id, which chromadb's replay still
+    # applies to SQL's rows (None: the pending rows above the vector segment's say it)
+    unapplied: list[WalRow] | None = None
     written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
     map_same_ids: bool | None = None  # the map helper's exact answer to same_ids (None: not asked)
 
@@ -55,7 +58,7 @@ class CollectionState:
         adding its own on top (peak RSS)."""
         self.idmap = None
         self.slots = None
-        for cached in ("live_label_slots", "live_sorted", "live_labels", "same_ids", "pending_vector_ids"):
+        for cached in ("live_label_slots", "live_sorted", "live_labels", "same_ids"):
             self.__dict__.pop(cached, None)
 
     # ---- derived facts -------------------------------------------------------------
@@ -131,7 +134,25 @@ class CollectionState:
         unfound = set(itertools.compress(m, dead.tolist())) if dead.any() else set()
         if unfound and not self.same_ids:
             unfound &= rows.keys()
-        return sorted((unmapped | unfound) - self.pending_vector_ids)
+        return sorted((unmapped | unfound) - self.pending_vector_ids - self.replay_removes)
+
+    @cached_property
+    def replay_removes(self) -> set[str]:
+        """SQL rows a WAL delete the metadata segment has not applied yet removes when
+        chromadb replays it (1.x commits its WAL, then the metadata segment applies it in
+        a transaction of its own: a kill between leaves the row and its delete): rows no
+        search need find."""
+        tail = self.unapplied
+        if tail is None:
+            top = self.reflected_seq if self.pending else 0
+            tail = [w for w in self.pending if w.seq_id > top]
+        gone: set[str] = set()
+        for w in tail:
+            if w.op == 3:
+                gone.add(w.id)
+            elif w.op in (0, 2):
+                gone.discard(w.id)
+        return {i for i in gone if i in self.sql_rows}
 
     def hnsw_only(self) -> list[str]:
         """Mapped ids with no row (phantoms)."""
@@ -386,6 +407,8 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
         st.vector_seq = SeqValue(st.idmap.max_seq_id, "pickle")  # 0.4: the pickle holds it
     above = st.vector_seq.value if st.vector_seq is not None else 0
     st.pending = sql.wal(info.id, above=above, with_vectors=False)
+    if st.info.metadata_segment is not None and st.sql_rows and st.reflected_seq < above:
+        st.unapplied = sql.wal(info.id, above=st.reflected_seq, with_vectors=False)  # (the metadata segment lags)
     if seg_ok and sql.hot_journal and sql.generation.pickle_format == "object":
         st.written_in_rollback = written_in_rollback(st.seg_dir, sql.path)
     return st

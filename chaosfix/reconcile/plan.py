@@ -66,6 +66,7 @@ class CollectionPlan:
     remove_labels: list[int] = field(default_factory=list)
     remove_ids: list[str] = field(default_factory=list)
     unrepaired: list[str] = field(default_factory=list)
+    replay_removes: list[str] = field(default_factory=list)  # rows with no vector that chromadb's replay deletes
     pending_applied: int = 0
     total_elements_added: int = 0
     fmt: str = "dict"
@@ -298,7 +299,9 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     if plan.strategy == "rebuild" and plan.keep:
         _note_lost_norms(plan)
     missing: list[str] = []
-    for rid in sorted(target.keys() - held.keys()):
+    # (a row a pending delete removes once chromadb replays it needs no vector)
+    plan.replay_removes = sorted(st.replay_removes - held.keys())
+    for rid in sorted(target.keys() - held.keys() - st.replay_removes):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)
         if vec is not None:
             plan.vectors[rid], plan.source[rid] = vec, WAL

@@ -777,7 +777,7 @@ def _post_check_sample(p: CollectionPlan, opts: ReconcileOptions) -> list[str]:
     """The rows the post-check asks beside the repaired ones: a seeded sample of the rest
     (rows with no vector source are listed, exit 4, not chromadb's to find)."""
     assert p.state is not None
-    repaired, left = {*p.add, *p.replace}, set(p.unrepaired)
+    repaired, left = {*p.add, *p.replace}, set(p.unrepaired) | p.state.replay_removes
     rest = list(itertools.filterfalse(repaired.__contains__, p.state.sql_rows))  # in C: 10^5..10^6 rows
     if left:
         rest = [i for i in rest if i not in left]
@@ -947,7 +947,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
             assert p.segment is not None and p.state is not None
             say(f"verifying {p.collection}")
             planned = {i: p.vectors[i] for i in (*p.add, *p.replace)}
-            v = verify_segment(built[p.segment], p.state.info.space, set(p.state.sql_rows) - set(p.unrepaired),
+            v = verify_segment(built[p.segment], p.state.info.space,
+                               set(p.state.sql_rows) - set(p.unrepaired) - set(p.replay_removes),
                                planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
                                ef_max=EF_MAX, progress=progress, map_digest=p.map_digest, graph=True,
                                gate_ef=EF_GATE, before_load=before_load)
