@@ -154,14 +154,29 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 # scenario parametrization
 
 
+MARKER_KEYWORDS = ("seed", "drawers")
+
+
 def _marker_names(metafunc: pytest.Metafunc) -> list[str] | None:
     names: list[str] = []
     found = False
     for m in metafunc.definition.iter_markers("scenario"):
         found = True
         for a in m.args:
+            many = isinstance(a, (list, tuple)) and all(isinstance(x, str) for x in a)
+            if not isinstance(a, str) and not many:
+                _marker_fail(metafunc, f"scenario names are strings (or a list of them), not {a!r}")
             names.extend([a] if isinstance(a, str) else list(a))
+        odd = sorted(set(m.kwargs) - set(MARKER_KEYWORDS))
+        if odd:
+            _marker_fail(metafunc, f"unknown keyword {', '.join(odd)} (it takes {', '.join(MARKER_KEYWORDS)})")
     return names if found else None
+
+
+def _marker_fail(metafunc: pytest.Metafunc, why: str) -> None:
+    """A misused marker: one line at collection, no traceback (a UsageError raised here
+    shows under pluggy's)."""
+    pytest.fail(f"{metafunc.definition.nodeid}: @pytest.mark.scenario: {why}", pytrace=False)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -177,13 +192,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not explicit:
         names = sorted(cat)
     elif not names:
-        raise pytest.UsageError(f"{metafunc.definition.nodeid}: @pytest.mark.scenario needs at least one name")
+        _marker_fail(metafunc, "needs at least one name")
+    kw = dict(m.kwargs) if (m := metafunc.definition.get_closest_marker("scenario")) else {}
+    seed = kw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        _marker_fail(metafunc, f"seed must be a whole number of 0 or more, not {seed!r}")
     params = []
     for n in names:
         if n not in cat:
-            raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown scenario {n!r} "
-                                    f"(known: {', '.join(sorted(cat))}; add folders with --chaos-scenarios)")
+            _marker_fail(metafunc, f"unknown scenario {n!r} (known: {', '.join(sorted(cat))}; "
+                                   "add folders with --chaos-scenarios)")
         sc = cat[n]
+        if sc.applies(major) and (why := sc.drawers_problem(kw.get("drawers"))):
+            _marker_fail(metafunc, why)
         marks = [] if sc.applies(major) else [pytest.mark.skip(
             reason=f"scenario {n} applies to chromadb {', '.join(sc.versions)}, not {workload.chromadb_version()}")]
         params.append(pytest.param(n, marks=marks, id=n))

@@ -72,6 +72,22 @@ class Scenario:
         base.update(self.expect.get(major, {}))
         return base
 
+    def drawers_problem(self, drawers: int | None) -> str | None:
+        """Why this scenario cannot run at ``drawers`` (None: it can, or none was asked)."""
+        if drawers is None:
+            return None
+        if isinstance(drawers, bool) or not isinstance(drawers, int) or drawers < 1:
+            return f"scenario {self.name}: drawers must be a whole number of 1 or more, not {drawers!r}"
+        t = int(self.palace.get("sync_threshold", PalaceSpec().sync_threshold))
+        if self.resizable and drawers % t:
+            return (f"scenario {self.name} resizes to whole flushes: --drawers a multiple of its sync_threshold {t} "
+                    f"(0.6 persists every {t} rows, and a palace of {drawers} leaves another count pending)")
+        if not self.resizable and drawers != self.palace.get("drawers"):
+            return (f"scenario {self.name} is written for its own {self.palace.get('drawers', 'default')} drawers "
+                    "(rows at fixed positions, counts of what its flushes leave); --drawers applies to the "
+                    "scenarios whose file says resizable = true")
+        return None
+
     def spec(self, seed: int | None = None, drawers: int | None = None) -> PalaceSpec:
         kw = dict(self.palace)
         if seed is not None:
@@ -358,15 +374,9 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
     left it) and ``repaired/`` (after reconcile), checked before any work."""
     from chaosfix.reconcile import ReconcileOptions, reconcile_palace
 
-    t = int(sc.palace.get("sync_threshold", PalaceSpec().sync_threshold))
-    if drawers is not None and sc.resizable and (drawers < t or drawers % t):
-        raise UsageProblem(f"scenario {sc.name} resizes to whole flushes: --drawers a multiple of its "
-                           f"sync_threshold {t} (0.6 persists every {t} rows, and a palace of {drawers} leaves "
-                           "another count pending)")
-    if drawers is not None and not sc.resizable and drawers != sc.palace.get("drawers"):
-        raise UsageProblem(f"scenario {sc.name} is written for its own {sc.palace.get('drawers', 'default')} drawers "
-                           "(rows at fixed positions, counts of what its flushes leave); --drawers applies to the "
-                           "scenarios whose file says resizable = true")
+    problem = sc.drawers_problem(drawers)
+    if problem:
+        raise UsageProblem(problem)
     keep_dir = check_keep_dir(keep) if keep is not None else None
     say = log or (lambda _m: None)
     major = chroma_major()

@@ -176,6 +176,32 @@ def test_unknown_scenario_in_marker_is_a_clear_error(inner):
     assert "unknown scenario 'no-such-scenario'" in _out(res)
 
 
+@pytest.mark.parametrize(("marker", "said"), [
+    ("123", "scenario names are strings (or a list of them), not 123"),
+    ("", "needs at least one name"),
+    ('"partial-flush", drawrs=200', "unknown keyword drawrs (it takes seed, drawers)"),
+    ('"partial-flush", drawers="lots"', "drawers must be a whole number of 1 or more, not 'lots'"),
+    ('"partial-flush", drawers=250', "is written for its own"),
+    ('"healthy-deletes", drawers=250', "a multiple of its sync_threshold"),
+    ('"partial-flush", seed=-1', "seed must be a whole number of 0 or more, not -1"),
+])
+def test_a_misused_scenario_marker_is_one_line_at_collection(inner, marker, said):
+    """A wrong type was a TypeError traceback at collection, a misspelled keyword was
+    ignored, a size the scenario cannot take built a palace anyway (or failed in run()
+    with a traceback)."""
+    inner.makepyfile(test_m=f"""
+        import pytest
+
+        @pytest.mark.scenario({marker})
+        def test_x(scenario):
+            pass
+    """)
+    res = inner.runpytest()
+    out = _out(res)
+    assert res.ret == pytest.ExitCode.INTERRUPTED and said in out, out
+    assert "Traceback" not in out and "_hooks.py" not in out, out
+
+
 def test_an_unknown_profile_is_a_usage_error_naming_the_choices(inner):
     """--chaos-profile bogus failed at collection with hypothesis's InvalidArgument traceback."""
     inner.makepyfile(test_x="def test_x():\n    pass\n")
