@@ -349,6 +349,29 @@ def test_a_delete_the_metadata_segment_has_not_applied_is_no_orphan(tmp_path):
         assert set(check_palace(q).codes()) <= {"PENDING"}
 
 
+DUPLICATE_ADD = textwrap.dedent("""
+    import sys, numpy as np, chromadb
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
+        "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
+    col.add(ids=[f"r{i}" for i in range(100)], embeddings=np.random.default_rng(1).standard_normal((100, 4)),
+            metadatas=[{"v": "orig"}] * 100)
+    col.add(ids=["r0"], embeddings=[[9.0, 9.0, 9.0, 9.0]], metadatas=[{"v": "dup"}])  # SQL refuses it; WAL keeps it
+""")
+
+
+def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path):
+    """An add of an id SQL already holds is skipped by the metadata segment (the row keeps
+    its document, metadata and seq_id) but stays in the WAL. When the id map has lost the
+    id, reconcile took that add's vector for the row (helper-30): a vector of a write the
+    row never got. It is no source now: the row is left unrepaired and listed (exit 4)."""
+    p = tmp_path / "palace"
+    chromadb_script(DUPLICATE_ADD, str(p))
+    faults.drop_map_entry(faults.segment_dir(p, "col"), "both", id="r0")
+    code, doc, err = reconcile(p, "--no-chromadb-check")
+    assert code == 4, err
+    assert doc["plans"][0]["unrepaired_ids"] == ["r0"] and doc["plans"][0]["add"] == 0, doc["plans"][0]
+
+
 ADD_THEN_PENDING = textwrap.dedent("""
     import sys, numpy as np, chromadb
     col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(

@@ -438,6 +438,21 @@ class PalaceSql:
             return None
         return blob
 
+    def row_seqs(self, metadata_segment: str, ids: list[str]) -> dict[str, int]:
+        """user id -> seq_id of these rows (through the (segment_id, embedding_id) index)."""
+        out: dict[str, int] = {}
+        todo = sorted(set(ids))
+        for s in range(0, len(todo), 500):
+            chunk = todo[s : s + 500]
+            q = (f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? "
+                 f"AND embedding_id IN ({','.join('?' * len(chunk))})")
+            for eid, seq in self.conn.execute(q, (metadata_segment, *chunk)):
+                try:
+                    out[eid] = decode_seq(seq) or 0
+                except ValueError:
+                    continue
+        return out
+
     def documents(self, metadata_segment: str, ids: list[str] | None = None) -> dict[str, str | None]:
         """user id -> document text (None when the row has no document)."""
         q = (

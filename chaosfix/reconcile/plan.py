@@ -17,7 +17,7 @@ import numpy as np
 from chaosfix.check import PALACE_CODES, CheckReport
 from chaosfix.palace.hnsw import vectors_usable
 from chaosfix.palace.idmap import MAX_TOTAL, IdMap
-from chaosfix.palace.sql import PalaceSql
+from chaosfix.palace.sql import PalaceSql, WalRow
 from chaosfix.palace.state import CollectionState
 from chaosfix.reconcile.sources import (
     EMBED,
@@ -228,6 +228,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     # only WAL rows the SQL rows already reflect (up to the metadata segment's seq) are
     # folded in; later ones stay for chromadb to replay into both segments
     wal = [w for w in sql.wal(st.info.id, above=0, with_vectors=True) if w.seq_id <= st.reflected_seq]
+    wal = _without_rejected_adds(sql, st, wal)
     above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
     pending = [w for w in wal if w.seq_id > above]
     plan.pending_applied = len(pending)
@@ -467,6 +468,19 @@ def _rolled_back_slots(sql: PalaceSql, st: CollectionState, plan: CollectionPlan
     else:
         plan.clear_journal = True  # every slot proven: the journal's evidence is consumed
     return out
+
+
+def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow]) -> list[WalRow]:
+    """The WAL rows less the adds SQL refused: an add of an id SQL already held is
+    skipped by the metadata segment (the row keeps its older seq_id, document and
+    metadata), so its vector belongs to no row. (chromadb's vector segment skips it too,
+    unless the id map lost the id: then its replay would give the row that vector.)"""
+    adds = [w for w in wal if w.op == 0 and w.id in st.sql_rows]
+    if not adds or st.info.metadata_segment is None:
+        return wal
+    seqs = sql.row_seqs(st.info.metadata_segment, [w.id for w in adds])
+    refused = {(w.seq_id, w.id) for w in adds if w.id in seqs and seqs[w.id] < w.seq_id}
+    return [w for w in wal if (w.seq_id, w.id) not in refused] if refused else wal
 
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:
