@@ -232,14 +232,9 @@ class CollectionState:
         # compared at C speed where every seq_id fits an int64 (0.17 s a call at 100k ids
         # one by one); the loop below is the definition
         if set(map(type, seqs.values())) <= {int}:
-            applied = self.metadata_seq
-            if seqs and applied is not None and not applied.poisoned and max(seqs.values()) <= applied.value:
-                # the metadata segment applied every write up to its max_seq_id, in the
-                # transaction that records it, so each row's seq_id is at least that of
-                # any write to it up to there: no index entry can be ahead. (A rollback
-                # takes max_seq_id back with the rows; 0.1 s of dict lookups at 100k ids,
-                # three times a repair, for the healthy case)
-                return []
+            # (no shortcut by the metadata segment's max_seq_id: after a rollback SQLite
+            # issues the rolled-back seq_ids again, so later writes carry it past the
+            # map's while the index still holds the rolled-back vectors)
             n = len(seqs)
             try:
                 mine = np.fromiter(seqs.values(), dtype=np.int64, count=n)
