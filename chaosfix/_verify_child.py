@@ -32,6 +32,7 @@ GET_BATCH = 100  # chromadb 1.5.9 keeps ~50 MB after a get of 1000 ids with embe
 GET_BATCH_PLAIN = 400  # embeddings alone: chromadb 0.6 answers 500 ids in half the time of 100 x 5
 FILTERED = 1  # each one a metadata scan plus a query: ~0.15 s at 100k, ~1.3 s at 500k
 PROBE_ID = "__chaosfix_probe__"
+PROBE_NORM_MAX = 1e19  # an ip probe's largest norm: its float32 dot product with itself stays finite
 
 
 def _err(exc: BaseException) -> str:
@@ -252,14 +253,23 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
         rng = np.random.default_rng(seed)
         vec = rng.standard_normal(dim).astype(np.float32)
         vec = vec / np.linalg.norm(vec)
+        outranked = False
         if spec.get("space") == "ip" and have:
             # in ip a unit probe scores below the rows of larger norms, and a new row of a
             # small norm gets no edges in (measured: a 60k-row graph of norms 0.1-50 never
             # returned it, even filtered to it), so the probe takes twice the largest norm
-            # read: its own top hit, as a new row in any space is
-            vec = vec * max(1.0, 2 * max(float(np.linalg.norm(got[r][0])) for r in have))
+            # read: its own top hit, as a new row in any space is. Its own float32 dot
+            # product must stay finite (norm 1e19: 1e38), so rows beyond that may outrank
+            # it; then its landing is proven by get alone.
+            norms = [float(np.linalg.norm(np.asarray(got[r][0], dtype=np.float64))) for r in have]
+            want = 2 * max((n for n in norms if math.isfinite(n)), default=1.0)
+            vec = vec * min(max(1.0, want), PROBE_NORM_MAX)
+            outranked = want > PROBE_NORM_MAX
         col.add(ids=[PROBE_ID], embeddings=[vec.tolist()], documents=["chaosfix probe"], metadatas=[{"chaosfix": "probe"}])
-        ok = len(col.get(ids=[PROBE_ID])["ids"]) == 1 and not _found(col, [vec], [PROBE_ID], ks, count + 1)
+        landed = len(col.get(ids=[PROBE_ID])["ids"]) == 1
+        ok = landed and (outranked or not _found(col, [vec], [PROBE_ID], ks, count + 1))
+        if outranked:
+            res["probe_outranked"] = True
         res["probe_found"] = ok
     step(5, "probe")
     return res

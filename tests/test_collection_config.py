@@ -182,30 +182,32 @@ def test_a_rebuild_keeps_every_norm_a_torn_length_bin_still_holds(configured, tm
 
 IP_PALACE = textwrap.dedent("""
     import sys, numpy as np, chromadb
-    n, step = int(sys.argv[2]), int(sys.argv[3])  # rows, rows a persist (batch and sync)
+    n, step, scale = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])  # rows, rows a persist, norm scale
     col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
         "ip-wide", embedding_function=None,
         metadata={"hnsw:space": "ip", "hnsw:sync_threshold": step, "hnsw:batch_size": step})
     rng = np.random.default_rng(0)
-    v = rng.standard_normal((n, 16)) * rng.uniform(0.1, 50, (n, 1))
+    v = rng.standard_normal((n, 16)) * rng.uniform(0.1, 50, (n, 1)) * scale
     for s in range(0, n, step):
         col.add(ids=[f"r{i}" for i in range(s, s + step)], embeddings=v[s : s + step].astype(np.float32))
 """)
 
 
-@pytest.mark.parametrize(("rows", "step"), [(3000, 100), (20000, 1000)])
-def test_an_ip_graph_of_varied_norms_is_repaired(tmp_path, rows, step):
+@pytest.mark.parametrize(("rows", "step", "scale"), [(3000, 100, 1), (20000, 1000, 1), (2000, 500, 1e18)])
+def test_an_ip_graph_of_varied_norms_is_repaired(tmp_path, rows, step, scale):
     """ip, norms 0.1-50, 16-d rows: many rows are outranked for their own vector, and
     chromadb's own graph leaves some of those unreached from its entry point (2,807 of
     3,000 reached). A repair (here: one row gone from SQL, its label marked deleted)
     failed its verification on the first such row (exit 8 on every repair, both
     versions), then chromadb 0.6.3's post-check on hnswlib's refusal of a k its search
     cannot fill; both are judged by rate now. At 20,000 rows the post-check's probe, a
-    unit vector, was outranked by more rows than any k it asks (exit 8)."""
+    unit vector, was outranked by more rows than any k it asks (exit 8); at norms of
+    1e17-5e19 the probe scaled past them overflowed float32 to inf, which chromadb 1.x
+    refuses (exit 8)."""
     import sqlite3
 
     p = tmp_path / "palace"
-    chromadb_script(IP_PALACE, str(p), str(rows), str(step))
+    chromadb_script(IP_PALACE, str(p), str(rows), str(step), str(scale))
     before = _observe_one(p, "ip-wide")
     con = sqlite3.connect(p / "chroma.sqlite3")
     try:

@@ -346,21 +346,23 @@ def _still_missed(index: object, vecs: np.ndarray, labels: np.ndarray, k: int, e
 
 def _closer_than_self(files: HnswFiles, space: str, q: np.ndarray) -> np.ndarray:
     """For each query row (a stored vector), how many live stored vectors are strictly
-    closer to it than itself: brute force in one streamed pass over data_level0.bin."""
+    closer to it than itself: brute force in one streamed pass over data_level0.bin.
+    (A palace's inf or 1e19-norm rows overflow float32: a NaN compares as no closer.)"""
     h = files.header
     assert h is not None
     qt = q.T.astype(np.float32)
-    if space in ("cosine", "ip"):
-        self_d = 1.0 - np.einsum("ij,ij->i", q, q)
-    else:
-        self_d = np.zeros(len(q), dtype=np.float32)
     closer = np.zeros(len(q), dtype=np.int64)
-    for _, rows in files.blocks():
-        live = (rows[:, 2] & DELETE_MARK) == 0
-        vecs = rows[live, h.offset_data : h.label_offset].view("<f4")
+    with np.errstate(all="ignore"):
         if space in ("cosine", "ip"):
-            d = 1.0 - vecs @ qt
+            self_d = 1.0 - np.einsum("ij,ij->i", q, q)
         else:
-            d = (vecs * vecs).sum(axis=1)[:, None] - 2.0 * (vecs @ qt) + (q * q).sum(axis=1)[None, :]
-        closer += (d < self_d[None, :] - 1e-6).sum(axis=0)
+            self_d = np.zeros(len(q), dtype=np.float32)
+        for _, rows in files.blocks():
+            live = (rows[:, 2] & DELETE_MARK) == 0
+            vecs = rows[live, h.offset_data : h.label_offset].view("<f4")
+            if space in ("cosine", "ip"):
+                d = 1.0 - vecs @ qt
+            else:
+                d = (vecs * vecs).sum(axis=1)[:, None] - 2.0 * (vecs @ qt) + (q * q).sum(axis=1)[None, :]
+            closer += (d < self_d[None, :] - 1e-6).sum(axis=0)
     return closer
