@@ -160,8 +160,9 @@ def assert_chromadb_consistent(palace: str | Path, spec: PalaceSpec | None = Non
     what palaces built by ``chaosfix.workload`` hold); a sample of rows finds itself in
     its top 10 by self-query (by that vector, or with ``query_by="embedding"`` by the
     embedding chromadb returns for it: for a palace of another application pass that and
-    ``check_vectors=False``) and by a query filtered on its wing (or another metadata
-    value of the row; none when it has no metadata) (a row only a deeper
+    ``check_vectors=False``; in an ip collection that self-query is skipped: rows of
+    larger norms outrank a row for its own vector) and by a query filtered on its wing
+    (or another metadata value of the row; none when it has no metadata) (a row only a deeper
     search returns, no farther than the top 10's last, is search depth: up to 5% of the
     sample are excused, as chromadb's own ``ann_accuracy`` invariant allows recall
     0.95); with ``write_probe`` a new drawer is added and found (this changes the

@@ -117,8 +117,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_ENV] = {k: os.environ.get(k) for k in ("CHAOSFIX_KEEP_DIR", "CHAOSFIX_PROFILE")}
     if config.getoption("--chaos-keep"):
         keep_dir = Path(config.getoption("--chaos-keep-dir") or config.rootpath / ".chaosfix-keep").resolve()
-        if keep_dir.exists() and not keep_dir.is_dir():
-            raise pytest.UsageError(f"--chaos-keep-dir {keep_dir}: not a folder")
+        there = next((a for a in (keep_dir, *keep_dir.parents) if a.exists()), None)
+        if there is not None and not there.is_dir():
+            raise pytest.UsageError(f"--chaos-keep-dir {keep_dir}: {there} is not a folder")
         os.environ["CHAOSFIX_KEEP_DIR"] = str(keep_dir)  # chaosfix.stateful keeps its palace there
     if config.getoption("--chaos-profile"):
         os.environ["CHAOSFIX_PROFILE"] = config.getoption("--chaos-profile")
@@ -664,9 +665,8 @@ def _from_invocation(item: pytest.Item) -> str:
     """The test's node id with its file relative to the folder pytest was run from (node
     ids are relative to the rootdir, which may be a parent: from a subfolder, or when an
     option's path moved it), so the rerun line runs where it is printed."""
-    path, sep, rest = item.nodeid.partition("::")
-    where = os.path.relpath(item.config.rootpath / path, item.config.invocation_params.dir)
-    return where + sep + rest
+    _, sep, rest = item.nodeid.partition("::")  # (a file outside the rootdir has no path in it)
+    return os.path.relpath(item.path, item.config.invocation_params.dir) + sep + rest
 
 
 def _safe(nodeid: str) -> str:

@@ -221,7 +221,8 @@ def test_missing_scenario_folder_is_a_usage_error(inner):
     ({"CHAOSFIX_SEED": "abc"}, (), "$CHAOSFIX_SEED 'abc' is not an integer"),
     ({}, ("--chaos-seed", "-3"), "chaosfix seed -3 is negative"),
     ({"CHAOSFIX_SEED": "-1"}, (), "chaosfix seed -1 is negative"),
-    ({}, ("--chaos-keep", "--chaos-keep-dir", "afile"), "afile: not a folder"),
+    ({}, ("--chaos-keep", "--chaos-keep-dir", "afile"), "afile is not a folder"),
+    ({}, ("--chaos-keep", "--chaos-keep-dir", "afile/sub"), "afile is not a folder"),
 ])
 def test_bad_settings_are_one_usage_error_line(inner, monkeypatch, env, args, said):
     """A bad $CHAOSFIX_SEED was an INTERNALERROR traceback in every project with the plugin
@@ -279,6 +280,12 @@ def test_the_rerun_line_runs_where_it_is_printed(inner, monkeypatch):
     assert line == "rerun: pytest 'test_sub.py::test_x[1]' --chaos-seed 2", line
     again = inner.runpytest(*shlex.split(line)[2:])
     again.assert_outcomes(failed=1)
+    # a test file outside the rootdir (its node id has no path: the line said '..::test_x')
+    monkeypatch.chdir(inner.path)
+    (inner.path / "proj").mkdir()
+    res = inner.runpytest("--rootdir=proj", "tests/test_sub.py")
+    line = next(x for x in res.stdout.lines if x.startswith("rerun: "))
+    assert line.startswith("rerun: pytest 'tests/test_sub.py::test_x[1]'"), line
 
 
 def test_failure_output_and_chaos_keep(inner):
@@ -353,23 +360,26 @@ def test_xdist_workers_never_share_a_palace(inner, tmp_path, monkeypatch):
 
 APP_PALACE = textwrap.dedent("""
     import sys, numpy as np, chromadb
-    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection("notes", embedding_function=None)
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
+        "notes", embedding_function=None, metadata={"hnsw:space": sys.argv[2]})
     v = np.random.default_rng(3).standard_normal((300, 8)).astype(np.float32)
     col.add(ids=[f"n{i}" for i in range(300)], embeddings=v, documents=[f"note {i}" for i in range(300)],
             metadatas=[{"kind": "ab"[i % 2]} if i % 3 else None for i in range(300)])
 """)
 
 
-def test_assert_chromadb_consistent_on_a_palace_chaosfix_did_not_build(tmp_path):
+@pytest.mark.parametrize("space", ["l2", "ip"])
+def test_assert_chromadb_consistent_on_a_palace_chaosfix_did_not_build(tmp_path, space):
     """Another application's palace (its own vectors, no wing): the helper failed with
     KeyError: 'wing' even with check_vectors=False. Its sample is queried by the embeddings
     chromadb returns (query_by="embedding"), filtered on a metadata value a row has."""
     from helpers import chromadb_script
 
     p = tmp_path / "app"
-    chromadb_script(APP_PALACE, str(p))
-    obs = assert_chromadb_consistent(p, check_vectors=False, query_by="embedding", write_probe=False)
-    assert obs["count"] == 300 and obs["sampled"] >= 50 and obs["errors"] == []
+    chromadb_script(APP_PALACE, str(p), space)
+    obs = assert_chromadb_consistent(p, check_vectors=False, query_by="embedding", write_probe=True)
+    # (ip: rows of larger norms outrank a row for its own vector, so no self-query proves anything)
+    assert obs["count"] == 300 and obs["sampled"] >= (50 if space == "l2" else 0) and obs["errors"] == []
     with pytest.raises(AssertionError, match="wrong embedding"):  # they are not HashEmbedder vectors
         assert_chromadb_consistent(p, write_probe=False)
 
