@@ -149,6 +149,9 @@ def load_file(path: Path | Traversable) -> Scenario:
         if do not in OWN_STEPS and do not in faults.REGISTRY:
             known = ", ".join(sorted({*OWN_STEPS, *faults.REGISTRY}))
             raise UsageProblem(f"{path}: unknown step {do!r}: one of {known}")
+        if do == "write" and "kill_point" in step and "1.x" in sc.versions:
+            raise UsageProblem(f"{path}: a kill_point hooks chromadb 0.6's Python persist: a scenario that uses "
+                               "one lists versions = [\"0.6\"] (1.x persists in Rust: kill with strace or kill_after)")
     return sc
 
 

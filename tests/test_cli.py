@@ -83,8 +83,13 @@ def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no
     bad_types = tmp_path / "types"
     bad_types.mkdir()
     (bad_types / "x.toml").write_text('name = "x"\nsummary = "s"\nversions = "1.x"\nresizable = "false"\n')
+    kill_on_1x = tmp_path / "kill"  # (on 1.x it failed at its break stage, exit 4)
+    kill_on_1x.mkdir()
+    (kill_on_1x / "x.toml").write_text('name = "x"\nsummary = "s"\n[[steps]]\ndo = "write"\n'
+                                       'ops = [{op = "add", start = 0, count = 10}]\nkill_point = "after-pickle"\n')
     for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario"),
-                        (bad_types, "versions must be a list; resizable must be a bool")):
+                        (bad_types, "versions must be a list; resizable must be a bool"),
+                        (kill_on_1x, "a kill_point hooks chromadb 0.6's Python persist")):
         for args in (["simulate", "x", "--scenarios", str(folder)], ["scenarios", "--scenarios", str(folder)]):
             code, out, err = invoke(*args)
             assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, code, err)
