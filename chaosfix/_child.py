@@ -159,7 +159,7 @@ def observe(spec: dict) -> dict:
 
     out: dict = {"version": chromadb.__version__, "errors": []}
     seed, dim = int(spec.get("seed", 0)), int(spec.get("dim", 384))
-    own, by_doc = spec.get("check_vectors", True), spec.get("query_by", "document") == "document"
+    compare, by_doc = spec.get("check_vectors", True), spec.get("query_by", "document") == "document"
     try:
         client = _client(spec["path"])
         col = client.get_collection(spec["collection"], embedding_function=None)
@@ -176,7 +176,7 @@ def observe(spec: dict) -> dict:
         embs = got["embeddings"]
         if embs is None or len(embs) != len(ids):
             out["errors"].append(("get_embeddings", f"{0 if embs is None else len(embs)} embeddings for {len(ids)} ids"))
-        elif own:
+        elif compare:
             for rid, doc, emb in zip(ids, got["documents"], embs):
                 want = embed_text(doc, dim)
                 if doc is None or sum((float(a) - float(b)) ** 2 for a, b in zip(emb, want)) > 1e-6:

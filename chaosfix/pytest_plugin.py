@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -174,7 +174,7 @@ def _marker_names(metafunc: pytest.Metafunc) -> list[str] | None:
     return names if found else None
 
 
-def _marker_fail(metafunc: pytest.Metafunc, why: str) -> None:
+def _marker_fail(metafunc: pytest.Metafunc, why: str) -> NoReturn:
     """A misused marker: one line at collection, no traceback (a UsageError raised here
     shows under pluggy's)."""
     pytest.fail(f"{metafunc.definition.nodeid}: @pytest.mark.scenario: {why}", pytrace=False)

@@ -108,6 +108,11 @@ class IdMap:
         return self.__dict__.get("_facts")
 
     @property
+    def is_deferred(self) -> bool:
+        """Its dicts are still unread pickle bytes (reading one unpickles them all)."""
+        return self._known is not None
+
+    @property
     def count(self) -> int:
         f = self._known
         return f["count"] if f else len(self.id_to_label)

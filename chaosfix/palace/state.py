@@ -74,8 +74,16 @@ class CollectionState:
         stays a row search never finds."""
         if not self.pending:
             return set()
-        held = self.idmap.id_to_label if self.idmap is not None else {}
-        return set(replayed(self.pending, held, lambda w: w.has_vector)[0])
+        return set(replayed(self.pending, self.map_ids(), lambda w: w.has_vector)[0])
+
+    def map_ids(self) -> Container[str]:
+        """The id map's ids, to ask whether it holds a few (pending) ids: a deferred map
+        whose ids the helper found to be SQL's answers from SQL's ids, unpickled never
+        (1 s at 500k ids, which a healthy check with pending rows paid)."""
+        m = self.idmap
+        if m is None:
+            return {}
+        return self.sql_rows if m.is_deferred and self.map_same_ids else m.id_to_label
 
     @cached_property
     def live_label_slots(self) -> dict[int, int]:
@@ -185,11 +193,11 @@ class CollectionState:
         m = self.idmap
         if m is None or not self.pending:
             return range(0)
-        seen, new = set(m.id_to_label), 0
+        held, seen = self.map_ids(), set()
         for w in self.pending:
-            if w.op in (0, 2) and w.id not in seen:
+            if w.op in (0, 2) and w.id not in held:
                 seen.add(w.id)
-                new += 1
+        new = len(seen)
         return range(m.total_elements_added + 1, m.total_elements_added + 1 + new)
 
     @property
