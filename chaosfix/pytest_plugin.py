@@ -36,7 +36,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -611,6 +611,10 @@ class Reconciler:
         opts: dict[str, Any] = {"backup": False, "chromadb_check": False, "seed": self.seed}
         if "embedder" not in options:
             opts["embedder"] = HashEmbedder(self.factory.spec_of(palace).dim)
+        odd = sorted(set(options) - {f.name for f in fields(ReconcileOptions)})
+        if odd:
+            raise TypeError(f"reconciler: unknown option {', '.join(odd)}; the options are "
+                            f"{', '.join(f.name for f in fields(ReconcileOptions))}")
         opts.update(options)
         return ReconcileOptions(**opts)
 

@@ -237,6 +237,21 @@ def test_bad_settings_are_one_usage_error_line(inner, monkeypatch, env, args, sa
     assert said in _out(res) and "Traceback" not in _out(res) and "INTERNALERROR" not in _out(res), _out(res)
 
 
+def test_reconciler_options_are_checked(palace_factory, reconciler):
+    """strategy="fast" ran as auto, verify="full" (the CLI's word) was a dataclass
+    TypeError, a negative seed a numpy traceback in the plan (helper-31)."""
+    from chaosfix.errors import UsageProblem
+
+    p = palace_factory(drawers=40, dim=16, sync_threshold=20, batch_size=10)
+    with pytest.raises(UsageProblem, match="strategy 'fast': one of auto, incremental, rebuild"):
+        reconciler(p, strategy="fast")
+    with pytest.raises(UsageProblem, match="seed must be a whole number of 0 or more, not -3"):
+        reconciler(p, seed=-3)
+    with pytest.raises(TypeError, match="unknown option verify; the options are .*verify_full"):
+        reconciler(p, verify="full")
+    assert reconciler(p, strategy="rebuild").exit_code == 1
+
+
 def test_a_kill_point_on_chromadb_1x_is_refused(palace_factory):
     """Kill points hook chromadb 0.6's Python persist: on 1.x the child wrote every row and
     the crash test passed without a crash (killed=False, ok=True)."""

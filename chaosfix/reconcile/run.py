@@ -48,6 +48,7 @@ from chaosfix.errors import (
     EXIT_UNREPAIRED,
     ChaosfixError,
     OperationalError,
+    UsageProblem,
     os_error_line,
 )
 from chaosfix.filecopy import sparse_copy
@@ -113,6 +114,20 @@ class ReconcileOptions:
     deep: bool = False  # re-embed every row and replace stale vectors (STALE_VECTOR)
     sample: int = 1000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """The library checks what the CLI's options check (a library caller, e.g. the
+        pytest fixture, passed strategy="fast" and got auto, or a negative seed and a
+        numpy traceback deep in the plan)."""
+        if self.strategy not in STRATEGIES:
+            raise UsageProblem(f"strategy {self.strategy!r}: one of {', '.join(STRATEGIES)}")
+        for name in ("sample", "chromadb_sample", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageProblem(f"{name} must be a whole number of 0 or more, not {value!r}")
+
+
+STRATEGIES = ("auto", "incremental", "rebuild")
 
 
 @dataclass
