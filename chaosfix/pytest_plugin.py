@@ -93,9 +93,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="keep the palaces of failed tests and print where they are")
     g.addoption("--chaos-keep-dir", default=None, metavar="DIR",
                 help="where --chaos-keep puts them (default: .chaosfix-keep under the rootdir)")
-    g.addoption("--chaos-profile", default=None, choices=("dev", "ci", "nightly"),
+    g.addoption("--chaos-profile", default=None, choices=("dev", "ci", "nightly", "full"),
                 help="hypothesis profile for chaosfix.stateful machines and chaos_explore's states: "
-                     "dev, ci (default) or nightly")
+                     "dev, ci (default), nightly or full (every crash state; nightly for machines)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -646,8 +646,12 @@ def chaos_explore(chaos_seed: int) -> Callable[..., Any]:
 
     def run(*workloads: str | Workload, profile: str | None = None, **kw: Any) -> Any:
         name = profile or os.environ.get("CHAOSFIX_PROFILE") or "ci"
+        if name not in PROFILES:  # (a typo ran the ci profile, silently)
+            raise ValueError(f"chaos_explore profile {name!r}: one of {', '.join(PROFILES)}")
+        if not workloads:
+            raise ValueError("chaos_explore needs a workload: a built-in name, a .toml or a Workload")
         wls = [w if isinstance(w, Workload) else load(w, chaos_seed) for w in workloads]
-        return explore(wls, PROFILES.get(name, PROFILES["ci"]), seed=chaos_seed, **kw)
+        return explore(wls, PROFILES[name], seed=chaos_seed, **kw)
 
     return run
 

@@ -88,7 +88,12 @@ def profile_settings(name: str | None = None) -> settings:
     """The settings of profile ``name`` (dev, ci, nightly, or any registered profile),
     else ``$CHAOSFIX_PROFILE``, else ci."""
     name = name or os.environ.get("CHAOSFIX_PROFILE") or "ci"
-    return settings.get_profile(PROFILES.get(name, name))
+    name = "nightly" if name == "full" else name  # (explore's exhaustive profile: the machines' longest)
+    try:
+        return settings.get_profile(PROFILES.get(name, name))
+    except InvalidArgument:
+        raise ValueError(f"chaosfix profile {name!r}: one of {', '.join(PROFILES)}, full, "
+                         "or a registered hypothesis profile") from None
 
 
 # a count is either a number of records or a position relative to sync_threshold

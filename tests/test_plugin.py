@@ -210,6 +210,28 @@ def test_an_unknown_profile_is_a_usage_error_naming_the_choices(inner):
     assert "invalid choice: 'bogus'" in _out(res) and "'nightly'" in _out(res) and "Traceback" not in _out(res)
 
 
+def test_profile_names_mean_the_same_everywhere(inner, monkeypatch):
+    """CHAOSFIX_PROFILE=full (chaos_explore's exhaustive profile) failed every module that
+    called profile_settings() at collection; a misspelled profile ran chaos_explore's ci
+    profile silently, and chaos_explore() with no workload passed having explored nothing."""
+    from chaosfix.stateful import PROFILES, profile_settings
+
+    assert profile_settings("full") is profile_settings("nightly")
+    assert profile_settings("full").max_examples == 200 and PROFILES["nightly"] == "chaosfix-nightly"
+    with pytest.raises(ValueError, match="chaosfix profile 'nightley': one of dev, ci, nightly, full"):
+        profile_settings("nightley")
+    inner.makepyfile(test_x="""
+        import pytest
+
+        def test_x(chaos_explore):
+            with pytest.raises(ValueError, match="profile 'nightley': one of ci, dev, nightly, full"):
+                chaos_explore("add", profile="nightley")
+            with pytest.raises(ValueError, match="needs a workload"):
+                chaos_explore()
+    """)
+    inner.runpytest("--chaos-profile", "full").assert_outcomes(passed=1)
+
+
 def test_missing_scenario_folder_is_a_usage_error(inner):
     inner.makepyfile(test_x="def test_x():\n    pass\n")
     res = inner.runpytest("--chaos-scenarios", "nowhere")
