@@ -30,6 +30,7 @@ order, checking the invariants after each, with no hypothesis involved.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -142,6 +143,7 @@ def guarded(fn):  # noqa: ANN001, ANN201
             self.failed(exc)
             raise
 
+    wrapper._chaosfix_guarded = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -149,6 +151,21 @@ class CrashMachine(RuleBasedStateMachine):
     """Base: a private palace per example, the step log and the replay file. No rules."""
 
     spec: PalaceSpec = PalaceSpec(drawers=40, dim=16, sync_threshold=20, batch_size=10)
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        """A subclass's own ``@invariant`` gets the replay line too: each is ``guarded``
+        (a plain one failed with no replay line or file)."""
+        super().__init_subclass__(**kw)
+        for name, fn in list(vars(cls).items()):
+            marker = getattr(fn, INVARIANT_MARKER, None) if callable(fn) else None
+            if marker is None or getattr(fn, "_chaosfix_guarded", False):
+                continue
+            wrapped = guarded(fn)
+            try:  # (hypothesis calls the marker's function, not the attribute)
+                setattr(wrapped, INVARIANT_MARKER, dataclasses.replace(marker, function=wrapped))
+            except TypeError:  # a hypothesis whose marker is no dataclass: left as it is
+                continue
+            setattr(cls, name, wrapped)
 
     def __init__(self) -> None:
         super().__init__()

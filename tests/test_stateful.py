@@ -138,12 +138,15 @@ def test_kill_mid_persist_of_a_delete_is_reported_and_repaired(major):
         assert m.repairs == 1
 
 
-def test_failure_prints_one_replay_line_that_reproduces(pytester, monkeypatch, tmp_path):
+@pytest.mark.parametrize("where", ["rule", "invariant"])
+def test_failure_prints_one_replay_line_that_reproduces(pytester, monkeypatch, tmp_path, where):
+    """A failing rule, or a user's own plain ``@invariant`` (which printed no replay line
+    before: only invariants wrapped in ``guarded`` did)."""
     monkeypatch.setenv("CHAOSFIX_CACHE", str(CACHE))
     pytester.makepyfile(test_m=textwrap.dedent("""
         from hypothesis import settings
         from hypothesis import strategies as st
-        from hypothesis.stateful import rule
+        from hypothesis.stateful import invariant, rule
         from chaosfix.stateful import CrashMachine, recorded
 
         class Fragile(CrashMachine):
@@ -155,11 +158,15 @@ def test_failure_prints_one_replay_line_that_reproduces(pytester, monkeypatch, t
             @recorded
             def bump(self, n):
                 self.total += n
-                assert self.total < 12, f"total {self.total}"
+                assert WHERE != "rule" or self.total < 12, f"total {self.total}"
+
+            @invariant()
+            def small(self):
+                assert WHERE != "invariant" or self.total < 12, f"total {self.total}"
 
         TestFragile = Fragile.TestCase
         TestFragile.settings = settings(max_examples=200, deadline=None, database=None, derandomize=True)
-    """))
+    """).replace("WHERE", repr(where)))
     res = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     res.assert_outcomes(failed=1)
     out = res.stdout.str()
