@@ -380,15 +380,35 @@ DUPLICATE_ADD = textwrap.dedent("""
 """)
 
 
-def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path):
+@pytest.mark.parametrize("after", ["nothing", "metadata-update", "blob-id"])
+def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path, after):
     """An add of an id SQL already holds is skipped by the metadata segment (the row keeps
     its document, metadata and seq_id) but stays in the WAL. When the id map has lost the
     id, reconcile took that add's vector for the row (helper-30): a vector of a write the
-    row never got. It is no source now: the row is left unrepaired and listed (exit 4)."""
+    row never got. It is no source now: the row is left unrepaired and listed (exit 4).
+    A later metadata-only update raised the row's seq_id above the add's, which then
+    passed again (helper-33); a blob id beside the text ones made the lookup sort fail
+    (exit 8, internal error)."""
+    import sqlite3
+
     p = tmp_path / "palace"
     chromadb_script(DUPLICATE_ADD, str(p))
+    if after == "metadata-update":
+        chromadb_script(textwrap.dedent("""
+            import sys, chromadb
+            chromadb.PersistentClient(path=sys.argv[1]).get_collection("col").update(
+                ids=["r0"], metadatas=[{"v": "later"}])
+        """), str(p))
     faults.drop_map_entry(faults.segment_dir(p, "col"), "both", id="r0")
+    if after == "blob-id":
+        with sqlite3.connect(p / "chroma.sqlite3") as con:  # (damage: the same bytes, stored as a BLOB)
+            con.execute("UPDATE embeddings_queue SET id = ? WHERE id = 'r99'", (b"r99",))
+            con.execute("UPDATE embeddings SET embedding_id = ? WHERE embedding_id = 'r99'", (b"r99",))
+        con.close()
     code, doc, err = reconcile(p, "--no-chromadb-check")
+    assert "internal error" not in err, err
+    if after == "blob-id":
+        return  # (what the blob id itself is judged to be is another matter: no crash, one line)
     assert code == 4, err
     assert doc["plans"][0]["unrepaired_ids"] == ["r0"] and doc["plans"][0]["add"] == 0, doc["plans"][0]
 

@@ -441,7 +441,7 @@ class PalaceSql:
     def row_seqs(self, metadata_segment: str, ids: list[str]) -> dict[str, int]:
         """user id -> seq_id of these rows (through the (segment_id, embedding_id) index)."""
         out: dict[str, int] = {}
-        todo = sorted(set(ids))
+        todo = list(dict.fromkeys(ids))  # (not sorted: a damaged table mixes text and blob ids)
         for s in range(0, len(todo), 500):
             chunk = todo[s : s + 500]
             q = (f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? "
@@ -464,7 +464,7 @@ class PalaceSql:
         if want is not None and len(want) <= DOCUMENTS_BY_ID:
             # a few ids (e.g. 5k orphans of 500k rows): look them up through the
             # (segment_id, embedding_id) unique index instead of scanning every document
-            todo = sorted(want)
+            todo = list(want)  # (not sorted: a damaged table mixes text and blob ids)
             for s in range(0, len(todo), 500):
                 chunk = todo[s : s + 500]
                 marks = ",".join("?" * len(chunk))

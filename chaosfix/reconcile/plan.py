@@ -283,7 +283,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     ahead = set(st.index_ahead())
     rolled_back: list[str] = []  # held labels whose slot holds a rolled-back vector: re-embed
     # only ids with a newer vector, a stale slot or a rolled-back write change (not all 10^5)
-    for rid in sorted(held.keys() & (newer.keys() | stale.keys() | ahead)):
+    for rid in sorted(held.keys() & (newer.keys() | stale.keys() | ahead), key=id_order):
         if rid in newer:
             plan.replace[rid] = held[rid]
             plan.vectors[rid], plan.source[rid] = newer[rid], WAL
@@ -301,8 +301,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         _note_lost_norms(plan)
     missing: list[str] = []
     # (a row a pending delete removes once chromadb replays it needs no vector)
-    plan.replay_removes = sorted(st.replay_removes - held.keys())
-    for rid in sorted(target.keys() - held.keys() - st.replay_removes):
+    plan.replay_removes = sorted(st.replay_removes - held.keys(), key=id_order)
+    for rid in sorted(target.keys() - held.keys() - st.replay_removes, key=id_order):
         vec = newer.get(rid) if rid in newer else any_wal.get(rid)
         if vec is not None:
             plan.vectors[rid], plan.source[rid] = vec, WAL
@@ -470,16 +470,30 @@ def _rolled_back_slots(sql: PalaceSql, st: CollectionState, plan: CollectionPlan
     return out
 
 
+def id_order(rid: object) -> tuple[str, object]:
+    """A sort key for SQL's ids: a damaged table mixes text ids with blob (or integer)
+    ones, which Python does not order against each other."""
+    return type(rid).__name__, rid
+
+
 def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow]) -> list[WalRow]:
-    """The WAL rows less the adds SQL refused: an add of an id SQL already held is
-    skipped by the metadata segment (the row keeps its older seq_id, document and
+    """The WAL rows less the adds SQL may have refused: an add of an id SQL already held
+    is skipped by the metadata segment (the row keeps its older seq_id, document and
     metadata), so its vector belongs to no row. (chromadb's vector segment skips it too,
-    unless the id map lost the id: then its replay would give the row that vector.)"""
+    unless the id map lost the id: then its replay would give the row that vector.)
+
+    An add is the row's only when the row's seq_id is the add's. A later seq_id (a later
+    write: a metadata-only update raises it above a refused add's) leaves it the row's
+    only when it carries the row's own document; an older or unreadable one never."""
     adds = [w for w in wal if w.op == 0 and w.id in st.sql_rows]
     if not adds or st.info.metadata_segment is None:
         return wal
-    seqs = sql.row_seqs(st.info.metadata_segment, [w.id for w in adds])
-    refused = {(w.seq_id, w.id) for w in adds if w.id in seqs and seqs[w.id] < w.seq_id}
+    seg = st.info.metadata_segment
+    seqs = sql.row_seqs(seg, [w.id for w in adds])
+    later = {(w.seq_id, w.id) for w in adds if seqs.get(w.id, -1) > w.seq_id}
+    docs = sql.documents(seg, [i for _, i in later]) if later else {}
+    refused = {(w.seq_id, w.id) for w in adds if seqs.get(w.id) != w.seq_id and not (
+        (w.seq_id, w.id) in later and w.document is not None and w.document == docs.get(w.id))}
     return [w for w in wal if (w.seq_id, w.id) not in refused] if refused else wal
 
 
