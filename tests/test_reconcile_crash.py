@@ -361,7 +361,10 @@ def test_ctrl_c_right_after_the_backup_is_placed_leaves_no_backup(tmp_path, dama
     proc = subprocess.Popen([strace_path(), "-f", "-qq", "-o", "/dev/null", "-P", str(tmp_path), "-e", "trace=fsync",
                              "-e", "inject=fsync:delay_enter=3000000:when=2", sys.executable, "-m", "chaosfix",
                              "reconcile", str(p), "--json", "--no-chromadb-check", "--embedder", HASH_EMBEDDER],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # (SIGINT as a terminal delivers it: a run started in the background
+                            # or an xdist worker may have it ignored, and a child inherits that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not [d for d in tmp_path.iterdir() if d.name.startswith("palace.chaosfix-backup-")]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -380,6 +383,16 @@ def test_a_ctrl_c_inside_a_deferred_step_comes_after_it():
     whole; outside such a step Ctrl-C interrupts at once, as before."""
     from chaosfix.reconcile.safety import interrupts_deferred
 
+    # (Python's own handler, as a terminal's python has it: a run started in the
+    # background, or an xdist worker, may have inherited SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _deferred_then_at_once(interrupts_deferred)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _deferred_then_at_once(interrupts_deferred) -> None:  # noqa: ANN001
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
