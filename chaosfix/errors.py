@@ -29,6 +29,14 @@ class UsageProblem(ChaosfixError):
     exit_code = EXIT_USAGE
 
 
+def whole_number_problem(what: str, value: object, least: int) -> str | None:
+    """Why ``value`` is not a whole number of ``least`` or more (a bool is not one), or
+    None: the one rule for the counts and seeds a library caller passes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        return f"{what} must be a whole number of {least} or more, not {value!r}"
+    return None
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: its file(s) and the system's words, no errno tuple."""
     where = f"{exc.filename}{f' -> {exc.filename2}' if exc.filename2 else ''}: " if exc.filename else ""

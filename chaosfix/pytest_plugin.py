@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from chaosfix import workload
+from chaosfix.errors import whole_number_problem
 from chaosfix.workload import PalaceSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -195,9 +196,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     elif not names:
         _marker_fail(metafunc, "needs at least one name")
     kw = dict(m.kwargs) if (m := metafunc.definition.get_closest_marker("scenario")) else {}
-    seed = kw.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        _marker_fail(metafunc, f"seed must be a whole number of 0 or more, not {seed!r}")
+    if kw.get("seed") is not None and (why := whole_number_problem("seed", kw["seed"], 0)):
+        _marker_fail(metafunc, why)
     params = []
     for n in names:
         if n not in cat:

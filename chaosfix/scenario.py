@@ -40,7 +40,7 @@ from pathlib import Path
 
 from chaosfix import faults, workload
 from chaosfix.check import check_palace
-from chaosfix.errors import OperationalError, UsageProblem
+from chaosfix.errors import OperationalError, UsageProblem, whole_number_problem
 from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
 from chaosfix.progress import ProgressFn
 from chaosfix.workload import PalaceSpec, chroma_major
@@ -76,8 +76,8 @@ class Scenario:
         """Why this scenario cannot run at ``drawers`` (None: it can, or none was asked)."""
         if drawers is None:
             return None
-        if isinstance(drawers, bool) or not isinstance(drawers, int) or drawers < 1:
-            return f"scenario {self.name}: drawers must be a whole number of 1 or more, not {drawers!r}"
+        if why := whole_number_problem("drawers", drawers, 1):
+            return f"scenario {self.name}: {why}"
         t = int(self.palace.get("sync_threshold", PalaceSpec().sync_threshold))
         if self.resizable and drawers % t:
             return (f"scenario {self.name} resizes to whole flushes: --drawers a multiple of its sync_threshold {t} "

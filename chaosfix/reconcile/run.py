@@ -50,6 +50,7 @@ from chaosfix.errors import (
     OperationalError,
     UsageProblem,
     os_error_line,
+    whole_number_problem,
 )
 from chaosfix.filecopy import sparse_copy
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
@@ -122,9 +123,8 @@ class ReconcileOptions:
         if self.strategy not in STRATEGIES:
             raise UsageProblem(f"strategy {self.strategy!r}: one of {', '.join(STRATEGIES)}")
         for name in ("sample", "chromadb_sample", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UsageProblem(f"{name} must be a whole number of 0 or more, not {value!r}")
+            if why := whole_number_problem(name, getattr(self, name), 0):
+                raise UsageProblem(why)
 
 
 STRATEGIES = ("auto", "incremental", "rebuild")
