@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -438,19 +438,24 @@ class PalaceSql:
             return None
         return blob
 
-    def row_seqs(self, metadata_segment: str, ids: list[str]) -> dict[str, int]:
-        """user id -> seq_id of these rows (through the (segment_id, embedding_id) index)."""
-        out: dict[str, int] = {}
-        todo = list(dict.fromkeys(ids))  # (not sorted: a damaged table mixes text and blob ids)
+    def _by_ids(self, q: str, params: tuple, ids: Iterable[object], column: str) -> Iterator[tuple]:
+        """``q`` (ending in a WHERE clause) for these ids, 500 at a time through the
+        (segment_id, embedding_id) index. (Not sorted: a damaged table mixes text and
+        blob ids.)"""
+        todo = list(dict.fromkeys(ids))
         for s in range(0, len(todo), 500):
             chunk = todo[s : s + 500]
-            q = (f"SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ? "
-                 f"AND embedding_id IN ({','.join('?' * len(chunk))})")
-            for eid, seq in self.conn.execute(q, (metadata_segment, *chunk)):
-                try:
-                    out[eid] = decode_seq(seq) or 0
-                except ValueError:
-                    continue
+            yield from self.conn.execute(f"{q} AND {column} IN ({','.join('?' * len(chunk))})", (*params, *chunk))
+
+    def row_seqs(self, metadata_segment: str, ids: list[str]) -> dict[str, int]:
+        """user id -> seq_id of these rows."""
+        out: dict[str, int] = {}
+        q = "SELECT embedding_id, seq_id FROM embeddings WHERE segment_id = ?"
+        for eid, seq in self._by_ids(q, (metadata_segment,), ids, "embedding_id"):
+            try:
+                out[eid] = decode_seq(seq) or 0
+            except ValueError:
+                continue
         return out
 
     def documents(self, metadata_segment: str, ids: list[str] | None = None) -> dict[str, str | None]:
@@ -464,13 +469,7 @@ class PalaceSql:
         if want is not None and len(want) <= DOCUMENTS_BY_ID:
             # a few ids (e.g. 5k orphans of 500k rows): look them up through the
             # (segment_id, embedding_id) unique index instead of scanning every document
-            todo = list(want)  # (not sorted: a damaged table mixes text and blob ids)
-            for s in range(0, len(todo), 500):
-                chunk = todo[s : s + 500]
-                marks = ",".join("?" * len(chunk))
-                for eid, doc in self.conn.execute(f"{q} AND e.embedding_id IN ({marks})",
-                                                  (DOCUMENT_KEY, metadata_segment, *chunk)):
-                    out[eid] = doc
+            out.update(self._by_ids(q, (DOCUMENT_KEY, metadata_segment), want, "e.embedding_id"))
             return out
         for eid, doc in self.conn.execute(q, (DOCUMENT_KEY, metadata_segment)):
             if want is None or eid in want:
