@@ -12,6 +12,7 @@ with the class reference emitted by name, so chromadb never has to be imported.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import sys
@@ -214,6 +215,38 @@ def same_id_set(m: dict[str, int], ids: list[str]) -> bool:
     if not SECRET_HASH_KEY:
         return not m.keys() - ids  # (equal sizes, no key missing: the same ids, each once)
     return np.array_equal(np.sort(_fingerprints(m)), np.sort(_fingerprints(ids)))
+
+
+def id_diff(m: dict[str, int], ids: list[str], most: int) -> tuple[list[str], list[str]] | None:
+    """(``ids`` the map lacks, the map's ids not among ``ids``), or None when these are
+    more than ``most`` in all: what a palace between two flushes has (1.x's SQL holds the
+    pending adds, its index not yet), so its check need not unpickle the map to find them.
+    Valid only for ``ids`` that are each once, which the caller checks. Compared by
+    fingerprint as ``same_id_set`` is: 500k lookups of fresh strings in the map took 0.38 s."""
+    if not SECRET_HASH_KEY:  # a known key: the strings themselves
+        only_sql = list(itertools.filterfalse(m.__contains__, ids))
+    else:
+        mine = np.sort(_fingerprints(m))
+        only_sql = list(map(ids.__getitem__, np.flatnonzero(~_among(_fingerprints(ids), mine)).tolist()))
+    if len(only_sql) > most:
+        return None
+    # each id once and every other one mapped: the map holds no id beyond them when the
+    # counts agree (the usual case: nothing more to compare)
+    if len(ids) - len(only_sql) == len(m):
+        only_map: list[str] = []
+    elif not SECRET_HASH_KEY:
+        only_map = list(m.keys() - set(ids))
+    else:
+        only_map = list(itertools.compress(m, (~_among(_fingerprints(m), np.sort(_fingerprints(ids)))).tolist()))
+    return (only_sql, only_map) if len(only_sql) + len(only_map) <= most else None
+
+
+def _among(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which ``values`` occur in ``sorted_set`` (ascending): a binary search each."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
 
 
 def summarize(m: IdMap) -> tuple[dict, np.ndarray]:

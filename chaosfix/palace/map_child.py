@@ -6,8 +6,8 @@ now does that on the other core, from the very bytes the check read (sent on std
 never the path): it bounds and unpickles them exactly as the check would
 (``idmap.loads``: the opcode scan, then the restricted unpickler) and answers with the
 map's facts (``idmap.summarize``), its sorted labels, and whether its ids are exactly
-SQL's (sent after the pickle as one NUL-joined string, ``PalaceSql.id_blob``). The check
-then holds a deferred map (``idmap.deferred``) that unpickles in-process only when a
+SQL's (sent after the pickle as one NUL-joined string, ``PalaceSql.id_blob``) and, when
+they are not, the few ids on either side alone (``idmap.id_diff``). The check then holds a deferred map (``idmap.deferred``) that unpickles in-process only when a
 finding needs the ids themselves. Any other answer (unsafe, unreadable, or none: no
 interpreter, a signal, a timeout, garbage on its stdout) sends the caller to the
 in-process read (opcode scan, then unpickler), whose verdict stands: the helper only
@@ -35,6 +35,7 @@ import threading
 from pathlib import Path
 
 MIN_BYTES = 4 << 20  # below this (about 50k ids) the helper's start costs more than it saves
+DIFF_MOST = 1 << 16  # ids in SQL or the map alone the helper names (beyond: the map is read in-process)
 _NONE = 2**64 - 1  # "no SQL ids" in place of a length
 _HEAD = struct.Struct("<Q")
 
@@ -189,7 +190,10 @@ def _child() -> None:
         facts, arr = idmap.summarize(m)
         answer, labels = {"status": "ok", "facts": facts, "same_ids": None}, arr.astype("<u8").tobytes()
         if blob is not None:
-            answer["same_ids"] = idmap.same_id_set(m.id_to_label, blob.decode("utf-8").split("\0"))
+            ids = blob.decode("utf-8").split("\0")
+            answer["same_ids"] = idmap.same_id_set(m.id_to_label, ids)
+            if not answer["same_ids"]:
+                answer["diff"] = idmap.id_diff(m.id_to_label, ids, DIFF_MOST)
     out = sys.stdout.buffer
     out.write(json.dumps(answer).encode() + b"\n")
     out.write(labels)

@@ -50,7 +50,9 @@ class CollectionState:
     # applies to SQL's rows (None: the pending rows above the vector segment's say it)
     unapplied: list[WalRow] | None = None
     written_in_rollback: bool = False  # 0.6: index files written by a transaction that rolled back
-    map_same_ids: bool | None = None  # the map helper's exact answer to same_ids (None: not asked)
+    # the map helper's exact answer (a deferred map): SQL's ids the map lacks, the map's
+    # ids SQL lacks; both empty: same_ids (None: not asked, or too many to name)
+    map_diff: MapDiff | None = None
 
     def drop_index_facts(self) -> None:
         """Forget the old index's id map and slot table (the largest objects a plan holds)
@@ -58,6 +60,7 @@ class CollectionState:
         adding its own on top (peak RSS)."""
         self.idmap = None
         self.slots = None
+        self.map_diff = None
         for cached in ("live_label_slots", "live_sorted", "live_labels", "same_ids"):
             self.__dict__.pop(cached, None)
 
@@ -78,12 +81,15 @@ class CollectionState:
 
     def map_ids(self) -> Container[str]:
         """The id map's ids, to ask whether it holds a few (pending) ids: a deferred map
-        whose ids the helper found to be SQL's answers from SQL's ids, unpickled never
-        (1 s at 500k ids, which a healthy check with pending rows paid)."""
-        m = self.idmap
+        whose ids the helper compared with SQL's answers from SQL's ids and the few on
+        either side alone, unpickled never (1 s at 500k ids, which a check of a palace
+        between two flushes paid)."""
+        m, d = self.idmap, self.map_diff
         if m is None:
             return {}
-        return self.sql_rows if m.is_deferred and self.map_same_ids else m.id_to_label
+        if not m.is_deferred or d is None:
+            return m.id_to_label
+        return self.sql_rows if d.empty else _MapIds(self.sql_rows, d)
 
     @cached_property
     def live_label_slots(self) -> dict[int, int]:
@@ -114,8 +120,8 @@ class CollectionState:
         """SQL's ids are exactly the map's (the healthy case), compared once in C."""
         if self.idmap is None:
             return False
-        if self.map_same_ids is not None:
-            return self.map_same_ids
+        if self.map_diff is not None:
+            return self.map_diff.empty
         rows, m = self.sql_rows, self.idmap.id_to_label
         # (equal sizes and rows within the map; a set difference is 2x faster than keys ==)
         return len(rows) == len(m) and not rows.keys() - m.keys()
@@ -132,8 +138,13 @@ class CollectionState:
         """Rows that search can never find: no live vector, nothing pending to bring one."""
         if self.idmap is None:
             return []
-        if self.same_ids and in_sorted(self.idmap.sorted_labels(), self.live_labels).all():
-            return []  # (the healthy case, answered without the map's dicts)
+        d = self.map_diff
+        if (self.same_ids or d is not None) and in_sorted(self.idmap.sorted_labels(), self.live_labels).all():
+            alone = d.sql_alone if d is not None else frozenset()
+            if not alone:
+                return []  # (the healthy case, answered without the map's dicts)
+            # every mapped id is found: only the rows the map lacks can be unfindable
+            return sorted(alone - self.pending_vector_ids - self.replay_removes)
         m, rows = self.idmap.id_to_label, self.sql_rows
         unmapped = set() if self.same_ids else rows.keys() - m.keys()
         # mapped ids whose label has no live slot, in numpy (labels were range-checked: u64)
@@ -166,6 +177,8 @@ class CollectionState:
         """Mapped ids with no row (phantoms)."""
         if self.idmap is None or self.same_ids:
             return []
+        if self.map_diff is not None:
+            return sorted(self.map_diff.map_alone - self.pending_ids)
         return sorted(self.idmap.id_to_label.keys() - self.sql_rows.keys() - self.pending_ids)
 
     def ghost_labels(self) -> list[int]:
@@ -211,9 +224,11 @@ class CollectionState:
         """Ids with a pending delete whose mapped label the index already marked deleted:
         the persist reached data_level0.bin but not the pickle or max_seq_id, and chromadb
         1.x's replay of the delete then fails ('Failed to apply logs')."""
-        if self.idmap is None or self.slots is None:
+        if self.idmap is None or self.slots is None or not any(w.op == 3 for w in self.pending):
             return []
         gone = set(self.slots.labels[self.slots.deleted].tolist())
+        if not gone:
+            return []
         return sorted({w.id for w in self.pending if w.op == 3 and self.idmap.id_to_label.get(w.id) in gone})
 
     def label_bound(self) -> int:
@@ -434,29 +449,61 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
         _read_files(st)
         got = helper.result()
     ok = got is not None and got[0] == "ok"
-    same, from_blob = None, blob is not None
+    diff, from_blob = None, blob is not None
     if blob is not None:
         if ok and got[1]["same_ids"]:
             # the list of ids is a permutation of the map's: as many ids as it has, each once
-            same, st.sql_rows = True, SqlIds(blob, got[1]["facts"]["count"])
+            diff, st.sql_rows = MapDiff(), SqlIds(blob, got[1]["facts"]["count"])
         else:
             ids = blob.split("\0")
             st.sql_rows = dict.fromkeys(ids)
             # an id twice (a table without its UNIQUE index): the helper's answer was
             # about the list, the findings are about the set
-            same = False if len(ids) == len(st.sql_rows) else None
+            if ok and len(ids) == len(st.sql_rows):
+                diff = MapDiff.of(got[1].get("diff"))
             del ids
     del blob
     if ok:
         _, answer, labels = got
         st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
         st.pickle_status = PICKLE_OK
-        st.map_same_ids = same
+        st.map_diff = diff
     else:
         _parse_pickle(st, raw)
     if from_blob and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
         st.sql_rows = sql.rows(seg)  # an odd palace: a map that keeps seq_ids, which are compared
-        st.map_same_ids = None
+        st.map_diff = None
+
+
+@dataclass(frozen=True)
+class MapDiff:
+    """The ids a deferred map and SQL do not share (the map helper's ``idmap.id_diff``)."""
+
+    sql_alone: frozenset[str] = frozenset()
+    map_alone: frozenset[str] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not self.sql_alone and not self.map_alone
+
+    @classmethod
+    def of(cls, answer: object) -> MapDiff | None:
+        """From the helper's JSON (None: not named, or not two lists of ids)."""
+        if (not isinstance(answer, list) or len(answer) != 2
+                or not all(isinstance(side, list) and all(isinstance(i, str) for i in side) for side in answer)):
+            return None
+        return cls(frozenset(answer[0]), frozenset(answer[1]))
+
+
+class _MapIds(Container[str]):
+    """A deferred map's ids, asked one at a time: SQL's, but for the few either side alone."""
+
+    def __init__(self, sql_rows: Mapping[str, object], diff: MapDiff) -> None:
+        self._rows, self._diff = sql_rows, diff
+
+    def __contains__(self, key: object) -> bool:
+        d = self._diff
+        return key in d.map_alone or (key not in d.sql_alone and key in self._rows)
 
 
 class SqlIds(Mapping):
