@@ -34,6 +34,7 @@ CODES = {
     "GHOST_LABEL": "live index labels the id map does not know",
     "DUPLICATE_LABEL": "one label held by several slots or ids",
     "REPLAY_CONFLICT": "pending deletes already applied to the index: chromadb 1.x fails to apply logs",
+    "REPLAY_QUIRK": "pending WAL rows chromadb 0.x's replay applies otherwise than SQL (phantoms, wrong vectors)",
     "INDEX_AHEAD": "index holds writes SQL rolled back (0.6 persist before commit): wrong vectors",
     "OFF_BY_ONE": "total_elements_added below the max label, or maps not inverse",
     "DIMENSION_LOST": "id map without dimensionality (0.6 raises TypeError on every read), or not the index's",
@@ -217,7 +218,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
         report.states.append(st)
         if info.vector_segment:
             vector_ids.add(info.vector_segment)
-        _collection_findings(st, report, sql.generation.family)
+        _collection_findings(st, report, sql.generation.family, sql.generation.name)
     if collection is None:
         known = sql.all_segment_ids()
         orphans = orphan_dirs(root, known)
@@ -267,7 +268,7 @@ def _stale_findings(stale: StaleRows, report: CheckReport, gen: Generation) -> N
     ))
 
 
-def _collection_findings(st: CollectionState, report: CheckReport, schema: str = "1.x") -> None:
+def _collection_findings(st: CollectionState, report: CheckReport, schema: str = "1.x", release: str = "") -> None:
     info = st.info
     seg = info.vector_segment
 
@@ -325,6 +326,11 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
             "pending deletes of labels the index already marked deleted: chromadb 1.x's replay fails"
             + (" (0.6 palace: 0.6 replays them; 1.x would not)" if schema == "0.6" else ""),
             WARNING if schema == "0.6" else ERROR)
+        quirks = st.replay_quirks(release) if schema == "0.6" else []
+        add("REPLAY_QUIRK", len(quirks), quirks,
+            "pending WAL rows chromadb 0.x's replay applies otherwise than SQL did (a write after a delete of "
+            "the same id in one batch): phantoms or vectors the rows never had once replayed; reconcile applies "
+            "them itself")
         ahead = st.index_ahead()
         add("INDEX_AHEAD", len(ahead), ahead,
             "index entries newer than their SQL rows (a persisted batch whose commit rolled back): "

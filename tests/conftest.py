@@ -62,6 +62,7 @@ RELEASE_TESTS = (
     "test_reconcile.py::test_damage_is_repaired[poisoned-seq-vector]",
     "test_reconcile.py::test_nothing_to_do_is_byte_identical",
     "test_reconcile.py::test_chromadb_post_check_can_fail",
+    "test_replay0x.py::test_replay0x_predicts_what_chromadb_06_persists",
     "test_scenarios.py::test_catalogue_covers_the_issue_list",
     "test_scenarios.py::test_scenario[partial-flush]",
     "test_scenarios.py::test_scenario[phantom-rows]",

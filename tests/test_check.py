@@ -152,6 +152,32 @@ def test_pending_adds_orphans_and_phantoms_leave_a_healthy_map_unread(small_pala
 
 
 @pytest.mark.skipif(chroma_major() == "0.6", reason="a 0.6 map is read in-process: every check compares its seq_ids")
+def test_the_map_helper_names_ids_exactly_as_the_map_holds_them(small_palace, monkeypatch):
+    """A pickle's key may hold a surrogate pair as two lone code points (pickle decodes
+    with surrogatepass); sent back in JSON it came back one astral character, so check
+    took a pending add of that character for a mapped id (a false SQL_ONLY, a missed
+    phantom; found by a review subagent). The helper now names SQL's side by position
+    and the map's in bytes: the findings are the in-process read's."""
+    split, joined = "\ud83d\ude00", "\U0001F600"
+    chromadb_script(textwrap.dedent("""
+        import sys, numpy as np, chromadb
+        col = chromadb.PersistentClient(path=sys.argv[1]).get_collection("mempalace_drawers", embedding_function=None)
+        col.add(ids=[sys.argv[2]], embeddings=np.ones((1, 384), dtype=np.float32))
+    """), str(small_palace), joined)
+    p = faults.pickle_path(small_palace)
+    m = idmap.loads(p.read_bytes())
+    lab = m.id_to_label.pop(drawer(0)[0])
+    m.id_to_label[split], m.label_to_id[lab] = lab, split
+    p.write_bytes(idmap.dumps(m))
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    rep = check_palace(small_palace)
+    deferred_agrees(small_palace, rep)
+    assert rep.codes() == {"SQL_ONLY": 1, "HNSW_ONLY": 1, "PENDING": 1}, rep.codes()
+    (st_,) = rep.states
+    assert "_raw" in st_.idmap.__dict__ and st_.map_diff.map_alone == {split}
+
+
+@pytest.mark.skipif(chroma_major() == "0.6", reason="a 0.6 map is read in-process: every check compares its seq_ids")
 def test_check_reads_in_process_when_the_map_helper_cannot_run(small_palace, monkeypatch):
     """No interpreter for the map helper (here: a missing one) is no verdict: check reads
     the map itself, scan first, and says what the helper would have said."""

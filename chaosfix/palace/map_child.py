@@ -109,7 +109,7 @@ class MapFacts:
         if not sep or status not in ("ok", "unsafe", "unreadable"):
             return None
         if status == "ok" and (not isinstance(answer.get("hits"), int) if self._ask == b"H"
-                               else len(rest) != 8 * answer["facts"]["count"]):
+                               else len(rest) != 8 * answer["facts"]["count"] + _diff_bytes(answer)):
             return None
         return status, answer, rest
 
@@ -124,6 +124,30 @@ class MapFacts:
     def __exit__(self, *exc: object) -> None:
         self._ids_ready.set()
         self.close()
+
+
+def _diff_bytes(answer: dict) -> int:
+    diff = answer.get("diff")
+    n = diff.get("map_bytes") if isinstance(diff, dict) else 0
+    return n if isinstance(n, int) and n >= 0 else -1
+
+
+def map_alone(answer: dict, rest: bytes) -> list[str] | None:
+    """The map's ids SQL lacks, read from the bytes after the labels (None: malformed)."""
+    diff = answer["diff"]
+    at, out = 8 * answer["facts"]["count"], []
+    while at < len(rest):
+        if at + 8 > len(rest):
+            return None
+        (n,) = _HEAD.unpack_from(rest, at)
+        if at + 8 + n > len(rest):
+            return None
+        try:
+            out.append(rest[at + 8 : at + 8 + n].decode("utf-8", "surrogatepass"))
+        except UnicodeDecodeError:
+            return None
+        at += 8 + n
+    return out if len(out) == diff.get("map_alone") else None
 
 
 def _read(f, n: int) -> bytes:  # noqa: ANN001 - a binary stream
@@ -192,8 +216,15 @@ def _child() -> None:
         if blob is not None:
             ids = blob.decode("utf-8").split("\0")
             answer["same_ids"] = idmap.same_id_set(m.id_to_label, ids)
-            if not answer["same_ids"]:
-                answer["diff"] = idmap.id_diff(m.id_to_label, ids, DIFF_MOST)
+            diff = None if answer["same_ids"] else idmap.id_diff(m.id_to_label, ids, DIFF_MOST)
+            if diff is not None:
+                # SQL's side as positions in the list the parent split too; the map's as
+                # length-prefixed bytes after the labels (JSON would join a pickle's
+                # surrogate pair into one character, and swell long ids sixfold)
+                alone = b"".join(_HEAD.pack(len(b)) + b for b in
+                                 (rid.encode("utf-8", "surrogatepass") for rid in diff[1]))
+                answer["diff"] = {"sql_at": diff[0], "map_alone": len(diff[1]), "map_bytes": len(alone)}
+                labels += alone
     out = sys.stdout.buffer
     out.write(json.dumps(answer).encode() + b"\n")
     out.write(labels)

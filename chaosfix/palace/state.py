@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from chaosfix.palace import idmap as idmap_mod
-from chaosfix.palace import map_child, pickle_reader
+from chaosfix.palace import map_child, pickle_reader, replay0x
 from chaosfix.palace.hnsw import HnswFiles, SlotTable
 from chaosfix.palace.sql import CollectionInfo, PalaceSql, SeqValue, WalRow
 from chaosfix.safe_fs import is_link, is_uuid, links_in, shown
@@ -219,6 +219,16 @@ class CollectionState:
         rows' own highest seq_id when that is poisoned or missing."""
         m = self.metadata_seq
         return m.value if m is not None and not m.poisoned else max(self.sql_rows.values(), default=0)
+
+    def replay_quirks(self, release: str) -> list[str]:
+        """Ids chromadb 0.x's replay of the pending WAL leaves otherwise than SQL's rows
+        say (``replay0x``: a write after a delete of the same id in one batch). None on
+        1.x, whose replay is the model itself."""
+        m = self.idmap
+        if m is None or m.fmt != "object" or not self.pending or self.torn:
+            return []
+        return replay0x.divergent(self.pending, self.map_ids(), self.info.param("batch_size", 100), release,
+                                  lambda w: w.has_vector)
 
     def replay_conflicts(self) -> list[str]:
         """Ids with a pending delete whose mapped label the index already marked deleted:
@@ -459,13 +469,14 @@ def _load_deferred(sql: PalaceSql, st: CollectionState, raw: bytes) -> None:
             st.sql_rows = dict.fromkeys(ids)
             # an id twice (a table without its UNIQUE index): the helper's answer was
             # about the list, the findings are about the set
-            if ok and len(ids) == len(st.sql_rows):
-                diff = MapDiff.of(got[1].get("diff"))
+            if ok and len(ids) == len(st.sql_rows) and got[1].get("diff") is not None:
+                diff = MapDiff.of(got[1], got[2], ids)
             del ids
     del blob
     if ok:
-        _, answer, labels = got
-        st.idmap = idmap_mod.deferred(raw, answer["facts"], np.frombuffer(labels, dtype="<u8").astype(np.uint64))
+        _, answer, rest = got
+        labels = np.frombuffer(rest, dtype="<u8", count=answer["facts"]["count"]).astype(np.uint64)
+        st.idmap = idmap_mod.deferred(raw, answer["facts"], labels)
         st.pickle_status = PICKLE_OK
         st.map_diff = diff
     else:
@@ -487,12 +498,14 @@ class MapDiff:
         return not self.sql_alone and not self.map_alone
 
     @classmethod
-    def of(cls, answer: object) -> MapDiff | None:
-        """From the helper's JSON (None: not named, or not two lists of ids)."""
-        if (not isinstance(answer, list) or len(answer) != 2
-                or not all(isinstance(side, list) and all(isinstance(i, str) for i in side) for side in answer)):
+    def of(cls, answer: dict, rest: bytes, ids: list[str]) -> MapDiff | None:
+        """From the helper's answer: positions in ``ids`` (SQL's, as sent), then the map's
+        own ids in the bytes after the labels (None: malformed)."""
+        at = answer["diff"].get("sql_at") if isinstance(answer["diff"], dict) else None
+        if not isinstance(at, list) or not all(type(i) is int and 0 <= i < len(ids) for i in at):
             return None
-        return cls(frozenset(answer[0]), frozenset(answer[1]))
+        alone = map_child.map_alone(answer, rest)
+        return None if alone is None else cls(frozenset(map(ids.__getitem__, at)), frozenset(alone))
 
 
 class _MapIds(Container[str]):
