@@ -56,10 +56,12 @@ class _Batch:
 
 
 def outcome(pending: Iterable[WalRow], persisted: Container[str], batch_size: int, release: str,
-            carries: Callable[[WalRow], bool]) -> dict[str, int | None]:
+            carries: Callable[[WalRow], bool], loaded: bool = True) -> dict[str, int | None]:
     """id -> what 0.x's index holds for each id a pending row names once the replay's
     batches are all applied (the last one is, at the next write): the seq_id of the WAL
-    row whose vector, ``OLD``, or None. ``persisted``: the id map's ids."""
+    row whose vector, ``OLD``, or None. ``persisted``: the id map's ids; ``loaded``: it
+    holds any (0.x loads no index for an empty map, and until a row with a vector makes
+    one, skips each record before its batch is counted full)."""
     now: dict[str, int | None] = {}  # ids an applied batch changed
 
     def mapped(rid: str) -> bool:
@@ -78,6 +80,9 @@ def outcome(pending: Iterable[WalRow], persisted: Container[str], batch_size: in
     for w in pending:
         touched.append(w.id)
         since += 1
+        loaded = loaded or carries(w)
+        if not loaded:
+            continue
         exists = w.id in bf or mapped(w.id)
         if w.op == DELETE:
             if exists:
@@ -100,14 +105,15 @@ def outcome(pending: Iterable[WalRow], persisted: Container[str], batch_size: in
 
 
 def divergent(pending: list[WalRow], persisted: Container[str], batch_size: int, release: str,
-              carries: Callable[[WalRow], bool]) -> list[str]:
+              carries: Callable[[WalRow], bool], loaded: bool = True) -> list[str]:
     """Ids whose index entry 0.x's replay leaves otherwise than SQL's rows say it should
-    be (``state.replayed``): a phantom, a vector SQL's row never had, or none."""
+    be (``state.replayed``): a phantom, a vector SQL's row never had, or none. None when
+    a row's op is none of 0.x's four (its replay fails on it: KeyError)."""
     from chaosfix.palace.state import replayed
 
-    if not pending:
+    if not pending or any(w.op not in (ADD, UPDATE, UPSERT, DELETE) for w in pending):
         return []
-    got = outcome(pending, persisted, batch_size, release, carries)
+    got = outcome(pending, persisted, batch_size, release, carries, loaded)
     out, reset = replayed(pending, persisted, carries)
 
     def meant(rid: str) -> int | None:
@@ -115,4 +121,4 @@ def divergent(pending: list[WalRow], persisted: Container[str], batch_size: int,
             return out[rid].seq_id
         return None if rid in reset or rid not in persisted else OLD
 
-    return sorted(rid for rid, held in got.items() if held != meant(rid))
+    return sorted((rid for rid, held in got.items() if held != meant(rid)), key=str)

@@ -131,6 +131,7 @@ class CollectionInfo:
     metadata_segment: str | None = None
     index_config: dict = field(default_factory=dict)  # 1.3+: schema_str's vector index config
     has_schema: bool = False  # 1.3+: a schema_str (then it alone holds the index's settings)
+    segment_metadata: dict = field(default_factory=dict)  # the vector segment's (0.x reads its settings there)
 
     @property
     def space(self) -> str:
@@ -241,7 +242,7 @@ class PalaceSql:
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             self.columns = {
                 t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
-                for t in ("collections", "collection_metadata", "embeddings_queue", "segments")
+                for t in ("collections", "collection_metadata", "embeddings_queue", "segments", "segment_metadata")
             }
         except (sqlite3.Error, UnicodeDecodeError) as exc:  # a flipped bit in the schema's text decodes badly
             self._drop_scratch()
@@ -401,6 +402,13 @@ class PalaceSql:
                     c.vector_segment = sid
                 elif scope == "METADATA":
                     c.metadata_segment = sid
+        seg_values = [c for c in ("str_value", "int_value", "float_value") if c in self.columns["segment_metadata"]]
+        for c in cols:  # (the vector segment's own settings: what 0.x's segment reads)
+            if c.vector_segment is not None and seg_values:
+                for key, *vals in self.conn.execute(
+                        f"SELECT key, {', '.join(seg_values)} FROM segment_metadata WHERE segment_id=?",
+                        (c.vector_segment,)):
+                    c.segment_metadata[key] = next((v for v in vals if v is not None), None)
         return cols
 
     def all_segment_ids(self) -> set[str]:

@@ -223,12 +223,18 @@ class CollectionState:
     def replay_quirks(self, release: str) -> list[str]:
         """Ids chromadb 0.x's replay of the pending WAL leaves otherwise than SQL's rows
         say (``replay0x``: a write after a delete of the same id in one batch). None on
-        1.x, whose replay is the model itself."""
+        1.x, whose replay is the model itself. Only rows SQL's rows already reflect are
+        judged (reconcile folds in only those; a later one is judged once SQL has it)."""
         m = self.idmap
         if m is None or m.fmt != "object" or not self.pending or self.torn:
             return []
-        return replay0x.divergent(self.pending, self.map_ids(), self.info.param("batch_size", 100), release,
-                                  lambda w: w.has_vector)
+        top = self.reflected_seq
+        rows = list(itertools.takewhile(lambda w: w.seq_id <= top, self.pending))
+        # 0.x sizes its batch from the vector segment's metadata (a collection's modify()
+        # drops the collection's copy), chromadb's default 100 when it has none
+        size = self.info.segment_metadata.get("hnsw:batch_size")
+        size = size if type(size) is int and size > 0 else 100
+        return replay0x.divergent(rows, self.map_ids(), size, release, lambda w: w.has_vector, bool(m.count))
 
     def replay_conflicts(self) -> list[str]:
         """Ids with a pending delete whose mapped label the index already marked deleted:

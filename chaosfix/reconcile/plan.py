@@ -370,7 +370,10 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     if plan.strategy == "incremental" and not (plan.add or plan.replace or plan.remove_labels or plan.remove_ids
                                                or m.total_elements_added != plan.total_elements_added
                                                or m.dimensionality != plan.dimensionality
-                                               or m.inverse_problems()):
+                                               or m.inverse_problems()
+                                               # (the index is right, but 0.x would replay its pending
+                                               # rows wrongly: the rewrite moves max_seq_id past them)
+                                               or "REPLAY_QUIRK" in problems):
         plan.strategy = "none"
 
 
