@@ -227,7 +227,7 @@ def id_diff(m: dict[str, int], ids: list[str], most: int) -> tuple[list[int], li
     if not SECRET_HASH_KEY:  # a known key: the strings themselves
         at = [i for i, rid in enumerate(ids) if rid not in m]
     else:
-        missing = ~_among(_fingerprints(ids), np.sort(_fingerprints(m)))
+        missing = ~in_sorted(_fingerprints(ids), np.sort(_fingerprints(m)))
         if int(missing.sum()) > most:
             return None
         at = np.flatnonzero(missing).tolist()
@@ -240,12 +240,12 @@ def id_diff(m: dict[str, int], ids: list[str], most: int) -> tuple[list[int], li
     elif not SECRET_HASH_KEY:
         only_map = list(m.keys() - set(ids))
     else:
-        only_map = list(itertools.compress(m, (~_among(_fingerprints(m), np.sort(_fingerprints(ids)))).tolist()))
+        only_map = list(itertools.compress(m, (~in_sorted(_fingerprints(m), np.sort(_fingerprints(ids)))).tolist()))
     return (at, only_map) if len(at) + len(only_map) <= most else None
 
 
-def _among(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which ``values`` occur in ``sorted_set`` (ascending): a binary search each."""
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which ``values`` occur in ``sorted_set`` (ascending): a binary search each, no sort."""
     if len(sorted_set) == 0:
         return np.zeros(len(values), dtype=bool)
     at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)

@@ -7,8 +7,9 @@ never the path): it bounds and unpickles them exactly as the check would
 (``idmap.loads``: the opcode scan, then the restricted unpickler) and answers with the
 map's facts (``idmap.summarize``), its sorted labels, and whether its ids are exactly
 SQL's (sent after the pickle as one NUL-joined string, ``PalaceSql.id_blob``) and, when
-they are not, the few ids on either side alone (``idmap.id_diff``). The check then holds a deferred map (``idmap.deferred``) that unpickles in-process only when a
-finding needs the ids themselves. Any other answer (unsafe, unreadable, or none: no
+they are not, the few ids on either side alone (``idmap.id_diff``). The check then holds
+a deferred map (``idmap.deferred``) that unpickles in-process only when a finding needs
+the ids themselves. Any other answer (unsafe, unreadable, or none: no
 interpreter, a signal, a timeout, garbage on its stdout) sends the caller to the
 in-process read (opcode scan, then unpickler), whose verdict stands: the helper only
 ever confirms a sound map, so check and reconcile (which reads in-process) never

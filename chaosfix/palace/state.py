@@ -18,6 +18,7 @@ import numpy as np
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.palace import map_child, pickle_reader, replay0x
 from chaosfix.palace.hnsw import HnswFiles, SlotTable
+from chaosfix.palace.idmap import in_sorted
 from chaosfix.palace.sql import CollectionInfo, PalaceSql, SeqValue, WalRow
 from chaosfix.safe_fs import is_link, is_uuid, links_in, shown
 
@@ -340,14 +341,6 @@ def firsts(s: np.ndarray) -> np.ndarray:
     first = np.ones(len(s), dtype=bool)
     first[1:] = s[1:] != s[:-1]
     return first
-
-
-def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which ``values`` occur in ``sorted_set`` (ascending): a binary search each, no sort."""
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[at] == values
 
 
 def id_problem(info: CollectionInfo) -> str | None:
