@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -806,6 +809,34 @@ def test_leftover_journal(small_palace, spill):
     assert rep.codes() == {"HOT_JOURNAL": 1}
     assert len(rep.states[0].sql_rows) == 300
     assert journal.is_file() and fingerprint(small_palace) == after_kill  # still hot, untouched
+
+
+def test_a_killed_reads_copy_of_a_hot_journal_is_removed_by_the_next_one(small_palace, tmp_path, monkeypatch):
+    """A hot journal is rolled back in a private copy in $TMPDIR. A check killed while it
+    held one (here: SIGKILL, right after the copy) left it for good: 31 GB of a journal's
+    data were found so, 9 hours after. The next read of such a palace removes the
+    copies of processes no longer alive, and only those."""
+    from chaosfix.palace.sql import JOURNAL_SCRATCH
+
+    faults.leave_hot_journal(small_palace, spill=True)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        from chaosfix.palace import PalaceSql, palace_db
+        sql = PalaceSql(palace_db(Path(sys.argv[1])))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """), str(small_palace)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    (left,) = tmp.iterdir()
+    assert left.name.startswith(JOURNAL_SCRATCH) and (left / "chroma.sqlite3").exists()  # (rolled back)
+    alive = tmp / f"{JOURNAL_SCRATCH}{os.getpid()}-mine"  # a live process's: kept
+    alive.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert check_palace(small_palace).codes() == {"HOT_JOURNAL": 1}
+    assert sorted(tmp.iterdir()) == [alive]
 
 
 # ---- the CLI contract -------------------------------------------------------------

@@ -221,6 +221,44 @@ def odd_sidecars(db_path: Path) -> list[str]:
     return out
 
 
+JOURNAL_SCRATCH, WAL_SCRATCH = "chaosfix-journal-", "chaosfix-wal-"  # + <pid>-<random>, in $TMPDIR
+
+
+def scratch_dir(kind: str) -> Path:
+    """A private folder in $TMPDIR for a copy of the db and its journal or WAL, named for
+    this process, made after removing the ones of processes no longer alive: a check or
+    reconcile killed while it read such a palace leaves its copy (as large as the
+    journal's data: 31 GB once), where no rerun looked."""
+    tmp = Path(tempfile.gettempdir())
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        entries = []
+    for e in entries:
+        prefix = next((k for k in (JOURNAL_SCRATCH, WAL_SCRATCH) if e.name.startswith(k)), None)
+        pid = e.name[len(prefix):].partition("-")[0] if prefix is not None else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():  # (never another user's, nor a link)
+            shutil.rmtree(e.path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    """A process of this pid exists (or may: not ours to signal, or not a pid at all)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
 class PalaceSql:
     """Read-only view of chroma.sqlite3."""
 
@@ -256,7 +294,7 @@ class PalaceSql:
         if self.wal_mode:
             return self._open_wal(db_path)
         if self.hot_journal:
-            scratch = Path(tempfile.mkdtemp(prefix="chaosfix-journal-"))
+            scratch = scratch_dir(JOURNAL_SCRATCH)
             try:
                 copy = scratch / db_path.name
                 sparse_copy(db_path, copy)  # (holes kept: the cost is the files' data, not their length)
@@ -286,7 +324,7 @@ class PalaceSql:
             frames = False
         if not frames:
             return sqlite3.connect(f"file:{db_path.as_posix()}?immutable=1", uri=True, timeout=2.0)
-        scratch = Path(tempfile.mkdtemp(prefix="chaosfix-wal-"))
+        scratch = scratch_dir(WAL_SCRATCH)
         self._scratch = scratch
         copy = scratch / db_path.name
         try:
