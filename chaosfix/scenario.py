@@ -33,7 +33,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -144,6 +144,13 @@ def load_file(path: Path | Traversable) -> Scenario:
         )
     except KeyError as exc:
         raise UsageProblem(f"{path}: scenario lacks {exc}") from None
+    try:
+        why = PalaceSpec(**sc.palace).problem()
+    except TypeError:
+        known = ", ".join(f.name for f in fields(PalaceSpec))
+        why = f"[palace] takes {known}, not {', '.join(sorted(map(str, sc.palace)))}"
+    if why:
+        raise UsageProblem(f"{path}: {why}")
     for step in sc.steps:
         do = step.get("do") if isinstance(step, dict) else None
         if do not in OWN_STEPS and do not in faults.REGISTRY:

@@ -24,8 +24,10 @@ from importlib import metadata
 from pathlib import Path
 
 from chaosfix.drawers import COLLECTION
-from chaosfix.errors import UsageProblem
+from chaosfix.errors import UsageProblem, whole_number_problem
 from chaosfix.progress import ProgressFn, parse_child_line
+
+SPACES = ("cosine", "l2", "ip")  # chromadb's hnsw:space values
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,18 @@ class PalaceSpec:
 
     def with_(self, **kw: object) -> PalaceSpec:
         return replace(self, **kw)  # type: ignore[arg-type]
+
+    def problem(self) -> str | None:
+        """Why no palace can be built for this spec (None: chromadb is asked), said before
+        a chromadb child fails on it with its own parse error."""
+        if self.space not in SPACES:
+            return f"space must be one of {', '.join(SPACES)}, not {self.space!r}"
+        for what, least in (("drawers", 0), ("dim", 1), ("sync_threshold", 1), ("batch_size", 1), ("seed", 0)):
+            if why := whole_number_problem(what, getattr(self, what), least):
+                return why
+        if not isinstance(self.collection, str) or not self.collection:
+            return f"collection must be a name, not {self.collection!r}"
+        return None
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + chromadb_version()
@@ -249,6 +263,8 @@ def cache_dir() -> Path:
 
 def template(spec: PalaceSpec, progress: ProgressFn | None = None) -> Path:
     """The cached palace for ``spec`` (built once per chromadb version, atomically)."""
+    if why := spec.problem():
+        raise ValueError(f"palace spec: {why}")
     dest = cache_dir() / spec.key()
     if (dest / "chroma.sqlite3").is_file():
         return dest

@@ -87,9 +87,15 @@ def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no
     kill_on_1x.mkdir()
     (kill_on_1x / "x.toml").write_text('name = "x"\nsummary = "s"\n[[steps]]\ndo = "write"\n'
                                        'ops = [{op = "add", start = 0, count = 10}]\nkill_point = "after-pickle"\n')
+    bad_space, bad_key = tmp_path / "space", tmp_path / "key"  # (chromadb's own parse error at build, before)
+    for folder, palace in ((bad_space, 'space = "euclid"'), (bad_key, "drawer = 10")):
+        folder.mkdir()
+        (folder / "x.toml").write_text(f'name = "x"\nsummary = "s"\n[palace]\n{palace}\n')
     for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario"),
                         (bad_types, "versions must be a list; resizable must be a bool"),
-                        (kill_on_1x, "a kill_point hooks chromadb 0.6's Python persist")):
+                        (kill_on_1x, "a kill_point hooks chromadb 0.6's Python persist"),
+                        (bad_space, "space must be one of cosine, l2, ip, not 'euclid'"),
+                        (bad_key, "[palace] takes drawers, dim, space")):
         for args in (["simulate", "x", "--scenarios", str(folder)], ["scenarios", "--scenarios", str(folder)]):
             code, out, err = invoke(*args)
             assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, code, err)

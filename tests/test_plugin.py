@@ -525,6 +525,26 @@ def readme_example() -> str:
     return m.group(1)
 
 
+def test_a_spec_chromadb_cannot_build_is_named_before_any_build(palace_factory):
+    """palace_factory(space="euclid") surfaced chromadb's own parse error from its child."""
+    for fields, why in (({"space": "euclid"}, "space must be one of cosine, l2, ip, not 'euclid'"),
+                        ({"drawers": -1}, "drawers must be a whole number of 0 or more, not -1"),
+                        ({"dim": 1.5}, "dim must be a whole number of 1 or more, not 1.5")):
+        with pytest.raises(ValueError, match=re.escape(f"palace spec: {why}")):
+            palace_factory(**fields)
+    assert palace_factory.last is None  # nothing was built
+
+
+def test_readme_property_example_runs_as_is(inner):
+    """The README's example of a drawn palace spec made a palace inside ``@given``."""
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "palace_specs(" in b]
+    inner.makepyfile(test_property=block)
+    res = inner.runpytest("-p", "no:randomly")
+    assert res.ret == 0, _out(res)
+    res.assert_outcomes(passed=1)
+
+
 def test_readme_example_runs_as_is(inner):
     inner.makepyfile(test_crash=readme_example())
     res = inner.runpytest("-p", "no:randomly")
