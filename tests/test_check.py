@@ -814,9 +814,13 @@ def test_leftover_journal(small_palace, spill):
 def test_a_killed_reads_copy_of_a_hot_journal_is_removed_by_the_next_one(small_palace, tmp_path, monkeypatch):
     """A hot journal is rolled back in a private copy in $TMPDIR. A check killed while it
     held one (here: SIGKILL, right after the copy) left it for good: 31 GB of a journal's
-    data were found so, 9 hours after. The next read of such a palace removes the
-    copies of processes no longer alive, and only those."""
-    from chaosfix.palace.sql import JOURNAL_SCRATCH
+    data were found so, 9 hours after. The next read of such a palace removes the copies
+    whose lock no process holds, and only those (helper-36: not by pid, which another pid
+    namespace sharing $TMPDIR reuses; never a folder without the lock, such as a scenario
+    named journal-99999's; and an odd name, "chaosfix-journal-²", crashed check)."""
+    import fcntl
+
+    from chaosfix.palace.sql import JOURNAL_SCRATCH, SCRATCH_LOCK
 
     faults.leave_hot_journal(small_palace, spill=True)
     tmp = tmp_path / "tmp"
@@ -832,11 +836,19 @@ def test_a_killed_reads_copy_of_a_hot_journal_is_removed_by_the_next_one(small_p
     assert res.returncode == -signal.SIGKILL, res.stderr
     (left,) = tmp.iterdir()
     assert left.name.startswith(JOURNAL_SCRATCH) and (left / "chroma.sqlite3").exists()  # (rolled back)
-    alive = tmp / f"{JOURNAL_SCRATCH}{os.getpid()}-mine"  # a live process's: kept
-    alive.mkdir()
+    held = tmp / f"{JOURNAL_SCRATCH}1-held"  # a live reader's (whatever its pid says): kept
+    held.mkdir()
+    fd = os.open(held / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    unmarked = tmp / f"{JOURNAL_SCRATCH}99999-scenario"  # no lock file: not a reader's
+    unmarked.mkdir()
+    (tmp / f"{JOURNAL_SCRATCH}\u00b2").write_text("")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    assert check_palace(small_palace).codes() == {"HOT_JOURNAL": 1}
-    assert sorted(tmp.iterdir()) == [alive]
+    try:
+        assert check_palace(small_palace).codes() == {"HOT_JOURNAL": 1}
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([held.name, unmarked.name, f"{JOURNAL_SCRATCH}\u00b2"])
 
 
 # ---- the CLI contract -------------------------------------------------------------

@@ -8,6 +8,7 @@ model shows the committed state chromadb will see, not uncommitted spilled pages
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -222,41 +223,53 @@ def odd_sidecars(db_path: Path) -> list[str]:
 
 
 JOURNAL_SCRATCH, WAL_SCRATCH = "chaosfix-journal-", "chaosfix-wal-"  # + <pid>-<random>, in $TMPDIR
+SCRATCH_LOCK = ".lock"
 
 
-def scratch_dir(kind: str) -> Path:
-    """A private folder in $TMPDIR for a copy of the db and its journal or WAL, named for
-    this process, made after removing the ones of processes no longer alive: a check or
-    reconcile killed while it read such a palace leaves its copy (as large as the
-    journal's data: 31 GB once), where no rerun looked."""
-    tmp = Path(tempfile.gettempdir())
+class Scratch:
+    """A private folder in $TMPDIR for a copy of the db and its journal or WAL, held by an
+    exclusive flock on its ``.lock`` for as long as it is used. A check or reconcile
+    killed while it read such a palace leaves its copy (as large as the journal's data:
+    31 GB once), where no rerun looked, so each new one first removes the folders whose
+    lock nobody holds: the kernel drops a dead process's lock whatever its pid namespace,
+    and a folder without the marker (one being made, or anyone else's) is never touched."""
+
+    def __init__(self, kind: str) -> None:
+        _sweep_scratch()
+        self.path = Path(tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-"))
+        self._fd: int | None = os.open(self.path / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _sweep_scratch() -> None:
+    """Remove this user's scratch folders whose lock no process holds (see ``Scratch``)."""
     try:
-        entries = list(os.scandir(tmp))
+        entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
-        entries = []
+        return
     for e in entries:
-        prefix = next((k for k in (JOURNAL_SCRATCH, WAL_SCRATCH) if e.name.startswith(k)), None)
-        pid = e.name[len(prefix):].partition("-")[0] if prefix is not None else ""
-        if not pid.isdigit() or _alive(int(pid)):
+        if not e.name.startswith((JOURNAL_SCRATCH, WAL_SCRATCH)):
             continue
         try:
             st = e.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():  # (never a link, nor another user's)
+                continue
+            fd = os.open(os.path.join(e.path, SCRATCH_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():  # (never another user's, nor a link)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its reader is alive
             shutil.rmtree(e.path, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-"))
-
-
-def _alive(pid: int) -> bool:
-    """A process of this pid exists (or may: not ours to signal, or not a pid at all)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        return True
-    return True
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class PalaceSql:
@@ -266,7 +279,7 @@ class PalaceSql:
         """Open read-only, or wrap ``conn`` (the reconciler's own locked connection)."""
         self.path = db_path
         self.uri: str | None = None  # set when this object opened its own read-only connection
-        self._scratch: Path | None = None
+        self._scratch: Scratch | None = None
         odd = odd_sidecars(db_path) if conn is None else []
         if odd:
             raise SidecarError("; ".join(odd))
@@ -294,9 +307,9 @@ class PalaceSql:
         if self.wal_mode:
             return self._open_wal(db_path)
         if self.hot_journal:
-            scratch = scratch_dir(JOURNAL_SCRATCH)
+            scratch = Scratch(JOURNAL_SCRATCH)
             try:
-                copy = scratch / db_path.name
+                copy = scratch.path / db_path.name
                 sparse_copy(db_path, copy)  # (holes kept: the cost is the files' data, not their length)
                 sparse_copy(Path(str(db_path) + "-journal"), Path(str(copy) + "-journal"))
                 roll = sqlite3.connect(copy, timeout=2.0)
@@ -308,7 +321,7 @@ class PalaceSql:
                 self.uri = f"file:{copy.as_posix()}?mode=ro"
                 return sqlite3.connect(self.uri, uri=True, timeout=2.0)
             except (OSError, sqlite3.Error):
-                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.remove()
         mode = "immutable=1" if self.hot_journal else "mode=ro"
         self.uri = f"file:{db_path.as_posix()}?{mode}"
         return sqlite3.connect(self.uri, uri=True, timeout=2.0)
@@ -324,9 +337,9 @@ class PalaceSql:
             frames = False
         if not frames:
             return sqlite3.connect(f"file:{db_path.as_posix()}?immutable=1", uri=True, timeout=2.0)
-        scratch = scratch_dir(WAL_SCRATCH)
+        scratch = Scratch(WAL_SCRATCH)
         self._scratch = scratch
-        copy = scratch / db_path.name
+        copy = scratch.path / db_path.name
         try:
             sparse_copy(db_path, copy)
             sparse_copy(wal, Path(str(copy) + "-wal"))
@@ -337,7 +350,7 @@ class PalaceSql:
     def _drop_scratch(self) -> None:
         scratch = getattr(self, "_scratch", None)
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.remove()
             self._scratch = None
 
     def close(self) -> None:
