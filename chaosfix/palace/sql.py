@@ -237,8 +237,13 @@ class Scratch:
     def __init__(self, kind: str) -> None:
         _sweep_scratch()
         self.path = Path(tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-"))
-        self._fd: int | None = os.open(self.path / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.path / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:  # (a full $TMPDIR): no folder left that no sweep would remove
+            self.remove()
+            raise
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
