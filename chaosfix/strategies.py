@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from chaosfix.workload import PalaceSpec, chroma_major
+from chaosfix.workload import SPACES, PalaceSpec, chroma_major
 
 OPS = ("add", "upsert", "update", "delete")
 KILL_POINTS = ("start", "after-hnsw", "after-pickle", "before-commit")
@@ -29,7 +29,7 @@ FAULT_KINDS = ("kill_point", "strace", "lost_persist", "torn")
 MAX_ADD = 5000  # chromadb 1.x refuses adds over 5461 records
 
 
-def palace_specs(drawers=(0, 40, 120), dims=(16, 384), spaces=("cosine", "l2", "ip"),  # noqa: ANN001
+def palace_specs(drawers=(0, 40, 120), dims=(16, 384), spaces=SPACES,  # noqa: ANN001
                  sync_thresholds=(20, 50, 100), seeds=(0,)) -> st.SearchStrategy[PalaceSpec]:
     """Palace specs from a small grid; ``batch_size`` is drawn at or below ``sync_threshold``
     (chromadb requires it). Pass your own tuples (or strategies) to widen the grid."""

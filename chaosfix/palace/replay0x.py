@@ -89,11 +89,11 @@ def outcome(pending: Iterable[WalRow], persisted: Container[str], batch_size: in
                 batch.delete(w.id)
                 bf.discard(w.id)
         elif carries(w) and w.op in (ADD, UPDATE, UPSERT):
-            if w.op == UPDATE and not exists:
-                pass
-            elif w.op == ADD and exists and not (new_rules and w.id in batch.deleted):
-                pass
-            else:
+            # an update of an id nobody holds and an add of one held (0.5+: unless the batch
+            # deleted it) are skipped with a warning
+            skipped = (w.op == UPDATE and not exists) or (
+                w.op == ADD and exists and not (new_rules and w.id in batch.deleted))
+            if not skipped:
                 batch.write(w.id, w.op, w.seq_id, exists)
                 bf.add(w.id)
         if (since if new_rules else len(batch)) >= max(1, batch_size):
