@@ -311,6 +311,12 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
         extra = size - st.link_bytes_used
         if extra > max(BLOAT_FLOOR, st.link_bytes_used):
             add("LINK_BLOAT", 1, [], f"link_lists.bin is {size} bytes, elements use {st.link_bytes_used}", WARNING)
+    # (also a segment never persisted: 0.x replays its whole WAL from an empty map)
+    quirks = st.replay_quirks(release) if schema == "0.6" else []
+    add("REPLAY_QUIRK", len(quirks), quirks,
+        "pending WAL rows chromadb 0.x's replay applies otherwise than SQL did (a write after a delete of "
+        "the same id in one batch): phantoms or vectors the rows never had once replayed; reconcile applies "
+        "them itself")
     m = st.idmap
     if m is not None:
         orphans = st.sql_only()
@@ -326,11 +332,6 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
             "pending deletes of labels the index already marked deleted: chromadb 1.x's replay fails"
             + (" (0.6 palace: 0.6 replays them; 1.x would not)" if schema == "0.6" else ""),
             WARNING if schema == "0.6" else ERROR)
-        quirks = st.replay_quirks(release) if schema == "0.6" else []
-        add("REPLAY_QUIRK", len(quirks), quirks,
-            "pending WAL rows chromadb 0.x's replay applies otherwise than SQL did (a write after a delete of "
-            "the same id in one batch): phantoms or vectors the rows never had once replayed; reconcile applies "
-            "them itself")
         ahead = st.index_ahead()
         add("INDEX_AHEAD", len(ahead), ahead,
             "index entries newer than their SQL rows (a persisted batch whose commit rolled back): "

@@ -1,7 +1,8 @@
 """chromadb 0.x's replay of pending WAL rows, predicted by ``replay0x`` and judged by check.
 
 Each case writes a palace with chromadb 0.6 itself (20 rows persisted, then up to 9
-single-id writes that stay in the WAL: batch_size 5, sync_threshold 10), runs check, and
+single-id writes that stay in the WAL: batch_size 5, sync_threshold 10; or 4 rows and a
+few writes, never persisted: no id map, the whole WAL replayed), runs check, and
 then lets chromadb replay the WAL and persist it (a fresh open, then filler rows). What
 its persisted index holds for every id a pending write named (read by chromadb's own
 ``PersistentData`` and hnswlib) must be what ``replay0x.outcome`` predicted, and check's
@@ -31,7 +32,8 @@ BUILD = textwrap.dedent("""
     import json, sys, chromadb
     col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
         "col", embedding_function=None, metadata={"hnsw:batch_size": 5, "hnsw:sync_threshold": 10})
-    col.add(ids=[f"r{i}" for i in range(20)], embeddings=[[float(i), 0.0, 0.0, 1.0] for i in range(20)])
+    n = int(sys.argv[3])
+    col.add(ids=[f"r{i}" for i in range(n)], embeddings=[[float(i), 0.0, 0.0, 1.0] for i in range(n)])
     for k, (op, rid) in enumerate(json.loads(sys.argv[2])):
         vec = [[100.0 + k, float(k), 1.0, 0.0]]
         if op == "delete":
@@ -76,7 +78,11 @@ KNOWN = {  # helper-30's cases, then ones 0.x replays as SQL does
     "modified-collection": [("modify", ""), ("meta", "r1"), ("meta", "r2"), ("meta", "r3"), ("meta", "r4"),
                             ("add", "n0"), ("delete", "n0"), ("update", "n0")],
     "empty-map": [("delete-all", ""), *[("delete", "r0")] * 5, ("add", "n0"), ("delete", "n0"), ("update", "n0")],
+    # never persisted (SMALL): the 5th record ends the first batch, the rest replay after it
+    "never-persisted": [("add", "n0"), ("delete", "n0"), ("update", "n0")],
+    "never-persisted-re-add": [("add", "n0"), ("delete", "n0"), ("add", "n0")],
 }
+SMALL = {"never-persisted", "never-persisted-re-add"}  # 4 rows first, not 20: below sync_threshold
 OPS = ("add", "update", "upsert", "delete", "meta")
 
 
@@ -89,9 +95,9 @@ def _random_case(seed: int) -> list[tuple[str, str]]:
 CASES = {**KNOWN, **{f"random-{s}": _random_case(s) for s in range(6)}}
 
 
-def _build(tmp_path: Path, ops: list[tuple[str, str]]) -> Path:
+def _build(tmp_path: Path, case: str) -> Path:
     palace = tmp_path / "palace"
-    chromadb_script(BUILD, str(palace), json.dumps(ops))
+    chromadb_script(BUILD, str(palace), json.dumps(CASES[case]), "4" if case in SMALL else "20")
     return palace
 
 
@@ -107,7 +113,8 @@ def _predicted(palace: Path) -> tuple[dict[str, list[float] | None], dict[str, l
         release = sql.generation.name
     finally:
         sql.close()
-    got = replay0x.outcome(st.pending, st.map_ids(), 5, release, lambda w: w.has_vector, bool(st.idmap.count))
+    got = replay0x.outcome(st.pending, st.map_ids(), 5, release, lambda w: w.has_vector,
+                           st.idmap is not None and bool(st.idmap.count))
     out, reset = replayed(st.pending, st.map_ids(), lambda w: w.has_vector)
     quirks = st.replay_quirks(release)
     assert rep.codes().get("REPLAY_QUIRK", 0) == len(quirks)
@@ -128,7 +135,9 @@ def _same(a: list[float] | None, b: list[float] | None) -> bool:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_replay0x_predicts_what_chromadb_06_persists(tmp_path, case):
     ops = CASES[case]
-    palace = _build(tmp_path, ops)
+    palace = _build(tmp_path, case)
+    if case in SMALL:
+        assert check_palace(palace, collection="col").states[0].idmap is None  # never persisted
     want, meant, quirks = _predicted(palace)
     observed = json.loads(chromadb_script(OBSERVE, str(palace)))
     for rid, vec in want.items():
@@ -145,18 +154,20 @@ def _quirky() -> dict[str, str]:
     lost), and its batch counts changes, not records."""
     if chromadb_version().startswith("0.4."):
         return {"delete-update": "r5", "delete-update-add": "r5", "delete-add": "r5",
-                "delete-then-update-next-batch": "r5"}
+                "delete-then-update-next-batch": "r5", "never-persisted": "n0", "never-persisted-re-add": "n0"}
     return {"delete-update": "r5", "delete-update-add": "r5", "delete-add-delete": "r5", "modified-collection": "n0",
-            "empty-map": "n0"}
+            "empty-map": "n0", "never-persisted": "n0"}
 
 
 @pytest.mark.parametrize("case", ["delete-update", "delete-update-add", "delete-add-delete", "delete-add",
-                                  "modified-collection", "empty-map"])
+                                  "modified-collection", "empty-map", "never-persisted",
+                                  "never-persisted-re-add"])
 def test_a_default_reconcile_fixes_what_0x_would_replay_wrong(tmp_path, case):
     """REPLAY_QUIRK is index work: reconcile folds the pending rows in (as --apply-pending
     does) and moves the vector segment's max_seq_id past them, so chromadb replays
-    nothing; it then serves r5 (n0) as SQL has it."""
-    palace = _build(tmp_path, KNOWN[case])
+    nothing; it then serves r5 (n0) as SQL has it. A segment never persisted is built
+    from its WAL rows."""
+    palace = _build(tmp_path, case)
     codes = check_palace(palace, collection="col").codes()
     quirk = case in _quirky()
     assert ("REPLAY_QUIRK" in codes) == quirk, codes
@@ -168,8 +179,10 @@ def test_a_default_reconcile_fixes_what_0x_would_replay_wrong(tmp_path, case):
         assert np.allclose(observed["r5"], [102.0, 2.0, 1.0, 0.0])  # the add's vector, SQL's row's
     elif case == "delete-add":
         assert np.allclose(observed["r5"], [101.0, 1.0, 1.0, 0.0])
+    elif case == "never-persisted-re-add":
+        assert np.allclose(observed["n0"], [102.0, 2.0, 1.0, 0.0])
     else:  # no phantom of the id SQL deleted
-        assert ("n0" if case in ("modified-collection", "empty-map") else "r5") not in observed
+        assert ("r5" if case.startswith("delete") else "n0") not in observed
 
 
 def test_a_row_0x_cannot_replay_is_no_quirk():

@@ -225,9 +225,14 @@ class CollectionState:
         """Ids chromadb 0.x's replay of the pending WAL leaves otherwise than SQL's rows
         say (``replay0x``: a write after a delete of the same id in one batch). None on
         1.x, whose replay is the model itself. Only rows SQL's rows already reflect are
-        judged (reconcile folds in only those; a later one is judged once SQL has it)."""
+        judged (reconcile folds in only those; a later one is judged once SQL has it).
+        A segment without an id map (never persisted: fewer rows than its sync
+        threshold) is replayed by 0.x from an empty map with no index loaded, on every
+        open. Call it for 0.x palaces only (a map's format cannot say so without a map)."""
         m = self.idmap
-        if m is None or m.fmt != "object" or not self.pending or self.torn:
+        if not self.pending or self.pickle_status not in (PICKLE_OK, PICKLE_NONE, PICKLE_MISSING):
+            return []
+        if m is not None and (m.fmt != "object" or self.torn):
             return []
         top = self.reflected_seq
         rows = list(itertools.takewhile(lambda w: w.seq_id <= top, self.pending))
@@ -235,7 +240,8 @@ class CollectionState:
         # drops the collection's copy), chromadb's default 100 when it has none
         size = self.info.segment_metadata.get("hnsw:batch_size")
         size = size if type(size) is int and size > 0 else 100
-        return replay0x.divergent(rows, self.map_ids(), size, release, lambda w: w.has_vector, bool(m.count))
+        return replay0x.divergent(rows, self.map_ids(), size, release, lambda w: w.has_vector,
+                                  m is not None and bool(m.count))
 
     def replay_conflicts(self) -> list[str]:
         """Ids with a pending delete whose mapped label the index already marked deleted:

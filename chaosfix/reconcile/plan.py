@@ -185,8 +185,8 @@ def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, em
     plan.fmt = sql.generation.pickle_format
     problems = {c for c in codes if c != "PENDING"}
     dir_missing = st.seg_dir is None or not st.seg_dir.is_dir()
-    if dir_missing and "SEGMENT_DIR_MISSING" not in problems:
-        return plan  # never persisted: chromadb builds it from the WAL
+    if dir_missing and not problems & {"SEGMENT_DIR_MISSING", "REPLAY_QUIRK"}:
+        return plan  # never persisted: chromadb builds it from the WAL (unless 0.x's replay errs)
     index_work = bool(problems - SEQ_CODES) or strategy == "rebuild" or (apply_pending and "PENDING" in codes)
     if index_work:
         _plan_index(sql, st, plan, embedder, problems, strategy, stale or {})
