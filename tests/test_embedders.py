@@ -150,7 +150,7 @@ def test_check_deep_finds_stale_vectors_and_reconcile_deep_replaces_them(tmp_pat
     reconcile --deep replaces them in place; chromadb then reads every row with its
     document's embedding."""
     p = fresh_palace(tmp_path / "palace", SPEC)
-    snap = faults.snapshot_segment(p)
+    snap = faults.snapshot_segment(p, dst=tmp_path / "snap")  # (its own folder: none left in $TMPDIR)
     assert apply_ops(p, SPEC, [{"op": "upsert", "start": 0, "count": 150, "version": 1}]).ok
     faults.restore_segment(p, snap)
     assert "STALE_VECTOR" not in check_palace(p).codes()

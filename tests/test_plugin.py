@@ -453,7 +453,7 @@ def test_chromadb_self_query_misses_are_rows_no_search_finds_where_they_belong(t
     from chaosfix.drawers import drawer
 
     p = workload.fresh_palace(tmp_path / "palace", SPEC)
-    snap = faults.snapshot_segment(p)
+    snap = faults.snapshot_segment(p, dst=tmp_path / "snap")  # (its own folder: none left in $TMPDIR)
     assert workload.apply_ops(p, SPEC, [{"op": "upsert", "start": 0, "count": 150, "version": 1}]).ok
     faults.restore_segment(p, snap)
     obs = workload.observe(p, SPEC, sample=SPEC.drawers)  # every row
