@@ -442,11 +442,12 @@ def test_a_delete_the_metadata_segment_has_not_applied_is_no_orphan(tmp_path):
 
 
 DUPLICATE_ADD = textwrap.dedent("""
-    import sys, numpy as np, chromadb
+    import sys, time, numpy as np, chromadb
     col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
         "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
     col.add(ids=[f"r{i}" for i in range(100)], embeddings=np.random.default_rng(1).standard_normal((100, 4)),
             metadatas=[{"v": "orig"}] * 100)
+    time.sleep(1.1)  # (a later second: see _refused_later's rule 2)
     col.add(ids=["r0"], embeddings=[[9.0, 9.0, 9.0, 9.0]], metadatas=[{"v": "dup"}])  # SQL refuses it; WAL keeps it
 """)
 
@@ -482,6 +483,39 @@ def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path, after):
         return  # (what the blob id itself is judged to be is another matter: no crash, one line)
     assert code == 4, err
     assert doc["plans"][0]["unrepaired_ids"] == ["r0"] and doc["plans"][0]["add"] == 0, doc["plans"][0]
+
+
+ADD_THEN_UPDATE = textwrap.dedent("""
+    import sys, numpy as np, chromadb
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
+        "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
+    col.add(ids=[f"r{i}" for i in range(40)], embeddings=np.random.default_rng(1).standard_normal((40, 4)))
+    col.add(ids=["n0"], embeddings=[[9.0, 9.0, 9.0, 9.0]])  # pending (no persist), no document
+    col.update(ids=["n0"], metadatas=[{"tag": "x"}])  # a metadata-only update raises its row's seq_id
+""")
+
+
+def test_an_add_followed_by_a_metadata_update_keeps_its_vector(tmp_path):
+    """The mirror of the test above (helper-37): a pending add without a document, then a
+    metadata-only update of the same row, the usual way to tag a new record. The row's
+    seq_id is the update's, and the add was taken for one SQL had refused: a repair that
+    folded the pending rows in (``--apply-pending``; a rebuild of a segment never
+    persisted does it by default) dropped the row's only vector and moved max_seq_id past
+    it, so chromadb, which served the row, could never replay it again."""
+    p = tmp_path / "palace"
+    chromadb_script(ADD_THEN_UPDATE, str(p))
+    assert "n0" in {w.id for w in check_palace(p).states[0].pending}
+    code, doc, err = reconcile(p, "--apply-pending")
+    assert code == 1 and doc["after_consistent"] is True, err[-2000:]
+    assert doc["plans"][0]["unrepaired_ids"] == [], doc["plans"][0]
+    got = json.loads(chromadb_script(textwrap.dedent("""
+        import json, sys, chromadb
+        col = chromadb.PersistentClient(path=sys.argv[1]).get_collection("col")
+        row = col.get(ids=["n0"], include=["embeddings", "metadatas"])
+        near = col.query(query_embeddings=[[9.0, 9.0, 9.0, 9.0]], n_results=1)["ids"][0]
+        print(json.dumps([[float(x) for x in row["embeddings"][0]], row["metadatas"][0], near]))
+    """), str(p)))
+    assert got == [[9.0, 9.0, 9.0, 9.0], {"tag": "x"}, ["n0"]], got
 
 
 ADD_THEN_PENDING = textwrap.dedent("""

@@ -81,8 +81,10 @@ KNOWN = {  # helper-30's cases, then ones 0.x replays as SQL does
     # never persisted (SMALL): the 5th record ends the first batch, the rest replay after it
     "never-persisted": [("add", "n0"), ("delete", "n0"), ("update", "n0")],
     "never-persisted-re-add": [("add", "n0"), ("delete", "n0"), ("add", "n0")],
+    # helper-37's: r0's add, then a metadata-only update of r0 (its row's seq_id the update's)
+    "never-persisted-tagged": [("add", "n0"), ("meta", "r0"), ("delete", "n0"), ("update", "n0")],
 }
-SMALL = {"never-persisted", "never-persisted-re-add"}  # 4 rows first, not 20: below sync_threshold
+SMALL = {"never-persisted", "never-persisted-re-add", "never-persisted-tagged"}  # 4 rows first, not 20: below sync_threshold
 OPS = ("add", "update", "upsert", "delete", "meta")
 
 
@@ -154,14 +156,15 @@ def _quirky() -> dict[str, str]:
     lost), and its batch counts changes, not records."""
     if chromadb_version().startswith("0.4."):
         return {"delete-update": "r5", "delete-update-add": "r5", "delete-add": "r5",
-                "delete-then-update-next-batch": "r5", "never-persisted": "n0", "never-persisted-re-add": "n0"}
+                "delete-then-update-next-batch": "r5", "never-persisted": "n0", "never-persisted-re-add": "n0",
+                "never-persisted-tagged": "n0"}
     return {"delete-update": "r5", "delete-update-add": "r5", "delete-add-delete": "r5", "modified-collection": "n0",
-            "empty-map": "n0", "never-persisted": "n0"}
+            "empty-map": "n0", "never-persisted": "n0", "never-persisted-tagged": "n0"}
 
 
 @pytest.mark.parametrize("case", ["delete-update", "delete-update-add", "delete-add-delete", "delete-add",
                                   "modified-collection", "empty-map", "never-persisted",
-                                  "never-persisted-re-add"])
+                                  "never-persisted-re-add", "never-persisted-tagged"])
 def test_a_default_reconcile_fixes_what_0x_would_replay_wrong(tmp_path, case):
     """REPLAY_QUIRK is index work: reconcile folds the pending rows in (as --apply-pending
     does) and moves the vector segment's max_seq_id past them, so chromadb replays
@@ -183,6 +186,9 @@ def test_a_default_reconcile_fixes_what_0x_would_replay_wrong(tmp_path, case):
         assert np.allclose(observed["n0"], [102.0, 2.0, 1.0, 0.0])
     else:  # no phantom of the id SQL deleted
         assert ("r5" if case.startswith("delete") else "n0") not in observed
+    if case in SMALL:  # every row SQL holds, with its vector (r0's add came before its update)
+        assert {rid: v for rid, v in observed.items() if rid.startswith("r")} == {
+            f"r{i}": [float(i), 0.0, 0.0, 1.0] for i in range(4)}, observed
 
 
 def test_a_row_0x_cannot_replay_is_no_quirk():

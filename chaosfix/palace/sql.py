@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -520,6 +520,32 @@ class PalaceSql:
                 out[eid] = decode_seq(seq) or 0
             except ValueError:
                 continue
+        return out
+
+    def created(self, metadata_segment: str, ids: list[str]) -> dict[str, str]:
+        """user id -> the row's created_at (SQLite's CURRENT_TIMESTAMP when the row was
+        inserted; an update leaves it); none where the column is missing or not text."""
+        q = "SELECT embedding_id, created_at FROM embeddings WHERE segment_id = ?"
+        try:
+            return {eid: t for eid, t in self._by_ids(q, (metadata_segment,), ids, "embedding_id")
+                    if isinstance(t, str)}
+        except sqlite3.DatabaseError:
+            return {}
+
+    def wal_created(self, collection_id: str, seqs: Collection[int]) -> dict[int, str]:
+        """seq_id -> created_at of these WAL rows (when chromadb logged the write)."""
+        out: dict[int, str] = {}
+        try:
+            for seq, t in self.conn.execute("SELECT seq_id, created_at FROM embeddings_queue WHERE topic LIKE ?",
+                                            (f"%/{collection_id}",)):
+                try:
+                    seq = decode_seq(seq) or 0
+                except ValueError:
+                    continue
+                if seq in seqs and isinstance(t, str):
+                    out[seq] = t
+        except sqlite3.DatabaseError:
+            return {}
         return out
 
     def documents(self, metadata_segment: str, ids: list[str] | None = None) -> dict[str, str | None]:

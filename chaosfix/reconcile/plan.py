@@ -485,19 +485,61 @@ def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow
     metadata), so its vector belongs to no row. (chromadb's vector segment skips it too,
     unless the id map lost the id: then its replay would give the row that vector.)
 
-    An add is the row's only when the row's seq_id is the add's. A later seq_id (a later
-    write: a metadata-only update raises it above a refused add's) leaves it the row's
-    only when it carries the row's own document; an older or unreadable one never."""
+    An add is the row's when the row's seq_id is the add's, never when it is older or
+    unreadable. A later one (a later write raised it: a metadata-only update) is judged
+    by ``_refused_later``."""
     adds = [w for w in wal if w.op == 0 and w.id in st.sql_rows]
     if not adds or st.info.metadata_segment is None:
         return wal
-    seg = st.info.metadata_segment
-    seqs = sql.row_seqs(seg, [w.id for w in adds])
-    later = {(w.seq_id, w.id) for w in adds if seqs.get(w.id, -1) > w.seq_id}
-    docs = sql.documents(seg, [i for _, i in later]) if later else {}
-    refused = {(w.seq_id, w.id) for w in adds if seqs.get(w.id) != w.seq_id and not (
-        (w.seq_id, w.id) in later and w.document is not None and w.document == docs.get(w.id))}
+    seqs = sql.row_seqs(st.info.metadata_segment, [w.id for w in adds])
+    refused = {(w.seq_id, w.id) for w in adds if seqs.get(w.id, -1) < w.seq_id}
+    later = [w for w in adds if seqs.get(w.id, -1) > w.seq_id]
+    if later:
+        refused |= _refused_later(sql, st, wal, later)
     return [w for w in wal if (w.seq_id, w.id) not in refused] if refused else wal
+
+
+def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later: list[WalRow]) -> set[tuple[int, str]]:
+    """(seq_id, id) of the adds in ``later`` SQL refused. Whether the row was there just
+    before the add, from the first of these that tells:
+
+    1. the id's own earlier WAL rows: after an add or upsert SQL held it, after a delete not;
+    2. the row's created_at against the add's (an update leaves it): earlier, the row was
+       there; later, the add made it (one-second resolution: a tie tells nothing);
+    3. for an add above the vector segment's max_seq_id, an id the id map holds: the row
+       was there at the persist;
+    4. else whether the add carries the row's own document (no document on either side
+       included): an add and the row it made tie at 2 almost always, a refused add only
+       within the second its row was made.
+
+    Judging by a document alone lost rows: an add without one followed by a metadata-only
+    update (any embeddings-only collection) was taken for refused, and a rebuild of a
+    segment never persisted, whose vectors live only in the WAL, dropped the row's
+    vector where chromadb served it."""
+    assert st.info.metadata_segment is not None
+    seg, keys = st.info.metadata_segment, {(w.seq_id, w.id) for w in later}
+    held: dict[tuple[int, str], bool] = {}
+    last: dict[str, int] = {}  # id -> the op of its latest add/upsert/delete so far
+    for w in wal:
+        if (w.seq_id, w.id) in keys and w.id in last:
+            held[(w.seq_id, w.id)] = last[w.id] != 3
+        if w.op in (0, 2, 3):
+            last[w.id] = w.op
+    todo = [w for w in later if (w.seq_id, w.id) not in held]
+    if todo:
+        made = sql.created(seg, [w.id for w in todo])
+        logged = sql.wal_created(st.info.id, {w.seq_id for w in todo}) if made else {}
+        for w in todo:
+            a, b = made.get(w.id), logged.get(w.seq_id)
+            if a is not None and b is not None and a != b:
+                held[(w.seq_id, w.id)] = a < b
+    above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
+    mapped = st.map_ids()
+    for w in later:
+        if (w.seq_id, w.id) not in held and w.seq_id > above and w.id in mapped:
+            held[(w.seq_id, w.id)] = True
+    docs = sql.documents(seg, [w.id for w in later if (w.seq_id, w.id) not in held])
+    return {(w.seq_id, w.id) for w in later if held.get((w.seq_id, w.id), w.document != docs.get(w.id))}
 
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:
