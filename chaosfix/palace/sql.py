@@ -12,6 +12,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -91,6 +92,13 @@ class WalRow:
     @property
     def op_name(self) -> str:
         return OP_NAMES.get(self.op, str(self.op))
+
+
+TIMESTAMP_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")  # SQLite's CURRENT_TIMESTAMP
+
+
+def _is_timestamp(t: object) -> bool:
+    return isinstance(t, str) and TIMESTAMP_RE.fullmatch(t) is not None
 
 
 @dataclass
@@ -524,11 +532,12 @@ class PalaceSql:
 
     def created(self, metadata_segment: str, ids: list[str]) -> dict[str, str]:
         """user id -> the row's created_at (SQLite's CURRENT_TIMESTAMP when the row was
-        inserted; an update leaves it); none where the column is missing or not text."""
+        inserted; an update leaves it); none where the column is missing or is not such a
+        timestamp (compared as text, which orders only that one format)."""
         q = "SELECT embedding_id, created_at FROM embeddings WHERE segment_id = ?"
         try:
             return {eid: t for eid, t in self._by_ids(q, (metadata_segment,), ids, "embedding_id")
-                    if isinstance(t, str)}
+                    if _is_timestamp(t)}
         except sqlite3.DatabaseError:
             return {}
 
@@ -542,7 +551,7 @@ class PalaceSql:
                     seq = decode_seq(seq) or 0
                 except ValueError:
                     continue
-                if seq in seqs and isinstance(t, str):
+                if seq in seqs and _is_timestamp(t):
                     out[seq] = t
         except sqlite3.DatabaseError:
             return {}
