@@ -485,6 +485,34 @@ def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path, after):
     assert doc["plans"][0]["unrepaired_ids"] == ["r0"] and doc["plans"][0]["add"] == 0, doc["plans"][0]
 
 
+SAME_SECOND_DUPLICATE = textwrap.dedent("""
+    import sqlite3, sys, numpy as np, chromadb
+    p = sys.argv[1]
+    col = chromadb.PersistentClient(path=p).create_collection(
+        "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
+    col.add(ids=[f"r{i}" for i in range(100)], embeddings=np.random.default_rng(1).standard_normal((100, 4)))
+    col.add(ids=["r0"], embeddings=[[9.0, 9.0, 9.0, 9.0]])  # refused, within the second r0's row was made
+    with sqlite3.connect(p + "/chroma.sqlite3") as con:  # the WAL purged up to the persist, as 0.5+ does
+        con.execute("DELETE FROM embeddings_queue WHERE seq_id <= 100")
+    col.update(ids=["r0"], metadatas=[{"tag": "x"}])  # raises r0's seq_id above the duplicate's
+    col.add(ids=[f"f{i}" for i in range(30)], embeddings=np.random.default_rng(2).standard_normal((30, 4)))
+""")
+
+
+def test_a_refused_add_of_the_same_second_below_max_seq_id_is_no_source(tmp_path):
+    """helper-38: a duplicate add within the second its row was made (created_at ties),
+    documentless, persisted past, its original add purged from the WAL, then a metadata
+    update and the id lost from the map. chromadb never replays it (below max_seq_id), so
+    it is only a candidate for the orphan's lost vector, and without a document to show
+    it is the row's, it is none: r0 is left unrepaired, not given [9, 9, 9, 9]."""
+    p = tmp_path / "palace"
+    chromadb_script(SAME_SECOND_DUPLICATE, str(p))
+    faults.drop_map_entry(faults.segment_dir(p, "col"), "both", id="r0")
+    code, doc, err = reconcile(p, "--no-chromadb-check")
+    assert code == 4, err[-2000:]
+    assert doc["plans"][0]["unrepaired_ids"] == ["r0"], doc["plans"][0]  # (0.6 folds its 12 pending adds in)
+
+
 ADD_THEN_UPDATE = textwrap.dedent("""
     import sys, numpy as np, chromadb
     col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(

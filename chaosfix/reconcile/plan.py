@@ -506,16 +506,20 @@ def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later
     1. the id's own earlier WAL rows: after an add or upsert SQL held it, after a delete not;
     2. the row's created_at against the add's (an update leaves it): earlier, the row was
        there; later, the add made it (one-second resolution: a tie tells nothing);
-    3. for an add above the vector segment's max_seq_id, an id the id map holds: the row
-       was there at the persist;
-    4. else whether the add carries the row's own document (no document on either side
-       included): an add and the row it made tie at 2 almost always, a refused add only
-       within the second its row was made.
+    3. an add above the vector segment's max_seq_id (pending) of an id the id map holds:
+       the row was there at the persist;
+    4. the documents: a pending add (of an id the map lacks) made the row unless it
+       carries another document than the row's, as chromadb's own replay takes it (a
+       row SQL held and the map lost, re-added within the same second without a
+       document, gets the add's vector, as in chromadb); an add below max_seq_id
+       (chromadb will not replay it: only a source for a lost vector) is the row's only
+       when it carries the row's own document.
 
-    Judging by a document alone lost rows: an add without one followed by a metadata-only
-    update (any embeddings-only collection) was taken for refused, and a rebuild of a
-    segment never persisted, whose vectors live only in the WAL, dropped the row's
-    vector where chromadb served it."""
+    Judging every add by its document lost rows: an add without one followed by a
+    metadata-only update (any embeddings-only collection) was taken for refused, and a
+    rebuild of a segment never persisted, whose vectors live only in the WAL, dropped
+    the row's vector where chromadb served it (helper-37). Taking no document on both
+    sides for a match gave a row a refused add's vector (helper-38)."""
     assert st.info.metadata_segment is not None
     seg, keys = st.info.metadata_segment, {(w.seq_id, w.id) for w in later}
     held: dict[tuple[int, str], bool] = {}
@@ -539,7 +543,15 @@ def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later
         if (w.seq_id, w.id) not in held and w.seq_id > above and w.id in mapped:
             held[(w.seq_id, w.id)] = True
     docs = sql.documents(seg, [w.id for w in later if (w.seq_id, w.id) not in held])
-    return {(w.seq_id, w.id) for w in later if held.get((w.seq_id, w.id), w.document != docs.get(w.id))}
+
+    def refused(w: WalRow) -> bool:
+        if (w.seq_id, w.id) in held:
+            return held[(w.seq_id, w.id)]
+        if w.seq_id > above:  # (pending, an id the map lacks)
+            return w.document is not None and w.document != docs.get(w.id)
+        return w.document is None or w.document != docs.get(w.id)
+
+    return {(w.seq_id, w.id) for w in later if refused(w)}
 
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:
