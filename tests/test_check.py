@@ -44,7 +44,15 @@ from chaosfix.palace import idmap, map_child
 from chaosfix.palace.hnsw import HEADER_SIZE, parse_header
 from chaosfix.palace.sql import SeqValue
 from chaosfix.palace.state import SqlIds
-from chaosfix.workload import PalaceSpec, apply_ops, chroma_major, copy_palace, fresh_palace, template
+from chaosfix.workload import (
+    PalaceSpec,
+    apply_ops,
+    chroma_major,
+    chromadb_version,
+    copy_palace,
+    fresh_palace,
+    template,
+)
 
 needs_strace = pytest.mark.skipif(not faults.strace_available(), reason="strace not installed or ptrace not permitted")
 only_06 = "0.6.x-only kill point: 1.x commits SQL before it persists the index"
@@ -486,31 +494,42 @@ def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path, after):
 
 
 SAME_SECOND_DUPLICATE = textwrap.dedent("""
-    import sqlite3, sys, numpy as np, chromadb
-    p = sys.argv[1]
-    col = chromadb.PersistentClient(path=p).create_collection(
+    import sys, numpy as np, chromadb
+    col = chromadb.PersistentClient(path=sys.argv[1]).create_collection(
         "col", embedding_function=None, metadata={"hnsw:batch_size": 10, "hnsw:sync_threshold": 20})
     col.add(ids=[f"r{i}" for i in range(100)], embeddings=np.random.default_rng(1).standard_normal((100, 4)))
-    col.add(ids=["r0"], embeddings=[[9.0, 9.0, 9.0, 9.0]])  # refused, within the second r0's row was made
-    with sqlite3.connect(p + "/chroma.sqlite3") as con:  # the WAL purged up to the persist, as 0.5+ does
-        con.execute("DELETE FROM embeddings_queue WHERE seq_id <= 100")
+    col.add(ids=["r0"], embeddings=[[9.0, 9.0, 9.0, 9.0]])  # SQL refuses it; r0's own add is purged
     col.update(ids=["r0"], metadatas=[{"tag": "x"}])  # raises r0's seq_id above the duplicate's
-    col.add(ids=[f"f{i}" for i in range(30)], embeddings=np.random.default_rng(2).standard_normal((30, 4)))
 """)
 
 
+@pytest.mark.skipif(chromadb_version().startswith("0.4."), reason="0.4 keeps the vector seq_id in its pickle")
 def test_a_refused_add_of_the_same_second_below_max_seq_id_is_no_source(tmp_path):
-    """helper-38: a duplicate add within the second its row was made (created_at ties),
-    documentless, persisted past, its original add purged from the WAL, then a metadata
-    update and the id lost from the map. chromadb never replays it (below max_seq_id), so
-    it is only a candidate for the orphan's lost vector, and without a document to show
-    it is the row's, it is none: r0 is left unrepaired, not given [9, 9, 9, 9]."""
+    """helper-38: a documentless duplicate add within the second its row was made
+    (created_at ties: set so here), below the vector segment's max_seq_id (a persist
+    whose purge a kill stopped: set so here), then a metadata update and the id lost
+    from the map. chromadb never replays it, so it is only a candidate for the orphan's
+    lost vector, and without a document to show it is the row's, it is none: r0 is left
+    unrepaired, where 197d909 gave it [9, 9, 9, 9] and exit 1."""
+    import sqlite3
+
+    from chaosfix.palace.sql import decode_seq
+
     p = tmp_path / "palace"
     chromadb_script(SAME_SECOND_DUPLICATE, str(p))
+    with sqlite3.connect(p / "chroma.sqlite3") as con:
+        (dup_at,) = con.execute("SELECT created_at FROM embeddings_queue WHERE id = 'r0' AND operation = 0").fetchone()
+        con.execute("UPDATE embeddings SET created_at = ? WHERE embedding_id = 'r0'", (dup_at,))
+        top = max(decode_seq(s) for (s,) in con.execute("SELECT seq_id FROM embeddings_queue"))
+        seg = faults.segment_dir(p, "col").name
+        (raw,) = con.execute("SELECT seq_id FROM max_seq_id WHERE segment_id = ?", (seg,)).fetchone()
+        con.execute("UPDATE max_seq_id SET seq_id = ? WHERE segment_id = ?",
+                    (top.to_bytes(8, "big") if isinstance(raw, bytes) else top, seg))
+    con.close()
     faults.drop_map_entry(faults.segment_dir(p, "col"), "both", id="r0")
     code, doc, err = reconcile(p, "--no-chromadb-check")
     assert code == 4, err[-2000:]
-    assert doc["plans"][0]["unrepaired_ids"] == ["r0"], doc["plans"][0]  # (0.6 folds its 12 pending adds in)
+    assert doc["plans"][0]["unrepaired_ids"] == ["r0"], doc["plans"][0]
 
 
 ADD_THEN_UPDATE = textwrap.dedent("""
