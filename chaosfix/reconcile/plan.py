@@ -228,8 +228,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     # only WAL rows the SQL rows already reflect (up to the metadata segment's seq) are
     # folded in; later ones stay for chromadb to replay into both segments
     wal = [w for w in sql.wal(st.info.id, above=0, with_vectors=True) if w.seq_id <= st.reflected_seq]
-    wal = _without_rejected_adds(sql, st, wal)
     above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
+    wal = _without_rejected_adds(sql, st, wal, above)
     pending = [w for w in wal if w.seq_id > above]
     plan.pending_applied = len(pending)
     any_wal = latest_wal_vectors(wal)
@@ -479,7 +479,7 @@ def id_order(rid: object) -> tuple[str, object]:
     return type(rid).__name__, rid
 
 
-def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow]) -> list[WalRow]:
+def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow], above: int) -> list[WalRow]:
     """The WAL rows less the adds SQL may have refused: an add of an id SQL already held
     is skipped by the metadata segment (the row keeps its older seq_id, document and
     metadata), so its vector belongs to no row. (chromadb's vector segment skips it too,
@@ -487,7 +487,7 @@ def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow
 
     An add is the row's when the row's seq_id is the add's, never when it is older or
     unreadable. A later one (a later write raised it: a metadata-only update) is judged
-    by ``_refused_later``."""
+    by ``_refused_later``; ``above``: the vector segment's max_seq_id."""
     adds = [w for w in wal if w.op == 0 and w.id in st.sql_rows]
     if not adds or st.info.metadata_segment is None:
         return wal
@@ -495,11 +495,12 @@ def _without_rejected_adds(sql: PalaceSql, st: CollectionState, wal: list[WalRow
     refused = {(w.seq_id, w.id) for w in adds if seqs.get(w.id, -1) < w.seq_id}
     later = [w for w in adds if seqs.get(w.id, -1) > w.seq_id]
     if later:
-        refused |= _refused_later(sql, st, wal, later)
+        refused |= _refused_later(sql, st, wal, later, above)
     return [w for w in wal if (w.seq_id, w.id) not in refused] if refused else wal
 
 
-def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later: list[WalRow]) -> set[tuple[int, str]]:
+def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later: list[WalRow],
+                   above: int) -> set[tuple[int, str]]:
     """(seq_id, id) of the adds in ``later`` SQL refused. Whether the row was there just
     before the add, from the first of these that tells:
 
@@ -537,7 +538,6 @@ def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later
             a, b = made.get(w.id), logged.get(w.seq_id)
             if a is not None and b is not None and a != b:
                 held[(w.seq_id, w.id)] = a < b
-    above = st.vector_seq.value if st.vector_seq is not None and not st.vector_seq.poisoned else 0
     mapped = st.map_ids()
     for w in later:
         if (w.seq_id, w.id) not in held and w.seq_id > above and w.id in mapped:
