@@ -54,6 +54,8 @@ RELEASE_TESTS = (
     "test_check.py::test_older_sqlite_beside_newer_index",
     "test_check.py::test_poisoned_max_seq_id",
     "test_check.py::test_cli_contract_exit_codes_json_and_read_only",
+    "test_check.py::test_an_add_sql_refused_gives_its_vector_to_no_row",
+    "test_check.py::test_an_add_followed_by_a_metadata_update_keeps_its_vector",
     "test_reconcile.py::test_damage_is_repaired[lost-hnsw-writes]",
     "test_reconcile.py::test_damage_is_repaired[stale-sqlite]",
     "test_reconcile.py::test_damage_is_repaired[pickle-deleted]",

@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import (
@@ -468,7 +469,7 @@ def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path, after):
     row never got. It is no source now: the row is left unrepaired and listed (exit 4).
     A later metadata-only update raised the row's seq_id above the add's, which then
     passed again (helper-33); a blob id beside the text ones made the lookup sort fail
-    (exit 8, internal error)."""
+    (exit 8, internal error). 0.4 keeps its whole WAL, so there r0's own add restores it."""
     import sqlite3
 
     p = tmp_path / "palace"
@@ -489,6 +490,15 @@ def test_an_add_sql_refused_gives_its_vector_to_no_row(tmp_path, after):
     assert "internal error" not in err, err
     if after == "blob-id":
         return  # (what the blob id itself is judged to be is another matter: no crash, one line)
+    if chromadb_version().startswith("0.4."):  # 0.4 never purges its WAL: r0's own add is a source
+        assert code == 1 and doc["plans"][0]["unrepaired_ids"] == [], err
+        got = json.loads(chromadb_script(textwrap.dedent("""
+            import json, sys, chromadb
+            col = chromadb.PersistentClient(path=sys.argv[1]).get_collection("col")
+            print(json.dumps([float(x) for x in col.get(ids=["r0"], include=["embeddings"])["embeddings"][0]]))
+        """), str(p)))
+        assert np.allclose(got, np.random.default_rng(1).standard_normal((100, 4))[0]), got
+        return
     assert code == 4, err
     assert doc["plans"][0]["unrepaired_ids"] == ["r0"] and doc["plans"][0]["add"] == 0, doc["plans"][0]
 

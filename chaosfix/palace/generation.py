@@ -69,6 +69,12 @@ class Generation:
         """0.4 keeps the vector segment's max_seq_id in the pickle, not in the table."""
         return self.name == "0.4"
 
+    @property
+    def keeps_whole_wal(self) -> bool:
+        """0.4 never purges its WAL (0.5 began purging below every segment's max_seq_id):
+        each record's first write is still there, unless a tool outside chromadb pruned it."""
+        return self.name == "0.4"
+
     def to_json(self) -> dict:
         return {
             "name": self.name,

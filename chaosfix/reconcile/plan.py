@@ -504,7 +504,9 @@ def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later
     """(seq_id, id) of the adds in ``later`` SQL refused. Whether the row was there just
     before the add, from the first of these that tells:
 
-    1. the id's own earlier WAL rows: after an add or upsert SQL held it, after a delete not;
+    1. the id's own earlier WAL rows: after an add or upsert SQL held it, after a delete
+       not; none in a WAL that holds every write (0.4 purges none, and an add or upsert
+       of every row is there): the add made the row;
     2. the row's created_at against the add's (an update leaves it): earlier, the row was
        there; later, the add made it (one-second resolution: a tie tells nothing);
     3. an add above the vector segment's max_seq_id (pending) of an id the id map holds:
@@ -531,6 +533,11 @@ def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later
         if w.op in (0, 2, 3):
             last[w.id] = w.op
     todo = [w for w in later if (w.seq_id, w.id) not in held]
+    if todo and sql.generation.keeps_whole_wal:
+        made_by = {w.id for w in wal if w.op in (0, 2)}
+        if all(map(made_by.__contains__, st.sql_rows)):  # (no row's first write pruned)
+            held.update(((w.seq_id, w.id), False) for w in todo)
+            todo = []
     if todo:
         made = sql.created(seg, [w.id for w in todo])
         logged = sql.wal_created(st.info.id, {w.seq_id for w in todo}) if made else {}
