@@ -29,7 +29,6 @@ import os
 import shlex
 import shutil
 import tarfile
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from chaosfix import faults, workload
 from chaosfix.check import check_palace
 from chaosfix.errors import OperationalError, UsageProblem, whole_number_problem
 from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
+from chaosfix.palace.sql import SIMULATE_SCRATCH, Scratch
 from chaosfix.progress import ProgressFn
 from chaosfix.workload import PalaceSpec, chroma_major
 
@@ -395,7 +395,8 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
     if not sc.applies(major):
         raise OperationalError(f"scenario {sc.name} does not apply to chromadb {workload.chromadb_version()} "
                                f"(versions: {', '.join(sc.versions)})")
-    scratch = Path(tempfile.mkdtemp(prefix=f"chaosfix-{sc.name}-"))
+    held = Scratch(SIMULATE_SCRATCH)  # (a killed run's folder: removed by the next run)
+    scratch = held.path
     palace = scratch / "palace"
     spec = sc.spec(seed=seed, drawers=drawers)
 
@@ -493,4 +494,4 @@ def run_scenario(sc: Scenario, seed: int = 0, drawers: int | None = None, keep: 
         stage("verify", verify)
         return result
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        held.remove()

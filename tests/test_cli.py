@@ -301,6 +301,42 @@ def test_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
     assert not bar.enabled and (tmp_path / "log").read_text() == "chaosfix: a log line\n"
 
 
+def test_a_killed_simulates_palaces_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL leaves simulate's throwaway palaces in TMPDIR (a few MB at the default
+    size, a GB at --drawers 500000), where nothing looked again. The next run removes a
+    folder whose lock no process holds, and keeps one whose lock is held."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    from chaosfix.palace.sql import SCRATCH_LOCK, SIMULATE_SCRATCH
+
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "CHAOSFIX_CACHE": str(cache), "TMPDIR": str(tmp), "ANONYMIZED_TELEMETRY": "False"}
+    run = [sys.executable, "-c", "from chaosfix.cli import main; main()", "simulate", "partial-flush"]
+    proc = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(tmp.glob(f"{SIMULATE_SCRATCH}*/palace")):
+        time.sleep(0.01)
+    assert proc.poll() is None
+    proc.kill()
+    proc.wait()
+    (killed,) = tmp.glob(f"{SIMULATE_SCRATCH}*")
+    live = tmp / f"{SIMULATE_SCRATCH}1-live"  # another run's, alive (whatever its pid says)
+    live.mkdir()
+    fd = os.open(live / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert not killed.exists() and live.is_dir()
+        assert [p.name for p in tmp.iterdir()] == [live.name]  # (the second run's own folder gone too)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("stage", ["build", "observe"])
 def test_ctrl_c_in_simulate_leaves_nothing_behind(stage: str, tmp_path: Path) -> None:
     """A real SIGINT while simulate's chromadb child builds the cached palace, or observes
@@ -322,7 +358,7 @@ def test_ctrl_c_in_simulate_leaves_nothing_behind(stage: str, tmp_path: Path) ->
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         seen = (list((cache / "palaces").glob(".build-*/p/chroma.sqlite3")) if stage == "build"
-                else list(tmp.glob("chaosfix-partial-flush-*/observe/chroma.sqlite3")))
+                else list(tmp.glob("chaosfix-simulate-*/observe/chroma.sqlite3")))
         if seen:
             break
         time.sleep(0.01)

@@ -230,17 +230,19 @@ def odd_sidecars(db_path: Path) -> list[str]:
     return out
 
 
-JOURNAL_SCRATCH, WAL_SCRATCH = "chaosfix-journal-", "chaosfix-wal-"  # + <pid>-<random>, in $TMPDIR
+# + <pid>-<random>, in $TMPDIR: a hot journal's or WAL's private copy, a simulation's palaces
+JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH = "chaosfix-journal-", "chaosfix-wal-", "chaosfix-simulate-"
 SCRATCH_LOCK = ".lock"
 
 
 class Scratch:
-    """A private folder in $TMPDIR for a copy of the db and its journal or WAL, held by an
-    exclusive flock on its ``.lock`` for as long as it is used. A check or reconcile
-    killed while it read such a palace leaves its copy (as large as the journal's data:
-    31 GB once), where no rerun looked, so each new one first removes the folders whose
-    lock nobody holds: the kernel drops a dead process's lock whatever its pid namespace,
-    and a folder without the marker (one being made, or anyone else's) is never touched."""
+    """A private folder in $TMPDIR for a copy of the db and its journal or WAL (or a
+    simulation's throwaway palaces), held by an exclusive flock on its ``.lock`` for as
+    long as it is used. A check or reconcile killed while it read such a palace leaves
+    its copy (as large as the journal's data: 31 GB once), and a killed simulate its
+    palaces, where no rerun looked, so each new one first removes the folders whose lock
+    nobody holds: the kernel drops a dead process's lock whatever its pid namespace, and a
+    folder without the marker (one being made, or anyone else's) is never touched."""
 
     def __init__(self, kind: str) -> None:
         _sweep_scratch()
@@ -267,7 +269,7 @@ def _sweep_scratch() -> None:
     except OSError:
         return
     for e in entries:
-        if not e.name.startswith((JOURNAL_SCRATCH, WAL_SCRATCH)):
+        if not e.name.startswith((JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH)):
             continue
         try:
             st = e.stat(follow_symlinks=False)
