@@ -41,8 +41,8 @@ from chaosfix import faults, workload
 from chaosfix.check import check_palace
 from chaosfix.errors import OperationalError, UsageProblem, whole_number_problem
 from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
-from chaosfix.palace.sql import SIMULATE_SCRATCH, Scratch
 from chaosfix.progress import ProgressFn
+from chaosfix.scratch import SIMULATE_SCRATCH, Scratch
 from chaosfix.workload import PalaceSpec, chroma_major
 
 BUILTIN = "chaosfix.scenarios"  # the repo's scenarios/ folder, shipped in the package (see pyproject.toml)

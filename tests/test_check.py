@@ -911,7 +911,7 @@ def test_a_killed_reads_copy_of_a_hot_journal_is_removed_by_the_next_one(small_p
     named journal-99999's; and an odd name, "chaosfix-journal-²", crashed check)."""
     import fcntl
 
-    from chaosfix.palace.sql import JOURNAL_SCRATCH, SCRATCH_LOCK
+    from chaosfix.scratch import JOURNAL_SCRATCH, SCRATCH_LOCK
 
     faults.leave_hot_journal(small_palace, spill=True)
     tmp = tmp_path / "tmp"
@@ -944,19 +944,19 @@ def test_a_killed_reads_copy_of_a_hot_journal_is_removed_by_the_next_one(small_p
 
 def test_a_scratch_folder_whose_lock_cannot_be_made_is_not_left(tmp_path, monkeypatch):
     """No lock file (a full $TMPDIR): the folder would never be swept, so it goes at once."""
-    from chaosfix.palace import sql as sql_mod
+    from chaosfix import scratch
 
     real_open = os.open
 
     def no_lock(path, *a, **kw):  # noqa: ANN001, ANN202
-        if str(path).endswith(sql_mod.SCRATCH_LOCK):
+        if str(path).endswith(scratch.SCRATCH_LOCK):
             raise OSError(28, "No space left on device")
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(os, "open", no_lock)
     with pytest.raises(OSError):
-        sql_mod.Scratch(sql_mod.JOURNAL_SCRATCH)
+        scratch.Scratch(scratch.JOURNAL_SCRATCH)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -301,6 +301,18 @@ def test_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
     assert not bar.enabled and (tmp_path / "log").read_text() == "chaosfix: a log line\n"
 
 
+def _cmdlines() -> list[bytes]:
+    """Every process's command line (the ones that can be read)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit():
+                out.append((d / "cmdline").read_bytes())
+        except OSError:
+            continue
+    return out
+
+
 def test_a_killed_simulates_palaces_are_removed_by_the_next_run(tmp_path: Path) -> None:
     """SIGKILL leaves simulate's throwaway palaces in TMPDIR (a few MB at the default
     size, a GB at --drawers 500000), where nothing looked again. The next run removes a
@@ -310,7 +322,7 @@ def test_a_killed_simulates_palaces_are_removed_by_the_next_run(tmp_path: Path) 
     import sys
     import time
 
-    from chaosfix.palace.sql import SCRATCH_LOCK, SIMULATE_SCRATCH
+    from chaosfix.scratch import SCRATCH_LOCK, SIMULATE_SCRATCH
 
     cache, tmp = tmp_path / "cache", tmp_path / "tmp"
     tmp.mkdir()
@@ -323,6 +335,10 @@ def test_a_killed_simulates_palaces_are_removed_by_the_next_run(tmp_path: Path) 
     assert proc.poll() is None
     proc.kill()
     proc.wait()
+    # its chromadb child (a session of its own) finishes its step first, writing into the
+    # folder: a sweep meanwhile could not empty it (this test is about the sweep)
+    while time.monotonic() < deadline and any(str(tmp).encode() in c for c in _cmdlines()):
+        time.sleep(0.05)
     (killed,) = tmp.glob(f"{SIMULATE_SCRATCH}*")
     live = tmp / f"{SIMULATE_SCRATCH}1-live"  # another run's, alive (whatever its pid says)
     live.mkdir()
@@ -369,14 +385,8 @@ def test_ctrl_c_in_simulate_leaves_nothing_behind(stage: str, tmp_path: Path) ->
     time.sleep(0.5)  # (a surviving child would still be writing)
     assert not list((cache / "palaces").glob(".build-*")) if (cache / "palaces").exists() else True
     assert not list(tmp.glob("chaosfix-*")), list(tmp.rglob("*"))[:10]
-    alive = []  # no chromadb child of the run lives on (it has a session of its own)
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and str(tmp).encode() in (d / "cmdline").read_bytes():
-                alive.append(d.name)
-        except OSError:
-            continue
-    assert not alive, alive
+    # no chromadb child of the run lives on (it has a session of its own)
+    assert not [c for c in _cmdlines() if str(tmp).encode() in c]
 
 
 def test_simulate_leaves_no_telemetry_behind(tmp_path: Path) -> None:

@@ -8,18 +8,15 @@ model shows the committed state chromadb will see, not uncommitted spilled pages
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +31,7 @@ from chaosfix.palace.generation import Generation, hnsw_config
 from chaosfix.palace.generation import detect as detect_generation
 from chaosfix.palace.schema_guard import STALE_GONE
 from chaosfix.safe_fs import is_regular, open_regular
+from chaosfix.scratch import JOURNAL_SCRATCH, WAL_SCRATCH, Scratch
 
 POISON_LIMIT = 2**53
 OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
@@ -228,63 +226,6 @@ def odd_sidecars(db_path: Path) -> list[str]:
                          if test(mode)), "a device")
             out.append(f"{p.name} is {kind}")
     return out
-
-
-# + <pid>-<random>, in $TMPDIR: a hot journal's or WAL's private copy, a simulation's palaces
-JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH = "chaosfix-journal-", "chaosfix-wal-", "chaosfix-simulate-"
-SCRATCH_LOCK = ".lock"
-
-
-class Scratch:
-    """A private folder in $TMPDIR for a copy of the db and its journal or WAL (or a
-    simulation's throwaway palaces), held by an exclusive flock on its ``.lock`` for as
-    long as it is used. A check or reconcile killed while it read such a palace leaves
-    its copy (as large as the journal's data: 31 GB once), and a killed simulate its
-    palaces, where no rerun looked, so each new one first removes the folders whose lock
-    nobody holds: the kernel drops a dead process's lock whatever its pid namespace, and a
-    folder without the marker (one being made, or anyone else's) is never touched."""
-
-    def __init__(self, kind: str) -> None:
-        _sweep_scratch()
-        self.path = Path(tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-"))
-        self._fd: int | None = None
-        try:
-            self._fd = os.open(self.path / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:  # (a full $TMPDIR): no folder left that no sweep would remove
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _sweep_scratch() -> None:
-    """Remove this user's scratch folders whose lock no process holds (see ``Scratch``)."""
-    try:
-        entries = list(os.scandir(tempfile.gettempdir()))
-    except OSError:
-        return
-    for e in entries:
-        if not e.name.startswith((JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH)):
-            continue
-        try:
-            st = e.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():  # (never a link, nor another user's)
-                continue
-            fd = os.open(os.path.join(e.path, SCRATCH_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its reader is alive
-            shutil.rmtree(e.path, ignore_errors=True)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 class PalaceSql:
