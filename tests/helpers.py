@@ -34,19 +34,6 @@ HASH_EMBEDDER = "chaosfix.embedder:HashEmbedder"
 SPEC = PalaceSpec()
 
 
-def proc_files(name: str) -> list[bytes]:
-    """Every process's ``/proc/<pid>/<name>`` (``cmdline``, ``environ``), the ones that can
-    be read: to wait for a killed run's children, which live in sessions of their own."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit():
-                out.append((d / name).read_bytes())
-        except OSError:
-            continue
-    return out
-
-
 def fingerprint(root: Path) -> dict[str, tuple[str, int]]:
     """relative path -> (sha256, mtime_ns) of every file under ``root``."""
     out = {}

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from helpers import HASH_EMBEDDER, SPEC, assert_consistent, assert_judged_by_chromadb, proc_files, repair, sql_rows
+from helpers import HASH_EMBEDDER, SPEC, assert_consistent, assert_judged_by_chromadb, repair, sql_rows
 
 from chaosfix import faults
 from chaosfix.check import check_palace
@@ -88,6 +88,7 @@ def test_a_killed_explores_palaces_are_removed_by_the_next_scratch_folder(tmp_pa
     import subprocess
     import tempfile
     import time
+    from pathlib import Path
 
     from chaosfix import scratch
 
@@ -105,7 +106,13 @@ def test_a_killed_explores_palaces_are_removed_by_the_next_scratch_folder(tmp_pa
     proc.wait()
 
     def writers() -> bool:  # (its children, in sessions of their own, finish their run first)
-        return any(f"TMPDIR={tmp}".encode() in env.split(b"\0") for env in proc_files("environ"))
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and f"TMPDIR={tmp}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    return True
+            except OSError:
+                continue
+        return False
 
     while time.monotonic() < deadline and writers():
         time.sleep(0.05)
