@@ -21,6 +21,7 @@ import traceback
 
 from chaosfix.drawers import drawer
 from chaosfix.embedder import embed_text
+from chaosfix.filecopy import die_with_starter
 from chaosfix.progress import child_line
 
 KILL_POINTS = ("start", "after-hnsw", "after-pickle", "before-commit")
@@ -283,6 +284,7 @@ def _self_found(col, q: list[float], rid: str, where: dict | None, count: int) -
 
 
 def main() -> None:
+    die_with_starter()
     spec = json.loads(sys.argv[1])
     try:
         result = {"build": build, "observe": observe}[spec["mode"]](spec)

@@ -227,6 +227,32 @@ def die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
+PARENT_ENV = "CHAOSFIX_PARENT"  # the pid of the chaosfix that started a chromadb child
+
+
+def die_with_starter() -> None:
+    """``die_with_parent`` for a chromadb child started with ``PARENT_ENV`` set (chaosfix's
+    ``workload.child_env``): those run in sessions of their own, so a SIGKILLed simulate
+    or explore left them writing into a scratch folder its next run then removes. A child
+    whose parent is not its starter either runs under a wrapper the starter started
+    (strace: left alone) or lost its starter before it got here (it exits; the dead
+    starter may still be an unreaped zombie, so it is not asked whether it lives).
+    Without the variable (a user's own run): a no-op."""
+    raw = os.environ.get(PARENT_ENV, "")
+    if not raw.isdigit():
+        return
+    starter, parent = int(raw), os.getppid()
+    if parent == starter:
+        die_with_parent(starter)
+        return
+    try:  # the parent's parent: field 4 of /proc/PID/stat, after the ")" that ends its name
+        grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):  # no /proc: nothing to tell
+        return
+    if grandparent != starter:
+        os._exit(1)
+
+
 if __name__ == "__main__":  # run by path by ``CopyProcess``: PARENT_PID SRC DST
     die_with_parent(int(sys.argv[1]))
     try:

@@ -14,8 +14,10 @@ import stat
 import tempfile
 from pathlib import Path
 
-# + <pid>-<random>, in $TMPDIR: a hot journal's or WAL's private copy, a simulation's palaces
-JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH = "chaosfix-journal-", "chaosfix-wal-", "chaosfix-simulate-"
+# + <pid>-<random>, in $TMPDIR: a hot journal's or WAL's private copy, a simulation's or
+# an exploration's palaces
+JOURNAL_SCRATCH, WAL_SCRATCH = "chaosfix-journal-", "chaosfix-wal-"
+SIMULATE_SCRATCH, EXPLORE_SCRATCH = "chaosfix-simulate-", "chaosfix-explore-"
 SCRATCH_LOCK = ".lock"
 
 
@@ -53,7 +55,7 @@ def _sweep_scratch() -> None:
     except OSError:
         return
     for e in entries:
-        if not e.name.startswith((JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH)):
+        if not e.name.startswith((JOURNAL_SCRATCH, WAL_SCRATCH, SIMULATE_SCRATCH, EXPLORE_SCRATCH)):
             continue
         try:
             st = e.stat(follow_symlinks=False)

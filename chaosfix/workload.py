@@ -25,6 +25,7 @@ from pathlib import Path
 
 from chaosfix.drawers import COLLECTION
 from chaosfix.errors import UsageProblem, whole_number_problem
+from chaosfix.filecopy import PARENT_ENV
 from chaosfix.progress import ProgressFn, parse_child_line
 
 SPACES = ("cosine", "l2", "ip")  # chromadb's hnsw:space values
@@ -99,6 +100,7 @@ def child_env() -> dict[str, str]:
     # device id and a database under ~/.cache/Microsoft and leaves a .ses file in $TMPDIR
     # (measured with 1.32: one per chromadb child) unless this is set before it loads
     env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env[PARENT_ENV] = str(os.getpid())  # the child dies with this process (die_with_starter)
     root = str(Path(__file__).resolve().parent.parent)
     # never an empty entry ("root:" when PYTHONPATH was unset): Python reads it as the
     # current folder, which may be the palace, and a json.py there would run in the child

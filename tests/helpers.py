@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,44 @@ def chromadb_script(script: str, *args: str, timeout: float = 300) -> str:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from chaosfix.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def processes_with_tmpdir(tmp: Path) -> list[int]:
+    """The live processes whose environment has ``TMPDIR=tmp``: a run started with it and
+    every child it made (zombies have no environment left)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"TMPDIR={tmp}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def kill_run(proc: subprocess.Popen, tmp: Path, within: float = 10.0) -> list[str]:
+    """SIGKILL a chaosfix run started with ``TMPDIR=tmp`` once one of its children runs;
+    the processes of that run still alive ``within`` seconds later (none: its children,
+    in sessions of their own, die with it)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(processes_with_tmpdir(tmp)) < 2:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it started a child"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and processes_with_tmpdir(tmp):
+        time.sleep(0.05)
+    return [_described(pid) for pid in processes_with_tmpdir(tmp)]
+
+
+def _described(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
+        state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(("State", "PPid")))
+    except (OSError, StopIteration):
+        return f"{pid} (gone)"
+    return f"{pid} {state} {cmd}"
 
 
 def header(palace: Path):

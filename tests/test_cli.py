@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from helpers import kill_run
 
 from chaosfix.cli import main as cli_main
 from chaosfix.errors import OperationalError
@@ -313,10 +314,11 @@ def _cmdlines() -> list[bytes]:
     return out
 
 
-def test_a_killed_simulates_palaces_are_removed_by_the_next_run(tmp_path: Path) -> None:
-    """SIGKILL leaves simulate's throwaway palaces in TMPDIR (a few MB at the default
-    size, a GB at --drawers 500000), where nothing looked again. The next run removes a
-    folder whose lock no process holds, and keeps one whose lock is held."""
+def test_a_killed_simulates_children_die_and_its_palaces_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL left simulate's chromadb child running (a session of its own) and its
+    throwaway palaces in TMPDIR (a few MB at the default size, a GB at --drawers 500000),
+    where nothing looked again. The child dies with it; the next run removes a folder
+    whose lock no process holds, and keeps one whose lock is held."""
     import fcntl
     import subprocess
     import sys
@@ -332,13 +334,7 @@ def test_a_killed_simulates_palaces_are_removed_by_the_next_run(tmp_path: Path) 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not list(tmp.glob(f"{SIMULATE_SCRATCH}*/palace")):
         time.sleep(0.01)
-    assert proc.poll() is None
-    proc.kill()
-    proc.wait()
-    # its chromadb child (a session of its own) finishes its step first, writing into the
-    # folder: a sweep meanwhile could not empty it (this test is about the sweep)
-    while time.monotonic() < deadline and any(str(tmp).encode() in c for c in _cmdlines()):
-        time.sleep(0.05)
+    assert kill_run(proc, tmp) == []  # its chromadb child (a session of its own) died with it
     (killed,) = tmp.glob(f"{SIMULATE_SCRATCH}*")
     live = tmp / f"{SIMULATE_SCRATCH}1-live"  # another run's, alive (whatever its pid says)
     live.mkdir()

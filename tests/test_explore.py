@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from helpers import HASH_EMBEDDER, SPEC, assert_consistent, assert_judged_by_chromadb, repair, sql_rows
+from helpers import HASH_EMBEDDER, SPEC, assert_consistent, assert_judged_by_chromadb, kill_run, repair, sql_rows
 
 from chaosfix import faults
 from chaosfix.check import check_palace
@@ -79,6 +79,37 @@ def test_sampled_crash_states_are_never_missed_or_damaged(name, chaos_explore, t
 def test_explore_library_call_takes_a_profile():
     rep = explore([builtin("add")], Profile(states=1), classes=("fsync",), power_loss=False)
     assert len(rep.states) == 1 and rep.states[0].cls == "fsync" and not rep.bad
+
+
+def test_a_killed_explores_children_die_and_its_palaces_are_removed_by_the_next_scratch_folder(tmp_path):
+    """A SIGKILLed explore left its chromadb children running (sessions of their own, or
+    traced) and its palaces in TMPDIR (``chaosfix-explore-*``) for good. Its children now
+    die with it, and the next folder of the kind any chaosfix run makes (here: one made
+    in-process) removes the killed run's."""
+    import subprocess
+    import tempfile
+    import time
+
+    from chaosfix import scratch
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "ANONYMIZED_TELEMETRY": "False"}
+    proc = subprocess.Popen([sys.executable, "-c", "from chaosfix.cli import main; main()", "explore", "--workload",
+                             "add", "--at", "powerloss:lost:1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(tmp.glob(f"{scratch.EXPLORE_SCRATCH}*/*")):
+        time.sleep(0.01)
+    assert kill_run(proc, tmp) == []
+    (killed,) = tmp.glob(f"{scratch.EXPLORE_SCRATCH}*")
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp)
+    try:
+        scratch.Scratch(scratch.JOURNAL_SCRATCH).remove()
+    finally:
+        tempfile.tempdir = old
+    assert not killed.exists() and list(tmp.iterdir()) == []
 
 
 def test_cli_replays_one_state_as_json(tmp_path):

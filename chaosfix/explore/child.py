@@ -19,6 +19,7 @@ import sys
 from chaosfix._child import _client, _err
 from chaosfix.drawers import drawer
 from chaosfix.embedder import embed_text
+from chaosfix.filecopy import die_with_starter
 
 PROBE_INDEX = 10**9 + 7
 
@@ -114,6 +115,7 @@ def judge(spec: dict) -> dict:
 
 
 def main() -> None:
+    die_with_starter()
     spec = json.loads(sys.argv[1])
     try:
         result = {"run": run, "judge": judge}[spec["mode"]](spec)

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from chaosfix.errors import ChaosfixError, UsageProblem
 from chaosfix.explore import trace as tr
 from chaosfix.explore.workloads import Workload
 from chaosfix.faults import restore_segment, segment_dir, snapshot_segment, torn_mix
+from chaosfix.scratch import EXPLORE_SCRATCH, Scratch
 
 CATEGORIES = ("healthy", "healed by chromadb", "repaired", "known gap", "missed", "false alarm",
               "repair failed", "data lost")
@@ -472,8 +472,10 @@ def explore(workloads: list[Workload], profile: Profile | None = None, seed: int
     if keep_dir:
         keep_dir.mkdir(parents=True, exist_ok=True)
     for wl in workloads:
-        with tempfile.TemporaryDirectory(prefix=f"chaosfix-explore-{wl.name}-") as tmp:
-            ex = Explorer(wl, Path(tmp), seed, keep_dir, say)
+        held = Scratch(EXPLORE_SCRATCH)  # (a killed run's folder: removed by the next run)
+        try:
+            tmp = held.path
+            ex = Explorer(wl, tmp, seed, keep_dir, say)
             t0 = time.monotonic()
             points = ex.count()
             counts = Counter(p.cls for p in points)
@@ -488,6 +490,8 @@ def explore(workloads: list[Workload], profile: Profile | None = None, seed: int
             todo = [at] if at is not None else candidates(points, profile, seed, classes, power_loss)
             for key in todo:
                 report.states.append(_one(ex, key))
+        finally:
+            held.remove()
     return report
 
 
