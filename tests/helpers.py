@@ -100,13 +100,14 @@ def processes_with_tmpdir(tmp: Path) -> list[int]:
     return out
 
 
-def kill_run(proc: subprocess.Popen, tmp: Path, within: float = 10.0) -> list[str]:
-    """SIGKILL a chaosfix run started with ``TMPDIR=tmp`` once one of its children runs;
-    the processes of that run still alive ``within`` seconds later (none: its children,
-    in sessions of their own, die with it)."""
+def kill_run(proc: subprocess.Popen, tmp: Path, within: float = 3.0, settle: float = 0.0) -> list[str]:
+    """SIGKILL a chaosfix run started with ``TMPDIR=tmp`` ``settle`` seconds after one of
+    its children was forked; the processes of that run still alive ``within`` seconds
+    later (none: its children, in sessions of their own, die with it)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and len(processes_with_tmpdir(tmp)) < 2:
         time.sleep(0.01)
+    time.sleep(settle)
     assert proc.poll() is None, "the run ended before it started a child"
     proc.kill()
     proc.wait()

@@ -314,6 +314,31 @@ def _cmdlines() -> list[bytes]:
     return out
 
 
+def test_a_chromadb_child_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """chromadb children run in sessions of their own (a terminal's Ctrl-C must not reach
+    them), so a SIGKILL of the chaosfix that started one left it writing for as long as
+    its step lasted (here: 100,000 adds, minutes). It now dies with its starter, also
+    when the kill lands before the child got to ask for that."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import processes_with_tmpdir
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "ANONYMIZED_TELEMETRY": "False"}
+    starter = ("import sys; from chaosfix.workload import PalaceSpec, apply_ops; "
+               "apply_ops(sys.argv[1], PalaceSpec(), [{'op': 'add', 'start': 0, 'count': 100000}])")
+    for delay in (0.0, 3.0):  # at its fork, and once it is adding
+        proc = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / f"palace-{delay}")], env=env)
+        try:
+            assert kill_run(proc, tmp, settle=delay) == []
+        finally:
+            for pid in processes_with_tmpdir(tmp):  # (the old code's child: not left running)
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_killed_simulates_children_die_and_its_palaces_are_removed_by_the_next_run(tmp_path: Path) -> None:
     """SIGKILL left simulate's chromadb child running (a session of its own) and its
     throwaway palaces in TMPDIR (a few MB at the default size, a GB at --drawers 500000),
