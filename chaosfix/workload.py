@@ -100,7 +100,13 @@ def child_env() -> dict[str, str]:
     # device id and a database under ~/.cache/Microsoft and leaves a .ses file in $TMPDIR
     # (measured with 1.32: one per chromadb child) unless this is set before it loads
     env.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    env[PARENT_ENV] = str(os.getpid())  # the child dies with this process (die_with_starter)
+    # the child dies with this process (filecopy.die_with_starter); only when started by
+    # the main thread: the kernel's parent-death signal follows the thread that forks, and
+    # a pytest user's worker thread may end while the child it started runs on
+    if threading.current_thread() is threading.main_thread():
+        env[PARENT_ENV] = str(os.getpid())
+    else:
+        env.pop(PARENT_ENV, None)
     root = str(Path(__file__).resolve().parent.parent)
     # never an empty entry ("root:" when PYTHONPATH was unset): Python reads it as the
     # current folder, which may be the palace, and a json.py there would run in the child

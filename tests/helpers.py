@@ -100,7 +100,7 @@ def processes_with_tmpdir(tmp: Path) -> list[int]:
     return out
 
 
-def kill_run(proc: subprocess.Popen, tmp: Path, within: float = 3.0, settle: float = 0.0) -> list[str]:
+def kill_run(proc: subprocess.Popen, tmp: Path, within: float = 10.0, settle: float = 0.0) -> list[str]:
     """SIGKILL a chaosfix run started with ``TMPDIR=tmp`` ``settle`` seconds after one of
     its children was forked; the processes of that run still alive ``within`` seconds
     later (none: its children, in sessions of their own, die with it)."""
@@ -120,7 +120,8 @@ def kill_run(proc: subprocess.Popen, tmp: Path, within: float = 3.0, settle: flo
 def _described(pid: int) -> str:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
-        state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(("State", "PPid")))
+        state = " ".join(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(("State", "PPid")))
+        state += " " + " ".join(e.decode() for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if e.startswith(b"CHAOSFIX_PARENT"))
     except (OSError, StopIteration):
         return f"{pid} (gone)"
     return f"{pid} {state} {cmd}"

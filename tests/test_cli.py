@@ -339,6 +339,35 @@ def test_a_chromadb_child_dies_with_the_process_that_started_it(tmp_path: Path) 
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_chromadb_child_a_worker_thread_started_outlives_that_thread(tmp_path: Path) -> None:
+    """The kernel's parent-death signal follows the thread that forked: a child that a
+    pytest user's worker thread started must not die when that thread ends (only a child
+    of the main thread dies with its starter)."""
+    import json
+    import threading
+    import time
+
+    from chaosfix import workload
+
+    spec = workload._base(workload.PalaceSpec(), tmp_path / "palace") | {
+        "mode": "build", "ops": [{"op": "add", "start": 0, "count": 100000}], "kill": None}
+    box: dict = {}
+
+    def start() -> None:
+        box["proc"] = workload.start_child(workload.child_command(json.loads(json.dumps(spec))))
+        time.sleep(2)  # (the child has asked for its parent's death signal by now)
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    proc = box["proc"]
+    try:
+        time.sleep(1)
+        assert proc.poll() is None
+    finally:
+        workload._kill_group(proc)
+
+
 def test_a_killed_simulates_children_die_and_its_palaces_are_removed_by_the_next_run(tmp_path: Path) -> None:
     """SIGKILL left simulate's chromadb child running (a session of its own) and its
     throwaway palaces in TMPDIR (a few MB at the default size, a GB at --drawers 500000),
