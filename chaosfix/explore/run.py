@@ -212,9 +212,14 @@ class Explorer:
             infos = all(f.severity == INFO for f in rep.findings)
         except ChaosfixError as exc:
             res.check_exit, errors, infos = exc.exit_code, [str(exc)], False
+        refused = None
         try:
             rrep = reconcile_palace(palace, ReconcileOptions(embedder=HashEmbedder(self.wl.spec.dim),
                                                              chromadb_check=False))
+            refused = _guard_refusal(rrep)
+            if refused:  # nothing in the palace proves the embedder: what --trust-embedder does
+                rrep = reconcile_palace(palace, ReconcileOptions(embedder=HashEmbedder(self.wl.spec.dim),
+                                                                 chromadb_check=False, trust_embedder=True))
             res.reconcile_exit = rrep.exit_code
             if rrep.after is not None and not rrep.after.consistent:
                 res.reasons.append("check after reconcile: " + ",".join(sorted(rrep.after.codes())))
@@ -235,9 +240,13 @@ class Explorer:
         res.category = self._categorize(res, errors, infos)
         try:
             if res.category == "known gap":
-                res.category = self._deep(copy, acked, res)
+                res.category = self._deep(copy, acked, res, trust=refused is not None)
         finally:
             self._clear(copy)
+        if refused and res.category == "repaired":
+            res.reasons.append(f"the embedder guard refused the workload's own embedder ({refused}); "
+                               "reconcile --trust-embedder repaired it")
+            res.category = "known gap"
         return res
 
     @staticmethod
@@ -247,21 +256,22 @@ class Explorer:
         for b in palace.parent.glob(palace.name + ".chaosfix-*"):
             shutil.rmtree(b, ignore_errors=True)
 
-    def _deep(self, palace: Path, acked: int, res: StateResult) -> str:
+    def _deep(self, palace: Path, acked: int, res: StateResult, trust: bool = False) -> str:
         """A power-loss state that kept old vectors of rewritten rows, on the untouched
         state: ``check --deep`` must name them (STALE_VECTOR) and one ``reconcile --deep``
         must leave chromadb serving every row's own vector; else it stays a known gap
-        (or is data lost, or a failed repair, like any other reconcile)."""
+        (or is data lost, or a failed repair, like any other reconcile). ``trust``: the
+        guard refused the workload's own embedder on this state (nothing proves it)."""
         from chaosfix.deep import deep_check
         from chaosfix.embedder import HashEmbedder
         from chaosfix.reconcile import ReconcileOptions, reconcile_palace
 
         emb = HashEmbedder(self.wl.spec.dim)
         try:
-            found = deep_check(palace, embedder=emb).codes().get("STALE_VECTOR", 0)
+            found = deep_check(palace, embedder=emb, trust=trust).codes().get("STALE_VECTOR", 0)
             res.check_codes["deep:STALE_VECTOR"] = found
             rrep = reconcile_palace(palace, ReconcileOptions(embedder=emb, deep=True, chromadb_check=False,
-                                                             backup=False))
+                                                             backup=False, trust_embedder=trust))
         except ChaosfixError as exc:
             res.reasons.append(f"reconcile --deep: {exc}")
             return "repair failed"
@@ -368,6 +378,17 @@ class Explorer:
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(palace, dest, symlinks=True)
         self._clear(palace)
+
+
+def _guard_refusal(rep: object) -> str | None:
+    """The embedder guard's refusal line, when it left rows unrepaired."""
+    if getattr(rep, "exit_code", None) != 4:
+        return None
+    for plan in getattr(rep, "plans", []):
+        choice = getattr(plan, "embedder", None)
+        if choice is not None and choice.refused and choice.guard is not None and plan.unrepaired:
+            return choice.refused
+    return None
 
 
 def _only_stale(view: dict) -> bool:
