@@ -233,24 +233,55 @@ PARENT_ENV = "CHAOSFIX_PARENT"  # the pid of the chaosfix that started a chromad
 def die_with_starter() -> None:
     """``die_with_parent`` for a chromadb child started with ``PARENT_ENV`` set (chaosfix's
     ``workload.child_env``): those run in sessions of their own, so a SIGKILLed simulate
-    or explore left them writing into a scratch folder its next run then removes. A child
-    whose parent is not its starter either runs under a wrapper the starter started
-    (strace: left alone) or lost its starter before it got here (it exits; the dead
-    starter may still be an unreaped zombie, so it is not asked whether it lives).
-    Without the variable (a user's own run): a no-op."""
-    raw = os.environ.get(PARENT_ENV, "")
+    or explore left them writing into a scratch folder its next run then removes. Under
+    wrappers the starter started (strace, timeout) the starter is a further ancestor: a
+    thread watches it (a pidfd). A starter no ancestor is any more died before this
+    child got here: it exits with one line. The variable is not passed on. Without it
+    (a user's own run), or without /proc: a no-op."""
+    raw = os.environ.pop(PARENT_ENV, "")
     if not raw.isdigit():
         return
     starter, parent = int(raw), os.getppid()
     if parent == starter:
         die_with_parent(starter)
         return
-    try:  # the parent's parent: field 4 of /proc/PID/stat, after the ")" that ends its name
-        grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):  # no /proc: nothing to tell
+    if _ancestors(parent) is None:
         return
-    if grandparent != starter:
+    try:
+        fd = os.pidfd_open(starter)
+    except (AttributeError, OSError):  # (before Linux 5.3; or the starter is gone)
+        fd = None
+    chain = _ancestors(os.getppid())  # asked again after the open: the pid was the starter's then
+    if chain is not None and starter not in chain:
+        sys.stderr.write(f"chaosfix: the process that started this child ({PARENT_ENV}={starter}) is gone\n")
         os._exit(1)
+    if fd is not None:
+        import threading
+
+        threading.Thread(target=_die_when_readable, args=(fd,), name="chaosfix-starter", daemon=True).start()
+
+
+def _ancestors(pid: int, most: int = 64) -> list[int] | None:
+    """``pid`` and its ancestors up to init, from /proc/PID/stat (field 4, after the ")"
+    that ends the name); None without /proc."""
+    out: list[int] = []
+    while pid > 1 and len(out) < most:
+        out.append(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return out or None
+    return out
+
+
+def _die_when_readable(fd: int) -> None:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":  # run by path by ``CopyProcess``: PARENT_PID SRC DST

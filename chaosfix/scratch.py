@@ -35,8 +35,12 @@ class Scratch:
         self.path = Path(tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-"))
         self._fd: int | None = None
         try:
-            self._fd = os.open(self.path / SCRATCH_LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+            # locked under another name, then renamed: a sweep between the lock file's
+            # creation and its flock would find it unheld and remove a live folder
+            making = self.path / (SCRATCH_LOCK + ".new")
+            self._fd = os.open(making, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
+            os.rename(making, self.path / SCRATCH_LOCK)
         except BaseException:  # (a full $TMPDIR): no folder left that no sweep would remove
             self.remove()
             raise

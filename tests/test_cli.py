@@ -339,6 +339,59 @@ def test_a_chromadb_child_dies_with_the_process_that_started_it(tmp_path: Path) 
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_chromadb_child_under_wrappers_runs_and_dies_with_its_starter(tmp_path: Path) -> None:
+    """A child under two forking wrappers (``prefix``: strace, timeout) has neither its
+    starter as parent nor as grandparent: it took the starter for dead and exited 1
+    without a word (helper-39). It now runs, and it dies with its starter through the
+    wrappers (a pidfd), as a direct child does."""
+    import subprocess
+    import sys
+
+    from chaosfix.workload import PalaceSpec, apply_ops, fresh_palace
+
+    spec = PalaceSpec(drawers=0)
+    p = fresh_palace(tmp_path / "palace", spec)
+    res = apply_ops(p, spec, [{"op": "add", "start": 0, "count": 10}], prefix=["timeout", "300", "timeout", "300"])
+    assert res.ok and res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "ANONYMIZED_TELEMETRY": "False"}
+    starter = ("import sys; from chaosfix.workload import PalaceSpec, apply_ops; "
+               "apply_ops(sys.argv[1], PalaceSpec(), [{'op': 'add', 'start': 0, 'count': 100000}], "
+               "prefix=['timeout', '300', 'timeout', '300'])")
+    proc = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / "big")], env=env)
+    try:
+        assert kill_run(proc, tmp, settle=3.0) == []
+    finally:
+        for pid in __import__("helpers").processes_with_tmpdir(tmp):
+            os.kill(pid, 9)
+
+
+def test_a_scratch_folder_is_never_swept_before_its_lock_is_held(tmp_path: Path, monkeypatch) -> None:
+    """Another run's sweep between the lock file's creation and its flock found it
+    unheld and removed a live folder (helper-39, a gap of microseconds widened here by
+    sweeping right there): the lock is now taken under another name, then renamed."""
+    import fcntl
+    import tempfile
+
+    from chaosfix import scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real = fcntl.flock
+
+    def sweep_first(fd: int, op: int) -> None:
+        if op == fcntl.LOCK_EX:
+            scratch._sweep_scratch()
+        real(fd, op)
+
+    monkeypatch.setattr(scratch.fcntl, "flock", sweep_first)
+    held = scratch.Scratch(scratch.EXPLORE_SCRATCH)
+    try:
+        assert held.path.is_dir() and (held.path / scratch.SCRATCH_LOCK).is_file()
+    finally:
+        held.remove()
+
+
 def test_a_chromadb_child_a_worker_thread_started_outlives_that_thread(tmp_path: Path) -> None:
     """The kernel's parent-death signal follows the thread that forked: a child that a
     pytest user's worker thread started must not die when that thread ends (only a child

@@ -253,3 +253,32 @@ def test_a_lost_flush_of_a_much_rewritten_palace_is_repaired_with_its_own_embedd
         assert state.category == "known gap", (state.category, state.reasons, state.after)
         assert any("6 of them rewritten since the index saved it" in r and "--trust-embedder repaired it" in r
                    for r in state.reasons), state.reasons
+
+
+TRACED_SIGINT = """
+import os, signal, sys, threading, time
+from chaosfix.explore import trace as tr
+child = ("import threading, time\\n"
+         "def w():\\n"
+         "    while True: open('/dev/null', 'w').write('x')\\n"
+         "[threading.Thread(target=w, daemon=True).start() for _ in range(4)]\\n"
+         "time.sleep(600)\\n")
+threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+threading.Timer(30, lambda: (print("hung", flush=True), os._exit(3))).start()
+try:
+    tr.run_traced([sys.executable, "-c", child], root="/dev")
+    print("returned")
+except KeyboardInterrupt:
+    print("interrupted")
+os._exit(0)
+"""
+
+
+def test_a_ctrl_c_while_a_threaded_child_is_traced_returns():
+    """Found by helper-39: a Ctrl-C during a traced run hung explore for good. The
+    cleanup waited for the killed child's leader alone, which cannot be collected before
+    its other traced threads, and those only the tracer collects (``__WALL``)."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", TRACED_SIGINT], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "interrupted", (res.stdout, res.stderr[-2000:])

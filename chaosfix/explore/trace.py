@@ -169,6 +169,23 @@ def _spawn(cmd: list[str], env: dict, out_fd: int, err_fd: int) -> int:
     os._exit(127)
 
 
+_WALL = 0x40000000  # waitpid's __WALL: threads (clone children) too; not in the os module
+
+
+def _reap(pid: int) -> int:
+    """Wait for a killed tracee: its other threads' exits are ours to collect (``__WALL``)
+    before its leader can be, so waiting for the leader alone hung a Ctrl-C'd explore."""
+    while True:
+        try:
+            got, status = os.waitpid(-1, _WALL)
+        except ChildProcessError:
+            return -signal.SIGKILL
+        except InterruptedError:
+            continue
+        if got == pid and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+            return os.waitstatus_to_exitcode(status)
+
+
 def _cont(tid: int, sig: int = 0, op: int = 7) -> None:
     if _libc.ptrace(op, tid, None, ctypes.c_void_p(sig)) != 0:
         err = ctypes.get_errno()
@@ -355,11 +372,7 @@ def run_traced(cmd: list[str], root: str | Path, stop: Point | None = None, env:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
-            try:
-                _, status = os.waitpid(pid, 0)
-                rc = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                rc = -signal.SIGKILL
+            rc = _reap(pid)
         out_f.seek(0)
         err_f.seek(0)
         trace.stdout, trace.stderr = out_f.read(), err_f.read()
