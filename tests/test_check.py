@@ -949,7 +949,7 @@ def test_a_scratch_folder_whose_lock_cannot_be_made_is_not_left(tmp_path, monkey
     real_open = os.open
 
     def no_lock(path, *a, **kw):  # noqa: ANN001, ANN202
-        if str(path).endswith(scratch.SCRATCH_LOCK):
+        if os.path.basename(str(path)).startswith(scratch.SCRATCH_LOCK):  # (.lock.new, renamed once locked)
             raise OSError(28, "No space left on device")
         return real_open(path, *a, **kw)
 
