@@ -282,3 +282,29 @@ def test_a_ctrl_c_while_a_threaded_child_is_traced_returns():
 
     res = subprocess.run([sys.executable, "-c", TRACED_SIGINT], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "interrupted", (res.stdout, res.stderr[-2000:])
+
+
+def test_a_tracee_whose_tracer_dies_before_it_traces_dies_too():
+    """A SIGKILLed explore left a forked child stopped for good (state "t", found an
+    hour later): killed between the fork and PTRACE_SETOPTIONS, the tracer never set
+    PTRACE_O_EXITKILL. The child now asks for the parent-death signal first thing."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    script = ("import os, sys; from chaosfix.explore import trace as tr; "
+              "print(tr._spawn([sys.executable, '-c', 'pass'], dict(os.environ), 1, 2), flush=True); os._exit(0)")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pid = int(res.stdout.strip())
+    deadline = time.monotonic() + 10
+    state = "?"
+    while time.monotonic() < deadline:
+        try:
+            state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State"))
+        except (OSError, StopIteration):
+            return  # gone
+        if " Z " in state + " ":
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError(f"the tracee outlived its tracer: {state}")

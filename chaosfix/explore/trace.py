@@ -49,7 +49,7 @@ PTRACE_TRACEME, PTRACE_CONT, PTRACE_SYSCALL, PTRACE_GETREGS, PTRACE_SETOPTIONS =
 O_TRACESYSGOOD, O_TRACEFORK, O_TRACEVFORK, O_TRACECLONE, O_TRACEEXEC = 1, 2, 4, 8, 0x10
 O_TRACESECCOMP, O_EXITKILL = 0x80, 0x100000
 EVENT_SECCOMP = 7
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_SET_PDEATHSIG = 38, 22, 2, 1
 SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
 AUDIT_ARCH_X86_64 = 0xC000003E
 AT_FDCWD = -100
@@ -148,10 +148,15 @@ def _spawn(cmd: list[str], env: dict, out_fd: int, err_fd: int) -> int:
     exe = cmd[0] if "/" in cmd[0] else (shutil.which(cmd[0], path=env.get("PATH")) or cmd[0])
     buf = ctypes.create_string_buffer(_FILTER, len(_FILTER))
     prog = _SockFprog(len(_FILTER) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    tracer = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     try:  # the child: only exits from here on
+        # dies with the tracer: killed before it set PTRACE_O_EXITKILL, this child stayed
+        # in its stop below for good (seen after a SIGKILLed explore)
+        if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != tracer:
+            os._exit(123)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
