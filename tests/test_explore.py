@@ -267,9 +267,9 @@ threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 threading.Timer(30, lambda: (print("hung", flush=True), os._exit(3))).start()
 try:
     tr.run_traced([sys.executable, "-c", child], root="/dev")
-    print("returned")
+    print("returned", flush=True)
 except KeyboardInterrupt:
-    print("interrupted")
+    print("interrupted", flush=True)  # (flushed: os._exit skips it, and tox passes no PYTHONUNBUFFERED)
 os._exit(0)
 """
 
@@ -281,7 +281,7 @@ def test_a_ctrl_c_while_a_threaded_child_is_traced_returns():
     import subprocess
 
     res = subprocess.run([sys.executable, "-c", TRACED_SIGINT], capture_output=True, text=True, timeout=120)
-    assert res.stdout.strip() == "interrupted", (res.stdout, res.stderr[-2000:])
+    assert res.stdout.strip() == "interrupted", (res.returncode, res.stdout, res.stderr[-2000:])
 
 
 def test_a_tracee_whose_tracer_dies_before_it_traces_dies_too():
