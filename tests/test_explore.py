@@ -308,3 +308,24 @@ def test_a_tracee_whose_tracer_dies_before_it_traces_dies_too():
         time.sleep(0.05)
     os.kill(pid, 9)
     raise AssertionError(f"the tracee outlived its tracer: {state}")
+
+
+def test_a_row_chromadbs_own_graph_cannot_reach_is_a_known_gap_not_a_miss():
+    """CI and the nightly run of `mixed` on 0.6.3 judged one state "missed" or "repair
+    failed" in some runs and "healed" in others: chromadb 0.6's threaded replay left one
+    row its self-query missed at every k, before reconcile and after it, while the
+    palace was otherwise sound. That is chromadb's own graph (a known gap); more such
+    rows, or any other problem beside them, are still judged as before."""
+    from chaosfix.explore.run import Explorer, StateResult
+
+    def judged(before: dict, exit_code: int, after: dict, codes: dict) -> str:
+        res = StateResult("mixed", "pwrite64", "pwrite64:chroma.sqlite3-journal:768", "", before=before,
+                          after=after, reconcile_exit=exit_code, check_codes=codes)
+        return Explorer._categorize(Explorer.__new__(Explorer), res, [], False)
+
+    one = {"self_miss": 1}
+    assert judged(one, 0, one, {"HOT_JOURNAL": 1, "PENDING": 29}) == "known gap"
+    assert judged(one, 1, one, {"HOT_JOURNAL": 1}) == "known gap"
+    assert judged(one, 1, {}, {"HOT_JOURNAL": 1}) == "repaired"
+    assert judged({"self_miss": 5}, 0, {"self_miss": 5}, {"PENDING": 1}) == "missed"
+    assert judged({"self_miss": 1, "phantoms": 1}, 0, {"self_miss": 1, "phantoms": 1}, {"PENDING": 1}) == "missed"

@@ -239,7 +239,7 @@ class Explorer:
                 res.after["check"] = sorted(rrep.after.codes())
         res.category = self._categorize(res, errors, infos)
         try:
-            if res.category == "known gap":
+            if res.category == "known gap" and _only_stale(res.after):
                 res.category = self._deep(copy, acked, res, trust=refused is not None)
         finally:
             self._clear(copy)
@@ -298,6 +298,13 @@ class Explorer:
         if res.after.get("lost") or (res.reconcile_exit not in (0, 1) and res.before.get("lost")):
             res.reasons.append(f"acknowledged writes lost: {res.after.get('lost_sample') or res.before.get('lost_sample')}")
             return "data lost"
+        if _only_unreachable(res.before) and res.reconcile_exit in (0, 1) and res.after in ({}, res.before):
+            # 0.6's replay inserts with several threads: which row a small graph full of
+            # deleted elements fails to reach differs from run to run (a replay of the same
+            # state was healthy); reconcile does not rebuild a graph nothing damaged
+            res.reasons.append(f"chromadb's own graph: {res.before['self_miss']} row(s) its self-query misses at "
+                               "every k, before chaosfix and after")
+            return "known gap" if res.after else "repaired"
         if before_ok:
             if not after_ok:
                 res.reasons.append(f"chromadb served it; after chaosfix: {res.after or res.reconcile_exit}")
@@ -389,6 +396,13 @@ def _guard_refusal(rep: object) -> str | None:
         if choice is not None and choice.refused and choice.guard is not None and plan.unrepaired:
             return choice.refused
     return None
+
+
+UNREACHABLE_GAP = 2  # rows chromadb's own graph may fail to reach in a workload's palace
+
+
+def _only_unreachable(view: dict) -> bool:
+    return set(view) == {"self_miss"} and view["self_miss"] <= UNREACHABLE_GAP
 
 
 def _only_stale(view: dict) -> bool:
