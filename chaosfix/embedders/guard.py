@@ -19,20 +19,10 @@ row whose stored vector is current; stale vectors (a lost upsert flush) look lik
 wrong model row by row, and may be most of a damaged palace. So the guard passes when
 at least ``MIN_REPRODUCED`` sampled rows (all of them, when fewer were sampled) reach the
 threshold, and reports the median and the reproduced count beside it.
-
-An index pair whose SQL row was written after the index recorded its vector (the row's
-seq_id above the id map's ``id_to_seq_id`` for it) may hold the older text's vector:
-sampled as ``index-rewritten``, it counts for the embedder when it reproduces and is
-excused when it does not. Measured by ``chaosfix explore --workload mixed`` on 0.6.3 and
-1.5.9: a lost flush of a small, much-rewritten palace left 6-8 of its 8-10 intact rows
-with an older text's vector (each one, exactly), and the right embedder was refused
-with 2 rows reproduced, its 4 orphans left unrepaired. A WAL pair carries its own
-document, so it is never stale; a wrong model still reproduces nothing and fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,19 +43,16 @@ class GuardResult:
     minimum: float | None
     sampled: int
     reproduced: int = 0  # sampled rows at or above the threshold
-    sources: dict[str, int] = field(default_factory=dict)  # wal / index / index-rewritten / unmapped-index
+    sources: dict[str, int] = field(default_factory=dict)  # wal / index / unmapped-index
     threshold: float = THRESHOLD
-    excused: int = 0  # index-rewritten rows below the threshold (maybe an older text's vector)
 
     @property
     def passed(self) -> bool | None:
-        if self.similarity is None:
-            return None
-        return self.reproduced >= min(MIN_REPRODUCED, max(1, self.sampled - self.excused))
+        return None if self.similarity is None else self.reproduced >= min(MIN_REPRODUCED, self.sampled)
 
     def to_json(self) -> dict:
         return {"similarity": self.similarity, "min": self.minimum, "sampled": self.sampled,
-                "reproduced": self.reproduced, "excused": self.excused,
+                "reproduced": self.reproduced,
                 "sources": self.sources, "threshold": self.threshold, "passed": self.passed}
 
 
@@ -76,12 +63,8 @@ class Sample:
     docs: list[str] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-    ids: list[str | None] = field(default_factory=list)  # an index pair's row id (None: a WAL pair)
     unmapped_docs: list[str] = field(default_factory=list)
     unmapped_slots: np.ndarray | None = None  # slot indices whose vectors are plausible
-    # the index pairs' rows SQL wrote again later (asked only when the guard would fail:
-    # a query per row that may scan every row inserted after it)
-    find_rewritten: Callable[[list[str]], set[str]] | None = None
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -106,7 +89,6 @@ def collect(sql: PalaceSql, st: CollectionState, n: int = SAMPLE, seed: int = 0)
         out.docs.append(doc)
         out.vectors.append(vec)
         out.sources.append("wal")
-        out.ids.append(None)
     want = n - len(out.docs)
     m, files = st.idmap, st.files
     if want > 0 and m is not None and files is not None and st.slots is not None and not st.torn:
@@ -120,19 +102,13 @@ def collect(sql: PalaceSql, st: CollectionState, n: int = SAMPLE, seed: int = 0)
                 picked.append((rid, live[lab]))
         docs = sql.documents(st.info.metadata_segment, [r for r, _ in picked]) if st.info.metadata_segment else {}
         picked = [(r, s) for r, s in picked if docs.get(r)]
-        seqs = m.id_to_seq_id if m.has_seq_map else {}
         if picked:
             vecs = files.vectors(np.array([s for _, s in picked], dtype=np.int64))
             for (rid, _s), v in zip(picked, vecs):
                 if np.isfinite(v).all() and np.linalg.norm(v) > 0 and len(out.docs) < n:
                     out.docs.append(docs[rid])  # type: ignore[arg-type]
                     out.vectors.append(v)
-                    out.sources.append("index-rewritten" if _rewritten(st.sql_rows.get(rid), seqs.get(rid))
-                                       else "index")
-                    out.ids.append(rid)
-        if not seqs and st.info.metadata_segment:  # (a 1.x map records no seq_ids: SQL's order tells)
-            seg = st.info.metadata_segment
-            out.find_rewritten = lambda ids: sql.rewritten(seg, ids)
+                    out.sources.append("index")
     want = n - len(out.docs)
     if want > 0 and m is None and files is not None and files.header is not None:
         count = min(files.readable_slots, files.header.cur_element_count)
@@ -143,27 +119,6 @@ def collect(sql: PalaceSql, st: CollectionState, n: int = SAMPLE, seed: int = 0)
             docs = sql.documents(st.info.metadata_segment, chosen) if st.info.metadata_segment else {}
             out.unmapped_docs = [docs[r] for r in chosen if docs.get(r)][:want]  # type: ignore[misc]
     return out
-
-
-def _mark_rewritten(sample: Sample, sims: list[float], threshold: float) -> None:
-    """Without the map's seq_ids: when fewer pairs reproduce than the verdict needs and
-    an index pair fails, ask SQL which index pairs' rows were rewritten (once a sample)."""
-    if sample.find_rewritten is None:
-        return
-    reproduced = sum(sim >= threshold for sim in sims)
-    failing = any(rid is not None and s == "index" and sim < threshold
-                  for rid, s, sim in zip(sample.ids, sample.sources, sims))
-    if not failing or reproduced >= min(MIN_REPRODUCED, len(sims)):
-        return
-    found = sample.find_rewritten([rid for rid in sample.ids if rid is not None])
-    sample.find_rewritten = None  # (every index pair asked: the next candidate reuses the labels)
-    sample.sources = ["index-rewritten" if rid in found and s == "index" else s
-                      for rid, s in zip(sample.ids, sample.sources)]
-
-
-def _rewritten(row_seq: object, index_seq: object) -> bool:
-    """Whether SQL wrote the row after the index recorded its vector (both plain ints)."""
-    return type(row_seq) is int and type(index_seq) is int and row_seq > index_seq
 
 
 def _embed(embed, docs: list[str], dim: int) -> np.ndarray:  # noqa: ANN001
@@ -182,15 +137,12 @@ def measure(embed, sample: Sample, st: CollectionState, threshold: float = THRES
     """Cosine between ``embed``'s vectors and the stored ones (``embed``: docs -> vectors)."""
     sims: list[float] = []
     sources: dict[str, int] = {}
-    excused = 0
     if sample.docs:
         ref = _unit(np.stack(sample.vectors))
         got = _unit(_embed(embed, sample.docs, ref.shape[1]))
         sims.extend(np.einsum("ij,ij->i", got, ref).tolist())
-        _mark_rewritten(sample, sims, threshold)
-        for s, sim in zip(sample.sources, sims):
+        for s in sample.sources:
             sources[s] = sources.get(s, 0) + 1
-            excused += s == "index-rewritten" and sim < threshold
     if sample.unmapped_docs and sample.unmapped_slots is not None and st.files is not None:
         dim = st.files.header.dim if st.files.header else 0
         got = _unit(_embed(embed, sample.unmapped_docs, dim))
@@ -204,7 +156,7 @@ def measure(embed, sample: Sample, st: CollectionState, threshold: float = THRES
         sims.extend(np.maximum(best, 0.0).tolist())
         sources["unmapped-index"] = len(got)
     if not sims:
-        return GuardResult(None, None, 0, sources, threshold)
+        return GuardResult(None, None, 0, sources=sources, threshold=threshold)
     arr = np.asarray(sims)
     return GuardResult(round(float(np.median(arr)), 4), round(float(arr.min()), 4), len(arr),
-                       int((arr >= threshold).sum()), sources, threshold, excused)
+                       int((arr >= threshold).sum()), sources, threshold)

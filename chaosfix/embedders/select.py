@@ -142,10 +142,9 @@ class EmbedderSelector:
             choice.embedder, choice.label, choice.reason, choice.guard, choice.trusted = emb, c.label, c.reason, g, True
             return choice
         choice.guard = g
-        rewritten = f"; {g.excused} of them rewritten since the index saved it" if g.excused else ""
         choice.refused = (f"embedder {c.label} ({c.reason}) does not reproduce the palace: cosine {g.similarity:.4f} "
-                          f"(median of {g.sampled} intact rows, {g.reproduced} reach {g.threshold}{rewritten}); "
-                          "pass the right --embedder, or --trust-embedder to use it anyway")
+                          f"(median of {g.sampled} intact rows, {g.reproduced} reach {g.threshold}); pass the right "
+                          "--embedder, or --trust-embedder to use it anyway")
         return choice
 
     def close(self) -> None:

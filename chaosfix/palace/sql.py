@@ -473,15 +473,6 @@ class PalaceSql:
                 continue
         return out
 
-    def rewritten(self, metadata_segment: str, ids: list[str]) -> set[str]:
-        """The rows among ``ids`` that were written again after a later row was inserted
-        (a row inserted after them holds a lower seq_id): an update or upsert moved their
-        seq_id on, so an index older than that write may hold their older vector. Rows
-        rewritten after every later insert are not found (nothing tells)."""
-        q = ("SELECT e.embedding_id FROM embeddings e WHERE e.segment_id = ? AND EXISTS (SELECT 1 FROM "
-             "embeddings l WHERE l.id > e.id AND l.segment_id = e.segment_id AND l.seq_id < e.seq_id)")
-        return {eid for (eid,) in self._by_ids(q, (metadata_segment,), ids, "e.embedding_id")}
-
     def created(self, metadata_segment: str, ids: list[str]) -> dict[str, str]:
         """user id -> the row's created_at (SQLite's CURRENT_TIMESTAMP when the row was
         inserted; an update leaves it); none where the column is missing or is not such a
