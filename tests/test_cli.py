@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from helpers import kill_run
+from helpers import kill_run, processes_with_tmpdir
 
 from chaosfix.cli import main as cli_main
 from chaosfix.errors import OperationalError
@@ -323,8 +323,6 @@ def test_a_chromadb_child_dies_with_the_process_that_started_it(tmp_path: Path) 
     import subprocess
     import sys
 
-    from helpers import processes_with_tmpdir
-
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "ANONYMIZED_TELEMETRY": "False"}
@@ -344,6 +342,7 @@ def test_a_chromadb_child_under_wrappers_runs_and_dies_with_its_starter(tmp_path
     starter as parent nor as grandparent: it took the starter for dead and exited 1
     without a word (helper-39). It now runs, and it dies with its starter through the
     wrappers (a pidfd), as a direct child does."""
+    import signal
     import subprocess
     import sys
 
@@ -363,8 +362,8 @@ def test_a_chromadb_child_under_wrappers_runs_and_dies_with_its_starter(tmp_path
     try:
         assert kill_run(proc, tmp, settle=3.0) == []
     finally:
-        for pid in __import__("helpers").processes_with_tmpdir(tmp):
-            os.kill(pid, 9)
+        for pid in processes_with_tmpdir(tmp):  # (the old code's child: not left running)
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_scratch_folder_is_never_swept_before_its_lock_is_held(tmp_path: Path, monkeypatch) -> None:
