@@ -103,6 +103,7 @@ def test_a_killed_explores_children_die_and_its_palaces_are_removed_by_the_next_
         time.sleep(0.01)
     assert kill_run(proc, tmp) == []
     (killed,) = tmp.glob(f"{scratch.EXPLORE_SCRATCH}*")
+    assert _lock_free(killed / scratch.SCRATCH_LOCK)
     old = tempfile.tempdir
     tempfile.tempdir = str(tmp)
     try:
@@ -110,6 +111,27 @@ def test_a_killed_explores_children_die_and_its_palaces_are_removed_by_the_next_
     finally:
         tempfile.tempdir = old
     assert not killed.exists() and list(tmp.iterdir()) == []
+
+
+def _lock_free(lock, within: float = 10.0) -> bool:
+    """Whether nobody holds ``lock`` within ``within`` seconds (a child dying of the kill
+    may still be closing its descriptors)."""
+    import fcntl
+    import time
+
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def test_cli_replays_one_state_as_json(tmp_path):

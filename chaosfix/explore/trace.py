@@ -162,6 +162,10 @@ def _spawn(cmd: list[str], env: dict, out_fd: int, err_fd: int) -> int:
         os.dup2(devnull, 0)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
+        # explore's own descriptors close at exec; until then (the ptrace handshake) this
+        # child held them, its scratch folder's lock too, and a sweep just after a kill
+        # found that folder still locked
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
             os._exit(121)
         os.kill(os.getpid(), signal.SIGSTOP)
