@@ -22,6 +22,7 @@ from chaosfix.cli import main as cli_main
 from chaosfix.embedder import embed_text
 from chaosfix.embedders.server import ChildEmbedder
 from chaosfix.errors import OperationalError
+from chaosfix.palace.hnsw import HnswFiles
 from chaosfix.workload import apply_ops, fresh_palace
 
 SALTED = "test_embedders:SaltedEmbedder"
@@ -80,6 +81,28 @@ def test_wrong_embedder_is_refused_with_the_measured_similarity(orphaned):
     line = next(x for x in text.stdout.splitlines() if "does not reproduce the palace" in x)
     assert "cosine 0.0" in line or "cosine -0.0" in line, line
     assert "--trust-embedder" in line
+
+
+def test_a_torn_index_still_guards_the_embedder_with_the_slots_it_keeps(orphaned):
+    """A power-loss tear of data_level0.bin leaves the slots below it intact, and the
+    repair keeps them as vector sources: the guard compares the candidate with them too.
+    (It skipped every slot of a torn index, so with the WAL purged a wrong model was
+    used "not verified: no intact vectors to compare", exit 1.)"""
+    seg = next(d for d in orphaned.iterdir() if (d / "data_level0.bin").is_file())
+    h = HnswFiles.open(seg).header
+    assert h is not None
+    faults.truncate(seg / "data_level0.bin", size=h.cur_element_count * 6 // 10 * h.size_data_per_element)
+    assert "TORN" in check_palace(orphaned).codes()
+    code, doc, err = reconcile(orphaned, "--no-chromadb-check", "--embedder", SALTED)
+    assert code == 4, err
+    (plan,) = doc["plans"]
+    g = plan["embedder"]["guard"]
+    assert g["passed"] is False and g["sampled"] >= 3 and g["reproduced"] == 0, g
+    assert plan["sources"].get("embedder") is None and plan["sources"].get("index"), plan["sources"]
+    code, doc, err = reconcile(orphaned, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["after_consistent"], err
+    g = doc["plans"][0]["embedder"]["guard"]
+    assert g["passed"] and g["sampled"] >= 3, g
 
 
 def test_trust_embedder_overrides_and_is_reported(orphaned):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chaosfix.errors import OperationalError
+from chaosfix.palace.hnsw import vectors_usable
 from chaosfix.palace.sql import PalaceSql
 from chaosfix.palace.state import CollectionState
 
@@ -91,21 +92,25 @@ def collect(sql: PalaceSql, st: CollectionState, n: int = SAMPLE, seed: int = 0)
         out.sources.append("wal")
     want = n - len(out.docs)
     m, files = st.idmap, st.files
-    if want > 0 and m is not None and files is not None and st.slots is not None and not st.torn:
+    # a torn index too: the slots a repair keeps as vector sources (live, sound, usable
+    # vectors) are the evidence; skipping them left a wrong model "not verified" and used
+    if want > 0 and m is not None and files is not None and st.slots is not None:
         live = st.live_label_slots
+        bad = set(st.slots.labels[st.slots.bad].tolist())
         pend = st.pending_ids
         items = list(m.id_to_label.items())
         picked: list[tuple[str, int]] = []
         for i in rng.permutation(len(items))[: want * 4]:
             rid, lab = items[i]
-            if rid in st.sql_rows and rid not in pend and rid not in latest and lab in live:
+            if rid in st.sql_rows and rid not in pend and rid not in latest and lab in live and lab not in bad:
                 picked.append((rid, live[lab]))
         docs = sql.documents(st.info.metadata_segment, [r for r, _ in picked]) if st.info.metadata_segment else {}
         picked = [(r, s) for r, s in picked if docs.get(r)]
         if picked:
             vecs = files.vectors(np.array([s for _, s in picked], dtype=np.int64))
-            for (rid, _s), v in zip(picked, vecs):
-                if np.isfinite(v).all() and np.linalg.norm(v) > 0 and len(out.docs) < n:
+            usable = vectors_usable(vecs, st.info.space)
+            for (rid, _s), v, ok in zip(picked, vecs, usable):
+                if ok and np.linalg.norm(v) > 0 and len(out.docs) < n:
                     out.docs.append(docs[rid])  # type: ignore[arg-type]
                     out.vectors.append(v)
                     out.sources.append("index")
