@@ -193,7 +193,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
         t[0] = now
         _progress(top, f"chromadb post-check {name}", n, 5)
 
-    col = client.get_collection(name, embedding_function=None)
+    col = client.get_collection(spec.get("collection") or name, embedding_function=None)
     count = res["count"] = col.count()  # 1.x loads the index here
     step(1, "open")
     repaired, sample = list(spec.get("repaired", [])), list(spec.get("sample", []))
@@ -316,13 +316,25 @@ def main() -> None:
         if chromadb is not None:
             out["version"] = chromadb.__version__
             out["migrations_before"] = _migrations(spec["path"])
-            client = chromadb.PersistentClient(path=spec["path"], settings=Settings(anonymized_telemetry=False))
+            clients: dict = {}
+
+            def client_of(cspec: dict):  # noqa: ANN202 - a chromadb client
+                """A client of the collection's own tenant and database: a name is unique
+                per database only, and a client sees one."""
+                where = {k: cspec[k] for k in ("tenant", "database") if cspec.get(k)}
+                key = tuple(sorted(where.items()))
+                if key not in clients:
+                    clients[key] = chromadb.PersistentClient(path=spec["path"], settings=settings, **where)
+                return clients[key]
+
+            settings = Settings(anonymized_telemetry=False)
+            client_of({})
             out["seconds_start"] = round(imported + time.perf_counter() - t1, 3)  # import chromadb + open
             ks = [int(k) for k in spec.get("ks", [10, 100, 400, 1600])]
             for name, cspec in spec["collections"].items():
                 try:
-                    out["collections"][name] = judge_collection(client, name, cspec, ks, int(spec.get("seed", 0)),
-                                                                spec)
+                    out["collections"][name] = judge_collection(client_of(cspec), name, cspec, ks,
+                                                                int(spec.get("seed", 0)), spec)
                 except Exception as exc:  # noqa: BLE001 - recorded, judged by the parent
                     out["collections"][name] = {"errors": [_err(exc)]}
             out["migrations_after"] = _migrations(spec["path"])

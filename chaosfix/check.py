@@ -54,6 +54,7 @@ CODES = {
     "SQLITE_CORRUPT": "chroma.sqlite3 fails to open or PRAGMA quick_check",
     "SIDECAR": "chroma.sqlite3-journal, -wal or -shm is not a regular file (FIFO, symlink, folder): not opened",
     "PENDING": "WAL rows chromadb will replay on open (healthy)",
+    "WAL_UNREADABLE": "pending WAL rows chromadb 1.x cannot read (0.x wrote a null document): every read fails",
     "FOREIGN_SQL": "a trigger, view or index chromadb never creates (error when it touches what chaosfix writes)",
     "UNSAFE_ID": "a collection or segment id that is not a UUID (never used as a path)",
     "SYMLINK": "a symlinked segment folder or file (never followed; info for chroma.sqlite3 itself)",
@@ -208,7 +209,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
     add = report.findings.append
     cols = sql.collections()
     if collection is not None:
-        cols = [c for c in cols if c.name == collection]
+        cols = [c for c in cols if collection in (c.name, c.label)]
         if not cols:
             raise OperationalError(f"{root}: no collection named {collection!r}")
     seqs = sql.max_seq_ids()
@@ -219,6 +220,8 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
         if info.vector_segment:
             vector_ids.add(info.vector_segment)
         _collection_findings(st, report, sql.generation.family, sql.generation.name)
+        if st.pending and sql.generation.family == "1.x":
+            _unreadable_findings(sql, st, report)
     if collection is None:
         known = sql.all_segment_ids()
         orphans = orphan_dirs(root, known)
@@ -237,6 +240,20 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
     fmts = sorted({st.idmap.fmt for st in report.states if st.idmap is not None})
     if fmts:
         report.generation.evidence.append("index_metadata.pickle: " + ", ".join(fmts))
+
+
+def _unreadable_findings(sql: PalaceSql, st: CollectionState, report: CheckReport) -> None:
+    """A 0.x palace that chromadb 1.x opened (and migrated) with rows still pending: 1.x
+    replays them on its first read, and one whose document 0.x wrote as null makes every
+    read of the collection panic. reconcile folds them into the index, past which 1.x
+    never reads them."""
+    bad = sql.documents_not_text(st.info.id)
+    rows = [w.id for w in st.pending if w.seq_id in bad]
+    if rows:
+        report.findings.append(Finding(
+            "WAL_UNREADABLE", ERROR, st.info.label, st.info.vector_segment, len(rows), sorted(rows)[:SAMPLE],
+            "pending WAL rows whose document 0.x wrote as null: chromadb 1.x panics replaying them "
+            "(\"Document not found in metadata\"), and every count, get and query of the collection fails"))
 
 
 def _queue_findings(sql: PalaceSql, seqs: dict, report: CheckReport) -> None:
@@ -275,7 +292,7 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
     def add(code: str, count: int, sample: list, detail: str, severity: str = ERROR) -> None:
         if count:
             report.findings.append(
-                Finding(code, severity, info.name, seg, count, [str(s) for s in sample[:SAMPLE]], detail)
+                Finding(code, severity, info.label, seg, count, [str(s) for s in sample[:SAMPLE]], detail)
             )
 
     if st.unsafe_id is not None:
@@ -355,7 +372,7 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
             add("DIMENSION_LOST", 1, [], f"id map says dimensionality {m.dimensionality}, the index holds "
                 f"{st.files.header.dim}-d vectors: chromadb 0.6 refuses every query (1.x ignores it)")
     if m is not None and st.written_in_rollback and not any(
-            f.severity == ERROR and f.collection == info.name for f in report.findings):
+            f.severity == ERROR and f.collection == info.label for f in report.findings):
         # said only when nothing else flags the index: any repair proves every slot anyway.
         # A warning: the persist may have been killed before any changed vector reached the
         # file (explore found such states chromadb serves correctly); only the slot-by-slot
@@ -370,8 +387,10 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
 
 def summary(st: CollectionState) -> dict:
     return {
-        "name": st.info.name,
+        "name": st.info.label,
         "id": st.info.id,
+        "database": st.info.database,
+        "tenant": st.info.tenant,
         "vector_segment": st.info.vector_segment,
         "space": st.info.space,
         "dimension": st.info.dimension,
@@ -387,7 +406,7 @@ def summary(st: CollectionState) -> dict:
 def deep_findings(sql: PalaceSql, report: CheckReport, embedders) -> dict[str, dict]:  # noqa: ANN001
     """``check --deep``: re-embed every mapped row and add STALE_VECTOR findings to
     ``report``. ``embedders`` is a ``chaosfix.embedders.select.EmbedderSelector``.
-    Returns collection -> {id: its document's vector} for the reconciler. Raises
+    Returns collection id -> {row id: its document's vector} for the reconciler. Raises
     OperationalError when a collection has no usable embedder (one line, what helps)."""
     from chaosfix.deep import stale_vectors
 
@@ -397,12 +416,12 @@ def deep_findings(sql: PalaceSql, report: CheckReport, embedders) -> dict[str, d
             continue
         choice = embedders.for_collection(sql, st)
         if choice.embedder is None:
-            raise OperationalError(f"check --deep of {st.info.name}: {choice.refused}")
+            raise OperationalError(f"check --deep of {st.info.label}: {choice.refused}")
         res = stale_vectors(sql, st, getattr(choice.embedder, "__wrapped__", choice.embedder))
-        out[st.info.name] = res.stale
+        out[st.info.id] = res.stale
         if res.stale:
             report.findings.append(Finding(
-                "STALE_VECTOR", ERROR, st.info.name, st.info.vector_segment, len(res.stale),
+                "STALE_VECTOR", ERROR, st.info.label, st.info.vector_segment, len(res.stale),
                 sorted(res.stale)[:SAMPLE], f"{len(res.stale)} of {res.compared} rows hold another vector than "
                 f"their document embeds to (lowest cosine {res.worst}; {choice.line()}): e.g. an upsert whose "
                 "index flush was lost"))

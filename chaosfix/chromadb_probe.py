@@ -54,7 +54,7 @@ KS = [10, 100, 400, 1600, 6400]
 class Target:
     """What the post-check proves for one collection."""
 
-    name: str
+    name: str  # the plan's (``CollectionInfo.label``: qualified outside the default database)
     space: str
     repaired: dict[str, np.ndarray] = field(default_factory=dict)  # id -> planned vector
     sample: list[str] = field(default_factory=list)
@@ -69,6 +69,10 @@ class Target:
     # chromadb misses more than the rate above allows) the share of its untouched sample
     # no search up to ef 1600 finds: how deep this graph's own rows sit
     depth: Callable[[], float] | None = None
+    # where chromadb finds it: its own name in its tenant's database (None: the defaults)
+    collection: str | None = None
+    tenant: str | None = None
+    database: str | None = None
 
 
 def unreachable_allowed(n: int, quirk_rate: float) -> int:
@@ -337,7 +341,8 @@ def _verify(palace: Path, targets: list[Target], palace_gen: Generation, python:
             asked = sorted(random.Random(seed).sample(ids, min(QUERY_REPAIRED, len(ids))))
             kept = sorted(t.kept)
             c: dict = {"repaired": ids, "sample": t.sample, "query": asked + t.sample, "space": t.space,
-                       "kept": kept}
+                       "kept": kept, "collection": t.collection or t.name, "tenant": t.tenant,
+                       "database": t.database}
             if ids or kept:
                 c["planned"] = str(copy.parent / f"planned-{len(spec['collections'])}.npy")
                 _save_planned(Path(c["planned"]), {**t.kept, **t.repaired}, ids + kept)

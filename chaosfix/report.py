@@ -86,8 +86,9 @@ def render_reconcile(rep) -> str:  # noqa: ANN001 - ReconcileReport, imported la
         if p.seq_writes:
             out.append(f"{name}: max_seq_id -> " + ", ".join(f"{w.segment[:8]}={w.value}" for w in p.seq_writes))
         if p.unrepaired:
-            out.append(f"{name}: {len(p.unrepaired)} rows left unrepaired: no index slot, no WAL row; "
-                       "pass --embedder to re-embed them")
+            refused = p.embedder is not None and p.embedder.refused and p.embedder.guard is not None
+            hint = "the embedder above was refused" if refused else "pass --embedder to re-embed them"
+            out.append(f"{name}: {len(p.unrepaired)} rows left unrepaired: no index slot, no WAL row; {hint}")
             out.append("  " + cut(f"ids: {', '.join(p.unrepaired[:20])}", width() - 2))
     if rep.queue_floor is not None:
         out.append(f"WAL floor row at seq_id {rep.queue_floor}: new writes get seq_ids above every max_seq_id")

@@ -12,6 +12,7 @@ fixture; the leg whose chromadb wrote a fixture also judges the repair with it.
 from __future__ import annotations
 
 import ast
+import shutil
 import sqlite3
 import stat
 import sys
@@ -19,7 +20,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import chromadb_script, run_cli
 
 from chaosfix.check import check_palace
 from chaosfix.chromadb_probe import CHILD, Target, verify_with_chromadb
@@ -244,3 +245,41 @@ def test_newer_generation_is_checked_but_never_written(tmp_path):
     r = run_cli("reconcile", str(palace), "--embedder", "chaosfix.embedder:HashEmbedder")
     assert r.returncode == 8 and len(r.stderr.strip().splitlines()) == 1 and "does not know" in r.stderr
     assert schema(palace) == before and check_palace(palace).codes() == {"SQL_ONLY": 100}
+
+
+UNREADABLE_READ = r"""
+import sys
+import chromadb
+from chromadb.config import Settings
+col = chromadb.PersistentClient(path=sys.argv[1], settings=Settings(anonymized_telemetry=False)).get_collection(
+    "notes", embedding_function=None)
+try:
+    print(col.count())
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.releases
+def test_a_migrated_0x_palace_whose_pending_rows_1x_cannot_read_is_an_error_and_repaired(tmp_path):
+    """chromadb 0.6.3 wrote 10 pending rows without documents (``"chroma:document": null``
+    in their WAL metadata), then 1.5.9 opened the palace: it migrated it and panics
+    replaying those rows, so every read fails. check said consistent (PENDING, info) and
+    reconcile "nothing to do"; now check names them, and reconcile folds them into the
+    index, past which 1.x never reads them (``tests/fixtures/make_upgraded_fixture.py``)."""
+    with tarfile.open(FIXTURES / "upgraded-null-documents.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    p = tmp_path / "palace"
+    rep = check_palace(p)
+    assert rep.generation is not None and rep.generation.name == "1.5"
+    (f,) = [f for f in rep.findings if f.code == "WAL_UNREADABLE"]
+    assert f.severity == "error" and f.count == 10 and f.collection == "notes" and not rep.consistent
+    if chromadb_version() == "1.5.9":
+        copy = tmp_path / "copy"
+        shutil.copytree(p, copy)
+        assert chromadb_script(UNREADABLE_READ, str(copy)).split()[-1] == "InternalError"  # the panic, as found
+    res = run_cli("reconcile", str(p), "--json")
+    assert res.returncode == 1, res.stderr[-1500:]
+    assert check_palace(p).consistent
+    if chromadb_version() == "1.5.9":
+        assert chromadb_script(UNREADABLE_READ, str(p)).split()[-1] == "30"

@@ -69,10 +69,11 @@ class EmbedderSelector:
                 self._build(Candidate(ref, "--embedder", ref=ref))  # a bad reference fails up front
 
     def for_collection(self, sql: PalaceSql, st: CollectionState) -> Choice:
-        name = st.info.name
-        if name not in self.choices:
-            self.choices[name] = self._choose(sql, st)
-        return self.choices[name]
+        # by the collection's id: two databases may each hold a collection of that name,
+        # written by different models
+        if st.info.id not in self.choices:
+            self.choices[st.info.id] = self._choose(sql, st)
+        return self.choices[st.info.id]
 
     def _given(self) -> list[Candidate]:
         """The caller's embedder(s): a MODULE:ATTR or alias, an object, or a list of them

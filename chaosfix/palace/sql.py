@@ -38,6 +38,7 @@ OP_NAMES = {0: "add", 1: "update", 2: "upsert", 3: "delete", 4: "backfill"}
 VECTOR_TYPE = "urn:chroma:segment/vector/hnsw-local-persisted"
 METADATA_TYPE = "urn:chroma:segment/metadata/sqlite"
 DOCUMENT_KEY = "chroma:document"
+DEFAULT_TENANT, DEFAULT_DATABASE = "default_tenant", "default_database"  # chromadb's, where a client opens
 DOCUMENTS_BY_ID = 20000  # up to this many ids, documents() looks them up by id
 CONFIG_MAX = 1 << 20  # a collection's config_json_str is a few hundred bytes
 SCHEMA_MAX = 1 << 28  # its schema_str grows with its metadata keys (1.4 MB at 12,000): parsed by SQLite
@@ -139,6 +140,17 @@ class CollectionInfo:
     index_config: dict = field(default_factory=dict)  # 1.3+: schema_str's vector index config
     has_schema: bool = False  # 1.3+: a schema_str (then it alone holds the index's settings)
     segment_metadata: dict = field(default_factory=dict)  # the vector segment's (0.x reads its settings there)
+    database: str | None = None  # its database's name and tenant (None before chromadb 0.4.16)
+    tenant: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name, qualified as ``tenant/database/name`` outside chromadb's default
+        database: names are unique per database only, and two applications sharing a
+        palace may each have a ``docs``."""
+        if self.database in (None, DEFAULT_DATABASE) and self.tenant in (None, DEFAULT_TENANT):
+            return self.name
+        return f"{self.tenant}/{self.database}/{self.name}"
 
     @property
     def space(self) -> str:
@@ -249,7 +261,8 @@ class PalaceSql:
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             self.columns = {
                 t: {r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")}
-                for t in ("collections", "collection_metadata", "embeddings_queue", "segments", "segment_metadata")
+                for t in ("collections", "collection_metadata", "embeddings_queue", "segments", "segment_metadata",
+                          "databases")
             }
         except (sqlite3.Error, UnicodeDecodeError) as exc:  # a flipped bit in the schema's text decodes badly
             self._drop_scratch()
@@ -389,11 +402,17 @@ class PalaceSql:
                                                 for path in _INDEX_CONFIGS)
         else:
             schema_cols = "0, NULL, NULL"
-        for cid, name, dim, cfg_text, has_schema, *configs in self.conn.execute(
-                f"SELECT id, name, dimension, {cfg_col}, {schema_cols} FROM collections"):
+        # chromadb 0.4.16+: a name is unique per database, and a client opens one database
+        where = ("(SELECT name FROM databases WHERE id=collections.database_id), "
+                 "(SELECT tenant_id FROM databases WHERE id=collections.database_id)"
+                 if "database_id" in have and {"name", "tenant_id"} <= self.columns["databases"] else "NULL, NULL")
+        for cid, name, dim, cfg_text, database, tenant, has_schema, *configs in self.conn.execute(
+                f"SELECT id, name, dimension, {cfg_col}, {where}, {schema_cols} FROM collections"):
             cfg = _json_or_none(cfg_text)
             cols.append(CollectionInfo(id=cid, name=name, dimension=dim, config=cfg if isinstance(cfg, dict) else {},
-                                       index_config=vector_index_config(*configs), has_schema=bool(has_schema)))
+                                       index_config=vector_index_config(*configs), has_schema=bool(has_schema),
+                                       database=database if isinstance(database, str) else None,
+                                       tenant=tenant if isinstance(tenant, str) else None))
         # 0.4 has no bool_value column
         values = [c for c in ("str_value", "int_value", "float_value", "bool_value")
                   if c in self.columns["collection_metadata"]]
@@ -542,6 +561,16 @@ class PalaceSql:
             doc = md.get(DOCUMENT_KEY) if isinstance(md, dict) else None
             out.append(WalRow(seq, int(op), rid, vector, doc, md, has))
         return out
+
+    def documents_not_text(self, collection_id: str) -> set[int]:
+        """seq_ids of the collection's WAL rows whose metadata holds a ``chroma:document``
+        that is not text (0.x writes null for a row added without a document). chromadb
+        1.x panics reading such a row ("Document not found in metadata", its sqlite_log),
+        so once it must replay one, every read of the collection fails. Judged by SQLite's
+        own JSON functions: no row's metadata is parsed in Python."""
+        q = ("SELECT seq_id FROM embeddings_queue WHERE topic LIKE ? AND json_valid(metadata) "
+             f"AND json_type(metadata, '$.\"{DOCUMENT_KEY}\"') != 'text'")
+        return {decode_seq(s) or 0 for (s,) in self.conn.execute(q, (f"%/{collection_id}",))}
 
     def stale_rows(self, answers: Sequence[list | None] = ()) -> StaleRows:
         """Metadata rows and full-text documents whose ``embeddings`` row is gone. chromadb

@@ -179,8 +179,8 @@ def plan_collection(sql: PalaceSql, st: CollectionState, report: CheckReport, em
     """``stale``: id -> its document's vector, for rows ``check --deep`` found holding
     another vector (STALE_VECTOR); they are replaced in place."""
     info = st.info
-    codes = {k: v for k, v in report.codes(info.name).items() if k not in PALACE_CODES}
-    plan = CollectionPlan(info.name, info.vector_segment, codes, state=st)
+    codes = {k: v for k, v in report.codes(info.label).items() if k not in PALACE_CODES}
+    plan = CollectionPlan(info.label, info.vector_segment, codes, state=st)
     # the generation's own format: 1.x rewrites a migrated 0.6 object pickle as a dict
     plan.fmt = sql.generation.pickle_format
     problems = {c for c in codes if c != "PENDING"}

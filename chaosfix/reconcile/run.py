@@ -713,7 +713,8 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
             continue
         repaired = {i: p.vectors[i] for i in (*p.add, *p.replace) if i in p.vectors}
         targets[p.collection] = Target(p.collection, st.info.space, repaired, _post_check_sample(p, opts),
-                                       expect_count=_expected_count(p), kept=p.kept_before)
+                                       expect_count=_expected_count(p), kept=p.kept_before,
+                                       collection=st.info.name, tenant=st.info.tenant, database=st.info.database)
 
     handed = threading.Event()  # chromadb's child has its spec: the verification may load its index
 
@@ -828,9 +829,9 @@ def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3
     for st in rep.states:
         if (st.seg_dir is not None and st.seg_dir.name in suspects and st.idmap is not None
                 and st.idmap.fmt == "object"):  # only 0.6 persists inside the transaction
-            if not st.written_in_rollback and not any(f.severity == ERROR and f.collection == st.info.name
+            if not st.written_in_rollback and not any(f.severity == ERROR and f.collection == st.info.label
                                                       for f in rep.findings):
-                rep.findings.append(Finding("INDEX_AHEAD", WARNING, st.info.name, st.info.vector_segment, 1, [],
+                rep.findings.append(Finding("INDEX_AHEAD", WARNING, st.info.label, st.info.vector_segment, 1, [],
                                             "data_level0.bin written by a transaction that rolled back"))
             st.written_in_rollback = True
     return rep
@@ -893,7 +894,7 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
     try:
         stale = deep_findings(sql, rep, embedder) if opts.deep else {}
         plans = [plan_collection(sql, st, rep, embedder.for_collection, opts.strategy, opts.apply_pending,
-                                 stale.get(st.info.name)) for st in rep.states]
+                                 stale.get(st.info.id)) for st in rep.states]
         floor = None
         if "QUEUE_RESET" in rep.codes():
             seqs = [s.value for s in sql.max_seq_ids().values() if not s.poisoned]
