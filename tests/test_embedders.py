@@ -35,6 +35,16 @@ class SaltedEmbedder:
         return [embed_text("salt:" + t) for t in input]
 
 
+class ScaledEmbedder:
+    """The palace's own model, its vectors at twice the length."""
+
+    def __call__(self, input: list[str]) -> list[np.ndarray]:  # noqa: A002
+        return [2.0 * embed_text(t) for t in input]
+
+
+SCALED = "test_embedders:ScaledEmbedder"
+
+
 @pytest.fixture(autouse=True)
 def empty_home(tmp_path, monkeypatch):
     """No chromadb model and no MemPalace config: nothing is found by accident."""
@@ -103,6 +113,27 @@ def test_a_torn_index_still_guards_the_embedder_with_the_slots_it_keeps(orphaned
     assert code == 1 and doc["after_consistent"], err
     g = doc["plans"][0]["embedder"]["guard"]
     assert g["passed"] and g["sampled"] >= 3, g
+
+
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_in_an_l2_index_a_model_that_scales_the_vectors_is_another_model(space, tmp_path, damage_cache):
+    """An l2 (or ip) index keeps a model's vectors as given and ranks by their length:
+    re-embedded rows twice as long as the rest would sit apart from every query. Every
+    direction matches (cosine 1.0), so the guard passed such a model; it now asks the
+    stored length there too. A cosine index stores unit vectors: there it is the same
+    model."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache, SPEC.with_(space=space))
+    code, doc, err = reconcile(p, "--no-chromadb-check", "--embedder", SCALED)
+    g = doc["plans"][0]["embedder"]["guard"]
+    assert g["similarity"] == 1.0, g
+    if space == "l2":
+        assert code == 4 and g["passed"] is False and g["reproduced"] == 0 and g["norm_ratio"] == 2.0, (g, err)
+        line = next(x for x in cli("reconcile", str(p), "--dry-run", "--embedder", SCALED).stdout.splitlines()
+                    if "does not reproduce the palace" in x)
+        assert "cosine 1.0000, 2.00x the stored vectors' length" in line, line
+        assert reconcile(p, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)[0] == 1
+    else:
+        assert code == 1 and g["passed"] and g["norm_ratio"] is None, (g, err)
 
 
 def test_trust_embedder_overrides_and_is_reported(orphaned):

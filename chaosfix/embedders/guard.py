@@ -33,6 +33,10 @@ from chaosfix.palace.sql import PalaceSql
 from chaosfix.palace.state import CollectionState
 
 THRESHOLD = 0.98
+# l2 and ip indexes keep vectors as the model gave them, and rank by their length too: a
+# model that normalizes where the palace's did not (or scales otherwise) reproduces every
+# direction yet not the vectors, so there a row reproduces only within 2% of its length
+NORM_TOLERANCE = 0.02
 MIN_REPRODUCED = 3
 SAMPLE = 32
 SLOT_BLOCK = 8192  # slots compared at once: 8192 x 384 float64 = 25 MB
@@ -46,6 +50,7 @@ class GuardResult:
     reproduced: int = 0  # sampled rows at or above the threshold
     sources: dict[str, int] = field(default_factory=dict)  # wal / index / unmapped-index
     threshold: float = THRESHOLD
+    norm_ratio: float | None = None  # l2/ip: median length of the candidate's vectors over the stored ones
 
     @property
     def passed(self) -> bool | None:
@@ -54,7 +59,14 @@ class GuardResult:
     def to_json(self) -> dict:
         return {"similarity": self.similarity, "min": self.minimum, "sampled": self.sampled,
                 "reproduced": self.reproduced,
-                "sources": self.sources, "threshold": self.threshold, "passed": self.passed}
+                "sources": self.sources, "threshold": self.threshold, "passed": self.passed,
+                "norm_ratio": self.norm_ratio}
+
+    def length_note(self) -> str:
+        """Said beside the cosine when the candidate's vectors are not the stored length."""
+        if self.norm_ratio is None or abs(np.log(self.norm_ratio)) <= np.log1p(NORM_TOLERANCE):
+            return ""
+        return f", {self.norm_ratio:.2f}x the stored vectors' length"
 
 
 @dataclass
@@ -139,13 +151,23 @@ def _embed(embed, docs: list[str], dim: int) -> np.ndarray:  # noqa: ANN001
 
 
 def measure(embed, sample: Sample, st: CollectionState, threshold: float = THRESHOLD) -> GuardResult:  # noqa: ANN001
-    """Cosine between ``embed``'s vectors and the stored ones (``embed``: docs -> vectors)."""
+    """Cosine between ``embed``'s vectors and the stored ones (``embed``: docs -> vectors);
+    in an l2/ip index a row reproduces only at the stored length too (``NORM_TOLERANCE``)."""
     sims: list[float] = []
+    sized: list[bool] = []  # the row's length is reproduced (or says nothing: cosine, unmapped)
     sources: dict[str, int] = {}
+    ratio = None
     if sample.docs:
-        ref = _unit(np.stack(sample.vectors))
-        got = _unit(_embed(embed, sample.docs, ref.shape[1]))
-        sims.extend(np.einsum("ij,ij->i", got, ref).tolist())
+        raw_ref = np.stack(sample.vectors).astype(np.float64)
+        raw_got = _embed(embed, sample.docs, raw_ref.shape[1]).astype(np.float64)
+        sims.extend(np.einsum("ij,ij->i", _unit(raw_got), _unit(raw_ref)).tolist())
+        if st.info.space in ("l2", "ip"):  # (a cosine index stores unit vectors)
+            with np.errstate(all="ignore"):
+                ratios = np.linalg.norm(raw_got, axis=1) / np.linalg.norm(raw_ref, axis=1)
+                sized.extend((np.abs(np.log(ratios)) <= np.log1p(NORM_TOLERANCE)).tolist())  # (NaN: not)
+            ratio = round(float(np.nanmedian(ratios)), 4) if np.isfinite(ratios).any() else None
+        else:
+            sized.extend([True] * len(sample.docs))
         for s in sample.sources:
             sources[s] = sources.get(s, 0) + 1
     if sample.unmapped_docs and sample.unmapped_slots is not None and st.files is not None:
@@ -159,9 +181,10 @@ def measure(embed, sample: Sample, st: CollectionState, threshold: float = THRES
                 v = np.where(np.isfinite(v), v, 0.0)
                 best = np.maximum(best, (got @ _unit(v).T).max(axis=1))
         sims.extend(np.maximum(best, 0.0).tolist())
+        sized.extend([True] * len(got))
         sources["unmapped-index"] = len(got)
     if not sims:
         return GuardResult(None, None, 0, sources=sources, threshold=threshold)
     arr = np.asarray(sims)
     return GuardResult(round(float(np.median(arr)), 4), round(float(arr.min()), 4), len(arr),
-                       int((arr >= threshold).sum()), sources, threshold)
+                       int(((arr >= threshold) & np.asarray(sized)).sum()), sources, threshold, ratio)

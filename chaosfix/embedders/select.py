@@ -49,7 +49,8 @@ class Choice:
             check = (f"reproduces the palace: cosine {g.similarity:.4f} (median of {g.sampled} rows, "
                      f"{g.reproduced} >= {g.threshold})")
             if not g.passed:
-                check = f"cosine {g.similarity:.4f} on {g.sampled} rows, {g.reproduced} >= {g.threshold}"
+                check = (f"cosine {g.similarity:.4f}{g.length_note()} on {g.sampled} rows, "
+                         f"{g.reproduced} >= {g.threshold}")
         trust = "; --trust-embedder" if self.trusted else ""
         return f"embedder {self.label} ({self.reason}); {check}{trust}"
 
@@ -143,8 +144,9 @@ class EmbedderSelector:
             choice.embedder, choice.label, choice.reason, choice.guard, choice.trusted = emb, c.label, c.reason, g, True
             return choice
         choice.guard = g
-        choice.refused = (f"embedder {c.label} ({c.reason}) does not reproduce the palace: cosine {g.similarity:.4f} "
-                          f"(median of {g.sampled} intact rows, {g.reproduced} reach {g.threshold}); pass the right "
+        choice.refused = (f"embedder {c.label} ({c.reason}) does not reproduce the palace: cosine {g.similarity:.4f}"
+                          f"{g.length_note()} (median of {g.sampled} intact rows, {g.reproduced} reach "
+                          f"{g.threshold}); pass the right "
                           "--embedder, or --trust-embedder to use it anyway")
         return choice
 
