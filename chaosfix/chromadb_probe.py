@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from chaosfix.errors import OperationalError
-from chaosfix.filecopy import copy_tree_sparse, sparse_copy
+from chaosfix.filecopy import copy_locked, copy_tree_sparse
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
 from chaosfix.progress import ProgressFn
@@ -142,7 +142,7 @@ def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | No
         dst.mkdir()
         for name in (SQLITE_NAME, SQLITE_NAME + "-wal"):  # committed pages of a palace in WAL mode
             if name == SQLITE_NAME or (root / name).is_file():
-                sparse_copy(root / name, dst / name)
+                copy_locked(root / name, dst / name)  # (under the repair's SQLite lock: never opened here)
         for d in root.iterdir():
             if stop is not None and stop.is_set():
                 raise InterruptedError("copy abandoned")

@@ -166,12 +166,13 @@ class CopyProcess:
     """``sparse_copy(src, dst)`` in a child process started now. ``wait`` joins it (again
     and again: the outcome is kept) and raises OSError, one line, if the copy failed; a
     child that could not run at all (no ctypes, an interpreter that is not Python) has
-    the copy made here instead, as where no child can start. The child dies with the
+    the copy made here instead, as where no child can start (``inline`` False: an error,
+    ``copy_locked``). The child dies with the
     thread that started it (Linux), so a killed repair leaves no copy writing into a
     build folder its rerun makes again; ``cancel`` stops it."""
 
-    def __init__(self, src: Path, dst: Path) -> None:
-        self.src, self.dst = src, dst
+    def __init__(self, src: Path, dst: Path, inline: bool = True) -> None:
+        self.src, self.dst, self.inline = src, dst, inline
         self._error: OSError | None = None
         self._done = False
         try:
@@ -193,6 +194,9 @@ class CopyProcess:
             if code == COPY_FAILED:
                 lines = err.decode("utf-8", "replace").strip().splitlines()
                 self._error = OSError(f"copy of {str(self.src)!r} failed: {lines[-1] if lines else 'no reason given'}")
+            elif code != 0 and not self.inline:
+                self._error = OSError(f"copy of {str(self.src)!r} failed: its process "
+                                      + ("could not start" if code is None else f"ended with {code}"))
             elif code != 0:
                 try:
                     sparse_copy(self.src, self.dst)
@@ -208,6 +212,14 @@ class CopyProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.communicate()
+
+
+def copy_locked(src: Path, dst: Path) -> None:
+    """``sparse_copy`` of a SQLite file this process holds locks on, made by a child: POSIX
+    drops every fcntl lock a process holds on a file when it closes any descriptor of it,
+    so an open and close here would end the repair's EXCLUSIVE transaction's lock, and a
+    chromadb writer could then write (and corrupt the file) under it. Never inline."""
+    CopyProcess(src, dst, inline=False).wait()
 
 
 def die_with_parent(parent: int | None = None) -> None:

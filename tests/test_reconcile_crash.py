@@ -405,3 +405,31 @@ def _deferred_then_at_once(interrupts_deferred) -> None:  # noqa: ANN001
         time.sleep(0.05)
         done.append("never")
     assert done == ["both parts"]
+
+
+@pytest.mark.parametrize("point", ["built", "verified"])
+def test_reconcile_holds_sqlites_write_lock_from_its_transaction_to_the_swap(point, tmp_path, damage_cache):
+    """Stopped (SIGSTOP) after its build, and after its verification and chromadb's post-check,
+    reconcile still holds SQLite's lock: another writer is refused. Its backup and the
+    post-check's copy read chroma.sqlite3 through a descriptor of this process, and POSIX
+    drops every lock a process holds on a file when any descriptor of it closes: a chromadb
+    writer started meanwhile wrote under the repair, and corrupted the file (helper-41)."""
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    env = dict(child_env(), CHAOSFIX_STOP_AT=point)
+    proc = subprocess.Popen([sys.executable, "-c", "from chaosfix.cli import main; main()", "reconcile", str(p),
+                             "--embedder", HASH_EMBEDDER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-1500:]
+            time.sleep(0.02)
+        other = sqlite3.connect(p / "chroma.sqlite3", timeout=0, isolation_level=None)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        finally:
+            other.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-1500:]

@@ -252,7 +252,10 @@ class PalaceSql:
         if odd:
             raise SidecarError("; ".join(odd))
         self.hot_journal = _hot_journal(db_path)
-        self.wal_mode = wal_mode(db_path)
+        # through the caller's connection when there is one: an open and close of the db
+        # here would drop every POSIX lock this process holds on it (the repair's EXCLUSIVE)
+        self.wal_mode = (wal_mode(db_path) if conn is None
+                         else str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal")
         self.owned = conn is None
         try:
             if conn is None:

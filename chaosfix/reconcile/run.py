@@ -1,6 +1,7 @@
 """findings -> plan -> new segment -> verify -> swap, under exclusive access.
 
-Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT):
+Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT; CHAOSFIX_STOP_AT
+stops the process there instead, for a test to look at the palace before SIGCONT):
   locked        flock + no other process holds palace files + BEGIN EXCLUSIVE
   copied        the backup folder made under its partial name, the db files copied
                 into it (only when SQL changes), not yet renamed into place
@@ -16,6 +17,9 @@ Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT):
   sql-written   dropped foreign triggers/views, max_seq_id / WAL floor rows written (the
                 same writes the post-check made on its copy), not yet committed
   committed     COMMIT; marker removed
+From locked to committed the transaction's lock holds: every copy of the db and its
+sidecars is made by a child (``filecopy.copy_locked``), as this process closing a
+descriptor of the db would drop the lock (POSIX) and let a writer in under the repair.
 A kill anywhere leaves either the old palace, or the new index with the old SQL (a
 rerun redoes the same plan), plus our own leftovers, which a rerun recognises and
 clears (a hot journal is rolled back only when our marker proves it is ours).
@@ -52,7 +56,7 @@ from chaosfix.errors import (
     os_error_line,
     whole_number_problem,
 )
-from chaosfix.filecopy import sparse_copy
+from chaosfix.filecopy import copy_locked
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.leftovers import BACKUP_GLOB
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
@@ -413,7 +417,7 @@ def _new_backup(root: Path, rep: ReconcileReport, files: tuple[str, ...], option
             if name in optional and not (root / name).is_file():
                 continue
             seen[name] = _identity(root / name)
-            sparse_copy(root / name, tmp / name)
+            copy_locked(root / name, tmp / name)  # (under our SQLite lock: never opened here)
             fsync_path(tmp / name)
         for name, ident in seen.items():
             if _identity(root / name) != ident:

@@ -39,9 +39,12 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 def killpoint(name: str) -> None:
-    """SIGKILL this process at step ``name`` when CHAOSFIX_KILL_AT names it (crash tests)."""
+    """SIGKILL this process at step ``name`` when CHAOSFIX_KILL_AT names it (crash tests);
+    SIGSTOP it there when CHAOSFIX_STOP_AT does (a test looks at the palace, then SIGCONT)."""
     if os.environ.get("CHAOSFIX_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("CHAOSFIX_STOP_AT") == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class PalaceLock:
@@ -238,11 +241,11 @@ def partial_name(dst: Path) -> Path:
 def back_up(src: Path, dst: Path) -> None:
     """Copy the palace file ``src`` into an existing backup as ``dst``: sparse, fsynced
     under its partial name, then renamed (a backup file that exists is whole)."""
-    from chaosfix.filecopy import sparse_copy
+    from chaosfix.filecopy import copy_locked
 
     tmp = partial_name(dst)
     try:
-        sparse_copy(src, tmp)
+        copy_locked(src, tmp)  # (the db under our SQLite lock: never opened here)
         fsync_path(tmp)
         os.rename(tmp, dst)
     except BaseException:
