@@ -35,13 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from importlib.resources.abc import Traversable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from chaosfix import faults, workload
 from chaosfix.check import check_palace
 from chaosfix.errors import OperationalError, UsageProblem, whole_number_problem
 from chaosfix.palace.idmap import FILENAME as PICKLE_NAME
 from chaosfix.progress import ProgressFn
+from chaosfix.safe_fs import ensure_inside
 from chaosfix.scratch import SIMULATE_SCRATCH, Scratch
 from chaosfix.workload import PalaceSpec, chroma_major
 
@@ -156,6 +157,10 @@ def load_file(path: Path | Traversable) -> Scenario:
         if do not in OWN_STEPS and do not in faults.REGISTRY:
             known = ", ".join(sorted({*OWN_STEPS, *faults.REGISTRY}))
             raise UsageProblem(f"{path}: unknown step {do!r}: one of {known}")
+        for name in (step.get("file"), (step.get("strace") or {}).get("file") if do == "write" else None):
+            if name is not None and _outside(name):
+                raise UsageProblem(f"{path}: file {name!r}: a step names a file of the throwaway palace, "
+                                   "relative to it (a segment file, chroma.sqlite3...), never a path out of it")
         if do == "write" and "kill_point" in step and "1.x" in sc.versions:
             raise UsageProblem(f"{path}: a kill_point hooks chromadb 0.6's Python persist: a scenario that uses "
                                "one lists versions = [\"0.6\"] (1.x persists in Rust: kill with strace or kill_after)")
@@ -199,10 +204,22 @@ class Ctx:
     sqlite_copy: Path | None = None
 
 
+def _outside(name: object) -> bool:
+    """A scenario's ``file`` that could reach beyond the palace: not a relative path of
+    plain names (scenario folders are shared like palaces: a step breaks the throwaway
+    palace only, never /etc/passwd)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return True
+    parts = PurePosixPath(name).parts
+    return PurePosixPath(name).is_absolute() or any(p in ("..", ".") for p in parts) or not parts
+
+
 def _resolve_file(ctx: Ctx, name: str) -> Path:
+    if _outside(name):  # (also a scenario built in code, never loaded from a file)
+        raise UsageProblem(f"file {name!r}: not a path inside the throwaway palace")
     if name in SEGMENT_FILES:
         return faults.segment_dir(ctx.palace, ctx.spec.collection) / name
-    return ctx.palace / name
+    return ensure_inside(ctx.palace / name, ctx.palace)
 
 
 def _vector_segment(ctx: Ctx) -> str:

@@ -92,14 +92,28 @@ def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no
     for folder, palace in ((bad_space, 'space = "euclid"'), (bad_key, "drawer = 10")):
         folder.mkdir()
         (folder / "x.toml").write_text(f'name = "x"\nsummary = "s"\n[palace]\n{palace}\n')
+    # a step's file outside the throwaway palace (helper-41: one truncated /etc/passwd, exit 0)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    escapes = []
+    for n, step in enumerate(('do = "truncate"\nfile = "../../victim.txt"\nfraction = 0.5',
+                              f'do = "delete_file"\nfile = "{victim}"',
+                              'do = "truncate"\nfile = "a/../../victim.txt"\nfraction = 0.5',
+                              'do = "write"\nops = [{op = "add", start = 0, count = 10}]\n'
+                              'strace = {file = "../victim.txt"}')):
+        folder = tmp_path / f"escape{n}"
+        folder.mkdir()
+        (folder / "x.toml").write_text(f'name = "x"\nsummary = "s"\n[[steps]]\n{step}\n')
+        escapes.append((folder, "never a path out of it"))
     for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario"),
                         (bad_types, "versions must be a list; resizable must be a bool"),
                         (kill_on_1x, "a kill_point hooks chromadb 0.6's Python persist"),
                         (bad_space, "space must be one of cosine, l2, ip, not 'euclid'"),
-                        (bad_key, "[palace] takes drawers, dim, space")):
+                        (bad_key, "[palace] takes drawers, dim, space"), *escapes):
         for args in (["simulate", "x", "--scenarios", str(folder)], ["scenarios", "--scenarios", str(folder)]):
             code, out, err = invoke(*args)
             assert code == 2 and why in err and len(err.strip().splitlines()) == 1, (args, code, err)
+    assert victim.read_text() == "keep me"
 
 
 def test_check_names_the_palace_absolute_as_reconcile_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
