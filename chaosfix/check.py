@@ -126,16 +126,18 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
                                        "a symlink is read for the palace); not opened. Move it out of the palace"))
         return report
     except SqlReadError as exc:
+        _refuse_locked(root, exc)
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], f"cannot open: {exc}"))
         return report
     try:
         if _schema(sql, root, report):
             _check(sql, root, collection, report, slot_vectors)
     except SqlReadError as exc:
+        _refuse_locked(root, exc)
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
     except Exception as exc:  # sqlite3.DatabaseError and friends from a damaged file
-        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-            raise OperationalError(f"{root}: database is locked") from None
+        if isinstance(exc, sqlite3.OperationalError):
+            _refuse_locked(root, exc)
         if isinstance(exc, (ValueError, TypeError)) or (
                 isinstance(exc, sqlite3.Error) and not isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError))):
             report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [],
@@ -171,6 +173,14 @@ def _schema(sql: PalaceSql, root: Path, report: CheckReport) -> bool:
                     "chromadb's schema is incomplete: missing " + ", ".join(schema.missing[:SAMPLE])))
         return False
     return True
+
+
+def _refuse_locked(root: Path, exc: Exception) -> None:
+    """Another process holds a write lock longer than the read waits: an operational error
+    (exit 8), never SQLITE_CORRUPT, whose advice (restore the file) would lose rows."""
+    if "database is locked" in str(exc) or "database table is locked" in str(exc):
+        raise OperationalError(f"{root}: chroma.sqlite3 is locked by another process (a write in progress?); "
+                               "try again once it is done") from None
 
 
 def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,

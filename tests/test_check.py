@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -1065,3 +1066,22 @@ def test_random_damage_never_crashes_or_writes(small_spec, target, how):
         assert sorted(os.listdir(p)) == sorted(os.listdir(work / "p"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_palace_another_process_holds_locked_is_exit_8_never_corrupt(tmp_path):
+    """A write transaction held longer than the read waits (a sqlite3 shell, a long import)
+    was reported as SQLITE_CORRUPT (exit 4), and reconcile then advised restoring the file,
+    which loses rows (helper-41). It is an operational error: exit 8, one line, "locked"."""
+    p = fresh_palace(tmp_path / "p", PalaceSpec(drawers=20, dim=8, sync_threshold=10, batch_size=5))
+    holder = sqlite3.connect(p / "chroma.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        runs = [run_cli(*args) for args in (["check", str(p)], ["reconcile", str(p), "--dry-run"])]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    for res in runs:
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 8 and len(lines) == 1 and "is locked by another process" in lines[0], res.stderr
+        assert "SQLITE_CORRUPT" not in res.stdout and "restore" not in res.stderr
+    assert run_cli("check", str(p)).returncode == 0
