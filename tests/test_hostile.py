@@ -1153,14 +1153,42 @@ def test_quick_check_reads_a_cold_file_ahead_only_as_far_as_sqlite_would(palace:
     assert read <= pages and verdict == '{"rows": ["ok"], "also": []}'
 
 
-def test_implausible_max_elements_makes_auto_rebuild(palace: Path):
-    faults.drop_map_entry(palace, "both")  # one orphan row: incremental work
+@pytest.mark.parametrize("orphan", [True, False])
+def test_implausible_max_elements_makes_auto_rebuild(palace: Path, orphan: bool):
+    """Alone too (helper-41): chromadb's load allocates max_elements slots and fails ("Error
+    loading hnsw index"), where check said consistent and reconcile "nothing to do"."""
+    if orphan:
+        faults.drop_map_entry(palace, "both")  # one orphan row: incremental work
     _set_header(palace, max_elements=2**40)
+    torn = [f for f in check_palace(palace).findings if f.code == "TORN"]
+    assert torn and "max_elements 1099511627776 would allocate" in torn[0].detail, torn
     code, doc, err = reconcile(palace, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
     assert code == 1, err
     (plan,) = doc["plans"]
     assert plan["strategy"] == "rebuild", plan
     assert any("max_elements" in r for r in plan["reasons"]), plan["reasons"]
+    assert check_palace(palace).consistent
+
+
+def test_an_offset_level0_other_than_0_is_torn_and_rebuilt(palace: Path):
+    """hnswlib's offsetLevel0 is always 0; chromadb's load reads level 0 from there and
+    segfaulted, where check said consistent (helper-41)."""
+    _set_header(palace, offset_level0=4096)
+    torn = [f for f in check_palace(palace).findings if f.code == "TORN"]
+    assert torn and "offsetLevel0 not 0" in torn[0].detail, torn
+    code, doc, err = reconcile(palace, "--no-chromadb-check")
+    assert code == 1 and doc["plans"][0]["strategy"] == "rebuild", err
+    assert check_palace(palace).consistent
+
+
+def test_a_garbage_slot_size_in_the_header_never_asks_for_exabytes(palace: Path):
+    """The space a rebuild needs was counted with header.bin's slot size even where the
+    header is torn: a garbage one asked about 12 billion TB, and the repair refused for
+    good (exit 8), --no-backup and --no-chromadb-check too (helper-41)."""
+    _set_header(palace, size_data_per_element=6682698541702263435)
+    assert "TORN" in check_palace(palace).codes()
+    code, doc, err = reconcile(palace, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["after_consistent"], err
     assert check_palace(palace).consistent
 
 

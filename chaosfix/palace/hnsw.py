@@ -34,6 +34,7 @@ DENSE = 8  # vectors(): slots wanted at least one in this many apart are read in
 MAX_ELEMENTS = 2**32
 MAX_M = 4096
 MAX_DIM = 65536
+CAPACITY_FLOOR = 1000  # chromadb's smallest max_elements
 LINK_WINDOW = 4 << 20  # link_lists.bin bytes looked at per window of the walk
 
 
@@ -57,6 +58,23 @@ class Header:
     @property
     def dim(self) -> int:
         return (self.label_offset - self.offset_data) // 4
+
+    def loader_problems(self) -> list[str]:
+        """Fields chromadb's load trusts and the slots' layout does not use: the slots stay
+        readable (a repair keeps their vectors), the index does not load."""
+        out = []
+        if self.offset_level0 != 0:  # (always 0 in hnswlib; chromadb's load reads level 0 from there: a segfault)
+            out.append("offsetLevel0 not 0")
+        if self.cur_element_count <= self.max_elements and self.capacity_implausible():
+            out.append(f"max_elements {self.max_elements} would allocate {self.max_elements * self.size_data_per_element >> 20}"
+                       f" MiB for {self.cur_element_count} elements (chromadb fails to load it)")
+        return out
+
+    def capacity_implausible(self) -> bool:
+        """max_elements far beyond what chromadb's resize policy (x1.2, at least 1,000)
+        ever makes for this element count: loading the index would allocate that many slots."""
+        sane = max(CAPACITY_FLOOR, -(-self.cur_element_count * 6 // 5)) * 4
+        return self.max_elements > sane and self.max_elements * self.size_data_per_element > (256 << 20)
 
     def problems(self) -> list[str]:
         """Internal inconsistencies that no healthy writer produces."""

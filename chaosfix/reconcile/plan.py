@@ -207,8 +207,9 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
         plan.strategy = "rebuild"
         plan.reasons.append("incremental cannot fix " + ", ".join(sorted(problems & REBUILD_CODES)))
     plan.reasons.extend(sorted(problems & REBUILD_CODES))
+    plan.reasons.extend(f"TORN: {t}" for t in st.torn)  # (what in the files is unsound)
     h = st.files.header if st.files is not None else None
-    if plan.strategy == "incremental" and h is not None and _capacity_implausible(h):
+    if plan.strategy == "incremental" and h is not None and h.capacity_implausible():
         # hnswlib allocates max_elements slots when it loads the copy ("Not enough memory")
         plan.strategy = "rebuild" if strategy == "auto" else plan.strategy
         plan.reasons.append(f"header max_elements {h.max_elements} would allocate "
@@ -363,7 +364,7 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     slots_total = st.files.header.cur_element_count if (st.files and st.files.header and not st.torn) else 0
     n_final = len(plan.keep) + len(plan.replace) + len(plan.add)
     if plan.strategy == "incremental":
-        keep_cap = h.max_elements if h and not _capacity_implausible(h) else 0
+        keep_cap = h.max_elements if h and not h.capacity_implausible() else 0
         plan.max_elements = max(keep_cap, chroma_capacity(slots_total + len(plan.add)))
     else:
         plan.max_elements = chroma_capacity(n_final)
@@ -375,13 +376,6 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
                                                # rows wrongly: the rewrite moves max_seq_id past them)
                                                or "REPLAY_QUIRK" in problems):
         plan.strategy = "none"
-
-
-def _capacity_implausible(h) -> bool:  # noqa: ANN001 - hnsw.Header
-    """max_elements far beyond what chromadb's resize policy (x1.2) ever makes for this
-    element count: loading the index would allocate that many slots."""
-    sane = chroma_capacity(h.cur_element_count) * 4
-    return h.max_elements > sane and h.max_elements * h.size_data_per_element > (256 << 20)
 
 
 def _owners_of_damaged_map(m: IdMap, usable: list[int], target: dict[str, int]) -> dict[int, str]:
