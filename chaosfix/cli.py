@@ -136,6 +136,13 @@ def _keep_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return value
 
 
+def _palace_given(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An empty PALACE is a usage error, not the current folder (``Path("")`` is ".")."""
+    if not value:
+        raise click.BadParameter("an empty path names no palace", ctx, param)
+    return value
+
+
 def _bar():  # noqa: ANN202 - chaosfix.progress.StderrBar
     from chaosfix.progress import StderrBar
 
@@ -152,7 +159,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("palace", metavar="PALACE", type=click.Path())
+@click.argument("palace", metavar="PALACE", type=click.Path(), callback=_palace_given)
 @click.option("--collection", metavar="NAME", help="Only this collection.")
 @click.option("--deep", is_flag=True, help="Also re-embed every row and compare with its stored vector (STALE_VECTOR).")
 @click.option("--embedder", metavar="MODULE:ATTR", multiple=True, help="With --deep: as for reconcile.")
@@ -177,7 +184,7 @@ def check(palace: str, collection: str | None, deep: bool, embedder: tuple[str, 
 
 
 @main.command()
-@click.argument("palace", metavar="PALACE", type=click.Path())
+@click.argument("palace", metavar="PALACE", type=click.Path(), callback=_palace_given)
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--embedder", metavar="MODULE:ATTR", multiple=True,
               help="Embedding function for rows with no vector anywhere (default: the palace's own record, "

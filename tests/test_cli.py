@@ -55,6 +55,8 @@ def no_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ["reconcile", "x", "--strategy", "fast"],
     ["check"],
     ["check", "x", "--no-such-flag"],
+    ["check", ""],  # (it read the current folder: Path("") is ".")
+    ["reconcile", "", "--dry-run"],
     ["no-such-command"],
     ["simulate", "partial-flush", "--drawers", "1000"],  # not resizable: its counts are a 300-drawer palace's
     ["simulate", "link-bloat", "--drawers", "150"],  # resizable, but to whole flushes (multiples of 100)
