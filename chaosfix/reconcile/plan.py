@@ -209,12 +209,6 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     plan.reasons.extend(sorted(problems & REBUILD_CODES))
     plan.reasons.extend(f"TORN: {t}" for t in st.torn)  # (what in the files is unsound)
     h = st.files.header if st.files is not None else None
-    if plan.strategy == "incremental" and h is not None and h.capacity_implausible():
-        # hnswlib allocates max_elements slots when it loads the copy ("Not enough memory")
-        plan.strategy = "rebuild" if strategy == "auto" else plan.strategy
-        plan.reasons.append(f"header max_elements {h.max_elements} would allocate "
-                            f"{h.max_elements * h.size_data_per_element >> 20} MiB for "
-                            f"{h.cur_element_count} elements")
     if plan.strategy == "rebuild":
         plan.m, plan.ef_construction, note = graph_params(st)
         if note:
@@ -364,8 +358,8 @@ def _plan_index(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, embed
     slots_total = st.files.header.cur_element_count if (st.files and st.files.header and not st.torn) else 0
     n_final = len(plan.keep) + len(plan.replace) + len(plan.add)
     if plan.strategy == "incremental":
-        keep_cap = h.max_elements if h and not h.capacity_implausible() else 0
-        plan.max_elements = max(keep_cap, chroma_capacity(slots_total + len(plan.add)))
+        # (an implausible capacity is TORN: Header.loader_problems; a torn index is rebuilt)
+        plan.max_elements = max(h.max_elements if h else 0, chroma_capacity(slots_total + len(plan.add)))
     else:
         plan.max_elements = chroma_capacity(n_final)
     if plan.strategy == "incremental" and not (plan.add or plan.replace or plan.remove_labels or plan.remove_ids
