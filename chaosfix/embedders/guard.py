@@ -165,7 +165,8 @@ def measure(embed, sample: Sample, st: CollectionState, threshold: float = THRES
             with np.errstate(all="ignore"):
                 ratios = np.linalg.norm(raw_got, axis=1) / np.linalg.norm(raw_ref, axis=1)
                 sized.extend((np.abs(np.log(ratios)) <= np.log1p(NORM_TOLERANCE)).tolist())  # (NaN: not)
-            ratio = round(float(np.nanmedian(ratios)), 4) if np.isfinite(ratios).any() else None
+            finite = ratios[np.isfinite(ratios)]  # (a zero stored vector: no ratio, and no JSON Infinity)
+            ratio = round(float(np.median(finite)), 4) if finite.size else None
         else:
             sized.extend([True] * len(sample.docs))
         for s in sample.sources:
