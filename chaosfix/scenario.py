@@ -157,6 +157,10 @@ def load_file(path: Path | Traversable) -> Scenario:
         if do not in OWN_STEPS and do not in faults.REGISTRY:
             known = ", ".join(sorted({*OWN_STEPS, *faults.REGISTRY}))
             raise UsageProblem(f"{path}: unknown step {do!r}: one of {known}")
+        given = sorted(PATH_KEYS & step.keys())
+        if given:  # (a fault's own path argument, given directly, skipped the file check: helper-43)
+            raise UsageProblem(f"{path}: {', '.join(given)}: a step names its file with file = \"...\", "
+                               "relative to the throwaway palace; chaosfix supplies every other path")
         for name in (step.get("file"), (step.get("strace") or {}).get("file") if do == "write" else None):
             if name is not None and _outside(name):
                 raise UsageProblem(f"{path}: file {name!r}: a step names a file of the throwaway palace, "
@@ -202,6 +206,10 @@ class Ctx:
     notes: dict = field(default_factory=dict)
     snapshot: Path | None = None
     sqlite_copy: Path | None = None
+
+
+# the faults' own path arguments: chaosfix sets each from the throwaway palace and its scratch
+PATH_KEYS = frozenset({"path", "palace", "dst", "src", "old_dir", "new_dir", "marker_file"})
 
 
 def _outside(name: object) -> bool:
@@ -290,6 +298,8 @@ def apply_step(ctx: Ctx, step: dict) -> dict:
     if fn is None:
         raise OperationalError(f"unknown step {do!r}")
     params = inspect.signature(fn).parameters
+    if PATH_KEYS & step.keys():  # (also a scenario built in code, never loaded from a file)
+        raise UsageProblem(f"step {do!r}: {', '.join(sorted(PATH_KEYS & step.keys()))}: name the file with file =")
     if "file" in step:
         step["path"] = _resolve_file(ctx, step.pop("file"))
     elif "path" in params and "path" not in step:
