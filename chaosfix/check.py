@@ -219,9 +219,11 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
     add = report.findings.append
     cols = sql.collections()
     if collection is not None:
-        cols = [c for c in cols if collection in (c.name, c.label)]
+        named = [c.label for c in cols if c.name == collection and c.label != collection]
+        cols = [c for c in cols if c.label == collection]  # (a bare name: the default database's)
         if not cols:
-            raise OperationalError(f"{root}: no collection named {collection!r}")
+            elsewhere = f"; in other databases: {', '.join(named[:5])}" if named else ""
+            raise OperationalError(f"{root}: no collection named {collection!r}{elsewhere}")
     seqs = sql.max_seq_ids()
     vector_ids = set()
     for info in cols:

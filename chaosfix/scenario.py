@@ -105,7 +105,10 @@ def builtin_dir() -> Traversable:
 
 
 def fixture(name: str) -> Traversable:
-    """A file of the built-in ``fixtures/`` folder (e.g. a palace written by chromadb 0.6.3)."""
+    """A file of the built-in ``fixtures/`` folder (e.g. a palace written by chromadb 0.6.3):
+    a plain file name, never a path (helper-43 unpacked a tar from anywhere)."""
+    if not isinstance(name, str) or _outside(name) or "/" in name:
+        raise UsageProblem(f"fixture {name!r}: the name of a file of chaosfix's fixtures folder, not a path")
     return builtin_dir().joinpath("fixtures", name)
 
 
@@ -161,6 +164,8 @@ def load_file(path: Path | Traversable) -> Scenario:
         if given:  # (a fault's own path argument, given directly, skipped the file check: helper-43)
             raise UsageProblem(f"{path}: {', '.join(given)}: a step names its file with file = \"...\", "
                                "relative to the throwaway palace; chaosfix supplies every other path")
+        if do == "unpack":
+            fixture(step.get("fixture"))  # (a usage error now, not after the build)
         for name in (step.get("file"), (step.get("strace") or {}).get("file") if do == "write" else None):
             if name is not None and _outside(name):
                 raise UsageProblem(f"{path}: file {name!r}: a step names a file of the throwaway palace, "
@@ -225,8 +230,8 @@ def _outside(name: object) -> bool:
 def _resolve_file(ctx: Ctx, name: str) -> Path:
     if _outside(name):  # (also a scenario built in code, never loaded from a file)
         raise UsageProblem(f"file {name!r}: not a path inside the throwaway palace")
-    if name in SEGMENT_FILES:
-        return faults.segment_dir(ctx.palace, ctx.spec.collection) / name
+    if name in SEGMENT_FILES:  # (the segment id is the palace's SQL's: an unpacked palace's may be hostile)
+        return ensure_inside(faults.segment_dir(ctx.palace, ctx.spec.collection) / name, ctx.palace)
     return ensure_inside(ctx.palace / name, ctx.palace)
 
 

@@ -103,11 +103,14 @@ def test_a_bad_scenario_file_is_a_usage_error_before_any_work(tmp_path: Path, no
                               'do = "truncate"\nfile = "a/../../victim.txt"\nfraction = 0.5',
                               'do = "write"\nops = [{op = "add", start = 0, count = 10}]\n'
                               'strace = {file = "../victim.txt"}',
-                              f'do = "truncate"\npath = "{victim}"\nsize = 0')):  # (helper-43: path = skipped it)
+                              f'do = "truncate"\npath = "{victim}"\nsize = 0',  # (helper-43: path = skipped it)
+                              'do = "unpack"\nfixture = "../../../victim.tar"')):  # (helper-43: any tar)
         folder = tmp_path / f"escape{n}"
         folder.mkdir()
         (folder / "x.toml").write_text(f'name = "x"\nsummary = "s"\n[[steps]]\n{step}\n')
-        escapes.append((folder, "never a path out of it" if "path =" not in step else "names its file with file ="))
+        why = ("names its file with file =" if "path =" in step else "not a path" if "fixture" in step
+               else "never a path out of it")
+        escapes.append((folder, why))
     for folder, why in ((bad_step, "unknown step 'no_such_fault'"), (not_toml, "cannot read scenario"),
                         (bad_types, "versions must be a list; resizable must be a bool"),
                         (kill_on_1x, "a kill_point hooks chromadb 0.6's Python persist"),

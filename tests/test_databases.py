@@ -86,6 +86,10 @@ def test_same_named_collections_in_two_databases_are_each_repaired_with_their_ow
     assert found == {("docs", "SQL_ONLY"): 40, (DB2, "SQL_ONLY"): 40}, rep.codes()
     assert {(c["name"], c["database"]) for c in rep.collections} == {("docs", "default_database"),
                                                                      (DB2, "db2")}
+    # a bare name is the default database's, as for chromadb's default client (it matched every
+    # database's "docs", and reconcile --collection docs repaired another tenant's: helper-43)
+    assert [c["name"] for c in check_palace(p, "docs").collections] == ["docs"]
+    assert [c["name"] for c in check_palace(p, DB2).collections] == [DB2]
 
     code, doc, err = reconcile(p, "--embedder", HASH_EMBEDDER, "--embedder", OTHER)
     assert code == 1 and doc["after_consistent"], err[-2000:]

@@ -1170,6 +1170,16 @@ def test_implausible_max_elements_makes_auto_rebuild(palace: Path, orphan: bool)
     assert check_palace(palace).consistent
 
 
+def test_a_capacity_the_collections_resize_factor_explains_is_no_damage(palace: Path):
+    """chromadb 0.6 sizes max_elements with the collection's hnsw:resize_factor: a large one
+    loads fine, and was called TORN (helper-43)."""
+    _set_header(palace, max_elements=2_000_000)
+    assert "TORN" in check_palace(palace).codes()
+    sql(palace, "INSERT INTO collection_metadata (collection_id, key, int_value) "
+                "SELECT id, 'hnsw:resize_factor', 2000 FROM collections")
+    assert "TORN" not in check_palace(palace).codes()
+
+
 def test_an_offset_level0_other_than_0_is_torn_and_rebuilt(palace: Path):
     """hnswlib's offsetLevel0 is always 0; chromadb's load reads level 0 from there and
     segfaulted, where check said consistent (helper-41)."""

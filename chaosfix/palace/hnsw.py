@@ -10,6 +10,7 @@ read (never memory-mapped) only when asked for.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from bisect import bisect_left
@@ -59,21 +60,21 @@ class Header:
     def dim(self) -> int:
         return (self.label_offset - self.offset_data) // 4
 
-    def loader_problems(self) -> list[str]:
+    def loader_problems(self, resize_factor: float = 1.2) -> list[str]:
         """Fields chromadb's load trusts and the slots' layout does not use: the slots stay
         readable (a repair keeps their vectors), the index does not load."""
         out = []
         if self.offset_level0 != 0:  # (always 0 in hnswlib; chromadb's load reads level 0 from there: a segfault)
             out.append("offsetLevel0 not 0")
-        if self.cur_element_count <= self.max_elements and self.capacity_implausible():
+        if self.cur_element_count <= self.max_elements and self.capacity_implausible(resize_factor):
             out.append(f"max_elements {self.max_elements} would allocate {self.max_elements * self.size_data_per_element >> 20}"
                        f" MiB for {self.cur_element_count} elements (chromadb fails to load it)")
         return out
 
-    def capacity_implausible(self) -> bool:
-        """max_elements far beyond what chromadb's resize policy (x1.2, at least 1,000)
-        ever makes for this element count: loading the index would allocate that many slots."""
-        sane = max(CAPACITY_FLOOR, -(-self.cur_element_count * 6 // 5)) * 4
+    def capacity_implausible(self, resize_factor: float = 1.2) -> bool:
+        """max_elements far beyond what chromadb's resize policy (x``resize_factor``, at least
+        1,000) ever makes for this element count: loading the index would allocate that many."""
+        sane = max(CAPACITY_FLOOR, math.ceil(self.cur_element_count * resize_factor)) * 4
         return self.max_elements > sane and self.max_elements * self.size_data_per_element > (256 << 20)
 
     def problems(self) -> list[str]:

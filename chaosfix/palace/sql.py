@@ -144,6 +144,16 @@ class CollectionInfo:
     tenant: str | None = None
 
     @property
+    def resize_factor(self) -> float:
+        """chromadb 0.x's capacity growth (``hnsw:resize_factor``, 1.2 by default): 0.6
+        sizes max_elements with it, so a large one is no damage."""
+        val = self.metadata.get("hnsw:resize_factor", self.segment_metadata.get("hnsw:resize_factor"))
+        try:
+            return max(1.2, float(val)) if val is not None else 1.2
+        except (TypeError, ValueError):
+            return 1.2
+
+    @property
     def label(self) -> str:
         """The name, qualified as ``tenant/database/name`` outside chromadb's default
         database: names are unique per database only, and two applications sharing a

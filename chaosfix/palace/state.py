@@ -635,4 +635,4 @@ def _read_files(st: CollectionState, slot_vectors: bool = False) -> None:
     st.link_bytes_used = used
     if problem:
         st.torn.append(problem)
-    st.torn.extend(h.loader_problems())
+    st.torn.extend(h.loader_problems(st.info.resize_factor))
