@@ -8,7 +8,7 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chaosfix.errors import OperationalError
+from chaosfix.errors import OperationalError, UsageProblem
 from chaosfix.palace import SQLITE_NAME, PalaceSql, SqlReadError, palace_db, schema_guard
 from chaosfix.palace.generation import Generation
 from chaosfix.palace.leftovers import human, orphan_dirs, quarantined
@@ -223,7 +223,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
         cols = [c for c in cols if c.label == collection]  # (a bare name: the default database's)
         if not cols:
             elsewhere = f"; in other databases: {', '.join(named[:5])}" if named else ""
-            raise OperationalError(f"{root}: no collection named {collection!r}{elsewhere}")
+            raise UsageProblem(f"{root}: no collection named {collection!r}{elsewhere}")
     seqs = sql.max_seq_ids()
     vector_ids = set()
     for info in cols:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from helpers import HASH_EMBEDDER, chromadb_script, reconcile
+from helpers import HASH_EMBEDDER, chromadb_script, reconcile, run_cli
 
 from chaosfix.check import check_palace
 from chaosfix.embedder import embed_text
@@ -90,6 +90,13 @@ def test_same_named_collections_in_two_databases_are_each_repaired_with_their_ow
     # database's "docs", and reconcile --collection docs repaired another tenant's: helper-43)
     assert [c["name"] for c in check_palace(p, "docs").collections] == ["docs"]
     assert [c["name"] for c in check_palace(p, DB2).collections] == [DB2]
+    # a name no collection has is a bad argument (exit 2, it was 8), naming where one is
+    for cmd in (["check"], ["reconcile", "--dry-run"]):
+        r = run_cli(*cmd, str(p), "--collection", "db2/docs")
+        assert r.returncode == 2 and "no collection named 'db2/docs'" in r.stderr, (r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("check", str(p), "--collection", "nosuch")
+    assert r.returncode == 2 and "no collection named 'nosuch' (see" in r.stderr, r.stderr  # no other database's
 
     code, doc, err = reconcile(p, "--embedder", HASH_EMBEDDER, "--embedder", OTHER)
     assert code == 1 and doc["after_consistent"], err[-2000:]

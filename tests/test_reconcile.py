@@ -432,9 +432,10 @@ def test_orphans_without_source_are_listed_and_the_rest_fixed(tmp_path, damage_c
 # ---- safety: refuse, in one line, and touch nothing -----------------------------------
 
 
-def assert_refused(palace: Path, *args: str, want: str, child: bool = False) -> None:
-    """exit 8, one line on stderr naming ``want``, nothing on stdout, nothing changed.
-    ``child``: run the real command in another process (else in-process, CliRunner)."""
+def assert_refused(palace: Path, *args: str, want: str, child: bool = False, code_wanted: int = 8) -> None:
+    """exit 8 (or ``code_wanted``), one line on stderr naming ``want``, nothing on stdout,
+    nothing changed. ``child``: run the real command in another process (else in-process,
+    CliRunner)."""
     prints = fingerprint(palace)
     beside = listing(palace.parent)
     if child:
@@ -444,7 +445,7 @@ def assert_refused(palace: Path, *args: str, want: str, child: bool = False) -> 
         res = CliRunner().invoke(cli_main, ["reconcile", str(palace), *args])
         assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
         code, out, err = res.exit_code, res.stdout, res.stderr
-    assert code == 8, (code, out, err)
+    assert code == code_wanted, (code, out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert want in lines[0], lines[0]
@@ -671,9 +672,11 @@ def _count(p: Path, table: str, rid: int | None = None) -> int:
     ("chaosfix.embedder:DEFAULT_DIM", "not callable"),
 ])
 def test_bad_embedder_is_one_line(ref, want, tmp_path):
+    """A reference that names nothing this interpreter can call is a bad argument: exit 2
+    (it was 8, an operational error), before anything is read or changed."""
     p = fresh_palace(tmp_path / "palace", SPEC)
     faults.pickle_path(p).unlink()
-    assert_refused(p, "--embedder", ref, want=want)
+    assert_refused(p, "--embedder", ref, want=want, code_wanted=2)
 
 
 def test_embedder_of_the_wrong_dimension_is_one_line(tmp_path, monkeypatch):

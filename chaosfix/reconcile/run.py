@@ -476,7 +476,7 @@ def reconcile_palace(path: str | Path, opts: ReconcileOptions | None = None,
 
     for ref in opts.embedder if isinstance(opts.embedder, (list, tuple)) else [opts.embedder]:
         if isinstance(ref, str) and ":" not in ref and ref.strip().lower() not in MEMPALACE_MINILM:
-            raise OperationalError(f"--embedder {ref!r}: expected MODULE:ATTR, or default/minilm")
+            raise UsageProblem(f"--embedder {ref!r}: expected MODULE:ATTR, or default/minilm")
     selector = EmbedderSelector(root, opts.embedder, opts.trust_embedder, seed=opts.seed)
     try:
         return _reconcile(root, rep, opts, selector, progress, say)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Container
 
 import numpy as np
 
-from chaosfix.errors import OperationalError
+from chaosfix.errors import OperationalError, UsageProblem
 from chaosfix.palace.sql import WalRow
 from chaosfix.palace.state import replayed
 
@@ -23,19 +23,19 @@ def load_embedder(ref: str) -> Embedder:
     Only the named module is imported: a palace's own data never chooses code to run.
     """
     if ":" not in ref:
-        raise OperationalError(f"--embedder {ref!r}: expected MODULE:ATTR")
+        raise UsageProblem(f"--embedder {ref!r}: expected MODULE:ATTR")
     mod_name, attr = ref.split(":", 1)
     try:
         obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise OperationalError(f"--embedder {ref!r}: {exc}") from None
+    except (ImportError, AttributeError) as exc:  # names nothing this interpreter has: a bad argument
+        raise UsageProblem(f"--embedder {ref!r}: {exc}") from None
     if isinstance(obj, type):
         try:
             obj = obj()
         except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
             raise OperationalError(f"--embedder {ref!r}: cannot instantiate: {type(exc).__name__}: {exc}") from None
     if not callable(obj):
-        raise OperationalError(f"--embedder {ref!r} is not callable")
+        raise UsageProblem(f"--embedder {ref!r} is not callable")
     return obj
 
 
