@@ -433,3 +433,37 @@ def test_reconcile_holds_sqlites_write_lock_from_its_transaction_to_the_swap(poi
         os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-1500:]
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_the_plan_is_made_again_under_the_lock_only_when_the_palace_changed(journal_mode, tmp_path, damage_cache):
+    """Stopped between its first look and the lock, reconcile plans again under the lock
+    only if a palace file changed meanwhile. In WAL mode the repair's own connection
+    creates -shm and an empty -wal, which every run took for a change (helper-43's F4):
+    "the palace changed since the first look", and a second plan."""
+    note = "the palace changed since the first look"
+    for change in (False, True):
+        p = damaged_palace("lost-hnsw-writes", tmp_path / f"palace-{change}", damage_cache)
+        con = sqlite3.connect(p / "chroma.sqlite3", isolation_level=None)
+        assert con.execute(f"PRAGMA journal_mode={journal_mode}").fetchone()[0] == journal_mode
+        con.close()
+        env = dict(child_env(), CHAOSFIX_STOP_AT="planned")
+        proc = subprocess.Popen([sys.executable, "-c", "from chaosfix.cli import main; main()", "reconcile",
+                                 str(p), "--embedder", HASH_EMBEDDER, "--json"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-1500:]
+                time.sleep(0.02)
+            if change:  # another tool commits meanwhile
+                con = sqlite3.connect(p / "chroma.sqlite3", isolation_level=None)
+                con.execute("PRAGMA user_version = 7")
+                con.close()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-1500:]
+        doc = json.loads(out)
+        assert any(note in n for n in doc["notes"]) is change, (change, doc["notes"])
+        assert doc["after_consistent"], doc

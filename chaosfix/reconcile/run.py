@@ -2,6 +2,7 @@
 
 Order of work, each step a kill point for the crash tests (CHAOSFIX_KILL_AT; CHAOSFIX_STOP_AT
 stops the process there instead, for a test to look at the palace before SIGCONT):
+  planned       the first look's plan made, the lock not yet taken (nothing written)
   locked        flock + no other process holds palace files + BEGIN EXCLUSIVE
   copied        the backup folder made under its partial name, the db files copied
                 into it (only when SQL changes), not yet renamed into place
@@ -548,6 +549,7 @@ def _reconcile(root: Path, rep: ReconcileReport, opts: ReconcileOptions, embedde
                 kept = f" (backup: {rep.backup})" if rep.backup else ""
                 short = short.replace("nothing was changed", f"only the leftover journal was rolled back{kept}")
             raise OperationalError(short)
+        killpoint("planned")
         with PalaceLock(root):
             held = _held_elsewhere(root)
             if held:
@@ -881,12 +883,16 @@ def _roll_back_journal(root: Path, rep: ReconcileReport, opts: ReconcileOptions)
 def _fingerprint(root: Path) -> list[tuple[str, int, int, int]]:
     """(path, size, mtime_ns, inode) of every palace file but our own lock and marker: any
     write by chromadb or another tool changes it, so an unchanged one lets the plan made
-    at the first look stand once the lock is held."""
+    at the first look stand once the lock is held. A WAL-mode palace's ``-shm`` (an index
+    of the WAL that every reader writes) and an empty ``-wal`` (no commit in it) are not
+    content: opening the repair's own connection creates both."""
     out = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name not in (LOCK_NAME, MARKER):
+        rel = str(p.relative_to(root))
+        if p.is_file() and rel not in (LOCK_NAME, MARKER, SQLITE_NAME + "-shm"):
             st = p.stat()
-            out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino))
+            if rel != SQLITE_NAME + "-wal" or st.st_size:
+                out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
     return out
 
 
