@@ -999,7 +999,7 @@ def test_cli_contract_exit_codes_json_and_read_only(small_palace, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
         assert r.stdout == ""
     r = run_cli("check", str(healthy), "--collection", "no_such_collection")
-    assert r.returncode == 8 and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---- random damage: findings or one line, never a traceback, never a write ---------

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import HASH_EMBEDDER, assert_judged_by_chromadb, reconcile, sql_rows
 from hypothesis import HealthCheck, given, settings
@@ -1200,6 +1201,43 @@ def test_a_garbage_slot_size_in_the_header_never_asks_for_exabytes(palace: Path)
     code, doc, err = reconcile(palace, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
     assert code == 1 and doc["after_consistent"], err
     assert check_palace(palace).consistent
+
+
+@pytest.mark.parametrize("how", ["empty", "deleted", "zeroed"])
+def test_a_lost_header_keeps_every_vector_without_an_embedder(palace: Path, how: str):
+    """header.bin, which each persist rewrites first, truncated to 0 bytes, deleted or
+    zeroed: every slot went unread, so every row needed re-embedding, or was left (exit
+    4) where no model was at hand (helper-41's 5). The slots' layout follows from the
+    collection's dimension and M: the rebuild keeps every stored vector, no embedder."""
+    header = vector_dir(palace) / "header.bin"
+    if how == "deleted":
+        header.unlink()
+    else:
+        header.write_bytes(b"" if how == "empty" else bytes(100))
+    (torn,) = [f for f in check_palace(palace).findings if f.code == "TORN"]
+    assert "the slots read with the collection's layout (dimension 384, M 16)" in torn.detail, torn.detail
+    code, doc, err = reconcile(palace)
+    assert code == 1 and doc["after_consistent"], err[-2000:]
+    (plan,) = doc["plans"]
+    assert plan["strategy"] == "rebuild" and not plan["unrepaired"], plan
+    assert doc["chromadb"]["ok"], doc["chromadb"]
+    assert_judged_by_chromadb(palace, SPEC.drawers)  # every row with its own document's vector
+
+
+def test_a_lost_header_over_garbage_slots_reads_none_of_them(palace: Path):
+    """The derived layout is taken only where the slots' links and flags hold under it:
+    over garbage it reads nothing, and the rows wait for an embedder as before."""
+    seg = vector_dir(palace)
+    (seg / "header.bin").unlink()
+    level0 = seg / "data_level0.bin"
+    level0.write_bytes(np.random.default_rng(0).integers(0, 256, level0.stat().st_size, dtype=np.uint8).tobytes())
+    (torn,) = [f for f in check_palace(palace).findings if f.code == "TORN"]
+    assert "header.bin missing" in torn.detail and "collection's layout" not in torn.detail, torn.detail
+    code, doc, err = reconcile(palace, "--dry-run")
+    (plan,) = doc["plans"]
+    # no slot kept: every row is left but the one whose vector the WAL still holds
+    assert code == 4 and plan["unrepaired"] + plan["sources"].get("wal", 0) == SPEC.drawers, (plan, err[-2000:])
+    assert plan["sources"].keys() <= {"wal"}, plan
 
 
 # ---- 6. the smaller ones ----------------------------------------------------------------

@@ -36,6 +36,7 @@ MAX_ELEMENTS = 2**32
 MAX_M = 4096
 MAX_DIM = 65536
 CAPACITY_FLOOR = 1000  # chromadb's smallest max_elements
+DEFAULT_M, DEFAULT_EFC = 16, 100  # chromadb's defaults
 LINK_WINDOW = 4 << 20  # link_lists.bin bytes looked at per window of the walk
 
 
@@ -102,6 +103,40 @@ class Header:
         if not level_ok or self.max_m0 != 2 * self.max_m or self.m != self.max_m:
             out.append("graph parameters out of range")
         return out
+
+
+def derive_header(files: HnswFiles, dim: int, m: int, ef_construction: int) -> Header | None:
+    """The fields a read of the slots needs, rebuilt from the collection's dimension and M
+    when header.bin is gone, empty or garbage (each persist rewrites it first: a crash
+    right after truncating it leaves 0 bytes). chromadb lays every slot out from those
+    two alone; data_level0.bin must hold a whole number of such slots. The element count
+    is the slots up to the last one written: chromadb's labels start at 1, so a slot of
+    0.6's preallocated tail reads label 0. None when the file does not fit. The caller
+    still judges the slots' links and flags, which garbage under a wrong layout fails."""
+    size = files.present.get("data_level0.bin", 0)
+    if not (0 < dim <= MAX_DIM and 0 < m <= MAX_M and size):
+        return None
+    offset_data = 4 + 8 * m
+    label_offset = offset_data + 4 * dim
+    slot = label_offset + 8
+    if size % slot:
+        return None
+    n = min(size, files.level0_real()) // slot
+
+    def header(count: int) -> Header:
+        return Header(1, 0, size // slot, count, slot, label_offset, offset_data, 0 if count else -1, 0, m, 2 * m,
+                      m, 1 / math.log(m) if m > 1 else 1.0, ef_construction)
+
+    files.header = header(n)
+    try:
+        last = -1
+        for s, rows in files.blocks():
+            written = np.flatnonzero(rows[:, label_offset:slot].any(axis=1))
+            if len(written):
+                last = s + int(written[-1])
+    finally:
+        files.header = None
+    return header(last + 1)
 
 
 def parse_header(raw: bytes) -> Header:

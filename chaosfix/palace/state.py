@@ -17,10 +17,14 @@ import numpy as np
 
 from chaosfix.palace import idmap as idmap_mod
 from chaosfix.palace import map_child, pickle_reader, replay0x
-from chaosfix.palace.hnsw import HnswFiles, SlotTable
+from chaosfix.palace.hnsw import DEFAULT_EFC, DEFAULT_M, HnswFiles, SlotTable, derive_header
 from chaosfix.palace.idmap import in_sorted
 from chaosfix.palace.sql import CollectionInfo, PalaceSql, SeqValue, WalRow
 from chaosfix.safe_fs import is_link, is_uuid, links_in, shown
+
+# a layout derived for a lost header.bin is taken only when at most this share of its
+# slots has garbage links or flags (a wrong layout makes nearly all of them garbage)
+DERIVED_MAX_BAD = 0.1
 
 PICKLE_OK, PICKLE_NONE, PICKLE_MISSING, PICKLE_UNREADABLE, PICKLE_UNSAFE = (
     "ok", "none", "missing", "unreadable", "unsafe"
@@ -607,13 +611,18 @@ def _read_files(st: CollectionState, slot_vectors: bool = False) -> None:
     st.files = files
     if not files.present:
         return
-    if files.header is None:
-        st.torn.append(files.header_error or "header.bin missing")
-        return
+    broken = [files.header_error or "header.bin missing"] if files.header is None else files.header.problems()
+    derived = None
+    if broken:
+        st.torn.extend(broken)
+        # the slots are still readable with the layout the collection implies (their
+        # vectors then need no embedder); garbage under a wrong layout fails the links
+        derived = derive_header(files, st.info.dimension or 0, st.info.param("M", DEFAULT_M),
+                                st.info.param("construction_ef", DEFAULT_EFC))
+        if derived is None:
+            return
+        files.header = derived
     h = files.header
-    st.torn.extend(h.problems())
-    if st.torn:
-        return
     for name in ("data_level0.bin", "length.bin", "link_lists.bin"):
         if name not in files.present and h.cur_element_count:
             st.torn.append(f"{name} missing")
@@ -629,8 +638,16 @@ def _read_files(st: CollectionState, slot_vectors: bool = False) -> None:
         st.torn.append(f"index dimension {h.dim} != collection dimension {st.info.dimension}")
     st.slots = files.slots(st.info.space if slot_vectors else None)
     nbad = int(st.slots.bad.sum())
+    if derived is not None:
+        if nbad > DERIVED_MAX_BAD * len(st.slots.labels):  # not this layout: nothing is read
+            files.header, st.slots = None, None
+            return
+        st.torn.append(f"the slots read with the collection's layout (dimension {h.dim}, M {h.m}): "
+                       f"{h.cur_element_count} written")
     if nbad:
         st.torn.append(f"{nbad} slots with invalid neighbour lists or flags")
+    if derived is not None:  # (its upper levels are unknown: the rebuild makes new ones)
+        return
     used, problem = files.link_walk()
     st.link_bytes_used = used
     if problem:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from chaosfix.check import PALACE_CODES, CheckReport
-from chaosfix.palace.hnsw import vectors_usable
+from chaosfix.palace.hnsw import DEFAULT_EFC, DEFAULT_M, vectors_usable
 from chaosfix.palace.idmap import MAX_TOTAL, IdMap
 from chaosfix.palace.sql import PalaceSql, WalRow
 from chaosfix.palace.state import CollectionState
@@ -48,7 +48,6 @@ class SeqWrite:
     encoding: str  # "blob" or "int"
 
 
-DEFAULT_M, DEFAULT_EFC = 16, 100  # chromadb's defaults
 
 
 @dataclass
