@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from chaosfix.errors import OperationalError, UsageProblem
 from chaosfix.palace import SQLITE_NAME, PalaceSql, SqlReadError, palace_db, schema_guard
@@ -59,6 +62,7 @@ CODES = {
     "UNSAFE_ID": "a collection or segment id that is not a UUID (never used as a path)",
     "SYMLINK": "a symlinked segment folder or file (never followed; info for chroma.sqlite3 itself)",
     "WAL_MODE": "chroma.sqlite3 is in SQLite WAL mode (chromadb uses a rollback journal; read without writing)",
+    "BAD_VECTOR": "live index slots whose stored vector is not finite (cosine: not the unit length hnswlib stores)",
     "STALE_VECTOR": "check --deep: the index holds another vector than the row's document embeds to",
 }
 # findings about the whole palace, never a collection's own repair work
@@ -109,12 +113,13 @@ class CheckReport:
 
 
 def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.Connection | None = None,
-                 slot_vectors: bool = False) -> CheckReport:
+                 for_repair: bool = False) -> CheckReport:
     """Inspect a palace and return its findings. Raises OperationalError (exit 8) only
-    when the path is not a palace, is locked, or the named collection does not exist.
+    when the path is not a palace or is locked; UsageProblem (exit 2) when the named
+    collection does not exist.
     ``conn`` lets the reconciler check through its own exclusive connection;
-    ``slot_vectors`` has the slot pass also judge every stored vector (the reconciler's
-    plan needs it, and reading data_level0.bin a second time would cost a full pass)."""
+    ``for_repair``: the reconciler's read (each id map unpickled in this process; the
+    slot pass judges every stored vector for check and the plan alike)."""
     db = palace_db(path)
     root = db.parent
     report = CheckReport(palace=os.path.abspath(root))  # (as reconcile reports it: absolute, lexically)
@@ -131,7 +136,7 @@ def check_palace(path: str | Path, collection: str | None = None, conn: sqlite3.
         return report
     try:
         if _schema(sql, root, report):
-            _check(sql, root, collection, report, slot_vectors)
+            _check(sql, root, collection, report, for_repair)
     except SqlReadError as exc:
         _refuse_locked(root, exc)
         report.findings.append(Finding("SQLITE_CORRUPT", ERROR, None, None, 1, [], str(exc)))
@@ -184,7 +189,7 @@ def _refuse_locked(root: Path, exc: Exception) -> None:
 
 
 def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,
-           slot_vectors: bool = False) -> None:
+           for_repair: bool = False) -> None:
     add = report.findings.append
     if sql.hot_journal:
         # A synced header means SQLite must roll back before anyone may write (error);
@@ -205,7 +210,7 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
     _, stale_queries = sql.stale_queries()
     quick_check = sql.quick_check_started(stale_queries)
     try:
-        _collections(sql, root, collection, report, slot_vectors)
+        _collections(sql, root, collection, report, for_repair)
     finally:
         problems, answers = quick_check()  # joined even when the rest failed: it reads the same file
         if problems:
@@ -215,7 +220,7 @@ def _check(sql: PalaceSql, root: Path, collection: str | None, report: CheckRepo
 
 
 def _collections(sql: PalaceSql, root: Path, collection: str | None, report: CheckReport,
-                 slot_vectors: bool) -> None:
+                 for_repair: bool) -> None:
     add = report.findings.append
     cols = sql.collections()
     if collection is not None:
@@ -227,7 +232,7 @@ def _collections(sql: PalaceSql, root: Path, collection: str | None, report: Che
     seqs = sql.max_seq_ids()
     vector_ids = set()
     for info in cols:
-        st = load_state(sql, root, info, seqs, slot_vectors)
+        st = load_state(sql, root, info, seqs, for_repair)
         report.states.append(st)
         if info.vector_segment:
             vector_ids.add(info.vector_segment)
@@ -335,6 +340,7 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
             "chromadb 1.x sizes the index from the torn header, can grow link_lists.bin to hundreds of GB "
             "(sparse) and crash on the next open; 0.6 reads the torn slots' garbage: it fails reads, or serves "
             "the palace once and segfaults on a later open")
+    _bad_vectors(st, add)
     if st.files is not None and st.files.header is not None and not st.torn:
         size = st.files.present.get("link_lists.bin", 0)
         extra = size - st.link_bytes_used
@@ -395,6 +401,27 @@ def _collection_findings(st: CollectionState, report: CheckReport, schema: str =
     pend = len(st.pending)
     add("PENDING", pend, sorted(st.pending_ids)[:SAMPLE], "WAL rows chromadb replays on open", INFO)
     report.collections.append(summary(st))
+
+
+def _bad_vectors(st: CollectionState, add: Callable[..., None]) -> None:
+    """BAD_VECTOR: live, well-formed slots whose stored vector is NaN or infinite, or, in a
+    cosine index (hnswlib stores unit vectors there), not of unit length: a torn page
+    zeroed part of it. chromadb serves them as they are: the row ranks wrong or never.
+    Judged in the slot pass from the blocks it reads anyway (under a torn header, the
+    repair's rebuild judges them)."""
+    sl = st.slots
+    if sl is None or sl.vector_ok is None or st.torn:
+        return
+    bad = np.flatnonzero(sl.live & ~sl.vector_ok & ~sl.bad)
+    if not len(bad):
+        return
+    labels = sl.labels[bad[:SAMPLE]].tolist()
+    names = [st.idmap.label_to_id.get(lab, f"label {lab}") for lab in labels] if st.idmap is not None else \
+        [f"label {lab}" for lab in labels]
+    what = "not finite" + (" or not unit length" if st.info.space == "cosine" else "")
+    add("BAD_VECTOR", len(bad), names, f"live slots whose stored vector is {what}: chromadb serves them as "
+        "stored (the rows rank wrong or are never found); reconcile takes each row's vector from the WAL or its "
+        "document again")
 
 
 def summary(st: CollectionState) -> dict:

@@ -1240,6 +1240,31 @@ def test_a_lost_header_over_garbage_slots_reads_none_of_them(palace: Path):
     assert plan["sources"].keys() <= {"wal"}, plan
 
 
+def test_a_slot_whose_vector_is_nan_or_partly_zeroed_is_found_by_check_and_repaired(palace: Path):
+    """check did not judge stored vectors (helper-41's 6): a NaN, or a torn page's zeros
+    in a cosine slot (no longer unit length, as hnswlib stores it), read "consistent",
+    while chromadb served them (the rows rank wrong or never); reconcile had nothing to do."""
+    seg = vector_dir(palace)
+    h = parse_header((seg / "header.bin").read_bytes())
+    m = idmap.loads((seg / "index_metadata.pickle").read_bytes())
+    victims = {5: np.float32("nan").tobytes(), 17: bytes(4 * (h.dim // 2))}  # slot -> bytes written over its vector
+    with open(seg / "data_level0.bin", "r+b") as f:
+        for slot, raw in victims.items():
+            f.seek(slot * h.size_data_per_element + h.offset_data)
+            f.write(raw)
+    labels = {slot: int.from_bytes((seg / "data_level0.bin").read_bytes()[
+        slot * h.size_data_per_element + h.label_offset:][:8], "little") for slot in victims}
+    want = sorted(m.label_to_id[lab] for lab in labels.values())
+    (bad,) = [f for f in check_palace(palace).findings if f.code == "BAD_VECTOR"]
+    assert bad.count == 2 and sorted(bad.sample) == want and bad.severity == "error", bad
+    assert not check_palace(palace).consistent
+    code, doc, err = reconcile(palace, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["after_consistent"] and doc["chromadb"]["ok"], err[-2000:]
+    (plan,) = doc["plans"]
+    assert plan["strategy"] == "incremental" and plan["sources"] == {"index": SPEC.drawers - 2, "embedder": 2}, plan
+    assert_judged_by_chromadb(palace, SPEC.drawers)  # both rows with their document's vector again
+
+
 # ---- 6. the smaller ones ----------------------------------------------------------------
 
 

@@ -390,9 +390,9 @@ def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
 
 
 def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue],
-               slot_vectors: bool = False) -> CollectionState:
-    """Read one collection (``slot_vectors`` also judges every slot's vector in the same
-    pass, for the reconciler). An id that is not a UUID is recorded and nothing is read by
+               for_repair: bool = False) -> CollectionState:
+    """Read one collection (``for_repair``: the reconciler's read, its id map always
+    unpickled here, never deferred to check's helper). An id that is not a UUID is recorded and nothing is read by
     it; a symlinked segment folder or file is recorded and the segment is not read."""
     bad_id = id_problem(info)
     if bad_id is not None:
@@ -418,7 +418,7 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
     raw = _pickle_bytes(st) if seg_ok else None
     # deferred for check of a 1.x palace; a 0.6 map's seq_ids are compared with SQL's by
     # every check (``index_ahead``), so it would be unpickled here anyway
-    if (raw is not None and len(raw) >= map_child.MIN_BYTES and not slot_vectors
+    if (raw is not None and len(raw) >= map_child.MIN_BYTES and not for_repair
             and sql.generation.pickle_format == "dict"):
         _load_deferred(sql, st, raw)
     else:
@@ -435,7 +435,7 @@ def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[st
                            else sql.rows(info.metadata_segment) if info.metadata_segment else {})
             del blob
             if seg_ok:
-                _read_files(st, slot_vectors)
+                _read_files(st)
             if raw is not None:
                 _parse_pickle(st, raw, scan)
         if from_blob and st.idmap is not None and (st.idmap.fmt == "object" or st.idmap.has_seq_map):
@@ -605,7 +605,7 @@ def _parse_pickle(st: CollectionState, raw: bytes, scan: pickle_reader.Scan | No
         st.pickle_status, st.pickle_error = PICKLE_UNREADABLE, str(exc)
 
 
-def _read_files(st: CollectionState, slot_vectors: bool = False) -> None:
+def _read_files(st: CollectionState) -> None:
     assert st.seg_dir is not None
     files = HnswFiles.open(st.seg_dir)
     st.files = files
@@ -636,7 +636,7 @@ def _read_files(st: CollectionState, slot_vectors: bool = False) -> None:
         st.torn.append("length.bin shorter than the element count")
     if st.info.dimension and h.dim != st.info.dimension and h.cur_element_count:
         st.torn.append(f"index dimension {h.dim} != collection dimension {st.info.dimension}")
-    st.slots = files.slots(st.info.space if slot_vectors else None)
+    st.slots = files.slots(st.info.space)  # every vector judged from the blocks read anyway (BAD_VECTOR)
     nbad = int(st.slots.bad.sum())
     if derived is not None:
         if nbad > DERIVED_MAX_BAD * len(st.slots.labels):  # not this layout: nothing is read

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from chaosfix.check import PALACE_CODES, CheckReport
-from chaosfix.palace.hnsw import DEFAULT_EFC, DEFAULT_M, vectors_usable
+from chaosfix.palace.hnsw import DEFAULT_EFC, DEFAULT_M
 from chaosfix.palace.idmap import MAX_TOTAL, IdMap
 from chaosfix.palace.sql import PalaceSql, WalRow
 from chaosfix.palace.state import CollectionState
@@ -550,20 +550,13 @@ def _refused_later(sql: PalaceSql, st: CollectionState, wal: list[WalRow], later
 
 def _slot_vectors_ok(st: CollectionState, live: dict[int, int]) -> dict[int, bool]:
     """label -> its stored vector is finite (and unit-norm for cosine, which stores normalized);
-    judged by the state's one slot pass when it was loaded with ``slot_vectors``."""
+    judged by the state's one slot pass."""
     if st.files is None or st.slots is None or not live:
         return {}
     labels = np.fromiter(live.keys(), dtype=np.uint64, count=len(live))
     slots = np.fromiter(live.values(), dtype=np.int64, count=len(live))
-    if st.slots.vector_ok is not None:
-        ok = st.slots.vector_ok[slots]
-    else:
-        ok = np.ones(len(slots), dtype=bool)
-        order = np.argsort(slots)  # in file order: each chunk is one run of the file, read once
-        for s in range(0, len(slots), 65536):
-            part = order[s : s + 65536]
-            ok[part] = vectors_usable(st.files.vectors(slots[part]), st.info.space)
-    return dict(zip(labels.tolist(), ok.tolist()))
+    assert st.slots.vector_ok is not None  # (every slot pass judges them)
+    return dict(zip(labels.tolist(), st.slots.vector_ok[slots].tolist()))
 
 
 def _plan_seqs(sql: PalaceSql, st: CollectionState, plan: CollectionPlan, problems: set[str]) -> None:

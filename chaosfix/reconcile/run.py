@@ -831,7 +831,7 @@ def _expected_count(p: CollectionPlan) -> int | None:
 
 def _check(root: Path, opts: ReconcileOptions, suspects: set[str], conn: sqlite3.Connection | None = None
            ) -> CheckReport:
-    rep = check_palace(root, opts.collection, conn=conn, slot_vectors=True)
+    rep = check_palace(root, opts.collection, conn=conn, for_repair=True)
     for st in rep.states:
         if (st.seg_dir is not None and st.seg_dir.name in suspects and st.idmap is not None
                 and st.idmap.fmt == "object"):  # only 0.6 persists inside the transaction
