@@ -163,12 +163,14 @@ class SlotTable:
 
 
 def vectors_usable(v: np.ndarray, space: str) -> np.ndarray:
-    """Rows of ``v`` that are finite, and unit-norm for cosine (hnswlib stores them normalized)."""
+    """Rows of ``v`` that are finite, and unit-norm for cosine (hnswlib stores them
+    normalized), or all zero there: chromadb stores an embedding of zeros as it is given."""
     ok = np.isfinite(v).all(axis=1)
     if space == "cosine":
         with np.errstate(all="ignore"):
             # float64 sums without a float64 copy of the block (4x faster than linalg.norm)
-            ok &= np.abs(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)) - 1.0) < 1e-3
+            sq = np.einsum("ij,ij->i", v, v, dtype=np.float64)
+            ok &= (np.abs(np.sqrt(sq) - 1.0) < 1e-3) | (sq == 0)
     return ok
 
 
