@@ -1262,12 +1262,12 @@ def test_a_slot_whose_vector_is_nan_or_partly_zeroed_is_found_by_check_and_repai
     assert code == 1 and doc["after_consistent"] and doc["chromadb"]["ok"], err[-2000:]
     (plan,) = doc["plans"]
     assert plan["strategy"] == "incremental" and plan["sources"] == {"index": SPEC.drawers - 2, "embedder": 2}, plan
+    assert_judged_by_chromadb(palace, SPEC.drawers)  # both rows with their document's vector again
     # an embedding of zeros is chromadb's own state (it stores one as given): no damage
     with open(seg / "data_level0.bin", "r+b") as f:
         f.seek(9 * h.size_data_per_element + h.offset_data)
         f.write(bytes(4 * h.dim))
     assert "BAD_VECTOR" not in check_palace(palace).codes()
-    assert_judged_by_chromadb(palace, SPEC.drawers)  # both rows with their document's vector again
 
 
 # ---- 6. the smaller ones ----------------------------------------------------------------
