@@ -392,8 +392,9 @@ def written_in_rollback(seg_dir: Path, db_path: Path) -> bool:
 def load_state(sql: PalaceSql, palace: Path, info: CollectionInfo, seqs: dict[str, SeqValue],
                for_repair: bool = False) -> CollectionState:
     """Read one collection (``for_repair``: the reconciler's read, its id map always
-    unpickled here, never deferred to check's helper). An id that is not a UUID is recorded and nothing is read by
-    it; a symlinked segment folder or file is recorded and the segment is not read."""
+    unpickled here, never deferred to check's helper). An id that is not a UUID is
+    recorded and nothing is read by it; a symlinked segment folder or file is recorded
+    and the segment is not read."""
     bad_id = id_problem(info)
     if bad_id is not None:
         return CollectionState(info=info, seg_dir=None, sql_rows={}, vector_seq=None, metadata_seq=None,
