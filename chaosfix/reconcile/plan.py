@@ -48,8 +48,6 @@ class SeqWrite:
     encoding: str  # "blob" or "int"
 
 
-
-
 @dataclass
 class CollectionPlan:
     collection: str
