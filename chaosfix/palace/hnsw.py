@@ -165,12 +165,16 @@ class SlotTable:
 def vectors_usable(v: np.ndarray, space: str) -> np.ndarray:
     """Rows of ``v`` that are finite, and unit-norm for cosine (hnswlib stores them
     normalized), or all zero there: chromadb stores an embedding of zeros as it is given."""
-    ok = np.isfinite(v).all(axis=1)
-    if space == "cosine":
-        with np.errstate(all="ignore"):
-            # float64 sums without a float64 copy of the block (4x faster than linalg.norm)
-            sq = np.einsum("ij,ij->i", v, v, dtype=np.float64)
-            ok &= (np.abs(np.sqrt(sq) - 1.0) < 1e-3) | (sq == 0)
+    with np.errstate(all="ignore"):
+        # squared norms in float32 (a NaN or inf in a row makes its sum one): 8x faster than
+        # float64 sums, which check pays on every slot (0.02 s against 0.19 s per 500k)
+        sq = np.einsum("ij,ij->i", v, v)
+    ok = np.isfinite(sq)
+    over = np.flatnonzero(~ok)
+    if len(over):  # finite values whose squares overflow float32 (an l2/ip norm above 1.8e19)
+        ok[over] = np.isfinite(v[over]).all(axis=1)
+    if space == "cosine":  # |norm - 1| < 1e-3, or all zero
+        ok &= ((sq > (1 - 1e-3) ** 2) & (sq < (1 + 1e-3) ** 2)) | (sq == 0)
     return ok
 
 
