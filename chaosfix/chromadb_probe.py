@@ -46,7 +46,7 @@ from chaosfix.reconcile.verify import UNREACHABLE_RATE
 CHILD = Path(__file__).with_name("_verify_child.py")
 COPY_PREFIX = ".chaosfix-verify-"  # <palace parent>/.<palace name>.chaosfix-verify-XXXX
 MAX_REPAIRED = 20000  # repaired rows whose embedding chromadb returns (a seeded sample above this)
-QUERY_REPAIRED = 200  # of those, self-queried through chromadb (chaosfix's verify asks every one)
+QUERY_REPAIRED = 100  # of those, self-queried through chromadb (chaosfix's verify asks every one)
 KS = [10, 100, 400, 1600, 6400]
 
 

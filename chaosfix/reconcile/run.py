@@ -116,7 +116,7 @@ class ReconcileOptions:
     prune_orphan_dirs: bool = False
     drop_foreign_sql: bool = False
     chromadb_python: str | None = None  # the application's interpreter, for the chromadb post-check
-    chromadb_sample: int = 200  # unrepaired rows the chromadb post-check self-queries
+    chromadb_sample: int = 100  # unrepaired rows the chromadb post-check self-queries
     deep: bool = False  # re-embed every row and replace stale vectors (STALE_VECTOR)
     sample: int = 1000
     seed: int = 0
