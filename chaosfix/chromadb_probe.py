@@ -39,12 +39,13 @@ from chaosfix.errors import OperationalError
 from chaosfix.filecopy import copy_locked, copy_tree_sparse
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
+from chaosfix.palace.leftovers import sibling_stem
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.safety import Background
 from chaosfix.reconcile.verify import UNREACHABLE_RATE
 
 CHILD = Path(__file__).with_name("_verify_child.py")
-COPY_PREFIX = ".chaosfix-verify-"  # <palace parent>/.<palace name>.chaosfix-verify-XXXX
+COPY_PREFIX = ".chaosfix-verify-"  # <palace parent>/.<palace's sibling_stem>.chaosfix-verify-XXXX
 MAX_REPAIRED = 20000  # repaired rows whose embedding chromadb returns (a seeded sample above this)
 QUERY_REPAIRED = 100  # of those, self-queried through chromadb (chaosfix's verify asks every one)
 KS = [10, 100, 400, 1600, 6400]
@@ -128,7 +129,7 @@ def copy_palace(root: Path, built: Mapping[str, Path] | None = None, skip: Colle
 
 def _copy_folder(root: Path) -> Path:
     """A new, empty folder for the copy beside the palace (found by ``stale_copies``)."""
-    return Path(tempfile.mkdtemp(prefix=f".{root.name}{COPY_PREFIX}", dir=root.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{sibling_stem(root)}{COPY_PREFIX}", dir=root.parent))
 
 
 def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | None = None,
@@ -196,7 +197,7 @@ class EarlyCopy:
 
 def stale_copies(root: Path) -> list[Path]:
     """Copies an interrupted post-check left beside the palace."""
-    prefix = f".{root.name}{COPY_PREFIX}"  # a prefix test, not a glob: the name may hold [ or *
+    prefix = f".{sibling_stem(root)}{COPY_PREFIX}"  # a prefix test, not a glob: the name may hold [ or *
     return [d for d in root.parent.iterdir() if d.name.startswith(prefix) and d.is_dir() and not d.is_symlink()]
 
 

@@ -1399,22 +1399,34 @@ def test_property_schema_and_number_mutations(hypo_template: Path, tmp_path: Pat
     shutil.rmtree(w, ignore_errors=True)
 
 
-@pytest.mark.parametrize("length", [220, 232])
-def test_a_long_palace_name_gets_its_backup_or_one_line_naming_the_cause(length, tmp_path, damage_cache):
-    """A palace name of 220 characters leaves room for chaosfix's backup folder beside it
-    (name + 32 characters, under the 255 a name may have), so the repair writes it; at
-    232 it cannot, and the error line still ends with the system's words (a long path is
-    cut in the middle, never at the end)."""
+@pytest.mark.parametrize("name", ["x" * 207, "x" * 232, "x" * 255, "\u00e9" * 127], ids=["207", "232", "255", "utf8-254-bytes"])
+def test_a_long_palace_name_gets_its_backup_and_its_post_check(name, tmp_path, damage_cache):
+    """A palace name of up to 255 bytes gets its backup and chromadb's post-check copy
+    beside it: above 207 bytes their names begin with the palace name's first characters,
+    ``~`` and a hash of it (a name of 232 was refused before, "File name too long",
+    exit 8), and a rerun finds them (exit 0). Two long names with the same beginning get
+    different folders. A run killed with its backup half made leaves it for the rerun."""
     from helpers import damaged_palace
+
+    from chaosfix.palace.leftovers import quarantined, sibling_stem
 
     p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
     faults.poison_seq(p, "vector")
-    long = p.rename(tmp_path / ("x" * length))
-    code, doc, err = reconcile(long, "--no-chromadb-check", "--embedder", HASH_EMBEDDER)
-    if length == 220:
-        assert code == 1 and doc["after_consistent"] is True, err[-1500:]
-        assert Path(doc["backup"]).name.startswith(long.name + ".chaosfix-backup-")
-        assert reconcile(long, "--no-chromadb-check")[0] == 0
-    else:
-        lines = err.strip().splitlines()
-        assert code == 8 and lines[-1].endswith("File name too long; nothing was changed"), lines[-1:]
+    long = p.rename(tmp_path / name)
+    stem = sibling_stem(long)
+    # killed with its backup copied but not yet in place: the rerun finds and removes it
+    env = child_env() | {"CHAOSFIX_KILL_AT": "copied"}
+    killed = subprocess.run([sys.executable, "-m", "chaosfix", "reconcile", str(long), "--no-chromadb-check",
+                             "--embedder", HASH_EMBEDDER], capture_output=True, text=True, env=env, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-500:]
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(f".{stem}.chaosfix-part-")]
+    code, doc, err = reconcile(long, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["after_consistent"] is True and doc["chromadb"]["ok"], err[-1500:]
+    backup = Path(doc["backup"])
+    assert backup.parent == long.parent and backup.name.startswith(stem + ".chaosfix-backup-")
+    assert len(os.fsencode(backup.name)) <= 255 and (stem == name) == (len(os.fsencode(name)) <= 207)
+    if any(d.is_dir() for d in backup.iterdir()):  # a moved segment is found as this palace's backup
+        assert "chaosfix-backup" in {q.kind for q in quarantined(long)}
+    assert [x.name for x in tmp_path.iterdir() if "chaosfix" in x.name] == [backup.name]  # no copy left
+    assert reconcile(long, "--no-chromadb-check")[0] == 0
+    assert sibling_stem(Path("x" * 250)) != sibling_stem(Path("x" * 249 + "y"))

@@ -11,6 +11,7 @@ link_lists.bin costs little) and only regular files directly inside the folder
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,30 @@ from chaosfix.palace import UUID_RE
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 QUARANTINE_RE = re.compile(rf"^({UUID})\.(corrupt|drift|hnsw-backup)-[0-9A-Za-z_.:+-]{{1,64}}$")
 BACKUP_GLOB = ".chaosfix-backup-"
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+# the most chaosfix adds to a palace's name beside it: "." + ".chaosfix-recovered-" + a
+# time + "-NN" (39 bytes), mkdtemp's "." + ".chaosfix-verify-" + 8 (26), with room to spare
+SIBLING_EXTRA = 48
+
+
+def sibling_stem(root: Path) -> str:
+    """How the names of chaosfix's folders beside the palace ``root`` begin (its backups,
+    a backup being made, recovered folders, the post-check's copy): the palace's own name
+    or, when that name and the longest of those suffixes would not fit in one file name,
+    its first characters, ``~`` and a hash of the whole name. A palace named near the
+    limit then still gets its backup (it was refused, "File name too long"), and two long
+    names with the same beginning do not share folders."""
+    name = root.name
+    if len(os.fsencode(name)) <= NAME_MAX - SIBLING_EXTRA:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    budget, used, keep = NAME_MAX - SIBLING_EXTRA - 1 - len(digest), 0, []
+    for ch in name:  # whole characters (a UTF-8 name is never cut inside one)
+        used += len(os.fsencode(ch))
+        if used > budget:
+            break
+        keep.append(ch)
+    return "".join(keep) + "~" + digest
 
 
 @dataclass
@@ -68,7 +93,7 @@ def quarantined(root: Path, segment: str | None = None, backups: bool = True) ->
     if not backups:
         return out
     parent = root.parent
-    prefix = root.name + BACKUP_GLOB
+    prefix = sibling_stem(root) + BACKUP_GLOB
     try:
         backups = sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
     except OSError:

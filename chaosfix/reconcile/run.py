@@ -59,7 +59,7 @@ from chaosfix.errors import (
 )
 from chaosfix.filecopy import copy_locked
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
-from chaosfix.palace.leftovers import BACKUP_GLOB
+from chaosfix.palace.leftovers import BACKUP_GLOB, sibling_stem
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced, odd_sidecars
 from chaosfix.palace.state import written_in_rollback
@@ -276,7 +276,7 @@ def _recover_own_leftovers(root: Path, notes: list[str]) -> None:
             if prefix == BUILD_PREFIX:
                 _drop_links_to_live(d, root / seg)
             if stash is None:
-                stash = _new_dir(root.parent / f"{root.name}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
+                stash = _new_dir(root.parent / f"{sibling_stem(root)}.chaosfix-recovered-{time.strftime('%Y%m%d-%H%M%S')}")
             move_out(d, stash / d.name)
             notes.append(f"moved leftover {d.name} to {stash}")
     marker = root / MARKER
@@ -309,7 +309,7 @@ def _own_names(root: Path) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """The exact names chaosfix gives folders beside the palace ``root``: its backup and
     recovered folders, and a backup still being made (``_new_backup``)."""
     stamp = r"-\d{8}-\d{6}(?:-\d+)?"
-    name = re.escape(root.name)
+    name = re.escape(sibling_stem(root))
     return (re.compile(rf"{name}\.chaosfix-(?:backup|recovered){stamp}"),
             re.compile(rf"\.{name}{re.escape(PARTIAL_BACKUP)}\d{{8}}-\d{{6}}(?:-\d+)?"))
 
@@ -411,7 +411,7 @@ def _new_backup(root: Path, rep: ReconcileReport, files: tuple[str, ...], option
     leaves the partial folder, which the rerun removes; an error or Ctrl-C removes it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # (the partial name is no longer than the backup's: a long palace name fits both)
-    tmp = _new_dir(root.parent / f".{root.name}{PARTIAL_BACKUP}{stamp}")
+    tmp = _new_dir(root.parent / f".{sibling_stem(root)}{PARTIAL_BACKUP}{stamp}")
     try:
         seen: dict[str, tuple[int, int, int]] = {}
         for name in (*files, *optional):
@@ -426,7 +426,7 @@ def _new_backup(root: Path, rep: ReconcileReport, files: tuple[str, ...], option
                                        "running?); nothing was changed")
         fsync_path(tmp)
         killpoint("copied")
-        _place(tmp, root.parent / f"{root.name}{BACKUP_GLOB}{stamp}", rep)
+        _place(tmp, root.parent / f"{sibling_stem(root)}{BACKUP_GLOB}{stamp}", rep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -680,7 +680,7 @@ def _short_of_space(root: Path, rep: ReconcileReport, opts: ReconcileOptions, po
     # every copy counted whole first; only when that does not fit is the file system asked
     # whether it clones (a dry run writes nothing, not even that probe)
     whole = short(clones=False)
-    if whole is None or opts.dry_run or not space.clones_files(root.parent, f".{root.name}{COPY_PREFIX}"):
+    if whole is None or opts.dry_run or not space.clones_files(root.parent, f".{sibling_stem(root)}{COPY_PREFIX}"):
         return whole
     return short(clones=True)
 
