@@ -22,8 +22,9 @@ Each run works on private copies, each in a fresh process:
   ``chaosfix reconcile PALACE --embedder chaosfix.embedder:HashEmbedder --json``
   (incremental repair, verification, the read-only check afterwards and chromadb's
   post-check in its child process);
-- the same with ``--no-chromadb-check`` (chromadb's post-check runs beside the
-  verification, so what it adds is measured by a run without it);
+- the same with ``--no-chromadb-check`` (chromadb's post-check copies the palace to be
+  beside the verification, then judges it, so what it adds is measured by a run
+  without it);
 - with ``--strategy S``, also the same command with ``--strategy S``.
 
 It prints wall times, the speedup over the field's approach (with and without the
@@ -276,7 +277,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
              ("plan", "build", "verify", "total_repair", "after_check", "chromadb_check", "post_verify")}
         wall = _med([r["wall"] for r in rs])
         cpu = _med([r["cpu"] for r in rs])
-        # the post-check runs beside the verification: the run without it is measured
+        # the post-check's copy is made beside the verification: the run without it is measured
         no_cr = _med([r["wall"] for r in runs.get(NO_POST, [])]) if label == "default" and runs.get(NO_POST) else wall
         rss, crss = max(r["rss"] for r in rs), max(r["child_rss"] for r in rs)
         r0 = rs[0]
@@ -292,7 +293,7 @@ def report(args: argparse.Namespace, version: str, broken: Path, facts: dict, fi
                                  + (f" -> {f_cpu / cpu:.1f}x less than the field" if ran else "")),
             ("  stages", f"plan {t['plan']:.2f} s (check + plan), build {t['build']:.2f} s, "
                          f"verify {t['verify']:.2f} s"
-                         + (f" (beside the chromadb post-check: both done in {t['chromadb_check']:.2f} s)" if post else "")
+                         + (f" (then chromadb's post-check: both done in {t['chromadb_check']:.2f} s)" if post else "")
                          + f", lock/backup/swap/commit {other:.2f} s, after-check {t['after_check']:.2f} s, "
                          f"interpreter + imports + JSON ~{wall - t['total_repair'] - t['post_verify']:.2f} s"),
             ("  peak RSS reconcile", f"{rss / MB:.1f} MB = {rss / level0:.2f}x data_level0.bin"),

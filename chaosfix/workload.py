@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -129,12 +128,11 @@ def start_child(cmd: list[str], stdin: bool = False) -> subprocess.Popen:
 def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
               kill_after: float | None = None, progress: ProgressFn | None = None,
               command: list[str] | None = None, started: subprocess.Popen | None = None,
-              stdin_line: str | None = None, on_sent: Callable[[], None] | None = None) -> ChildResult:
+              stdin_line: str | None = None) -> ChildResult:
     """Run one child; ``prefix`` wraps it (e.g. strace), ``kill_after`` SIGKILLs it on a timer.
     With ``progress``, the child reports its progress on stderr and it is passed on as it comes.
     ``command`` runs another child script instead (it gets its spec its own way);
-    ``started`` is one already running (``start_child(stdin=True)``), sent ``stdin_line``;
-    ``on_sent`` is called once the child has its work (then it needs nothing from here)."""
+    ``started`` is one already running (``start_child(stdin=True)``), sent ``stdin_line``."""
     held = None
     if started is not None:
         proc = started
@@ -157,17 +155,15 @@ def run_child(spec: dict, timeout: float = 900, prefix: list[str] | None = None,
     try:
         if held is not None:  # (a Ctrl-C held meanwhile is raised here, with the child known)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        return _collect(proc, timeout, kill_after, progress, on_sent, prefix)
+        return _collect(proc, timeout, kill_after, progress, prefix)
     except BaseException:  # Ctrl-C: the child has a session of its own and never saw it
         _kill_group(proc)  # dead before the caller removes the folder it writes
         raise
 
 
 def _collect(proc: subprocess.Popen, timeout: float, kill_after: float | None, progress: ProgressFn | None,
-             on_sent: Callable[[], None] | None, prefix: list[str] | None) -> ChildResult:
+             prefix: list[str] | None) -> ChildResult:
     """``run_child``'s wait for a running child: its output, its progress, its result."""
-    if on_sent is not None:
-        on_sent()
     out: list[str] = []
     err: list[str] = []
 

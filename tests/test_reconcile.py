@@ -21,6 +21,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ from chaosfix import faults
 from chaosfix.check import check_palace
 from chaosfix.cli import main as cli_main
 from chaosfix.drawers import COLLECTION, drawer
+from chaosfix.errors import OperationalError
 from chaosfix.palace import idmap
 from chaosfix.reconcile.plan import chroma_capacity
 from chaosfix.reconcile.safety import PalaceLock
@@ -816,6 +819,52 @@ def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
     assert verdict_by_graph(["r1", "s1"])["ok"] and not asked  # within max(2, 0.5%): never measured
     assert verdict_by_graph(quirks)["ok"] and asked == [1]  # measured once, for both groups
     assert not verdict_by_graph([f"r{i}" for i in range(60)])["ok"]
+
+
+def test_chromadbs_child_gets_its_work_only_once_the_verification_has_ended(tmp_path):
+    """The post-check's copy is made while the verification runs, chromadb's child is
+    handed its spec only after (its index load then reuses the verification's freed
+    pages, and the two never hold an index at once); a verification that fails kills the
+    child and removes the copy, and its error is the caller's."""
+    from chaosfix.chromadb_probe import COPY_PREFIX, Target, start_post_check, verify_with_chromadb
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    gen = check_palace(p).generation
+    some = [drawer(i)[0] for i in range(0, SPEC.drawers, 7)]
+    seen: dict[str, object] = {}
+
+    def copies() -> list[Path]:
+        return [d for d in tmp_path.iterdir() if d.name.startswith(f".palace{COPY_PREFIX}")]
+
+    def run(fail: bool) -> dict:
+        verified = threading.Event()
+        started = start_post_check(gen, None)
+
+        def meanwhile() -> None:
+            try:
+                deadline = time.monotonic() + 30
+                while not (copies() and (copies()[0] / "palace" / "chroma.sqlite3").exists()):
+                    assert time.monotonic() < deadline, "no copy made beside the verification"
+                    time.sleep(0.05)
+                handed = []
+                for _ in range(100):  # a second: chromadb's child would have had its spec, and done
+                    handed += [f.name for d in copies() for f in d.iterdir() if f.suffix == ".json"]
+                    handed += [] if copies() else ["the copy is gone"]
+                    time.sleep(0.01)
+                seen["spec while verifying"] = sorted(set(handed))
+                if fail:
+                    raise OperationalError("verification failed")
+            finally:
+                verified.set()
+
+        return verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some)], gen, started=started,
+                                    meanwhile=meanwhile, verified=verified)
+
+    assert run(fail=False)["ok"]
+    assert seen["spec while verifying"] == [] and not copies()
+    with pytest.raises(OperationalError, match="verification failed"):
+        run(fail=True)
+    assert not copies()
 
 
 def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):

@@ -80,6 +80,7 @@ class CollectionPlan:
     # a rebuild's sampled kept rows -> their vectors as chromadb returned them before it (read
     # before the old index's facts are dropped; the post-check compares them after)
     kept_before: dict[str, np.ndarray] = field(default_factory=dict)
+    post_check_sample: list[str] | None = None  # the post-check's seeded sample, drawn once
     vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for add/replace
     embedder: Any = field(default=None, repr=False)  # the Choice made for rows re-embedded
     state: CollectionState | None = field(default=None, repr=False)

@@ -58,6 +58,7 @@ from chaosfix.errors import (
     whole_number_problem,
 )
 from chaosfix.filecopy import copy_locked
+from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
 from chaosfix.palace.leftovers import BACKUP_GLOB, sibling_stem
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
@@ -94,7 +95,7 @@ MARKER = ".chaosfix-txn"
 BUILD_PREFIX = ".chaosfix-build-"
 OLD_PREFIX = ".chaosfix-old-"
 FLOOR_ID = "__chaosfix_seq_floor__"
-Verify = Callable[[Callable[[], None]], None]  # the repair's own verification: (wait before an index loads) -> None
+Verify = Callable[[], None]  # the repair's own verification
 FOREIGN_SQL_FILE = "foreign-sql.sql"  # dropped triggers/views, to recreate by hand if wanted
 JOURNAL = SQLITE_NAME + "-journal"
 ROLLED_BACK = SQLITE_NAME + ".rolled-back"  # the db after a journal's rollback, before the repair
@@ -706,9 +707,9 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
                 progress: ProgressFn | None, started: StartedChild | None, early: EarlyCopy | None,
                 verify: Verify, built: dict[str, Path]) -> dict:
     """chromadb's judgement of the palace the swap will make: a throwaway copy of it (the
-    built folders in place of the old ones, the repair's SQL written), made and judged
-    by chromadb in its own process while ``verify`` (chaosfix's own verification) runs
-    here. The rows and the sample come from the plans' states (reconcile never writes a
+    built folders in place of the old ones, the repair's SQL written), made while
+    ``verify`` (chaosfix's own verification) runs here, then judged by chromadb in its
+    own process. The rows and the sample come from the plans' states (reconcile never writes a
     row); each collection's quirk rate from its verification, read once it has run."""
     from chaosfix.chromadb_probe import Target, verify_with_chromadb
 
@@ -722,10 +723,14 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
                                        expect_count=_expected_count(p), kept=p.kept_before,
                                        collection=st.info.name, tenant=st.info.tenant, database=st.info.database)
 
-    handed = threading.Event()  # chromadb's child has its spec: the verification may load its index
+    verified = threading.Event()  # chaosfix's verification has ended: chromadb's child may load
 
     def meanwhile() -> None:
-        verify(handed.wait)
+        try:
+            verify()
+        finally:
+            release_freed_memory()  # (the index's link lists, freed into glibc's heap)
+            verified.set()  # (also after a failure: the caller then kills the child)
         for name, t in targets.items():
             v = rep.verifications.get(name)
             t.quirk_rate = v.unreachable / v.queried if v is not None and v.queried else 0.0
@@ -750,7 +755,7 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         started = start_post_check(gen, opts.chromadb_python)
     return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
                                 progress=progress, started=started, meanwhile=meanwhile, built=built,
-                                skip=rep.prune_dirs, prepare=prepare, early=early, handed=handed)
+                                skip=rep.prune_dirs, prepare=prepare, early=early, verified=verified)
 
 
 def _path_unusable(root: Path, rep: ReconcileReport, post: bool) -> str | None:
@@ -797,13 +802,17 @@ def _held_elsewhere(root: Path) -> str | None:
 
 def _post_check_sample(p: CollectionPlan, opts: ReconcileOptions) -> list[str]:
     """The rows the post-check asks beside the repaired ones: a seeded sample of the rest
-    (rows with no vector source are listed, exit 4, not chromadb's to find)."""
+    (rows with no vector source are listed, exit 4, not chromadb's to find). Drawn once
+    per plan: a rebuild reads the sample's old vectors before the post-check asks it."""
     assert p.state is not None
+    if p.post_check_sample is not None:
+        return p.post_check_sample
     repaired, left = {*p.add, *p.replace}, set(p.unrepaired) | p.state.replay_removes
     rest = list(itertools.filterfalse(repaired.__contains__, p.state.sql_rows))  # in C: 10^5..10^6 rows
     if left:
         rest = [i for i in rest if i not in left]
-    return random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
+    p.post_check_sample = random.Random(opts.seed).sample(rest, min(opts.chromadb_sample, len(rest)))
+    return p.post_check_sample
 
 
 def _kept_sample(p: CollectionPlan, opts: ReconcileOptions) -> dict[str, np.ndarray]:
@@ -923,7 +932,7 @@ def _plan_all(root: Path, rep: CheckReport, conn: sqlite3.Connection | None, emb
 def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: ReconcileOptions,
              progress: ProgressFn | None, say: Callable[[str], None], rows_before: schema_guard.RowFingerprint,
              post_check: Callable[[Verify, dict[str, Path]], dict] | None = None) -> None:
-    """Backup, build, verify (beside chromadb's post-check on a copy of the palace to be),
+    """Backup, build, verify (then chromadb's post-check on a copy of the palace to be),
     swap, write the SQL, commit. Every SQL write happens after the swap, in one
     transaction, by ``_write_sql``: the post-check's copy gets the same writes."""
     sql_changes = _sql_changes(rep)
@@ -968,7 +977,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     killpoint("built")
     t = time.perf_counter()
 
-    def verify(before_load: Callable[[], None] | None = None) -> None:
+    def verify() -> None:
         for p in work:
             assert p.segment is not None and p.state is not None
             say(f"verifying {p.collection}")
@@ -977,7 +986,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
                                set(p.state.sql_rows) - set(p.unrepaired) - set(p.replay_removes),
                                planned, sample=opts.sample, seed=opts.seed, full=opts.verify_full, ef=EF_FIRST,
                                ef_max=EF_MAX, progress=progress, map_digest=p.map_digest, graph=True,
-                               gate_ef=EF_GATE, before_load=before_load)
+                               gate_ef=EF_GATE)
             v.unrepaired = len(p.unrepaired)
             v.zero_diff = v.zero_diff and not p.unrepaired  # SQL ids == index ids holds only with none left
             rep.verifications[p.collection] = v
@@ -989,8 +998,8 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
     if post_check is None:
         verify()
     else:
-        # chromadb judges a copy of the palace the swap will make while chaosfix verifies
-        # (the copy and chromadb's open wait on the kernel; the self-queries share the CPUs)
+        # chromadb judges a copy of the palace the swap will make: the copy is made while
+        # chaosfix verifies (it waits on the kernel), chromadb's child works after
         rep.chromadb = post_check(verify, built)
         rep.timings["chromadb_check"] = time.perf_counter() - t
         if not rep.chromadb.get("ok", False):

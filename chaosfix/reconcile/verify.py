@@ -160,8 +160,7 @@ def _sorted_labels(m: idmap_mod.IdMap) -> np.ndarray | None:
 def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[str, np.ndarray],
                    sample: int = 1000, seed: int = 0, full: bool = False, k: int = K, ef: int = EF,
                    ef_max: int | None = None, progress: ProgressFn | None = None,
-                   map_digest: bytes | None = None, graph: bool = False, gate_ef: int | None = None,
-                   before_load: Callable[[], None] | None = None) -> Verification:
+                   map_digest: bytes | None = None, graph: bool = False, gate_ef: int | None = None) -> Verification:
     """Zero-diff, planned vectors in place, and self-query (top-``k`` at ``ef``) of planned +
     sampled rows; with ``graph`` misses settled by the level-0 graph where it can prove
     it, else re-queried at doubling ef up to ``ef_max``; then brute force. ``gate_ef``
@@ -169,8 +168,7 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
     at that ef instead, and the repaired rows' miss rate is compared with the sample's
     there (at chromadb's ef 10 a quarter to a half of random 384-d vectors miss, and a
     rate of a third or more would pass any repaired rows; at ef 40 a self-query costs
-    three times as much, so the other repaired rows are asked at ``ef``). ``before_load``
-    is called before the index loads (the reconciler waits there for its post-check)."""
+    three times as much, so the other repaired rows are asked at ``ef``)."""
     v = Verification()
     # cosine (unit vectors) and l2: no other vector is closer to a row than itself, so a
     # search that reaches a row returns it in its top k (but for k exact duplicates of it,
@@ -224,8 +222,6 @@ def verify_segment(seg_dir: Path, space: str, sql_ids: set[str], planned: dict[s
 
     h = files.header
     assert h is not None
-    if before_load is not None:
-        before_load()
     index = hnswlib.Index(space=space, dim=h.dim)
     index.load_index(str(seg_dir), is_persistent_index=True, max_elements=h.max_elements)
     k = min(k, n_live)
