@@ -190,6 +190,12 @@ def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
     metas = [drawer(i)[2] for i in range(400)]  # wing (5 values), room (7), n (unique int)
     row = metas[3]
     assert child._where_for(row, metas, 100_000) == {"$and": [{"wing": row["wing"]}, {"room": row["room"]}]}
+    # the post-check's 100-row sample holds a wing+room pair once or not at all (its
+    # share, 2.9%, is 0 or 1 row in 100 one time in five): the pair is still judged by its
+    # keys' shares, not taken for one row and passed over for a room of 14%
+    seen_once = [m for m in metas[:140] if (m["wing"], m["room"]) != (row["wing"], row["room"])][:99] + [row]
+    assert child._where_for(row, seen_once, 510_000) == {"$and": [{"wing": row["wing"]}, {"room": row["room"]}]}
+    assert child._where_for(row, seen_once[:99], 510_000) == {"$and": [{"wing": row["wing"]}, {"room": row["room"]}]}
     assert child._where_for({"n": 7, "flag": True}, [{"n": i, "flag": True} for i in range(400)], 100_000) == {"n": 7}
     assert child._where_for({"flag": True, "chroma:document": "x"}, metas, 100_000) is None
     half = [{"kind": "a" if i % 2 else "b", "file": f"f{i}"} for i in range(400)]  # 50% or one row each
