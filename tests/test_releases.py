@@ -176,7 +176,8 @@ def test_verify_child_is_standalone():
     tree = ast.parse(CHILD.read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert mods <= {"__future__", "ctypes", "json", "math", "os", "resource", "sqlite3", "sys", "time", "numpy", "chromadb"}, mods
+    assert mods <= {"__future__", "collections", "concurrent", "ctypes", "json", "math", "os", "resource", "sqlite3",
+                    "sys", "time", "numpy", "chromadb"}, mods
 
 
 @pytest.mark.releases
@@ -206,6 +207,50 @@ def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
     assert child._where_for({"$x": "a", "": "b", "room": "r"}, [{"room": "r"}] * 4, 100) == {"room": "r"}
     assert child._where_for({"$x": "a"}, [{"$x": "a"}], 100) is None
     assert child._where_for({"wing": "w"}, [{"wing": "w"}] * 3, 0) == {"wing": "w"}
+
+
+@pytest.mark.releases
+def test_the_post_check_child_asks_chromadb_1x_two_calls_at_a_time(tmp_path):
+    """chromadb 1.x's bindings release the GIL in a get or a query, so the child keeps two
+    in flight (its self-queries took half the time at 100k); the answers are the same,
+    in order, and no more than two batches wait unread. The releases before 1.0 are
+    pure Python, where a second thread only contends for the GIL: one at a time."""
+    import threading
+
+    import chromadb
+    import numpy as np
+
+    from chaosfix import _verify_child as child
+
+    assert child.workers_for(chromadb.__version__) == (2 if chromadb.__version__ >= "1" else 1)
+    assert child.workers_for("0.6.3") == child.workers_for("odd") == 1
+    # two calls overlap (each waits for the other at the barrier), never three, in order
+    meet, lock, now, most = threading.Barrier(2, timeout=10), threading.Lock(), [0], [0]
+
+    def call(x: int) -> int:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        if x < 2:
+            meet.wait()
+        with lock:
+            now[0] -= 1
+        return x * x
+
+    assert list(child._in_order(call, list(range(9)), 2)) == [x * x for x in range(9)]
+    assert most[0] == 2
+    # the same answers from a real collection, whatever the number of workers
+    client = chromadb.PersistentClient(path=str(tmp_path / "p"))
+    col = client.create_collection("drawers", metadata={"hnsw:space": "cosine"}, embedding_function=None)
+    vecs = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"r{i}" for i in range(600)]
+    col.add(ids=ids, embeddings=vecs.tolist())
+    got = {w: child._get(col, ids, set(ids[:150]), lambda rid, emb: None, w) for w in (1, 2)}
+    assert sorted(got[1][0]) == sorted(got[2][0]) == sorted(ids[:150]) and got[1][1] == got[2][1] == []
+    assert all(np.array_equal(got[1][0][r][0], got[2][0][r][0]) for r in ids[:150])
+    assert (child._found(col, list(vecs), ids, [10, 600], 600, workers=1)
+            == child._found(col, list(vecs), ids, [10, 600], 600, workers=2) == [])
 
 
 @pytest.mark.releases
