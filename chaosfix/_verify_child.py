@@ -68,12 +68,13 @@ def _migrations(path: str) -> dict:
 
 
 def workers_for(version: str) -> int:
-    """Calls in flight at once: 2 (this machine's cores are what the parent's repair has
-    finished with) where chromadb's Rust bindings release the GIL for a get or a query
-    (1.x), 1 for the pure-Python releases before it, where threads only contend for the
-    GIL. Measured on a repaired 100k palace, 3 runs each: 1.5.9's 200 self-queries
-    0.25-0.35 s -> 0.14-0.18 s, its get of 5,100 rows 0.15-0.24 s -> 0.13-0.17 s; 0.6.3's
-    got slower (0.45-0.48 s -> 0.60-0.62 s for the get)."""
+    """Query calls in flight at once: 2 (the cores the parent's repair has finished with)
+    where chromadb's Rust bindings release the GIL for a query (1.x), 1 for the
+    pure-Python releases before it, where threads only contend for the GIL. Measured on
+    repaired palaces, the child alone, 3 runs each: 1.5.9's 200 self-queries at 100k
+    0.25-0.35 s -> 0.14-0.18 s; 0.6.3's got slower (0.26-0.33 s -> 0.37-0.42 s). The get
+    stays one call at a time: at 500k two in flight cost 1.5.9's child 16-21 MB of peak
+    (1.50x of data_level0.bin) and no time."""
     try:
         return 2 if int(version.split(".")[0]) >= 1 else 1
     except ValueError:
@@ -82,7 +83,7 @@ def workers_for(version: str) -> int:
 
 def _in_order(fn: Callable, items: list, workers: int) -> Iterator:
     """``map(fn, items)``, ``workers`` calls at a time, answers in order; at most
-    ``workers`` answers wait unread (a get's batch is megabytes of Python floats)."""
+    ``workers`` answers wait unread (an answer is up to ``RESULTS_PER_CALL`` ids)."""
     if workers <= 1 or len(items) <= 1:
         yield from map(fn, items)
         return
@@ -136,7 +137,7 @@ def _query(col, vectors: list, k: int, where: dict | None) -> dict:
             k //= 2
 
 
-def _get(col, ids: list[str], keep: set[str], check, workers: int = 1) -> tuple[dict, list[str]]:
+def _get(col, ids: list[str], keep: set[str], check) -> tuple[dict, list[str]]:
     """Fetch ``ids`` in batches and judge each row as it arrives: ``check(id, embedding)``
     (the planned-vector test) and the ids with no embedding. Only ``keep`` (the ids to
     self-query) is fetched with its metadata, and only its embeddings and metadata stay in
@@ -152,8 +153,8 @@ def _get(col, ids: list[str], keep: set[str], check, workers: int = 1) -> tuple[
     plain = [r for r in ids if r not in keep]
     for batch_ids, step, include in ((with_meta, GET_BATCH, ["embeddings", "metadatas"]),
                                      (plain, GET_BATCH_PLAIN, ["embeddings"])):
-        parts = [batch_ids[s : s + step] for s in range(0, len(batch_ids), step)]
-        for got in _in_order(lambda b, inc=include: col.get(ids=b, include=inc), parts, workers):
+        for s in range(0, len(batch_ids), step):
+            got = col.get(ids=batch_ids[s : s + step], include=include)
             embs = got["embeddings"]
             metas = got.get("metadatas") if "metadatas" in include else None
             for i, rid in enumerate(got["ids"]):
@@ -259,7 +260,7 @@ def judge_collection(client, name: str, spec: dict, ks: list[int], seed: int, to
     # (a seeded sample of the repaired rows plus the sample): chaosfix's own verification
     # already self-queried every repaired row in the index it built
     asked = spec.get("query", repaired + sample)
-    got, missing = _get(col, list(dict.fromkeys(repaired + sample)), set(asked), check, workers)
+    got, missing = _get(col, list(dict.fromkeys(repaired + sample)), set(asked), check)
     step(2, "get")
     res.update(asked=len(repaired) + len(sample), repaired=len(repaired), kept_compared=len(spec.get("kept", [])),
                missing=missing[:20],

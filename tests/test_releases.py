@@ -211,10 +211,10 @@ def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
 
 @pytest.mark.releases
 def test_the_post_check_child_asks_chromadb_1x_two_calls_at_a_time(tmp_path):
-    """chromadb 1.x's bindings release the GIL in a get or a query, so the child keeps two
-    in flight (its self-queries took half the time at 100k); the answers are the same,
-    in order, and no more than two batches wait unread. The releases before 1.0 are
-    pure Python, where a second thread only contends for the GIL: one at a time."""
+    """chromadb 1.x's bindings release the GIL in a query, so the child keeps two in flight
+    (its self-queries took half the time at 100k); the answers are the same, in order,
+    and no more than two batches wait unread. The releases before 1.0 are pure Python,
+    where a second thread only contends for the GIL: one at a time."""
     import threading
 
     import chromadb
@@ -239,16 +239,13 @@ def test_the_post_check_child_asks_chromadb_1x_two_calls_at_a_time(tmp_path):
 
     assert list(child._in_order(call, list(range(9)), 2)) == [x * x for x in range(9)]
     assert most[0] == 2
-    # the same answers from a real collection, whatever the number of workers
+    # the same misses from a real collection, whatever the number of workers
     client = chromadb.PersistentClient(path=str(tmp_path / "p"))
     col = client.create_collection("drawers", metadata={"hnsw:space": "cosine"}, embedding_function=None)
     vecs = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = [f"r{i}" for i in range(600)]
     col.add(ids=ids, embeddings=vecs.tolist())
-    got = {w: child._get(col, ids, set(ids[:150]), lambda rid, emb: None, w) for w in (1, 2)}
-    assert sorted(got[1][0]) == sorted(got[2][0]) == sorted(ids[:150]) and got[1][1] == got[2][1] == []
-    assert all(np.array_equal(got[1][0][r][0], got[2][0][r][0]) for r in ids[:150])
     assert (child._found(col, list(vecs), ids, [10, 600], 600, workers=1)
             == child._found(col, list(vecs), ids, [10, 600], 600, workers=2) == [])
 
