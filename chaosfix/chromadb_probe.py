@@ -297,6 +297,8 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     except BaseException:  # (Ctrl-C included) the child dies, so the thread returns and
         if started is not None:  # removes its copy, here, before the interpreter exits
             started.kill()
+        if verified is not None:  # (an interrupt inside meanwhile's finally may beat its set)
+            verified.set()
         thread.join()
         raise
     finally:

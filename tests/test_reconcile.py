@@ -865,6 +865,27 @@ def test_chromadbs_child_gets_its_work_only_once_the_verification_has_ended(tmp_
     with pytest.raises(OperationalError, match="verification failed"):
         run(fail=True)
     assert not copies()
+    # Ctrl-C before the verification's end was announced: no wait for it, no copy left
+    out: dict[str, object] = {}
+
+    def interrupted() -> None:
+        def meanwhile() -> None:
+            while not copies():
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+
+        try:
+            verify_with_chromadb(p, [Target(COLLECTION, "cosine", sample=some)], gen,
+                                 started=start_post_check(gen, None), meanwhile=meanwhile,
+                                 verified=threading.Event())
+        except BaseException as exc:  # noqa: BLE001 - judged below
+            out["raised"] = exc
+
+    caller = threading.Thread(target=interrupted, daemon=True)
+    caller.start()
+    caller.join(60)
+    assert not caller.is_alive(), "the post-check waited for a verification that was interrupted"
+    assert isinstance(out.get("raised"), KeyboardInterrupt) and not copies()
 
 
 def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):
