@@ -213,7 +213,7 @@ def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
 def test_the_post_check_child_asks_chromadb_1x_two_calls_at_a_time(tmp_path):
     """chromadb 1.x's bindings release the GIL in a query, so the child keeps two in flight
     (its self-queries took half the time at 100k); the answers are the same, in order,
-    and no more than two batches wait unread. The releases before 1.0 are pure Python,
+    and no more than two calls run at once. The releases before 1.0 are pure Python,
     where a second thread only contends for the GIL: one at a time."""
     import threading
 
