@@ -19,6 +19,7 @@ searches with ef = max(ef, k)): only a row still missing at the largest k is rep
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -204,8 +205,15 @@ def _where_for(meta: dict, metas: list[dict], count: int) -> dict | None:
 
     cands = [{k: v} for k, v in pool.items()]
     narrow = {k: v for k, v in pool.items() if kept({k: v}) < len(metas) / 2}
-    if len(narrow) >= 2:
+    # every pair of narrow keys, not only all of them at once: a per-file key (MemPalace's
+    # source_file) beside wing and room made the one conjunction "one row", and the filter
+    # fell back to a room of 14%
+    cands += [dict(p) for p in itertools.combinations(narrow.items(), 2)]
+    if len(narrow) >= 3:
         cands.append(narrow)
+    # a clause the sample puts above half the rows is a last resort: one wing holding the
+    # whole palace would match every row (+400 MB in 1.5.9's child at 510k)
+    cands = [c for c in cands if (share(c) or 0.0) <= 0.5] or cands
     target = 4 * math.sqrt(max(count, 1))
     best = min(cands, key=lambda c: (abs(math.log(estimate(c) / target)), len(c)))
     return best if len(best) == 1 else {"$and": [{k: v} for k, v in best.items()]}

@@ -176,8 +176,8 @@ def test_verify_child_is_standalone():
     tree = ast.parse(CHILD.read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert mods <= {"__future__", "collections", "concurrent", "ctypes", "json", "math", "os", "resource", "sqlite3",
-                    "sys", "time", "numpy", "chromadb"}, mods
+    assert mods <= {"__future__", "collections", "concurrent", "ctypes", "itertools", "json", "math", "os", "resource",
+                    "sqlite3", "sys", "time", "numpy", "chromadb"}, mods
 
 
 @pytest.mark.releases
@@ -207,6 +207,14 @@ def test_the_filtered_self_query_keeps_a_few_rows_per_thousand():
     assert child._where_for({"$x": "a", "": "b", "room": "r"}, [{"room": "r"}] * 4, 100) == {"room": "r"}
     assert child._where_for({"$x": "a"}, [{"$x": "a"}], 100) is None
     assert child._where_for({"wing": "w"}, [{"wing": "w"}] * 3, 0) == {"wing": "w"}
+    # a per-file key beside wing and room (MemPalace's source_file): the pair is still a
+    # candidate (the one conjunction of all three was "one row", and a room of 14% won)
+    filed = [{**m, "source_file": f"/notes/{i // 3}.md"} for i, m in enumerate(metas)]
+    row_f = {**row, "source_file": "/elsewhere/x.md"}
+    assert child._where_for(row_f, filed[:100], 510_000) == {"$and": [{"wing": row["wing"]}, {"room": row["room"]}]}
+    # one wing holds the palace, the row's room is not in the sample: never the wing (100%)
+    one_wing = [{"wing": "A", "room": f"r{i % 60}"} for i in range(1, 100)]
+    assert child._where_for({"wing": "A", "room": "r0"}, one_wing, 510_000) == {"room": "r0"}
 
 
 @pytest.mark.releases
