@@ -32,6 +32,7 @@ BATCH = 256
 RESULTS_PER_CALL = 25600  # ids per query call's answer (BATCH queries at k=100)
 GET_BATCH = 100  # chromadb 1.5.9 keeps ~50 MB after a get of 1000 ids with embeddings, ~13 MB after 100
 GET_BATCH_PLAIN = 400  # embeddings alone: chromadb 0.6 answers 500 ids in half the time of 100 x 5
+PAIRED = 12  # narrow metadata keys whose pairs the filtered query's choice weighs (66 pairs)
 FILTERED = 1  # each one a metadata scan plus a query: ~0.15 s at 100k, ~1.3 s at 500k
 PROBE_ID = "__chaosfix_probe__"
 PROBE_NORM_MAX = 1e19  # an ip probe's largest norm: its float32 dot product with itself stays finite
@@ -208,7 +209,10 @@ def _where_for(meta: dict, metas: list[dict], count: int) -> dict | None:
     # every pair of narrow keys, not only all of them at once: a per-file key (MemPalace's
     # source_file) beside wing and room made the one conjunction "one row", and the filter
     # fell back to a room of 14%
-    cands += [dict(p) for p in itertools.combinations(narrow.items(), 2)]
+    # (of the PAIRED keys whose values the sample holds most often: rarer ones pair to "one
+    # row" anyway, and a palace with thousands of keys must not cost millions of pairs)
+    paired = sorted(narrow.items(), key=lambda kv: -kept(dict([kv])))[:PAIRED]
+    cands += [dict(p) for p in itertools.combinations(paired, 2)]
     if len(narrow) >= 3:
         cands.append(narrow)
     # a clause the sample puts above half the rows is a last resort: one wing holding the
