@@ -503,6 +503,81 @@ def test_refuses_while_another_chaosfix_holds_the_lock(tmp_path):
     assert reconcile(p, "--no-chromadb-check")[0] == 1
 
 
+DYING_HOLDER = """
+import os, signal, sys, time
+from pathlib import Path
+from chaosfix.reconcile.safety import PalaceLock
+PalaceLock(Path(sys.argv[1])).__enter__()
+pid = os.fork()  # the child has the lock's open file, as one between fork and exec has
+if pid == 0:
+    for fd in (1, 2):  # (the caller reads the parent's output to its end)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+print(pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_holder(palace: Path, child_holds: float) -> int:
+    """A process that took the palace lock, forked, and was SIGKILLed (reaped here);
+    returns the PID of its child, which still has the lock's file open."""
+    proc = subprocess.run([sys.executable, "-c", DYING_HOLDER, str(palace), str(child_holds)],
+                          capture_output=True, text=True, env=child_env(), timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    return int(proc.stdout)
+
+
+def test_a_rerun_right_after_a_killed_chaosfix_waits_for_its_lock_to_be_let_go(tmp_path):
+    """A SIGKILLed reconcile's lock outlives it while a child it was forking still has the
+    file open (CI saw a rerun refused so, exit 8). The lock names its holder's PID: a dead
+    holder's lock is waited for (bounded), a live one is refused at once."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.off_by_one(p)
+    _killed_holder(p, 1.0)
+    t0 = time.monotonic()
+    with PalaceLock(p):  # the old code refused here
+        waited = time.monotonic() - t0
+    assert 0.2 < waited < PalaceLock.DYING_WAIT, waited
+    _killed_holder(p, 1.5)
+    code, _doc, err = reconcile(p, "--no-chromadb-check")  # the command, at once
+    assert code == 1, err
+    assert_consistent(p)
+
+
+def test_a_dead_holders_lock_kept_by_another_process_is_refused_after_a_bounded_wait(tmp_path):
+    """The wait is bounded: a process that keeps the dead holder's lock for good (a
+    forked child that never exits) gets the usual refusal after ``DYING_WAIT``; one that
+    holds the lock without naming itself (an old chaosfix) is refused at once."""
+    import fcntl
+
+    child = _killed_holder(tmp_path, 60)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError, match="another chaosfix holds the palace lock"):
+            PalaceLock(tmp_path).__enter__()
+        assert PalaceLock.DYING_WAIT <= time.monotonic() - t0 < PalaceLock.DYING_WAIT + 5
+    finally:
+        os.kill(child, 9)
+    while True:  # (reparented, so not ours to reap: wait until it is gone)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    for planted in (b"", b"99999999999999999", b"-1", b"\xff" * 16):
+        (tmp_path / ".chaosfix.lock").write_bytes(planted)
+        fd = os.open(tmp_path / ".chaosfix.lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(OperationalError, match="another chaosfix holds the palace lock"):
+                PalaceLock(tmp_path).__enter__()
+            assert time.monotonic() - t0 < 1, planted
+        finally:
+            os.close(fd)
+
+
 def test_lock_is_not_shared_after_an_unlink_race(tmp_path, monkeypatch):
     """A holds the lock; B opens the lock file; A exits (unlinking it); C locks a new file;
     then B's flock on the unlinked inode succeeds. B must notice and refuse, not run

@@ -10,6 +10,7 @@ import fcntl
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,13 @@ def killpoint(name: str) -> None:
 
 
 class PalaceLock:
-    """Advisory lock (flock) on ``<palace>/.chaosfix.lock``; refuses at once when held."""
+    """Advisory lock (flock) on ``<palace>/.chaosfix.lock``; refuses at once when a live
+    process holds it. The holder writes its PID into the file: a lock whose named holder
+    has died is waited for, up to ``DYING_WAIT`` seconds, because a killed chaosfix's open
+    file can outlive it for a moment (a child between fork and exec, or a /proc reader,
+    still has it) and a rerun right after the kill must not be refused for that."""
+
+    DYING_WAIT = 2.0
 
     def __init__(self, palace: Path) -> None:
         self.path = palace / LOCK_NAME
@@ -58,7 +65,7 @@ class PalaceLock:
         for _ in range(10):
             fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)  # a planted symlink is refused
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_unless_held_by_the_living(fd, time.monotonic() + self.DYING_WAIT)
             except OSError:
                 os.close(fd)
                 raise OperationalError(f"{self.path.parent}: another chaosfix holds the palace lock") from None
@@ -71,6 +78,9 @@ class PalaceLock:
                 ours = False
             if ours:
                 self.fd = fd
+                with contextlib.suppress(OSError):  # (a hint for the next contender only)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 return self
             os.close(fd)
         raise OperationalError(f"{self.path.parent}: the palace lock file keeps changing; is another chaosfix running?")
@@ -83,6 +93,42 @@ class PalaceLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+def _flock_unless_held_by_the_living(fd: int, deadline: float) -> None:
+    """``flock`` LOCK_EX, retried until ``deadline`` while the PID the file names is gone
+    or a zombie; raises OSError when held by anyone else (or a holder that named no PID)."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
+                raise
+            try:
+                named = os.pread(fd, 16, 0).strip()
+            except OSError:
+                raise exc from None
+            if not (named.isdigit() and _gone(int(named))):
+                raise
+        time.sleep(0.02)
+
+
+def _gone(pid: int) -> bool:
+    """True when no process ``pid`` runs (none, or a zombie waiting to be reaped)."""
+    if not 0 < pid < 1 << 22:  # (Linux's PID_MAX_LIMIT; a planted number must not overflow kill)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (another user's: alive)
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
 
 
 def other_holders(palace: Path) -> list[int]:
