@@ -39,7 +39,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.filecopy import copy_locked, copy_tree_sparse
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
-from chaosfix.palace.leftovers import sibling_stem
+from chaosfix.palace.leftovers import sibling_stem, sibling_stems
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.safety import Background
 from chaosfix.reconcile.verify import UNREACHABLE_RATE
@@ -197,8 +197,9 @@ class EarlyCopy:
 
 def stale_copies(root: Path) -> list[Path]:
     """Copies an interrupted post-check left beside the palace."""
-    prefix = f".{sibling_stem(root)}{COPY_PREFIX}"  # a prefix test, not a glob: the name may hold [ or *
-    return [d for d in root.parent.iterdir() if d.name.startswith(prefix) and d.is_dir() and not d.is_symlink()]
+    # a prefix test, not a glob: the name may hold [ or *
+    prefixes = tuple(f".{stem}{COPY_PREFIX}" for stem in sibling_stems(root))
+    return [d for d in root.parent.iterdir() if d.name.startswith(prefixes) and d.is_dir() and not d.is_symlink()]
 
 
 def clear_stale_copies(root: Path) -> list[str]:

@@ -1430,3 +1430,32 @@ def test_a_long_palace_name_gets_its_backup_and_its_post_check(name, tmp_path, d
     assert [x.name for x in tmp_path.iterdir() if "chaosfix" in x.name] == [backup.name]  # no copy left
     assert reconcile(long, "--no-chromadb-check")[0] == 0
     assert sibling_stem(Path("x" * 250)) != sibling_stem(Path("x" * 249 + "y"))
+
+
+def test_a_long_named_palaces_folders_from_an_earlier_chaosfix_are_still_found(tmp_path, damage_cache):
+    """A palace name of 208 to ~223 bytes now gets the hashed stem, but an earlier chaosfix
+    named its folders after the whole name, which then fit: its backup must stay a source
+    of vectors, and its half-made backup and post-check copy must still be cleared (they
+    were never found: left beside the palace for good)."""
+    from helpers import damaged_palace
+
+    from chaosfix.palace.leftovers import quarantined, sibling_stem
+
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    name = "y" * 215
+    long = p.rename(tmp_path / name)
+    assert sibling_stem(long) != name
+    seg = faults.segment_dir(long)
+    old_backup = tmp_path / f"{name}.chaosfix-backup-20261101-120000"
+    shutil.copytree(seg, old_backup / seg.name)
+    partial = tmp_path / f".{name}.chaosfix-part-20261101-120500"
+    partial.mkdir()
+    (partial / "chroma.sqlite3").write_bytes(b"half a copy")
+    copy = tmp_path / f".{name}.chaosfix-verify-k3j2h1g0"
+    (copy / "palace").mkdir(parents=True)
+    code, doc, err = reconcile(long, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc["after_consistent"] is True and doc["chromadb"]["ok"], err[-1500:]
+    assert not partial.exists() and not copy.exists(), sorted(x.name for x in tmp_path.iterdir())
+    assert any("a copy an interrupted post-check left" in n for n in doc["notes"]), doc["notes"]
+    assert (old_backup / seg.name) in [q.path for q in quarantined(long) if q.kind == "chaosfix-backup"]
+    assert reconcile(long, "--no-chromadb-check")[0] == 0

@@ -48,6 +48,16 @@ def sibling_stem(root: Path) -> str:
     return "".join(keep) + "~" + digest
 
 
+def sibling_stems(root: Path) -> tuple[str, ...]:
+    """The stems to look for when finding chaosfix's folders beside ``root`` (makers use
+    ``sibling_stem``): that stem and, for a name it hashes, the name itself, which an
+    earlier chaosfix gave these folders whenever the whole folder name fit (palace names
+    of 208 to about 223 bytes). Their backups stay a source of vectors and their
+    leftovers (half-made backups, post-check copies) are still cleared."""
+    stem = sibling_stem(root)
+    return (stem,) if stem == root.name else (stem, root.name)
+
+
 @dataclass
 class Leftover:
     path: Path
@@ -93,9 +103,10 @@ def quarantined(root: Path, segment: str | None = None, backups: bool = True) ->
     if not backups:
         return out
     parent = root.parent
-    prefix = sibling_stem(root) + BACKUP_GLOB
+    prefixes = tuple(stem + BACKUP_GLOB for stem in sibling_stems(root))
     try:
-        backups = sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+        backups = sorted(p for p in parent.iterdir()
+                         if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink())
     except OSError:
         backups = []
     for b in backups:
