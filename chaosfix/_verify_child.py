@@ -192,8 +192,10 @@ def _where_for(meta: dict, metas: list[dict], count: int) -> dict | None:
     def kept(c: dict) -> int:
         return sum(all(type(m.get(k)) is type(v) and m.get(k) == v for k, v in c.items()) for m in metas)
 
+    single = {k: kept({k: v}) for k, v in pool.items()}  # (each key counted once: it is asked thrice)
+
     def share(c: dict) -> float | None:  # a value seen once in the sample may be the row's own
-        n = kept(c)
+        n = single[next(iter(c))] if len(c) == 1 else kept(c)
         return n / len(metas) if n >= 2 and metas else None
 
     def estimate(c: dict) -> float:
@@ -205,13 +207,13 @@ def _where_for(meta: dict, metas: list[dict], count: int) -> dict | None:
         return max(1.0, count * s) if s is not None else 1.0
 
     cands = [{k: v} for k, v in pool.items()]
-    narrow = {k: v for k, v in pool.items() if kept({k: v}) < len(metas) / 2}
+    narrow = {k: v for k, v in pool.items() if single[k] < len(metas) / 2}
     # every pair of narrow keys, not only all of them at once: a per-file key (MemPalace's
     # source_file) beside wing and room made the one conjunction "one row", and the filter
     # fell back to a room of 14%
     # (of the PAIRED keys whose values the sample holds most often: rarer ones pair to "one
     # row" anyway, and a palace with thousands of keys must not cost millions of pairs)
-    paired = sorted(narrow.items(), key=lambda kv: -kept(dict([kv])))[:PAIRED]
+    paired = sorted(narrow.items(), key=lambda kv: -single[kv[0]])[:PAIRED]
     cands += [dict(p) for p in itertools.combinations(paired, 2)]
     if len(narrow) >= 3:
         cands.append(narrow)
