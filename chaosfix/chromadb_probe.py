@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -197,9 +198,11 @@ class EarlyCopy:
 
 def stale_copies(root: Path) -> list[Path]:
     """Copies an interrupted post-check left beside the palace."""
-    # a prefix test, not a glob: the name may hold [ or *
-    prefixes = tuple(f".{stem}{COPY_PREFIX}" for stem in sibling_stems(root))
-    return [d for d in root.parent.iterdir() if d.name.startswith(prefixes) and d.is_dir() and not d.is_symlink()]
+    # the whole name (mkdtemp's 8 characters after the prefix), not a glob (the name may
+    # hold [ or *) nor a prefix: a palace "a" must not take "a.chaosfix-verify-x"'s copies
+    names = re.compile("|".join(rf"\.{re.escape(stem)}{re.escape(COPY_PREFIX)}[a-z0-9_]{{8}}"
+                                for stem in sibling_stems(root)))
+    return [d for d in root.parent.iterdir() if names.fullmatch(d.name) and d.is_dir() and not d.is_symlink()]
 
 
 def clear_stale_copies(root: Path) -> list[str]:

@@ -1459,3 +1459,16 @@ def test_a_long_named_palaces_folders_from_an_earlier_chaosfix_are_still_found(t
     assert any("a copy an interrupted post-check left" in n for n in doc["notes"]), doc["notes"]
     assert (old_backup / seg.name) in [q.path for q in quarantined(long) if q.kind == "chaosfix-backup"]
     assert reconcile(long, "--no-chromadb-check")[0] == 0
+
+
+def test_stale_post_check_copies_are_this_palaces_own_by_their_whole_name(tmp_path):
+    """A palace "pal" must not take (and remove) the post-check copy of a palace named
+    "pal.chaosfix-verify-x" beside it, whose name begins with pal's copies' prefix."""
+    from chaosfix.chromadb_probe import stale_copies
+
+    own = tmp_path / ".pal.chaosfix-verify-abcd_123"
+    other = tmp_path / ".pal.chaosfix-verify-x.chaosfix-verify-abcdefgh"
+    own.mkdir()
+    other.mkdir()
+    assert stale_copies(tmp_path / "pal") == [own]
+    assert stale_copies(tmp_path / "pal.chaosfix-verify-x") == [other]

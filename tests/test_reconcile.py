@@ -51,6 +51,7 @@ from chaosfix.cli import main as cli_main
 from chaosfix.drawers import COLLECTION, drawer
 from chaosfix.errors import OperationalError
 from chaosfix.palace import idmap
+from chaosfix.reconcile import safety
 from chaosfix.reconcile.plan import chroma_capacity
 from chaosfix.reconcile.safety import PalaceLock
 from chaosfix.scenario import fixture
@@ -519,27 +520,59 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def _killed_holder(palace: Path, child_holds: float) -> int:
-    """A process that took the palace lock, forked, and was SIGKILLed (reaped here);
-    returns the PID of its child, which still has the lock's file open."""
-    proc = subprocess.run([sys.executable, "-c", DYING_HOLDER, str(palace), str(child_holds)],
-                          capture_output=True, text=True, env=child_env(), timeout=60)
-    assert proc.returncode == -9, proc.stderr
-    return int(proc.stdout)
+def _killed_holder(palace: Path, child_holds: float, reap: bool = True) -> tuple[int, subprocess.Popen]:
+    """A process that took the palace lock, forked, and was SIGKILLed (reaped here unless
+    ``reap`` is False: then a zombie); returns the PID of its child, which still has the
+    lock's file open, and the killed process."""
+    proc = subprocess.Popen([sys.executable, "-c", DYING_HOLDER, str(palace), str(child_holds)],
+                            stdout=subprocess.PIPE, text=True, env=child_env())
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    proc.stdout.close()
+    deadline = time.monotonic() + 60
+    while not safety._gone(proc.pid):  # (dead: a zombie, not reaped yet)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    if reap:
+        assert proc.wait(timeout=60) == -9
+    return child, proc
+
+
+def _held(palace: Path) -> bool:
+    import fcntl
+
+    fd = os.open(palace / ".chaosfix.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _wait_gone(pid: int) -> None:
+    """Until ``pid`` has exited (a zombie counts: it is another parent's to reap)."""
+    deadline = time.monotonic() + 60
+    while not safety._gone(pid):
+        assert time.monotonic() < deadline, pid
+        time.sleep(0.02)
 
 
 def test_a_rerun_right_after_a_killed_chaosfix_waits_for_its_lock_to_be_let_go(tmp_path):
     """A SIGKILLed reconcile's lock outlives it while a child it was forking still has the
     file open (CI saw a rerun refused so, exit 8). The lock names its holder's PID: a dead
-    holder's lock is waited for (bounded), a live one is refused at once."""
+    holder's lock is waited for (bounded), dead whether reaped or a zombie."""
     p = fresh_palace(tmp_path / "palace", SPEC)
     faults.off_by_one(p)
-    _killed_holder(p, 1.0)
-    t0 = time.monotonic()
-    with PalaceLock(p):  # the old code refused here
-        waited = time.monotonic() - t0
-    assert 0.2 < waited < PalaceLock.DYING_WAIT, waited
+    for reap in (True, False):
+        child, proc = _killed_holder(p, 1.0, reap=reap)
+        assert _held(p)  # (the old code refused here)
+        with PalaceLock(p):
+            assert safety._gone(child)
+        proc.wait(timeout=60)
     _killed_holder(p, 1.5)
+    assert _held(p)
     code, _doc, err = reconcile(p, "--no-chromadb-check")  # the command, at once
     assert code == 1, err
     assert_consistent(p)
@@ -551,7 +584,7 @@ def test_a_dead_holders_lock_kept_by_another_process_is_refused_after_a_bounded_
     holds the lock without naming itself (an old chaosfix) is refused at once."""
     import fcntl
 
-    child = _killed_holder(tmp_path, 60)
+    child, _ = _killed_holder(tmp_path, 60)
     try:
         t0 = time.monotonic()
         with pytest.raises(OperationalError, match="another chaosfix holds the palace lock"):
@@ -559,12 +592,7 @@ def test_a_dead_holders_lock_kept_by_another_process_is_refused_after_a_bounded_
         assert PalaceLock.DYING_WAIT <= time.monotonic() - t0 < PalaceLock.DYING_WAIT + 5
     finally:
         os.kill(child, 9)
-    while True:  # (reparented, so not ours to reap: wait until it is gone)
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
+    _wait_gone(child)
     for planted in (b"", b"99999999999999999", b"-1", b"\xff" * 16):
         (tmp_path / ".chaosfix.lock").write_bytes(planted)
         fd = os.open(tmp_path / ".chaosfix.lock", os.O_RDWR)
@@ -578,12 +606,25 @@ def test_a_dead_holders_lock_kept_by_another_process_is_refused_after_a_bounded_
             os.close(fd)
 
 
+def test_the_lock_never_writes_through_a_hard_link_planted_as_its_file(tmp_path):
+    """The holder writes its PID into ``.chaosfix.lock``: a palace whose lock file is a
+    second name of a file elsewhere must not have that file overwritten."""
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    faults.off_by_one(p)
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"a user's notes, not a lock\n")
+    os.link(victim, p / ".chaosfix.lock")
+    code, _doc, err = reconcile(p, "--no-chromadb-check")
+    assert code == 1, err
+    assert victim.read_bytes() == b"a user's notes, not a lock\n"
+    assert_consistent(p)
+
+
 def test_lock_is_not_shared_after_an_unlink_race(tmp_path, monkeypatch):
     """A holds the lock; B opens the lock file; A exits (unlinking it); C locks a new file;
     then B's flock on the unlinked inode succeeds. B must notice and refuse, not run
     beside C."""
     from chaosfix.errors import OperationalError
-    from chaosfix.reconcile import safety
 
     a = PalaceLock(tmp_path).__enter__()
     real_flock = safety.fcntl.flock

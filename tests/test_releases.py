@@ -160,7 +160,7 @@ def test_cli_chromadb_python(tmp_path):
     bad = run_cli("reconcile", str(palace), "--embedder", "emb32:emb", "--chromadb-python", str(nochroma), env=env)
     assert bad.returncode == 8 and len(bad.stderr.strip().splitlines()) == 1 and "no chromadb" in bad.stderr
     assert check_palace(palace).codes() == {"SQL_ONLY": 100}
-    stale = tmp_path / ".palace.chaosfix-verify-killed"  # what a post-check killed mid-way leaves
+    stale = tmp_path / ".palace.chaosfix-verify-killed_1"  # what a post-check killed mid-way leaves
     (stale / "palace").mkdir(parents=True)
     ok = run_cli("reconcile", str(palace), "--embedder", "emb32:emb", "--chromadb-python", sys.executable,
                  env=env, timeout=600)

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,9 +79,7 @@ class PalaceLock:
                 ours = False
             if ours:
                 self.fd = fd
-                with contextlib.suppress(OSError):  # (a hint for the next contender only)
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                _name_holder(fd)
                 return self
             os.close(fd)
         raise OperationalError(f"{self.path.parent}: the palace lock file keeps changing; is another chaosfix running?")
@@ -93,6 +92,17 @@ class PalaceLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+def _name_holder(fd: int) -> None:
+    """Write this process's PID into the lock file (a hint for the next contender only),
+    unless the file has another name too: a hard link planted in the palace must not let
+    the lock write through it into a file elsewhere."""
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def _flock_unless_held_by_the_living(fd: int, deadline: float) -> None:
