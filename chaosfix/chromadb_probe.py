@@ -279,6 +279,8 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
                   prepare, early, verified)
 
     if meanwhile is None:
+        if verified is not None:  # (no verification runs here to set it)
+            verified.set()
         try:
             res = run()
         finally:

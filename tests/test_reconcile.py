@@ -1002,6 +1002,13 @@ def test_chromadbs_child_gets_its_work_only_once_the_verification_has_ended(tmp_
     caller.join(60)
     assert not caller.is_alive(), "the post-check waited for a verification that was interrupted"
     assert isinstance(out.get("raised"), KeyboardInterrupt) and not copies()
+    # with no verification to wait for, ``verified`` is not waited on
+    alone = threading.Thread(target=lambda: out.update(alone=verify_with_chromadb(
+        p, [Target(COLLECTION, "cosine", sample=some)], gen, verified=threading.Event())), daemon=True)
+    alone.start()
+    alone.join(120)
+    assert not alone.is_alive(), "the post-check waited for a verification nobody runs"
+    assert out["alone"]["ok"] and not copies()
 
 
 def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):
