@@ -135,10 +135,10 @@ def _gone(pid: int) -> bool:
     except OSError:  # (another user's: alive)
         return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        line = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
+    return line[line.rfind(b")") + 2:][:1] in (b"Z", b"X")  # (the state follows the name)
 
 
 def other_holders(palace: Path) -> list[int]:
