@@ -520,6 +520,14 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def _wait_gone(pid: int) -> None:
+    """Until ``pid`` has exited (a zombie counts: it is another parent's to reap)."""
+    deadline = time.monotonic() + 60
+    while not safety._gone(pid):
+        assert time.monotonic() < deadline, pid
+        time.sleep(0.02)
+
+
 def _killed_holder(palace: Path, child_holds: float, reap: bool = True) -> tuple[int, subprocess.Popen]:
     """A process that took the palace lock, forked, and was SIGKILLed (reaped here unless
     ``reap`` is False: then a zombie); returns the PID of its child, which still has the
@@ -529,10 +537,7 @@ def _killed_holder(palace: Path, child_holds: float, reap: bool = True) -> tuple
     assert proc.stdout is not None
     child = int(proc.stdout.readline())
     proc.stdout.close()
-    deadline = time.monotonic() + 60
-    while not safety._gone(proc.pid):  # (dead: a zombie, not reaped yet)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_gone(proc.pid)  # (dead: a zombie, not reaped yet)
     if reap:
         assert proc.wait(timeout=60) == -9
     return child, proc
@@ -549,14 +554,6 @@ def _held(palace: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _wait_gone(pid: int) -> None:
-    """Until ``pid`` has exited (a zombie counts: it is another parent's to reap)."""
-    deadline = time.monotonic() + 60
-    while not safety._gone(pid):
-        assert time.monotonic() < deadline, pid
-        time.sleep(0.02)
 
 
 def test_a_rerun_right_after_a_killed_chaosfix_waits_for_its_lock_to_be_let_go(tmp_path):
