@@ -133,6 +133,11 @@ def _copy_folder(root: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{sibling_stem(root)}{COPY_PREFIX}", dir=root.parent))
 
 
+def _unless_stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise InterruptedError("copy abandoned")
+
+
 def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | None = None,
                   tmp: Path | None = None) -> Path:
     """The copy's SQLite file and every segment folder not in ``leave``, in ``tmp`` (a new
@@ -146,8 +151,7 @@ def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | No
             if name == SQLITE_NAME or (root / name).is_file():
                 copy_locked(root / name, dst / name)  # (under the repair's SQLite lock: never opened here)
         for d in root.iterdir():
-            if stop is not None and stop.is_set():
-                raise InterruptedError("copy abandoned")
+            _unless_stopped(stop)
             if d.is_dir() and not d.is_symlink() and UUID_RE.match(d.name) and d.name not in leave:
                 copy_tree_sparse(d, dst / d.name)
     except BaseException:
@@ -156,9 +160,11 @@ def _copy_unbuilt(root: Path, leave: Collection[str], stop: threading.Event | No
     return dst
 
 
-def _add_built(dst: Path, built: Mapping[str, Path]) -> Path:
+def _add_built(dst: Path, built: Mapping[str, Path], stop: threading.Event | None = None) -> Path:
     for seg, src in built.items():  # (also a segment whose folder was missing)
+        _unless_stopped(stop)
         copy_tree_sparse(src, dst / seg)
+    _unless_stopped(stop)
     return dst
 
 
@@ -177,11 +183,16 @@ class EarlyCopy:
         self._copy = Background(_copy_unbuilt, root, set(rebuilt) | set(skip), self._stop, _copy_folder(root))
         self._taken = False
 
+    def abandon(self) -> None:
+        """Stop the copy between two files (a verification failed: nothing will read it);
+        ``take`` then raises InterruptedError and removes what was copied."""
+        self._stop.set()
+
     def take(self, built: Mapping[str, Path]) -> Path:
         self._taken = True
         dst = self._copy.wait()  # (a failed copy removed itself)
         try:
-            return _add_built(dst, built)
+            return _add_built(dst, built, self._stop)
         except BaseException:
             shutil.rmtree(dst.parent, ignore_errors=True)
             raise
@@ -303,6 +314,8 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     except BaseException:  # (Ctrl-C included) the child dies, so the thread returns and
         if started is not None:  # removes its copy, here, before the interpreter exits
             started.kill()
+        if early is not None:  # (not after the built folders' copy: at 500k, 855 MB)
+            early.abandon()
         if verified is not None:  # (an interrupt inside meanwhile's finally may beat its set)
             verified.set()
         thread.join()

@@ -1008,6 +1008,22 @@ def test_chromadbs_child_gets_its_work_only_once_the_verification_has_ended(tmp_
     assert out["alone"]["ok"] and not copies()
 
 
+def test_an_abandoned_early_copy_is_never_handed_over(tmp_path):
+    """A failed verification abandons the post-check's early copy (``verify_with_chromadb``
+    does on any error): the copy stops between two files and ``take`` raises, leaving
+    nothing, so the failure is not held up by the built folders' copy (855 MB at 500k)."""
+    from chaosfix.chromadb_probe import COPY_PREFIX, EarlyCopy
+
+    p = fresh_palace(tmp_path / "palace", SPEC)
+    seg = faults.segment_dir(p)
+    early = EarlyCopy(p, {seg.name}, ())
+    early.abandon()
+    with pytest.raises(InterruptedError, match="copy abandoned"):
+        early.take({seg.name: seg})
+    early.discard()
+    assert not [d for d in tmp_path.iterdir() if COPY_PREFIX in d.name]
+
+
 def test_post_check_judges_the_built_folders_and_the_repairs_sql_on_its_copy(tmp_path):
     """The post-check's copy is the palace the swap would make: a built folder takes its
     segment's place (an empty one, whose rows no query finds, fails chromadb's judgement
