@@ -40,7 +40,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.filecopy import copy_locked, copy_tree_sparse
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
-from chaosfix.palace.leftovers import sibling_stem, sibling_stems
+from chaosfix.palace.leftovers import sibling_stem, sibling_stems_re
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.safety import Background
 from chaosfix.reconcile.verify import UNREACHABLE_RATE
@@ -198,7 +198,7 @@ class EarlyCopy:
             raise
 
     def discard(self) -> None:
-        self._stop.set()
+        self.abandon()
         try:
             dst = self._copy.wait()
         except BaseException:  # noqa: BLE001 - a failed copy removed itself
@@ -211,8 +211,7 @@ def stale_copies(root: Path) -> list[Path]:
     """Copies an interrupted post-check left beside the palace."""
     # the whole name (mkdtemp's 8 characters after the prefix), not a glob (the name may
     # hold [ or *) nor a prefix: a palace "a" must not take "a.chaosfix-verify-x"'s copies
-    names = re.compile("|".join(rf"\.{re.escape(stem)}{re.escape(COPY_PREFIX)}[a-z0-9_]{{8}}"
-                                for stem in sibling_stems(root)))
+    names = re.compile(rf"\.{sibling_stems_re(root)}{re.escape(COPY_PREFIX)}[a-z0-9_]{{8}}")
     return [d for d in root.parent.iterdir() if names.fullmatch(d.name) and d.is_dir() and not d.is_symlink()]
 
 

@@ -58,6 +58,11 @@ def sibling_stems(root: Path) -> tuple[str, ...]:
     return (stem,) if stem == root.name else (stem, root.name)
 
 
+def sibling_stems_re(root: Path) -> str:
+    """``sibling_stems`` as one regular-expression group, each stem matched literally."""
+    return "(?:" + "|".join(map(re.escape, sibling_stems(root))) + ")"
+
+
 @dataclass
 class Leftover:
     path: Path

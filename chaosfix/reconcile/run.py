@@ -60,7 +60,7 @@ from chaosfix.errors import (
 from chaosfix.filecopy import copy_locked
 from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
-from chaosfix.palace.leftovers import BACKUP_GLOB, sibling_stem, sibling_stems
+from chaosfix.palace.leftovers import BACKUP_GLOB, sibling_stem, sibling_stems_re
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced, odd_sidecars
 from chaosfix.palace.state import written_in_rollback
@@ -310,7 +310,7 @@ def _own_names(root: Path) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """The exact names chaosfix gives folders beside the palace ``root``: its backup and
     recovered folders, and a backup still being made (``_new_backup``)."""
     stamp = r"-\d{8}-\d{6}(?:-\d+)?"
-    name = "(?:" + "|".join(map(re.escape, sibling_stems(root))) + ")"
+    name = sibling_stems_re(root)
     return (re.compile(rf"{name}\.chaosfix-(?:backup|recovered){stamp}"),
             re.compile(rf"\.{name}{re.escape(PARTIAL_BACKUP)}\d{{8}}-\d{{6}}(?:-\d+)?"))
 
