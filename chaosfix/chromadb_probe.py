@@ -50,6 +50,11 @@ COPY_PREFIX = ".chaosfix-verify-"  # <palace parent>/.<palace's sibling_stem>.ch
 MAX_REPAIRED = 20000  # repaired rows whose embedding chromadb returns (a seeded sample above this)
 QUERY_REPAIRED = 100  # of those, self-queried through chromadb (chaosfix's verify asks every one)
 KS = [10, 100, 400, 1600, 6400]
+# chromadb's child loads the index beside the verification only if the machine can give
+# this many times the built folders' bytes (each process holds ~1.15x of them at 500k,
+# plus the copy's page cache), and this much more for everything else
+BESIDE_FACTOR = 3
+BESIDE_MARGIN = 256 << 20
 
 
 @dataclass
@@ -259,6 +264,25 @@ class StartedChild:
                     f.close()
 
 
+def loads_beside(built: Collection[Path], available: int | None) -> bool:
+    """Whether chromadb's child may load the repaired index while chaosfix's verification
+    still holds its own (``available``: ``sysmem.available_memory()``). Beside it, the
+    child's get, self-queries and probe run on the core the verification leaves, and the
+    post-check ends with the verification: A/B on this 2-CPU VM, 100k + 5k orphans, 4
+    rounds alternated, the command 7.01-7.71 s against 7.78-8.25 s (0.6.3) and 6.68-7.02 s
+    against 7.56-7.74 s (1.5.9); at 500k the post-check stage 7.7-9.0 s against 9.5-9.9 s.
+    But then two indexes sit in memory at once (1.2 GB each at 500k), so where the
+    machine cannot give both with room to spare (or says nothing), the child waits until
+    the verification has freed its index, and the two never overlap."""
+    if available is None:
+        return False
+    size = 0
+    for folder in built:
+        with os.scandir(folder) as it:
+            size += sum(e.stat(follow_symlinks=False).st_size for e in it if e.is_file(follow_symlinks=False))
+    return available >= BESIDE_FACTOR * size + BESIDE_MARGIN
+
+
 def start_post_check(palace_gen: Generation, python: str | None) -> StartedChild | None:
     """The child for a post-check that will run (None when it would be skipped)."""
     return None if plan_post_check(palace_gen, python)[1] else StartedChild(python)
@@ -280,11 +304,8 @@ def verify_with_chromadb(palace: Path, targets: list[Target], palace_gen: Genera
     ``copy_palace``; ``prepare(db)`` writes the repair's SQL into the copy's database
     before chromadb opens it; ``early``: the copy begun before the build (made with the
     same ``skip``), taken here; ``verified``: chromadb's child gets its spec once it is
-    set, when ``meanwhile``'s verification has freed its index. chromadb's load then
-    takes the pages just freed, where beside the verification both loads took fresh ones
-    (this VM's host hands out a GB of fresh memory in 2.6-6 s, of memory just freed in
-    0.1-0.5 s): 1.5.9's open of a 100k palace took 0.33-0.68 s against 1.13-1.45 s, and
-    the two never hold an index at once."""
+    set, when ``meanwhile``'s verification has freed its index (``loads_beside`` says
+    when the caller sets it at once): the two then never hold an index at once."""
     run = partial(_verify, palace, targets, palace_gen, python, seed, timeout, progress, started, built, skip,
                   prepare, early, verified)
 

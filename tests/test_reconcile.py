@@ -1088,6 +1088,30 @@ def test_a_failed_post_check_changes_nothing_and_a_rerun_repairs(tmp_path, damag
     assert_consistent(p)
 
 
+def test_chromadb_loads_beside_the_verification_only_where_the_machine_holds_both(tmp_path, damage_cache):
+    """chromadb's child takes its work at once where the machine's available memory is
+    three times the built folders and more (the post-check then ends with the
+    verification), and waits for the verification to free its index where it is not,
+    or where the machine does not say."""
+    from chaosfix.chromadb_probe import BESIDE_FACTOR, BESIDE_MARGIN, loads_beside
+    from chaosfix.sysmem import available_memory
+
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "data_level0.bin").write_bytes(b"\0" * 1_000_000)
+    (built / "header.bin").write_bytes(b"\0" * 100)
+    need = BESIDE_FACTOR * 1_000_100 + BESIDE_MARGIN
+    assert loads_beside([built], need) and not loads_beside([built], need - 1)
+    assert not loads_beside([built, built], need) and not loads_beside([built], None)
+    have = available_memory()
+    assert have is not None and have > BESIDE_MARGIN  # (Linux: MemAvailable)
+    p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
+    code, doc, err = reconcile(p, "--embedder", HASH_EMBEDDER)
+    assert code == 1 and doc and doc["chromadb"]["ok"], err
+    assert doc["chromadb"]["beside_verification"] is True  # (a palace of a few MB)
+    assert_consistent(p)
+
+
 def test_verification_refuses_a_built_map_that_is_not_the_one_written(tmp_path):
     """The verification skips the opcode scan only for the bytes the build wrote (their
     SHA-256): other bytes in the built folder fail it."""

@@ -708,10 +708,12 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
                 verify: Verify, built: dict[str, Path]) -> dict:
     """chromadb's judgement of the palace the swap will make: a throwaway copy of it (the
     built folders in place of the old ones, the repair's SQL written), made while
-    ``verify`` (chaosfix's own verification) runs here, then judged by chromadb in its
-    own process. The rows and the sample come from the plans' states (reconcile never writes a
+    ``verify`` (chaosfix's own verification) runs here, and judged by chromadb in its
+    own process: beside the verification where the machine can hold both indexes
+    (``loads_beside``), else once the verification has freed its own. The rows and the sample come from the plans' states (reconcile never writes a
     row); each collection's quirk rate from its verification, read once it has run."""
-    from chaosfix.chromadb_probe import Target, verify_with_chromadb
+    from chaosfix.chromadb_probe import Target, loads_beside, verify_with_chromadb
+    from chaosfix.sysmem import available_memory
 
     targets: dict[str, Target] = {}
     for p in rep.plans:
@@ -724,6 +726,9 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
                                        collection=st.info.name, tenant=st.info.tenant, database=st.info.database)
 
     verified = threading.Event()  # chaosfix's verification has ended: chromadb's child may load
+    beside = loads_beside(list(built.values()), available_memory())
+    if beside:  # (the machine holds both indexes: no need to wait)
+        verified.set()
 
     def meanwhile() -> None:
         try:
@@ -753,9 +758,12 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
         from chaosfix.chromadb_probe import start_post_check  # failed verification can kill it
 
         started = start_post_check(gen, opts.chromadb_python)
-    return verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
-                                progress=progress, started=started, meanwhile=meanwhile, built=built,
-                                skip=rep.prune_dirs, prepare=prepare, early=early, verified=verified)
+    out = verify_with_chromadb(root, list(targets.values()), gen, opts.chromadb_python, seed=opts.seed,
+                               progress=progress, started=started, meanwhile=meanwhile, built=built,
+                               skip=rep.prune_dirs, prepare=prepare, early=early, verified=verified)
+    if "skipped" not in out:
+        out["beside_verification"] = beside
+    return out
 
 
 def _path_unusable(root: Path, rep: ReconcileReport, post: bool) -> str | None:
@@ -999,7 +1007,7 @@ def _execute(root: Path, conn: sqlite3.Connection, rep: ReconcileReport, opts: R
         verify()
     else:
         # chromadb judges a copy of the palace the swap will make: the copy is made while
-        # chaosfix verifies (it waits on the kernel), chromadb's child works after
+        # chaosfix verifies (it waits on the kernel), chromadb's child works beside it or after
         rep.chromadb = post_check(verify, built)
         rep.timings["chromadb_check"] = time.perf_counter() - t
         if not rep.chromadb.get("ok", False):
