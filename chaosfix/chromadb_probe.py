@@ -51,8 +51,8 @@ MAX_REPAIRED = 20000  # repaired rows whose embedding chromadb returns (a seeded
 QUERY_REPAIRED = 100  # of those, self-queried through chromadb (chaosfix's verify asks every one)
 KS = [10, 100, 400, 1600, 6400]
 # chromadb's child loads the index beside the verification only if the machine can give
-# this many times the built folders' bytes (each process holds ~1.15x of them at 500k,
-# plus the copy's page cache), and this much more for everything else
+# this many times the bytes of the folders the two load (each process holds ~1.15x of
+# them at 500k, plus the copy's page cache), and this much more for everything else
 BESIDE_FACTOR = 3
 BESIDE_MARGIN = 256 << 20
 
@@ -264,20 +264,22 @@ class StartedChild:
                     f.close()
 
 
-def loads_beside(built: Collection[Path], available: int | None) -> bool:
+def loads_beside(built: Collection[Path], available: int | None, others: Collection[Path] = ()) -> bool:
     """Whether chromadb's child may load the repaired index while chaosfix's verification
-    still holds its own (``available``: ``sysmem.available_memory()``). Beside it, the
-    child's get, self-queries and probe run on the core the verification leaves, and the
-    post-check ends with the verification: A/B on this 2-CPU VM, 100k + 5k orphans, 4
-    rounds alternated, the command 7.01-7.71 s against 7.78-8.25 s (0.6.3) and 6.68-7.02 s
-    against 7.56-7.74 s (1.5.9); at 500k the post-check stage 7.7-9.0 s against 9.5-9.9 s.
-    But then two indexes sit in memory at once (1.2 GB each at 500k), so where the
-    machine cannot give both with room to spare (or says nothing), the child waits until
-    the verification has freed its index, and the two never overlap."""
+    still holds its own (``available``: ``sysmem.available_memory()``; ``others``: the
+    folders of the other collections the child judges, which it loads too). Beside it,
+    the child's get, self-queries and probe run on the core the verification leaves, and
+    the post-check ends with the verification: A/B on this 2-CPU VM, 100k + 5k orphans,
+    4 rounds alternated, the command 7.01-7.71 s against 7.78-8.25 s (0.6.3) and
+    6.68-7.02 s against 7.56-7.74 s (1.5.9); at 500k the post-check stage 7.7-9.0 s
+    against 9.5-9.9 s. But then two indexes sit in memory at once (1.2 GB each at 500k),
+    so where the machine (or the process's cgroup) cannot give both with room to spare,
+    or says nothing, the child waits until the verification has freed its index, and
+    the two never overlap."""
     if available is None:
         return False
     size = 0
-    for folder in built:
+    for folder in (*built, *others):
         with os.scandir(folder) as it:
             size += sum(e.stat(follow_symlinks=False).st_size for e in it if e.is_file(follow_symlinks=False))
     return available >= BESIDE_FACTOR * size + BESIDE_MARGIN

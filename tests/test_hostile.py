@@ -1472,3 +1472,76 @@ def test_stale_post_check_copies_are_this_palaces_own_by_their_whole_name(tmp_pa
     other.mkdir()
     assert stale_copies(tmp_path / "pal") == [own]
     assert stale_copies(tmp_path / "pal.chaosfix-verify-x") == [other]
+
+
+def test_backups_are_this_palaces_own_by_their_whole_name(tmp_path):
+    """A palace "pal" offers as its backups (a source of lost vectors) only folders named
+    as chaosfix names pal's backups: not a palace named "pal.chaosfix-backup-x" beside it,
+    nor that palace's own backups, whose names begin with pal's backups' prefix, nor a
+    stamp of other digits than ASCII ones. They come oldest first by the time in their
+    names (the repair takes the newest first): ``-10`` after ``-2``."""
+    from chaosfix.palace.leftovers import quarantined
+
+    seg = "0b6f1c2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
+    own = [tmp_path / f"pal.chaosfix-backup-20261204-101500{n}" for n in ("", "-2", "-10")]
+    other = tmp_path / "pal.chaosfix-backup-x"  # another palace, with a segment of the same id
+    others = [other, tmp_path / "pal.chaosfix-backup-x.chaosfix-backup-20261204-101500",
+              tmp_path / "pal.chaosfix-backup-20261204-101500.moving",
+              tmp_path / "pal.chaosfix-backup-\u0662\u0660\u0662\u0666\u0661\u0662\u0660\u0664-101500"]
+    for d in (*own, *others):
+        (d / seg).mkdir(parents=True)
+    (tmp_path / "pal").mkdir()
+    assert [q.path.parent for q in quarantined(tmp_path / "pal")] == own
+    assert [q.path.parent for q in quarantined(other)] == [others[1]]
+
+
+def test_folders_made_under_another_name_limit_are_found(tmp_path):
+    """A long-named palace's folders made under one file name limit (eCryptfs's 143, or
+    255 by an earlier chaosfix) are this palace's wherever it now lies: its backups are a
+    source of vectors, newest first by their time whatever their stem (a whole-name
+    backup of 2026-12-01 must not win over a hashed one of 12-05), and the rerun clears
+    its half-made backups, including the names the 2026-12-02 releases gave them, and
+    its post-check copies. Another palace's folders of the same stem are not."""
+    from chaosfix.chromadb_probe import stale_copies
+    from chaosfix.palace.leftovers import quarantined, sibling_stem
+    from chaosfix.reconcile.run import _own_names
+
+    seg = "0b6f1c2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
+    pal = tmp_path / ("\u00e9" * 50)  # 100 bytes: cut at 143, whole at 255
+    pal.mkdir()
+    cut, whole = sibling_stem(pal, 143), pal.name
+    assert cut != whole and sibling_stem(pal) == whole  # (this file system takes 255)
+    new_backup = tmp_path / f"{cut}.chaosfix-backup-20261205-090000"
+    old_backup = tmp_path / f"{whole}.chaosfix-backup-20261201-090000"
+    for b in (new_backup, old_backup):
+        (b / seg).mkdir(parents=True)
+    assert [q.path.parent for q in quarantined(pal, seg)] == [old_backup, new_backup]
+    ours, unfinished = _own_names(pal)
+    for name in (f".{cut}.chaosfix-part-20261205-090000", f".{whole}.chaosfix-backup-20261202-033500.ab_d12x9.moving",
+                 f".{whole}.chaosfix-backup-20261202-040000-2.moving"):
+        assert unfinished.fullmatch(name), name
+    assert ours.fullmatch(f"{sibling_stem(pal, 100)}.chaosfix-recovered-20261205-090000")
+    copy = tmp_path / f".{cut}.chaosfix-verify-abcd_123"
+    copy.mkdir()
+    assert stale_copies(pal) == [copy]
+    stranger = tmp_path / ("\u00e9" * 49 + "x")  # same beginning, another hash
+    stranger.mkdir()
+    assert quarantined(stranger) == [] and stale_copies(stranger) == []
+    assert not unfinished.fullmatch(f".{sibling_stem(stranger, 143)}.chaosfix-part-20261205-090000")
+
+
+@pytest.mark.parametrize("limit", [143, 255])
+def test_sibling_folder_names_fit_the_file_systems_own_name_limit(limit, tmp_path):
+    """The stem of chaosfix's folders beside a palace follows the limit of the palace's
+    file system, not Linux's 255: on eCryptfs (143 bytes) a palace named over ~95 bytes
+    got "File name too long" for its backup. Every folder name chaosfix makes fits, for
+    names up to the limit, ASCII or not, and the limit is read from the file system."""
+    from chaosfix.palace.leftovers import NAME_MAX, name_max, sibling_stem
+
+    assert name_max(tmp_path) == min(os.pathconf(tmp_path, "PC_NAME_MAX"), NAME_MAX)
+    for name in ("p" * 90, "p" * 96, "p" * (limit - 1), "\u00e9" * (limit // 2), "\U0001f600" * (limit // 4)):
+        stem = sibling_stem(tmp_path / name, limit)
+        assert (stem == name) == (len(os.fsencode(name)) <= limit - 48)
+        for made in (f"{stem}.chaosfix-backup-20261204-101500-99", f".{stem}.chaosfix-part-20261204-101500-99",
+                     f"{stem}.chaosfix-recovered-20261204-101500-99", f".{stem}.chaosfix-verify-abcdefgh"):
+            assert len(os.fsencode(made)) <= limit, (name, made)

@@ -1103,6 +1103,7 @@ def test_chromadb_loads_beside_the_verification_only_where_the_machine_holds_bot
     need = BESIDE_FACTOR * 1_000_100 + BESIDE_MARGIN
     assert loads_beside([built], need) and not loads_beside([built], need - 1)
     assert not loads_beside([built, built], need) and not loads_beside([built], None)
+    assert not loads_beside([built], need, others=[built])  # (the child loads the others too)
     have = available_memory()
     assert have is not None and have > BESIDE_MARGIN  # (Linux: MemAvailable)
     p = damaged_palace("lost-hnsw-writes", tmp_path / "palace", damage_cache)
@@ -1110,6 +1111,36 @@ def test_chromadb_loads_beside_the_verification_only_where_the_machine_holds_bot
     assert code == 1 and doc and doc["chromadb"]["ok"], err
     assert doc["chromadb"]["beside_verification"] is True  # (a palace of a few MB)
     assert_consistent(p)
+
+
+def test_available_memory_heeds_the_cgroups_limits(tmp_path):
+    """In a container (``--memory``) or a systemd unit (``MemoryMax``), /proc/meminfo shows
+    the whole host: the room left under the process's cgroup limits (v2 and v1, each
+    group up to the root, its droppable page cache counted as room) bounds what
+    ``available_memory`` says, so both indexes are never loaded at once into a limit
+    that holds one."""
+    from chaosfix.sysmem import _cgroup_rooms, _meminfo, available_memory
+
+    root = tmp_path / "cgroup"
+
+    def group(rel: str, **files: str) -> None:
+        d = root / rel
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name.replace("_", ".", 1)).write_text(text)
+
+    group("a", memory_max="max\n", memory_current="5000\n")
+    group("a/b", memory_max="1000\n", memory_current="400\n", memory_stat="anon 300\ninactive_file 100\n")
+    group("memory/x", memory_limit_in_bytes="9223372036854771712\n", memory_usage_in_bytes="1\n")
+    group("memory/x/y", memory_limit_in_bytes="2000\n", memory_usage_in_bytes="1500\n")
+    membership = tmp_path / "cgroup-of-self"
+    membership.write_text("4:memory:/x/y\n3:cpu:/x\n0::/a/b\n")
+    assert sorted(_cgroup_rooms(membership, root)) == [500, 700]
+    membership.write_text("0::/gone/c\n")  # (a group not mounted here: the ones above it, none limited)
+    assert _cgroup_rooms(membership, root) == []
+    assert _cgroup_rooms(tmp_path / "none", root) == []
+    have, machine = available_memory(), _meminfo()
+    assert have is not None and machine is not None and have <= machine
 
 
 def test_verification_refuses_a_built_map_that_is_not_the_one_written(tmp_path):

@@ -22,24 +22,41 @@ from chaosfix.palace import UUID_RE
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 QUARANTINE_RE = re.compile(rf"^({UUID})\.(corrupt|drift|hnsw-backup)-[0-9A-Za-z_.:+-]{{1,64}}$")
 BACKUP_GLOB = ".chaosfix-backup-"
-NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+NAME_MAX = 255  # bytes in one file name (Linux, macOS), the most used even where more fit
 # the most chaosfix adds to a palace's name beside it: "." + ".chaosfix-recovered-" + a
 # time + "-NN" (39 bytes), mkdtemp's "." + ".chaosfix-verify-" + 8 (26), with room to spare
 SIBLING_EXTRA = 48
 
 
-def sibling_stem(root: Path) -> str:
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes, up to
+    ``NAME_MAX``: 143 on eCryptfs (an encrypted home), whose stored names are longer
+    than the ones given; ``NAME_MAX`` where the system does not say."""
+    try:
+        n = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
+    return min(n, NAME_MAX) if n > 0 else NAME_MAX
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
+def sibling_stem(root: Path, limit: int | None = None) -> str:
     """How the names of chaosfix's folders beside the palace ``root`` begin (its backups,
     a backup being made, recovered folders, the post-check's copy): the palace's own name
     or, when that name and the longest of those suffixes would not fit in one file name,
     its first characters, ``~`` and a hash of the whole name. A palace named near the
     limit then still gets its backup (it was refused, "File name too long"), and two long
-    names with the same beginning do not share folders."""
+    names with the same beginning do not share folders. ``limit``: the file name limit
+    (``name_max`` of the palace's parent)."""
     name = root.name
-    if len(os.fsencode(name)) <= NAME_MAX - SIBLING_EXTRA:
+    limit = name_max(root.parent) if limit is None else limit
+    if len(os.fsencode(name)) <= limit - SIBLING_EXTRA:
         return name
-    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-    budget, used, keep = NAME_MAX - SIBLING_EXTRA - 1 - len(digest), 0, []
+    digest = _digest(name)
+    budget, used, keep = limit - SIBLING_EXTRA - 1 - len(digest), 0, []
     for ch in name:  # whole characters (a UTF-8 name is never cut inside one)
         used += len(os.fsencode(ch))
         if used > budget:
@@ -48,19 +65,33 @@ def sibling_stem(root: Path) -> str:
     return "".join(keep) + "~" + digest
 
 
-def sibling_stems(root: Path) -> tuple[str, ...]:
-    """The stems to look for when finding chaosfix's folders beside ``root`` (makers use
-    ``sibling_stem``): that stem and, for a name it hashes, the name itself, which an
-    earlier chaosfix gave these folders whenever the whole folder name fit (palace names
-    of 208 to about 223 bytes). Their backups stay a source of vectors and their
-    leftovers (half-made backups, post-check copies) are still cleared."""
-    stem = sibling_stem(root)
-    return (stem,) if stem == root.name else (stem, root.name)
-
-
 def sibling_stems_re(root: Path) -> str:
-    """``sibling_stems`` as one regular-expression group, each stem matched literally."""
-    return "(?:" + "|".join(map(re.escape, sibling_stems(root))) + ")"
+    """A regular-expression group for every stem ``sibling_stem`` gives ``root`` or ever
+    gave it: the whole name, or any beginning of it, ``~`` and its hash (the hash names
+    the palace; the beginning depends on the file name limit where the folder was made,
+    and a palace and its folders may since have been copied to a file system with
+    another). An earlier chaosfix named them after the whole name whenever that fit, and
+    a long name was cut only above 207 bytes. Their backups stay a source of vectors and
+    their leftovers (half-made backups, post-check copies) are still cleared."""
+    return f"(?:{re.escape(root.name)}|[^/]*~{_digest(root.name)})"
+
+
+STAMP = r"[0-9]{8}-[0-9]{6}(?:-[0-9]+)?"  # time.strftime("%Y%m%d-%H%M%S"), then -2, -3... when taken
+
+
+def own_folders_re(root: Path, *kinds: str) -> re.Pattern[str]:
+    """The whole names chaosfix gives its ``kinds`` of folders beside ``root``
+    (``backup``: ``<stem>.chaosfix-backup-<time>``; ``recovered``), to be matched with
+    ``fullmatch``: a prefix would also take another palace named like them, or that
+    palace's own backups (``pal.chaosfix-backup-x.chaosfix-backup-<time>`` is not pal's).
+    Group ``stamp``: the time and its counter."""
+    return re.compile(rf"{sibling_stems_re(root)}\.chaosfix-(?:{'|'.join(map(re.escape, kinds))})-(?P<stamp>{STAMP})")
+
+
+def _made_when(stamp: str) -> tuple[str, int]:
+    """A backup's time, then its counter: ``-10`` was made after ``-2``."""
+    day, clock, *n = stamp.split("-")
+    return day + clock, int(n[0]) if n else 1
 
 
 @dataclass
@@ -99,7 +130,7 @@ def orphan_dirs(root: Path, known: set[str]) -> list[Leftover]:
 
 def quarantined(root: Path, segment: str | None = None, backups: bool = True) -> list[Leftover]:
     """Quarantined copies of segments (of ``segment`` only, when given), in name order;
-    ``backups``: also chaosfix's own backups beside the palace."""
+    ``backups``: then chaosfix's own backups beside the palace, oldest first."""
     out = []
     for d in sorted(root.iterdir()):
         m = QUARANTINE_RE.match(d.name)
@@ -107,15 +138,21 @@ def quarantined(root: Path, segment: str | None = None, backups: bool = True) ->
             out.append(_entry(d, m.group(1), m.group(2)))
     if not backups:
         return out
-    parent = root.parent
-    prefixes = tuple(stem + BACKUP_GLOB for stem in sibling_stems(root))
+    ours = own_folders_re(root, "backup")
     try:
-        backups = sorted(p for p in parent.iterdir()
-                         if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink())
+        found = [(m, p) for p in root.parent.iterdir() if (m := ours.fullmatch(p.name))]
     except OSError:
-        backups = []
-    for b in backups:
-        for d in sorted(b.iterdir()):
+        found = []
+    # oldest first by the time in the name, not by the name: a palace's folders may have
+    # two stems (``sibling_stems_re``), and ``-10`` sorts before ``-2``
+    for _, b in sorted(found, key=lambda mp: (_made_when(mp[0]["stamp"]), mp[1].name)):
+        if not b.is_dir() or b.is_symlink():
+            continue
+        try:
+            inside = sorted(b.iterdir())
+        except OSError:  # (an unreadable folder named as a backup: no source, no refusal)
+            continue
+        for d in inside:
             if UUID_RE.match(d.name) and (segment is None or d.name == segment) and d.is_dir() and not d.is_symlink():
                 out.append(_entry(d, d.name, "chaosfix-backup"))
     return out

@@ -60,7 +60,7 @@ from chaosfix.errors import (
 from chaosfix.filecopy import copy_locked
 from chaosfix.memtrim import release_freed_memory
 from chaosfix.palace import SQLITE_NAME, UUID_RE, palace_db, schema_guard
-from chaosfix.palace.leftovers import BACKUP_GLOB, sibling_stem, sibling_stems_re
+from chaosfix.palace.leftovers import BACKUP_GLOB, STAMP, own_folders_re, sibling_stem, sibling_stems_re
 from chaosfix.palace.schema_guard import STALE_GONE, ForeignObject
 from chaosfix.palace.sql import FTS_TABLE, PalaceSql, StaleRows, journal_synced, odd_sidecars
 from chaosfix.palace.state import written_in_rollback
@@ -308,11 +308,13 @@ PARTIAL_BACKUP = ".chaosfix-part-"  # a backup being made: ``.<palace>.chaosfix-
 
 def _own_names(root: Path) -> tuple[re.Pattern[str], re.Pattern[str]]:
     """The exact names chaosfix gives folders beside the palace ``root``: its backup and
-    recovered folders, and a backup still being made (``_new_backup``)."""
-    stamp = r"-\d{8}-\d{6}(?:-\d+)?"
-    name = sibling_stems_re(root)
-    return (re.compile(rf"{name}\.chaosfix-(?:backup|recovered){stamp}"),
-            re.compile(rf"\.{name}{re.escape(PARTIAL_BACKUP)}\d{{8}}-\d{{6}}(?:-\d+)?"))
+    recovered folders, and a backup still being made (``_new_backup``; before its
+    ``.chaosfix-part-`` name, 2026-12-02's releases made it as
+    ``.<palace>.chaosfix-backup-<time>[.<random>|-N].moving``)."""
+    stems = sibling_stems_re(root)
+    return (own_folders_re(root, "backup", "recovered"),
+            re.compile(rf"\.{stems}(?:{re.escape(PARTIAL_BACKUP)}{STAMP}"
+                       rf"|\.chaosfix-backup-{STAMP}(?:\.[A-Za-z0-9_]+)?\.moving)"))
 
 
 def _unfinished_beside(root: Path) -> bool:
@@ -726,7 +728,10 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
                                        collection=st.info.name, tenant=st.info.tenant, database=st.info.database)
 
     verified = threading.Event()  # chaosfix's verification has ended: chromadb's child may load
-    beside = loads_beside(list(built.values()), available_memory())
+    others = [root / p.segment for p in rep.plans  # (judged by chromadb, loaded as they are)
+              if p.collection in targets and p.segment and is_uuid(p.segment) and p.segment not in built
+              and (root / p.segment).is_dir() and not is_link(root / p.segment)]
+    beside = loads_beside(list(built.values()), available_memory(), others)
     if beside:  # (the machine holds both indexes: no need to wait)
         verified.set()
 
