@@ -270,9 +270,10 @@ def loads_beside(built: Collection[Path], available: int | None, others: Collect
     folders of the other collections the child judges, which it loads too). Beside it,
     the child's get, self-queries and probe run on the core the verification leaves, and
     the post-check ends with the verification: A/B on this 2-CPU VM, 100k + 5k orphans,
-    4 rounds alternated, the command 7.01-7.71 s against 7.78-8.25 s (0.6.3) and
-    6.68-7.02 s against 7.56-7.74 s (1.5.9); at 500k the post-check stage 7.7-9.0 s
-    against 9.5-9.9 s. But then two indexes sit in memory at once (1.2 GB each at 500k),
+    rounds alternated, the command 7.01-7.71 s against 7.78-8.81 s (0.6.3, 7 rounds) and
+    6.68-7.02 s against 7.56-7.74 s (1.5.9, 3); at 500k the post-check stage 7.7-9.0 s
+    against 9.5-9.9 s (in a slow phase of the VM's host, 2026-12-03, waiting had won:
+    benchmarks/README.md). But then two indexes sit in memory at once (1.2 GB each at 500k),
     so where the machine (or the process's cgroup) cannot give both with room to spare,
     or says nothing, the child waits until the verification has freed its index, and
     the two never overlap."""

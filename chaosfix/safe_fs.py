@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from chaosfix.errors import OperationalError
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")  # (\Z: no "\n" after)
 
 
 def is_uuid(name: object) -> bool:

@@ -44,15 +44,18 @@ def _read_int(path: Path) -> int | None:
 
 
 def _inactive_file(stat: Path) -> int:
-    """The group's page cache the kernel can drop before it reclaims anything else."""
+    """The page cache of the group and the groups below it that the kernel can drop
+    before it reclaims anything else (v1's ``inactive_file`` is the group's own, its
+    ``total_`` one the subtree's, which its usage counts; v2's covers the subtree)."""
+    found: dict[str, int] = {}
     try:
         for line in stat.read_text(encoding="ascii").splitlines():
             key, _, value = line.partition(" ")
             if key in ("inactive_file", "total_inactive_file"):
-                return int(value)
+                found[key] = int(value)
     except (OSError, ValueError):
         pass
-    return 0
+    return found.get("total_inactive_file", found.get("inactive_file", 0))
 
 
 def _cgroup_rooms(membership: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> list[int | None]:
@@ -75,7 +78,8 @@ def _cgroup_rooms(membership: Path = Path("/proc/self/cgroup"), root: Path = CGR
             limit_file, usage_file, stat_file = "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat"
         else:
             continue
-        group = (base / rel.lstrip("/")).resolve() if rel.startswith("/") else base
+        # (normpath: the kernel's path, read as text; nothing on disk is followed)
+        group = Path(os.path.normpath(base / rel.lstrip("/"))) if rel.startswith("/") else base
         while True:  # this group, then each one above it, up to the hierarchy's root
             limit, usage = _read_int(group / limit_file), _read_int(group / usage_file)
             if limit is not None and usage is not None and limit < 1 << 60:  # (v1's "no limit" is ~2**63)

@@ -1480,7 +1480,8 @@ def test_backups_are_this_palaces_own_by_their_whole_name(tmp_path):
     nor that palace's own backups, whose names begin with pal's backups' prefix, nor a
     stamp of other digits than ASCII ones. They come oldest first by the time in their
     names (the repair takes the newest first): ``-10`` after ``-2``."""
-    from chaosfix.palace.leftovers import quarantined
+    from chaosfix.palace.leftovers import QUARANTINE_RE, quarantined
+    from chaosfix.safe_fs import is_uuid
 
     seg = "0b6f1c2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
     own = [tmp_path / f"pal.chaosfix-backup-20261204-101500{n}" for n in ("", "-2", "-10")]
@@ -1493,6 +1494,49 @@ def test_backups_are_this_palaces_own_by_their_whole_name(tmp_path):
     (tmp_path / "pal").mkdir()
     assert [q.path.parent for q in quarantined(tmp_path / "pal")] == own
     assert [q.path.parent for q in quarantined(other)] == [others[1]]
+    (own[0] / f"{seg}\n").mkdir()  # not a segment id: "\n" after one
+    (own[1] / "1b6f1c2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e").symlink_to(own[0] / seg)  # never followed
+    assert [q.path for q in quarantined(tmp_path / "pal")] == [d / seg for d in own]
+    assert not is_uuid(f"{seg}\n") and not QUARANTINE_RE.match(f"{seg}.corrupt-1\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody (root enters any folder)")
+def test_a_backup_named_folder_that_cannot_be_entered_is_skipped():
+    """A folder named as one of the palace's backups that its reader may list but not
+    enter (mode 644) is no source of vectors, and no traceback: the other backups stay
+    offered. Read by a forked child that became nobody (modules already loaded)."""
+    from chaosfix.palace.leftovers import quarantined
+
+    tmp_path = Path(tempfile.mkdtemp())  # (pytest's own is root's alone, mode 700)
+    seg = "0b6f1c2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
+    good, shut = tmp_path / "pal.chaosfix-backup-20261201-000000", tmp_path / "pal.chaosfix-backup-20261202-000000"
+    for d in (good, shut):
+        (d / seg).mkdir(parents=True)
+    (tmp_path / "pal").mkdir()
+    for d in (tmp_path, good, good / seg, tmp_path / "pal"):
+        d.chmod(0o755)
+    shut.chmod(0o644)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody, then one line on the pipe, whatever happens
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            out = repr([str(q.path) for q in quarantined(tmp_path / "pal")])
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out = f"raised {type(exc).__name__}: {exc}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            got = f.read().decode()
+        os.waitpid(pid, 0)
+    finally:
+        shut.chmod(0o755)
+        shutil.rmtree(tmp_path)
+    assert got == repr([str(good / seg)]), got
 
 
 def test_folders_made_under_another_name_limit_are_found(tmp_path):
@@ -1503,7 +1547,7 @@ def test_folders_made_under_another_name_limit_are_found(tmp_path):
     its half-made backups, including the names the 2026-12-02 releases gave them, and
     its post-check copies. Another palace's folders of the same stem are not."""
     from chaosfix.chromadb_probe import stale_copies
-    from chaosfix.palace.leftovers import quarantined, sibling_stem
+    from chaosfix.palace.leftovers import quarantined, sibling_stem, sibling_stems_re
     from chaosfix.reconcile.run import _own_names
 
     seg = "0b6f1c2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
@@ -1528,6 +1572,14 @@ def test_folders_made_under_another_name_limit_are_found(tmp_path):
     stranger.mkdir()
     assert quarantined(stranger) == [] and stale_copies(stranger) == []
     assert not unfinished.fullmatch(f".{sibling_stem(stranger, 143)}.chaosfix-part-20261205-090000")
+    # a palace restored from a hashed backup and renamed ends in pal's hash, but what goes
+    # before it is no beginning of pal's name: its folders are its own
+    digest = cut.rsplit("~", 1)[1]
+    for other in (f"x~{digest}", f"\u00e9\u00e9\n~{digest}", f"{cut}x~{digest}"):
+        assert not ours.fullmatch(f"{other}.chaosfix-backup-20261205-090000"), other
+        assert not unfinished.fullmatch(f".{other}.chaosfix-part-20261205-090000"), other
+        assert not re.fullmatch(rf"\.{sibling_stems_re(pal)}\.chaosfix-verify-abcd_123", f".{other}.chaosfix-verify-abcd_123")
+    assert ours.fullmatch(f"~{digest}.chaosfix-backup-20261205-090000")  # (a limit that leaves no beginning)
 
 
 @pytest.mark.parametrize("limit", [143, 255])

@@ -935,9 +935,10 @@ def test_post_check_judges_unreachable_rows_against_the_graphs_own_rate():
 
 
 def test_chromadbs_child_gets_its_work_only_once_the_verification_has_ended(tmp_path):
-    """The post-check's copy is made while the verification runs, chromadb's child is
-    handed its spec only after (its index load then reuses the verification's freed
-    pages, and the two never hold an index at once); a verification that fails kills the
+    """The post-check's copy is made while the verification runs; given a ``verified``
+    event that is not set (reconcile's way where the machine cannot hold both indexes:
+    ``loads_beside``), chromadb's child is handed its spec only after (the two never hold
+    an index at once); a verification that fails kills the
     child and removes the copy, and its error is the caller's."""
     from chaosfix.chromadb_probe import COPY_PREFIX, Target, start_post_check, verify_with_chromadb
 
@@ -1132,10 +1133,11 @@ def test_available_memory_heeds_the_cgroups_limits(tmp_path):
     group("a", memory_max="max\n", memory_current="5000\n")
     group("a/b", memory_max="1000\n", memory_current="400\n", memory_stat="anon 300\ninactive_file 100\n")
     group("memory/x", memory_limit_in_bytes="9223372036854771712\n", memory_usage_in_bytes="1\n")
-    group("memory/x/y", memory_limit_in_bytes="2000\n", memory_usage_in_bytes="1500\n")
+    group("memory/x/y", memory_limit_in_bytes="2000\n", memory_usage_in_bytes="1500\n",
+          memory_stat="inactive_file 0\ntotal_inactive_file 300\n")  # (v1: the subtree's page cache)
     membership = tmp_path / "cgroup-of-self"
-    membership.write_text("4:memory:/x/y\n3:cpu:/x\n0::/a/b\n")
-    assert sorted(_cgroup_rooms(membership, root)) == [500, 700]
+    membership.write_text("4:memory:/x/../x/y\n3:cpu:/x\n0::/a/b\n")
+    assert sorted(_cgroup_rooms(membership, root)) == [700, 800]
     membership.write_text("0::/gone/c\n")  # (a group not mounted here: the ones above it, none limited)
     assert _cgroup_rooms(membership, root) == []
     assert _cgroup_rooms(tmp_path / "none", root) == []

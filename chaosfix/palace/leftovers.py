@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from chaosfix.palace import UUID_RE
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-QUARANTINE_RE = re.compile(rf"^({UUID})\.(corrupt|drift|hnsw-backup)-[0-9A-Za-z_.:+-]{{1,64}}$")
+QUARANTINE_RE = re.compile(rf"^({UUID})\.(corrupt|drift|hnsw-backup)-[0-9A-Za-z_.:+-]{{1,64}}\Z")
 BACKUP_GLOB = ".chaosfix-backup-"
 NAME_MAX = 255  # bytes in one file name (Linux, macOS), the most used even where more fit
 # the most chaosfix adds to a palace's name beside it: "." + ".chaosfix-recovered-" + a
@@ -72,8 +73,13 @@ def sibling_stems_re(root: Path) -> str:
     and a palace and its folders may since have been copied to a file system with
     another). An earlier chaosfix named them after the whole name whenever that fit, and
     a long name was cut only above 207 bytes. Their backups stay a source of vectors and
-    their leftovers (half-made backups, post-check copies) are still cleared."""
-    return f"(?:{re.escape(root.name)}|[^/]*~{_digest(root.name)})"
+    their leftovers (half-made backups, post-check copies) are still cleared. Only a
+    beginning of the name goes before the hash: a palace restored from a hashed backup
+    and renamed (``x~<hash>``) is not this one's."""
+    beginning = ""  # (?:a(?:b(?:c)?)?)? for "abc": "", "a", "ab" or "abc", in linear size
+    for ch in reversed(root.name):
+        beginning = f"(?:{re.escape(ch)}{beginning})?"
+    return f"(?:{re.escape(root.name)}|{beginning}~{_digest(root.name)})"
 
 
 STAMP = r"[0-9]{8}-[0-9]{6}(?:-[0-9]+)?"  # time.strftime("%Y%m%d-%H%M%S"), then -2, -3... when taken
@@ -146,15 +152,15 @@ def quarantined(root: Path, segment: str | None = None, backups: bool = True) ->
     # oldest first by the time in the name, not by the name: a palace's folders may have
     # two stems (``sibling_stems_re``), and ``-10`` sorts before ``-2``
     for _, b in sorted(found, key=lambda mp: (_made_when(mp[0]["stamp"]), mp[1].name)):
-        if not b.is_dir() or b.is_symlink():
-            continue
         try:
-            inside = sorted(b.iterdir())
-        except OSError:  # (an unreadable folder named as a backup: no source, no refusal)
+            if not b.is_dir() or b.is_symlink():
+                continue
+            names = sorted(n for n in os.listdir(b) if UUID_RE.match(n) and (segment is None or n == segment))
+            # (lstat: a symlink is never a segment, and a backup one may list but not enter fails here)
+            inside = [n for n in names if stat.S_ISDIR(os.lstat(b / n).st_mode)]
+        except OSError:  # (a folder named as a backup that cannot be read: no source, no refusal)
             continue
-        for d in inside:
-            if UUID_RE.match(d.name) and (segment is None or d.name == segment) and d.is_dir() and not d.is_symlink():
-                out.append(_entry(d, d.name, "chaosfix-backup"))
+        out += [_entry(b / name, name, "chaosfix-backup") for name in inside]
     return out
 
 
