@@ -58,7 +58,7 @@ def _inactive_file(stat: Path) -> int:
     return found.get("total_inactive_file", found.get("inactive_file", 0))
 
 
-def _cgroup_rooms(membership: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> list[int | None]:
+def _cgroup_rooms(membership: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> list[int]:
     """Room under the limit of this process's cgroup and of every group above it
     (cgroup v2: ``memory.max`` - ``memory.current``; v1: ``memory.limit_in_bytes`` -
     ``memory.usage_in_bytes``), counting the page cache it can drop as room.
@@ -68,7 +68,7 @@ def _cgroup_rooms(membership: Path = Path("/proc/self/cgroup"), root: Path = CGR
         lines = membership.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return []
-    rooms: list[int | None] = []
+    rooms: list[int] = []
     for line in lines:
         _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":  # v2

@@ -712,8 +712,9 @@ def _post_check(root: Path, rep: ReconcileReport, gen: Generation, opts: Reconci
     built folders in place of the old ones, the repair's SQL written), made while
     ``verify`` (chaosfix's own verification) runs here, and judged by chromadb in its
     own process: beside the verification where the machine can hold both indexes
-    (``loads_beside``), else once the verification has freed its own. The rows and the sample come from the plans' states (reconcile never writes a
-    row); each collection's quirk rate from its verification, read once it has run."""
+    (``loads_beside``), else once the verification has freed its own. The rows and the
+    sample come from the plans' states (reconcile never writes a row); each
+    collection's quirk rate from its verification, read once it has run."""
     from chaosfix.chromadb_probe import Target, loads_beside, verify_with_chromadb
     from chaosfix.sysmem import available_memory
 
