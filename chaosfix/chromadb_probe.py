@@ -40,7 +40,7 @@ from chaosfix.errors import OperationalError
 from chaosfix.filecopy import copy_locked, copy_tree_sparse
 from chaosfix.palace import SQLITE_NAME, UUID_RE
 from chaosfix.palace.generation import Generation, of_version, rank_of
-from chaosfix.palace.leftovers import sibling_stem, sibling_stems_re
+from chaosfix.palace.leftovers import folder_size, sibling_stem, sibling_stems_re
 from chaosfix.progress import ProgressFn
 from chaosfix.reconcile.safety import Background
 from chaosfix.reconcile.verify import UNREACHABLE_RATE
@@ -279,10 +279,7 @@ def loads_beside(built: Collection[Path], available: int | None, others: Collect
     the two never overlap."""
     if available is None:
         return False
-    size = 0
-    for folder in (*built, *others):
-        with os.scandir(folder) as it:
-            size += sum(e.stat(follow_symlinks=False).st_size for e in it if e.is_file(follow_symlinks=False))
+    size = sum(folder_size(folder)[0] for folder in (*built, *others))
     return available >= BESIDE_FACTOR * size + BESIDE_MARGIN
 
 

@@ -938,8 +938,8 @@ def test_chromadbs_child_gets_its_work_only_once_the_verification_has_ended(tmp_
     """The post-check's copy is made while the verification runs; given a ``verified``
     event that is not set (reconcile's way where the machine cannot hold both indexes:
     ``loads_beside``), chromadb's child is handed its spec only after (the two never hold
-    an index at once); a verification that fails kills the
-    child and removes the copy, and its error is the caller's."""
+    an index at once); a verification that fails kills the child and removes the copy,
+    and its error is the caller's."""
     from chaosfix.chromadb_probe import COPY_PREFIX, Target, start_post_check, verify_with_chromadb
 
     p = fresh_palace(tmp_path / "palace", SPEC)
