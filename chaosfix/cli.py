@@ -167,6 +167,9 @@ def main() -> None:
 @_one_line_errors
 def check(palace: str, collection: str | None, deep: bool, embedder: tuple[str, ...], as_json: bool) -> int:
     """Read-only consistency check of PALACE. Exit 0 consistent, 4 findings, 8 error."""
+    from chaosfix.palace import map_child
+
+    map_child.prestart(palace)  # (a large 1.x map's helper starts while the rest imports)
     from chaosfix.check import check_palace
     from chaosfix.report import render_check
 

@@ -210,6 +210,75 @@ def test_check_reads_in_process_when_the_map_helper_cannot_run(small_palace, mon
     assert "PICKLE_UNREADABLE" in check_palace(small_palace).codes()
 
 
+def test_the_check_command_starts_the_map_helper_before_it_needs_it(small_palace, monkeypatch):
+    """``chaosfix check`` starts the map helper (``map_child.prestart``) before it imports
+    the rest of chaosfix, for a palace with a large 1.x map only, and the check's reader
+    then takes that very process: the report is the one a helper started late gives.
+    A spare nobody takes is reaped (``drop_spare``)."""
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    one_x = chroma_major() != "0.6"
+    assert map_child._wants_helper(small_palace) == one_x  # (0.6's map is a protocol-4/5 object)
+    taken: list[int] = []
+    take = map_child._take_spare
+
+    def spy():  # noqa: ANN202 - the real function, its answer noted
+        proc = take()
+        taken.append(proc.pid if proc is not None else None)
+        return proc
+
+    monkeypatch.setattr(map_child, "_take_spare", spy)
+    started: list[int] = []
+    spawn = map_child.prestart
+
+    def noted(palace):  # noqa: ANN001, ANN202
+        spawn(palace)
+        started.append(map_child._spare.pid if map_child._spare is not None else None)
+
+    monkeypatch.setattr(map_child, "prestart", noted)
+    res = CliRunner().invoke(cli_main, ["check", str(small_palace), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["consistent"] is True
+    assert map_child._spare is None
+    if one_x:
+        assert started[0] is not None and taken == started  # the spare, taken by the one reader
+    else:
+        assert started == [None] and not taken  # nothing started; 0.6 reads its map in-process
+    # a spare the check never takes is reaped at exit
+    map_child.prestart(small_palace)
+    spare = map_child._spare
+    assert (spare is not None) == one_x
+    map_child.drop_spare()
+    assert map_child._spare is None and (spare is None or spare.returncode is not None)
+
+
+@pytest.mark.skipif(chroma_major() == "0.6", reason="the hint looks for 1.x maps only")
+def test_the_helpers_early_start_trusts_no_folder_it_looks_into(small_palace, monkeypatch, tmp_path):
+    """``map_child._wants_helper`` is a hint read from a palace nobody vouches for: a
+    symlinked folder or map, a FIFO in the map's place (an open would block) and a map
+    below ``MIN_BYTES`` start nothing, and a look never blocks or fails."""
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    seg = faults.pickle_path(small_palace).parent
+    assert map_child._wants_helper(small_palace)
+    for i in range(20):  # folders of collections never persisted (no map), listed before it or not
+        (small_palace / f"{i:08d}-0000-0000-0000-000000000000").mkdir()
+    assert map_child._wants_helper(small_palace)
+    monkeypatch.setattr(map_child, "MIN_BYTES", faults.pickle_path(small_palace).stat().st_size + 1)
+    assert not map_child._wants_helper(small_palace)
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    aside = tmp_path / "aside"
+    seg.rename(aside)
+    (small_palace / seg.name).symlink_to(aside)  # the folder a link
+    assert not map_child._wants_helper(small_palace)
+    (small_palace / seg.name).unlink()
+    seg.mkdir()
+    (seg / "index_metadata.pickle").symlink_to(aside / "index_metadata.pickle")  # the map a link
+    assert not map_child._wants_helper(small_palace)
+    (seg / "index_metadata.pickle").unlink()
+    os.mkfifo(seg / "index_metadata.pickle")  # nobody writes it: an open without O_NONBLOCK would hang
+    assert not map_child._wants_helper(small_palace)
+    assert not map_child._wants_helper(tmp_path / "no such palace")
+
+
 def test_never_persisted_segment_is_healthy(tmp_path):
     spec = PalaceSpec(drawers=50)  # below sync_threshold: no pickle, every row still in the WAL
     p = fresh_palace(tmp_path / "p", spec)
@@ -690,6 +759,57 @@ def test_same_id_set_is_exact(monkeypatch, secret_key):
     assert not idmap.same_id_set(m, ids + ids[:1])
     assert not idmap.same_id_set(m, ids[:-1])
     assert not idmap.same_id_set({"ab": 1}, ["\u6261"])  # the same hash, not the same id
+
+
+def _pairs_truth(a: dict[str, int], b: dict[int, str]) -> bool:
+    """The plain definition ``idmap._same_pairs`` answers faster: every id's label maps
+    back to that id, and neither side holds more."""
+    return len(a) == len(b) and all(b.get(lab) == rid for rid, lab in a.items())
+
+
+@pytest.mark.parametrize("secret_key", [True, False])
+@pytest.mark.parametrize("spread", [1, 10])
+def test_same_pairs_agrees_with_a_lookup_of_every_pair(monkeypatch, secret_key, spread):
+    """``idmap._same_pairs`` (is label_to_id id_to_label's inverse?) both ways it works:
+    labels as dense as chromadb issues them index a table (spread 1), labels beyond
+    ``_TABLE_MOST`` times their count are sorted (spread 10). Each edit below breaks the
+    pairs in its own way, or, reordering, does not."""
+    import random
+
+    monkeypatch.setattr(idmap, "SECRET_HASH_KEY", secret_key)
+    rng = random.Random(spread)
+    n = 2000
+    labels = rng.sample(range(1, n * spread + 1), n)
+    assert (max(labels) < idmap._TABLE_MOST * n) == (spread == 1)
+    a = {f"drawer-{i:05d}": lab for i, lab in enumerate(labels)}
+    b = {lab: rid for rid, lab in reversed(list(a.items()))}  # (1.x writes them in different orders)
+    x, y, z = (f"drawer-{i:05d}" for i in (3, 500, 1999))
+    cases = {
+        "healthy": (a, b, True),
+        "reordered": (dict(reversed(list(a.items()))), dict(sorted(b.items())), True),
+        "two ids swapped in label_to_id": (a, {**b, a[x]: y, a[y]: x}, False),
+        "two ids share a label": ({**a, x: a[y]}, b, False),
+        "a label label_to_id lacks": ({**a, z: n * spread + 7}, b, False),
+        "a label id_to_label lacks": (a, {**{k: v for k, v in b.items() if k != a[z]}, n * spread + 7: z}, False),
+        "an id replaced by its hash twin": (a, {**b, a[x]: twin(x)}, False),
+        "an id replaced by another": (a, {**b, a[x]: "drawer-x"}, False),
+    }
+    for name, (ma, mb, want) in cases.items():
+        assert _pairs_truth(ma, mb) == want, name
+        assert idmap._same_pairs(ma, mb) == want, name
+        assert idmap._same_pairs(ma, mb, idmap._fingerprints(ma)) == want, name
+        m = idmap.IdMap("dict", 3, len(ma), dict(ma), dict(mb))
+        assert (m.inverse_problems() == 0) == want, name
+
+
+def test_sorted_labels_keep_their_repeats_dense_or_spread():
+    """``idmap._sorted`` (a count where labels are dense, a sort elsewhere) is np.sort."""
+    rng = np.random.default_rng(7)
+    for labels in (rng.integers(0, 500, 1000), rng.integers(0, 10**12, 1000), np.zeros(3, dtype=np.int64),
+                   np.array([2**64 - 1, 5], dtype=np.uint64), np.zeros(0, dtype=np.int64)):
+        labels = labels.astype(np.uint64)
+        got = idmap._sorted(labels.copy())
+        assert got.dtype == np.uint64 and np.array_equal(got, np.sort(labels))
 
 
 def test_a_written_map_is_what_chromadb_itself_unpickles(small_palace):

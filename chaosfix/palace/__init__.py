@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chaosfix.errors import OperationalError
-from chaosfix.palace.sql import PalaceSql, SqlReadError
 from chaosfix.safe_fs import UUID_RE
+
+if TYPE_CHECKING:
+    from chaosfix.palace.sql import PalaceSql, SqlReadError
 
 SQLITE_NAME = "chroma.sqlite3"
 
@@ -22,6 +25,16 @@ def palace_db(path: str | Path) -> Path:
     if not db.is_file():
         raise OperationalError(f"{p}: not a palace (no {SQLITE_NAME})")
     return db
+
+
+def __getattr__(name: str) -> object:
+    # the SQL reader (and numpy, which it imports) only when asked for: the map helper
+    # imports ``chaosfix.palace.idmap`` and needs none of it (35 ms of its start)
+    if name in ("PalaceSql", "SqlReadError"):
+        from chaosfix.palace import sql
+
+        return getattr(sql, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["PalaceSql", "SqlReadError", "palace_db", "UUID_RE", "SQLITE_NAME"]

@@ -140,9 +140,18 @@ class IdMap:
         """id_to_label's labels, sorted (uint64: loads range-checked them)."""
         if self._known:
             return self.__dict__["_labels"]
-        out = np.fromiter(self.id_to_label.values(), dtype=np.uint64, count=len(self.id_to_label))
-        out.sort()
-        return out
+        return _sorted(np.fromiter(self.id_to_label.values(), dtype=np.uint64, count=len(self.id_to_label)))
+
+    def key_fingerprints(self) -> np.ndarray:
+        """``_fingerprints`` of id_to_label's keys, in its order, remembered as
+        ``inverse_problems`` is (the map helper compares them twice: with label_to_id's
+        ids, then with SQL's: 40 ms each at 500k ids)."""
+        a = self.id_to_label
+        key = (id(a), len(a))
+        seen = self.__dict__.get("_key_fp")
+        if seen is None or seen[0] != key:
+            self.__dict__["_key_fp"] = seen = (key, _fingerprints(a))
+        return seen[1]
 
     def sane_total(self) -> int:
         """total_elements_added, unless it is beyond anything hnswlib could have counted
@@ -166,31 +175,59 @@ class IdMap:
         self.__dict__["_inverse"] = (key, n := self._inverse_problems(a, b))
         return n
 
-    @staticmethod
-    def _inverse_problems(a: dict[str, int], b: dict[int, str]) -> int:
+    def _inverse_problems(self, a: dict[str, int], b: dict[int, str]) -> int:
         # every id's label maps back to that id, and no label is left over: inverse maps
-        if len(a) == len(b) and _same_pairs(a, b):
+        if len(a) == len(b) and _same_pairs(a, b, self.key_fingerprints() if SECRET_HASH_KEY else None):
             return 0
         bad = sum(1 for i, lab in a.items() if b.get(lab) != i)
         bad += sum(1 for lab, i in b.items() if a.get(i) != lab)
         return bad
 
 
-def _same_pairs(a: dict[str, int], b: dict[int, str]) -> bool:
+def _same_pairs(a: dict[str, int], b: dict[int, str], fa: np.ndarray | None = None) -> bool:
     """``a`` and ``b`` (of equal sizes) hold the same (id, label) pairs, compared in
-    numpy: each side's labels with its ids' fingerprints (``_fingerprints``), both put in
-    label order by a sort. 0.1 s at 500k ids, against 0.45 s for ``b.get`` on every
-    label, whose probes wander the heap (chromadb 1.x writes the two dicts in different
-    orders, with two copies of each id)."""
+    numpy: each side's labels with its ids' fingerprints (``_fingerprints``; ``fa``:
+    ``a``'s keys' already found), both put in label order. 0.1 s at 500k ids, against
+    0.45 s for ``b.get`` on every label, whose probes wander the heap (chromadb 1.x
+    writes the two dicts in different orders, with two copies of each id)."""
     n = len(a)
     la = np.fromiter(a.values(), dtype=np.uint64, count=n)  # (loads range-checked them: u64)
     lb = np.fromiter(b, dtype=np.uint64, count=n)
-    oa, ob = np.argsort(la), np.argsort(lb)
-    if not np.array_equal(la[oa], lb[ob]):  # b's keys are distinct, so then are a's labels
-        return False
+    if n and max(int(la.max()), int(lb.max())) < _TABLE_MOST * n:
+        # labels as the positions of a table instead of two sorts (chromadb issues them
+        # 1, 2, 3...): where each of b's labels is in b, looked up for each of a's
+        where = np.full(max(int(la.max()), int(lb.max())) + 1, -1, dtype=np.int64)
+        where[lb.astype(np.intp)] = np.arange(n)
+        pos = where[la.astype(np.intp)]
+        if (pos < 0).any():  # a label of a's that b lacks
+            return False
+        hit = np.zeros(n, dtype=bool)
+        hit[pos] = True
+        if not hit.all():  # two of a's ids share a label (then one of b's is left over)
+            return False
+    else:
+        oa, ob = np.argsort(la), np.argsort(lb)
+        if not np.array_equal(la[oa], lb[ob]):  # b's keys are distinct, so then are a's labels
+            return False
+        pos = np.empty(n, dtype=np.int64)
+        pos[oa] = ob  # a's i-th label is b's pos[i]-th key
     if not SECRET_HASH_KEY:  # a known key: compare the strings themselves
         return list(map(b.__getitem__, a.values())) == list(a)
-    return np.array_equal(_fingerprints(a)[oa], _fingerprints(b.values())[ob])
+    fa = _fingerprints(a) if fa is None else fa
+    return np.array_equal(fa, _fingerprints(b.values())[pos])
+
+
+_TABLE_MOST = 4  # labels below 4x their count index a table (of 8 bytes each) instead of a sort
+
+
+def _sorted(labels: np.ndarray) -> np.ndarray:
+    """``labels`` sorted, repeats kept: counted into a table when they are dense as
+    chromadb issues them (a bincount is a tenth of a sort's time), else sorted."""
+    if len(labels) and int(labels.max()) < _TABLE_MOST * len(labels):
+        counts = np.bincount(labels.astype(np.intp))
+        return np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    labels.sort()
+    return labels
 
 
 _LEN_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: len -> len * _LEN_MIX is one-to-one
@@ -207,17 +244,19 @@ def _fingerprints(strings: Collection[str]) -> np.ndarray:
         return h ^ (np.fromiter(map(len, strings), dtype=np.uint64, count=len(strings)) * _LEN_MIX)
 
 
-def same_id_set(m: dict[str, int], ids: list[str]) -> bool:
+def same_id_set(m: dict[str, int], ids: list[str], keys_fp: np.ndarray | None = None) -> bool:
     """``ids`` (a list) holds exactly ``m``'s keys, each once, compared by fingerprint
-    as in ``_same_pairs``: a sort of 500k integers instead of a set of 500k strings."""
+    as in ``_same_pairs`` (``keys_fp``: ``m``'s keys' already found): a sort of 500k
+    integers instead of a set of 500k strings."""
     if len(ids) != len(m):
         return False
     if not SECRET_HASH_KEY:
         return not m.keys() - ids  # (equal sizes, no key missing: the same ids, each once)
-    return np.array_equal(np.sort(_fingerprints(m)), np.sort(_fingerprints(ids)))
+    return np.array_equal(np.sort(_fingerprints(m) if keys_fp is None else keys_fp), np.sort(_fingerprints(ids)))
 
 
-def id_diff(m: dict[str, int], ids: list[str], most: int) -> tuple[list[int], list[str]] | None:
+def id_diff(m: dict[str, int], ids: list[str], most: int,
+            keys_fp: np.ndarray | None = None) -> tuple[list[int], list[str]] | None:
     """(the positions in ``ids`` of the ids the map lacks, the map's ids not among
     ``ids``), or None when these are more than ``most`` in all: what a palace between two
     flushes has (1.x's SQL holds the pending adds, its index not yet), so its check need
@@ -227,7 +266,9 @@ def id_diff(m: dict[str, int], ids: list[str], most: int) -> tuple[list[int], li
     if not SECRET_HASH_KEY:  # a known key: the strings themselves
         at = [i for i, rid in enumerate(ids) if rid not in m]
     else:
-        missing = ~in_sorted(_fingerprints(ids), np.sort(_fingerprints(m)))
+        keys_fp = _fingerprints(m) if keys_fp is None else keys_fp
+        ids_fp = _fingerprints(ids)
+        missing = ~in_sorted(ids_fp, np.sort(keys_fp))
         if int(missing.sum()) > most:
             return None
         at = np.flatnonzero(missing).tolist()
@@ -240,7 +281,7 @@ def id_diff(m: dict[str, int], ids: list[str], most: int) -> tuple[list[int], li
     elif not SECRET_HASH_KEY:
         only_map = list(m.keys() - set(ids))
     else:
-        only_map = list(itertools.compress(m, (~in_sorted(_fingerprints(m), np.sort(_fingerprints(ids)))).tolist()))
+        only_map = list(itertools.compress(m, (~in_sorted(keys_fp, np.sort(ids_fp))).tolist()))
     return (at, only_map) if len(at) + len(only_map) <= most else None
 
 

@@ -475,13 +475,15 @@ class PalaceSql:
         these columns, and a damaged file may hold it stale): 0.25 s at 500k rows against 0.5 s for the rows as
         Python tuples. None when that string would not split back into the ids (a NULL,
         non-text or NUL-holding id) or there are none: ``rows`` then reads them one by one."""
-        q = ("SELECT group_concat(embedding_id, char(0)), count(*), sum(typeof(embedding_id) <> 'text'), "
-             "sum(instr(embedding_id, char(0)) > 0) FROM embeddings NOT INDEXED WHERE segment_id=?")
+        q = ("SELECT group_concat(embedding_id, char(0)), count(*), sum(typeof(embedding_id) <> 'text') "
+             "FROM embeddings NOT INDEXED WHERE segment_id=?")
         try:
-            blob, n, odd, nul = self.conn.execute(q, (metadata_segment,)).fetchone()
+            blob, n, odd = self.conn.execute(q, (metadata_segment,)).fetchone()
         except sqlite3.DataError:  # the string outgrew SQLite's limit
             return None
-        if not n or odd or nul or not isinstance(blob, str):
+        # an id holding a NUL adds one beyond the n - 1 separators (counted here in C: an
+        # instr() per row in the query was 0.04 s at 500k rows)
+        if not n or odd or not isinstance(blob, str) or blob.count("\0") != n - 1:
             return None
         return blob
 
@@ -606,7 +608,8 @@ class PalaceSql:
         if not self._plain_table("embeddings"):
             return (), []
         tables = tuple(t for t in STALE_TABLES if self._plain_table(t))
-        queries = [f"SELECT DISTINCT id FROM {t} WHERE {STALE_GONE}" for t in tables]
+        # each id judged once, not once per key (0.26 -> 0.20 s at 2M rows of 500k ids)
+        queries = [f"SELECT id FROM (SELECT DISTINCT id FROM {t}) WHERE {STALE_GONE}" for t in tables]
         if self.fulltext_known():
             queries.append(f"SELECT id FROM {FTS_TABLE}_docsize WHERE {STALE_GONE}")
         return tables, queries
