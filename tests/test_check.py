@@ -803,12 +803,13 @@ def test_same_pairs_agrees_with_a_lookup_of_every_pair(monkeypatch, secret_key, 
 
 
 def test_sorted_labels_keep_their_repeats_dense_or_spread():
-    """``idmap._sorted`` (a count where labels are dense, a sort elsewhere) is np.sort."""
+    """``idmap.sort_labels`` (a count where labels are dense, a sort elsewhere) is np.sort."""
     rng = np.random.default_rng(7)
     for labels in (rng.integers(0, 500, 1000), rng.integers(0, 10**12, 1000), np.zeros(3, dtype=np.int64),
-                   np.array([2**64 - 1, 5], dtype=np.uint64), np.zeros(0, dtype=np.int64)):
+                   np.array([2**64 - 1, 5], dtype=np.uint64), np.zeros(0, dtype=np.int64), np.arange(9),
+                   np.arange(9)[::-1], np.array([7])):
         labels = labels.astype(np.uint64)
-        got = idmap._sorted(labels.copy())
+        got = idmap.sort_labels(labels.copy())
         assert got.dtype == np.uint64 and np.array_equal(got, np.sort(labels))
 
 

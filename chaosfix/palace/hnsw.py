@@ -287,13 +287,13 @@ class HnswFiles:
             labels[s : s + k] = rows[:, h.label_offset : h.label_offset + 8].copy().view("<u8").ravel()
             fl = rows[:, 2].copy()
             counts = rows[:, 0:2].copy().view("<u2").ravel()
-            # neighbour ids in range
+            # neighbour ids in range (only a block naming one beyond the count needs the
+            # per-slot pass: one max instead of three passes over 16M words at 500k)
             nbrs = rows[:, 4 : 4 + 4 * h.max_m0].view("<u4")
-            bad[s : s + k] = (
-                (counts > h.max_m0)
-                | ((fl & ~np.uint8(DELETE_MARK)) != 0)
-                | ((nbrs >= h.cur_element_count) & (cols < counts[:, None])).any(axis=1)
-            )
+            bad_k = (counts > h.max_m0) | ((fl & ~np.uint8(DELETE_MARK)) != 0)
+            if nbrs.size and int(nbrs.max()) >= h.cur_element_count:
+                bad_k |= ((nbrs >= h.cur_element_count) & (cols < counts[:, None])).any(axis=1)
+            bad[s : s + k] = bad_k
             flags[s : s + k] = fl
             if vec_ok is not None:
                 vec_ok[s : s + k] = vectors_usable(rows[:, h.offset_data : h.label_offset].view("<f4"), vectors_of)

@@ -112,7 +112,7 @@ class CollectionState:
         """Every live slot's label, sorted (uint64; nearly sorted already: slot order)."""
         if self.slots is None:
             return np.zeros(0, dtype=np.uint64)
-        return np.sort(self.slots.labels[self.slots.live])
+        return idmap_mod.sort_labels(self.slots.labels[self.slots.live])
 
     @cached_property
     def live_labels(self) -> np.ndarray:
