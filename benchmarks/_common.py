@@ -173,6 +173,9 @@ def run_timed(cmd: list[str], ok: tuple[int, ...] = (0, 4), env: dict[str, str] 
     stdout and stderr go to temporary files (a pipe left unread while waiting could fill
     and stall the child). stderr is echoed when the exit code is not in ``ok``.
     """
+    # PYTHONSAFEPATH: a ``python -c`` child would import chaosfix from the current folder
+    # first (a checkout's source instead of what is installed, or a PYTHONPATH tree)
+    env = {**(os.environ if env is None else env), "PYTHONSAFEPATH": "1"}
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)

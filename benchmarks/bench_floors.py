@@ -125,7 +125,7 @@ IDLE = 5.0  # seconds: free page reporting hands freed memory back to the host a
 
 
 def _child(code: str, *args: object) -> dict:
-    env = dict(os.environ, ANONYMIZED_TELEMETRY="False", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, ANONYMIZED_TELEMETRY="False", HF_HUB_OFFLINE="1", PYTHONSAFEPATH="1")
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
