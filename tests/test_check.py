@@ -702,6 +702,23 @@ def test_an_id_swapped_for_its_hash_twin_is_found(small_palace, monkeypatch, sec
     assert codes(small_palace) == want
 
 
+def test_an_sql_id_holding_a_nul_is_one_id(small_palace):
+    """SQL's ids are read as one NUL-joined string (``PalaceSql.id_blob``); an id that
+    holds a NUL itself would split into two ids there, so such a string is refused (the
+    separators are counted) and the rows are read one by one: the renamed row is one
+    SQL_ONLY under its whole id, its old id one HNSW_ONLY, in process and in the map
+    helper (``codes`` runs both)."""
+    old, new = drawer(7)[0], drawer(7)[0] + "\0tail"
+    con = sqlite3.connect(small_palace / "chroma.sqlite3")
+    with con:
+        assert con.execute("UPDATE embeddings SET embedding_id = ? WHERE embedding_id = ?", (new, old)).rowcount == 1
+    con.close()
+    rep = check_palace(small_palace)
+    assert codes(small_palace) == {"SQL_ONLY": 1, "HNSW_ONLY": 1}
+    (st_,) = rep.states
+    assert st_.sql_only() == [new] and st_.hnsw_only() == [old]
+
+
 @pytest.mark.skipif(chroma_major() == "0.6", reason="a 0.6 map is read in-process, with SQL's seq_ids")
 def test_sql_rows_twice_and_a_map_with_seq_ids_are_read_with_their_seq_ids(small_palace, monkeypatch):
     """An embeddings table without its UNIQUE clause holding one id twice, and a 1.x map
