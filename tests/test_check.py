@@ -232,7 +232,7 @@ def test_the_check_command_starts_the_map_helper_before_it_needs_it(small_palace
 
     def noted(palace):  # noqa: ANN001, ANN202
         spawn(palace)
-        started.append(map_child._spare.pid if map_child._spare is not None else None)
+        started.append(map_child._spare[0].pid if map_child._spare is not None else None)
 
     monkeypatch.setattr(map_child, "prestart", noted)
     res = CliRunner().invoke(cli_main, ["check", str(small_palace), "--json"])
@@ -248,7 +248,12 @@ def test_the_check_command_starts_the_map_helper_before_it_needs_it(small_palace
     spare = map_child._spare
     assert (spare is not None) == one_x
     map_child.drop_spare()
-    assert map_child._spare is None and (spare is None or spare.returncode is not None)
+    assert map_child._spare is None and (spare is None or spare[0].returncode is not None)
+    if one_x:  # nor is one taken that runs another interpreter than a helper started now would
+        map_child.prestart(small_palace)
+        spare = map_child._spare
+        monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+        assert map_child._take_spare() is None and spare[0].returncode is not None
 
 
 @pytest.mark.skipif(chroma_major() == "0.6", reason="the hint looks for 1.x maps only")
@@ -277,6 +282,11 @@ def test_the_helpers_early_start_trusts_no_folder_it_looks_into(small_palace, mo
     os.mkfifo(seg / "index_metadata.pickle")  # nobody writes it: an open without O_NONBLOCK would hang
     assert not map_child._wants_helper(small_palace)
     assert not map_child._wants_helper(tmp_path / "no such palace")
+    (seg / "index_metadata.pickle").unlink()
+    shutil.copy(aside / "index_metadata.pickle", seg / "index_metadata.pickle")
+    assert map_child._wants_helper(small_palace)
+    (small_palace / "chroma.sqlite3").rename(tmp_path / "db")  # not a palace: no helper for it
+    assert not map_child._wants_helper(small_palace)
 
 
 def test_never_persisted_segment_is_healthy(tmp_path):
@@ -817,6 +827,21 @@ def test_same_pairs_agrees_with_a_lookup_of_every_pair(monkeypatch, secret_key, 
         assert idmap._same_pairs(ma, mb, idmap._fingerprints(ma)) == want, name
         m = idmap.IdMap("dict", 3, len(ma), dict(ma), dict(mb))
         assert (m.inverse_problems() == 0) == want, name
+
+
+def test_a_replaced_id_map_dict_is_compared_anew():
+    """What an IdMap remembers of its dicts (``inverse_problems``, ``key_fingerprints``)
+    was keyed by their addresses and sizes: a dict replaced by another of the same size,
+    which may take the freed one's address, kept the old fingerprints and passed a map
+    that is not inverse (found by a review subagent). Replacing a dict forgets them."""
+    for _ in range(20):
+        m = idmap.IdMap("dict", 3, 2, {"x": 1, "y": 2}, {1: "x", 2: "y"})
+        assert m.inverse_problems() == 0 and len(m.key_fingerprints()) == 2
+        m.id_to_label = {"x": 1, "y": 2}
+        m.id_to_label = {"p": 1, "q": 2}  # (the first replacement freed; this one may sit where it was)
+        m.label_to_id = {1: "x", 2: "y"}
+        assert m.inverse_problems() == 4
+        assert np.array_equal(m.key_fingerprints(), idmap._fingerprints(m.id_to_label))
 
 
 def test_sorted_labels_keep_their_repeats_dense_or_spread():

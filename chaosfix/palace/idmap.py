@@ -92,6 +92,14 @@ class IdMap:
     max_seq_id: int | None = None
     extra: dict = field(default_factory=dict)  # attributes we do not interpret, kept on write
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # a dict replaced: what was remembered of the old one goes (its address may be the
+        # new one's, so ``id`` alone could not tell them apart)
+        if name in ("id_to_label", "label_to_id"):
+            self.__dict__.pop("_inverse", None)
+            self.__dict__.pop("_key_fp", None)
+        object.__setattr__(self, name, value)
+
     def __getattr__(self, name: str) -> object:
         # reached only for a dict a deferred map has not read yet: unpickle it now (the
         # helper already bounded these bytes, so no second scan)
@@ -144,8 +152,9 @@ class IdMap:
 
     def key_fingerprints(self) -> np.ndarray:
         """``_fingerprints`` of id_to_label's keys, in its order, remembered as
-        ``inverse_problems`` is (the map helper compares them twice: with label_to_id's
-        ids, then with SQL's: 40 ms each at 500k ids)."""
+        ``inverse_problems`` is, until the dict is replaced or its size changes (the map
+        helper compares them twice: with label_to_id's ids, then with SQL's: 40 ms each
+        at 500k ids)."""
         a = self.id_to_label
         key = (id(a), len(a))
         seen = self.__dict__.get("_key_fp")

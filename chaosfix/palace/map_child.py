@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import subprocess
 
-_spare: subprocess.Popen[bytes] | None = None  # started by ``prestart``, taken by the next MapFacts
+# started by ``prestart``, taken by the next MapFacts; with the interpreter it runs
+_spare: tuple[subprocess.Popen[bytes], str] | None = None
 _spare_lock = threading.Lock()
 SCAN_MOST = 256  # folders of a palace ``prestart`` looks into (a palace has one per collection or two)
 MIN_BYTES = 4 << 20  # below this (about 50k ids) the helper's start costs more than it saves
@@ -147,65 +148,89 @@ def prestart(palace: str | os.PathLike[str]) -> None:
     global _spare
     if _spare is not None or not _wants_helper(Path(palace)):
         return
-    from chaosfix.palace.pickle_reader import reap, spawn_isolated
+    from chaosfix.palace.pickle_reader import spawn_isolated
 
     proc = spawn_isolated(Path(__file__))
     if proc is None:
         return
     _widen(proc.stdin)
     with _spare_lock:
-        _spare, proc = proc, _spare
-    reap(proc)  # (another thread's, started meanwhile)
+        _spare, other = (proc, sys.executable), _spare
+    if other is not None:  # (another thread's, started meanwhile)
+        _discard(other[0])
     atexit.unregister(drop_spare)  # (once, however many checks this process runs)
     atexit.register(drop_spare)
 
 
 def drop_spare() -> None:
     """Reap the helper ``prestart`` started if nothing took it."""
-    from chaosfix.palace.pickle_reader import reap
-
-    reap(_take_spare())
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None:
+        _discard(spare[0])
 
 
 def _take_spare() -> subprocess.Popen[bytes] | None:
+    """The spare helper, if it still runs the interpreter a helper started now would."""
     global _spare
     with _spare_lock:
-        proc, _spare = _spare, None
-    if proc is not None and proc.poll() is not None:  # it died meanwhile: start another
+        spare, _spare = _spare, None
+    if spare is None:
+        return None
+    proc, python = spare
+    if proc.poll() is not None or python != sys.executable:  # it died, or is not what was asked for
+        _discard(proc)
         return None
     return proc
 
 
+def _discard(proc: subprocess.Popen[bytes]) -> None:
+    from chaosfix.palace.pickle_reader import reap
+
+    reap(proc)
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 def _wants_helper(palace: Path) -> bool:
-    """Some collection folder of ``palace`` holds a 1.x map (a protocol-3 pickle) of at
-    least ``MIN_BYTES``."""
+    """``palace`` holds chroma.sqlite3 and a collection folder with a 1.x map (a
+    protocol-3 pickle) of at least ``MIN_BYTES``. Each folder is opened without following
+    a link and its map looked up from that very folder."""
     try:
+        if not stat.S_ISREG(os.lstat(palace / "chroma.sqlite3").st_mode):
+            return False
         with os.scandir(palace) as it:
             for n, entry in enumerate(it):
                 if n >= SCAN_MOST:
                     return False
-                if len(entry.name) == 36 and _big_dict_map(entry):
+                if len(entry.name) == 36 and _big_dict_map(palace, entry.name):
                     return True
     except OSError:
         pass
     return False
 
 
-def _big_dict_map(entry: os.DirEntry[str]) -> bool:
+def _big_dict_map(palace: Path, name: str) -> bool:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        if not entry.is_dir(follow_symlinks=False):
-            return False
-        path = os.path.join(entry.path, "index_metadata.pickle")
-        st = os.lstat(path)
+        folder = os.open(palace / name, flags | os.O_DIRECTORY)
+    except OSError:  # a file, a link, gone
+        return False
+    try:
+        st = os.lstat("index_metadata.pickle", dir_fd=folder)
         if not stat.S_ISREG(st.st_mode) or st.st_size < MIN_BYTES:
             return False
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open("index_metadata.pickle", flags, dir_fd=folder)
         try:
             return os.pread(fd, 2, 0) == b"\x80\x03"
         finally:
             os.close(fd)
     except OSError:  # (no map in this folder: a collection never persisted)
         return False
+    finally:
+        os.close(folder)
 
 
 def _widen(pipe: object) -> None:

@@ -608,8 +608,10 @@ class PalaceSql:
         if not self._plain_table("embeddings"):
             return (), []
         tables = tuple(t for t in STALE_TABLES if self._plain_table(t))
-        # each id judged once, not once per key (0.26 -> 0.20 s at 2M rows of 500k ids)
-        queries = [f"SELECT id FROM (SELECT DISTINCT id FROM {t}) WHERE {STALE_GONE}" for t in tables]
+        # each id looked up once, not once per key (0.26 -> 0.20 s at 2M rows of 500k ids);
+        # the type kept before DISTINCT picks one of 5 and 5.0 (an untyped column holds both)
+        queries = [f"SELECT id FROM (SELECT DISTINCT id FROM {t} WHERE typeof(id) = 'integer') WHERE {STALE_GONE}"
+                   for t in tables]
         if self.fulltext_known():
             queries.append(f"SELECT id FROM {FTS_TABLE}_docsize WHERE {STALE_GONE}")
         return tables, queries
