@@ -259,8 +259,9 @@ def test_the_check_command_starts_the_map_helper_before_it_needs_it(small_palace
 @pytest.mark.skipif(chroma_major() == "0.6", reason="the hint looks for 1.x maps only")
 def test_the_helpers_early_start_trusts_no_folder_it_looks_into(small_palace, monkeypatch, tmp_path):
     """``map_child._wants_helper`` is a hint read from a palace nobody vouches for: a
-    symlinked folder or map, a FIFO in the map's place (an open would block) and a map
-    below ``MIN_BYTES`` start nothing, and a look never blocks or fails."""
+    symlinked folder or map, a FIFO in the map's place (an open would block), a map
+    below ``MIN_BYTES`` and a folder without chroma.sqlite3 start nothing; folders with
+    no map beside the one that has it do not stop the look, which never blocks or fails."""
     monkeypatch.setattr(map_child, "MIN_BYTES", 0)
     seg = faults.pickle_path(small_palace).parent
     assert map_child._wants_helper(small_palace)
