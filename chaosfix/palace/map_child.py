@@ -198,9 +198,11 @@ def _wants_helper(palace: Path) -> bool:
     """``palace`` holds chroma.sqlite3 and a collection folder with a 1.x map (a
     protocol-3 pickle) of at least ``MIN_BYTES``. Each folder is opened without following
     a link and its map looked up from that very folder."""
+    from chaosfix.safe_fs import is_regular
+
+    if not is_regular(palace / "chroma.sqlite3"):
+        return False
     try:
-        if not stat.S_ISREG(os.lstat(palace / "chroma.sqlite3").st_mode):
-            return False
         with os.scandir(palace) as it:
             for n, entry in enumerate(it):
                 if n >= SCAN_MOST:
