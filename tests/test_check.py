@@ -286,6 +286,11 @@ def test_the_helpers_early_start_trusts_no_folder_it_looks_into(small_palace, mo
     (seg / "index_metadata.pickle").unlink()
     shutil.copy(aside / "index_metadata.pickle", seg / "index_metadata.pickle")
     assert map_child._wants_helper(small_palace)
+    monkeypatch.delattr(os, "O_DIRECTORY")  # a system without it: no hint, no error
+    assert not map_child._wants_helper(small_palace)
+    monkeypatch.undo()
+    monkeypatch.setattr(map_child, "MIN_BYTES", 0)
+    assert map_child._wants_helper(small_palace)
     (small_palace / "chroma.sqlite3").rename(tmp_path / "db")  # not a palace: no helper for it
     assert not map_child._wants_helper(small_palace)
 

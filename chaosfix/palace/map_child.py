@@ -215,21 +215,21 @@ def _wants_helper(palace: Path) -> bool:
 
 
 def _big_dict_map(palace: Path, name: str) -> bool:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
         folder = os.open(palace / name, flags | os.O_DIRECTORY)
-    except OSError:  # a file, a link, gone
+    except (OSError, AttributeError):  # a file, a link, gone; or no such flags here (no hint then)
         return False
     try:
         st = os.lstat("index_metadata.pickle", dir_fd=folder)
         if not stat.S_ISREG(st.st_mode) or st.st_size < MIN_BYTES:
             return False
         fd = os.open("index_metadata.pickle", flags, dir_fd=folder)
-        try:
-            return os.pread(fd, 2, 0) == b"\x80\x03"
+        try:  # (a device swapped in after the lstat is opened, never read)
+            return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 2, 0) == b"\x80\x03"
         finally:
             os.close(fd)
-    except OSError:  # (no map in this folder: a collection never persisted)
+    except (OSError, NotImplementedError):  # (no map in this folder; no dir_fd on this system)
         return False
     finally:
         os.close(folder)
